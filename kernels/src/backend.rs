@@ -1,0 +1,156 @@
+//! The `Backend` trait: every operation a Llama-family forward pass needs, over buffers that
+//! live wherever the backend computes.
+//!
+//! The model code is written once against this trait. Activations are row-major 2-D buffers
+//! (`rows` tokens by `width` features) in f32; weights are prepared once by the backend from
+//! [`HostWeight`]s (a CPU backend keeps them memory-mapped, a GPU backend uploads them). The
+//! KV cache is paged from the start: it is a pool of fixed-size blocks, sequences own block
+//! tables, new keys/values are written to explicit slots (`block * block_size + offset`), and
+//! attention reads through the block tables. A batch may hold several sequences at different
+//! positions (prefill chunks and decode steps together), which is what continuous batching needs.
+
+use crate::error::Result;
+use crate::weight::HostWeight;
+
+/// Precomputed rotary-embedding tables, rotate-half (HF/NeoX) layout: for position `p` and
+/// frequency index `i < head_dim/2`, `cos[p * half + i]` and `sin[p * half + i]`.
+#[derive(Clone, Debug)]
+pub struct RopeTable {
+    /// Rotary dimension (the head dimension).
+    pub head_dim: usize,
+    /// Positions covered.
+    pub max_positions: usize,
+    /// cos table, `max_positions * head_dim / 2` values.
+    pub cos: Vec<f32>,
+    /// sin table, same shape.
+    pub sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Builds the table for `theta` with optional per-frequency scaling factors (`inv_freq[i]`
+    /// is divided by `freq_scale[i]`, as Llama 3's rope scaling does).
+    pub fn new(head_dim: usize, max_positions: usize, theta: f32, freq_scale: Option<&[f32]>) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                let f = 1.0 / f64::from(theta).powf((2 * i) as f64 / head_dim as f64);
+                f / freq_scale.and_then(|s| s.get(i)).map_or(1.0, |&s| f64::from(s))
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                // f32 angle like HF (inv_freq is f32 there, the product is f32).
+                let angle = (p as f32) * (*f as f32);
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { head_dim, max_positions, cos, sin }
+    }
+}
+
+/// One sequence's part of a batched attention call.
+#[derive(Clone, Debug)]
+pub struct AttnSeq<'a> {
+    /// First row of this sequence's queries in the batch.
+    pub q_start: usize,
+    /// Number of query rows (new tokens) this step.
+    pub q_len: usize,
+    /// Tokens in the cache for this sequence after this step's writes; query row `i` sits at
+    /// position `ctx_len - q_len + i` and attends causally to positions `0..=` that.
+    pub ctx_len: usize,
+    /// Cache blocks holding positions `0..ctx_len` in order.
+    pub block_table: &'a [u32],
+}
+
+/// Geometry of a paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dimension of each head.
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Values of one token's keys (or values) for all KV heads.
+    pub fn token_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Bytes one layer's K and V take in f32.
+    pub fn bytes_per_layer(&self) -> usize {
+        2 * self.num_blocks * self.block_size * self.token_width() * 4
+    }
+}
+
+/// The compute operations of a Llama-family forward pass.
+///
+/// Guarantees: each method checks its operands' sizes and returns [`crate::KernelError`] on a
+/// mismatch instead of reading out of bounds. Non-guarantees: results are not bit-identical
+/// across backends or thread counts (reductions may be ordered differently); they agree within
+/// the tolerances the CPU reference tests state.
+pub trait Backend: Send + Sync {
+    /// An f32 activation buffer in the backend's memory.
+    type Buf: Send + Sync;
+    /// A weight prepared for this backend's kernels.
+    type Weight: Send + Sync;
+    /// One layer's paged K and V storage.
+    type KvCache: Send + Sync;
+
+    /// A human-readable name ("cpu (avx512)").
+    fn name(&self) -> String;
+
+    /// Prepares a weight for this backend (kept memory-mapped or transformed/uploaded).
+    fn prepare_weight(&self, w: HostWeight) -> Result<Self::Weight>;
+    /// `(rows, cols)` of a prepared weight.
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+
+    /// A zeroed buffer of `len` values.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Copies `buf` to host memory.
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Number of values in `buf`.
+    fn buf_len(&self, buf: &Self::Buf) -> usize;
+
+    /// `out[i, :] = table[ids[i], :]` (dequantizing rows of a quantized table).
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
+    /// Row-wise RMSNorm: `out = x / sqrt(mean(x^2) + eps) * weight`; `weight` is `[1, width]`.
+    fn rms_norm(&self, x: &Self::Buf, weight: &Self::Weight, eps: f32, out: &mut Self::Buf) -> Result<()>;
+    /// `out[rows, n] = x[rows, k] · wᵀ` for `w` of shape `[n, k]`.
+    fn matmul(&self, x: &Self::Buf, rows: usize, w: &Self::Weight, out: &mut Self::Buf) -> Result<()>;
+    /// Adds a `[1, width]` bias to every row of `x`.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Weight) -> Result<()>;
+    /// `acc += x`, elementwise.
+    fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+    /// Applies rotary embeddings in place to `x` (`rows` by `heads * head_dim`), row `r` at
+    /// `positions[r]`.
+    fn rope(&self, x: &mut Self::Buf, positions: &[u32], heads: usize, table: &RopeTable) -> Result<()>;
+    /// `out = silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// Copies rows `rows[i]` of `x` (width `width`) into row `i` of `out`.
+    fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[u32], out: &mut Self::Buf) -> Result<()>;
+
+    /// Allocates one layer's KV pool.
+    fn alloc_kv_cache(&self, layout: KvLayout) -> Result<Self::KvCache>;
+    /// Writes row `r` of `k` and `v` (width `kv_heads * head_dim`) to cache slot `slots[r]`.
+    fn write_kv(&self, cache: &mut Self::KvCache, k: &Self::Buf, v: &Self::Buf, slots: &[u32]) -> Result<()>;
+    /// Causal scaled-dot-product attention with grouped KV heads, reading keys and values
+    /// through each sequence's block table. `q` and `out` are `rows` by `heads * head_dim`.
+    fn paged_attention(
+        &self,
+        q: &Self::Buf,
+        cache: &Self::KvCache,
+        seqs: &[AttnSeq<'_>],
+        heads: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+}

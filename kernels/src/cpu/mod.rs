@@ -1,0 +1,160 @@
+//! The CPU backend: the numerical reference every other backend is tested against.
+//!
+//! Kernels are plain Rust, specialised per SIMD level at run time ([`simd`]), parallelised with
+//! rayon's global pool (size it with `RAYON_NUM_THREADS`). Weights stay in the bytes they were
+//! loaded from (usually a memory map); only 1-D tensors (norms, biases) are expanded to f32.
+
+pub mod attention;
+pub mod matmul;
+pub mod ops;
+pub mod simd;
+
+use crate::backend::{AttnSeq, Backend, KvLayout, RopeTable};
+use crate::error::{Result, ensure_shape};
+use crate::weight::HostWeight;
+
+pub use attention::CpuKvCache;
+
+/// A weight ready for the CPU kernels.
+#[derive(Debug, Clone)]
+pub struct CpuWeight {
+    host: HostWeight,
+    /// f32 copy of a 1-D tensor (norm weights, biases).
+    vector: Option<Vec<f32>>,
+}
+
+impl CpuWeight {
+    /// The underlying host tensor.
+    pub fn host(&self) -> &HostWeight {
+        &self.host
+    }
+}
+
+/// The CPU backend.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    level: simd::SimdLevel,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    /// A backend using the widest SIMD level this CPU supports.
+    pub fn new() -> Self {
+        Self { level: simd::detected() }
+    }
+
+    /// A backend pinned to a SIMD level (for tests comparing paths).
+    pub fn with_level(level: simd::SimdLevel) -> Self {
+        Self { level: level.min(simd::detected()) }
+    }
+
+    fn vector<'a>(&self, w: &'a CpuWeight, op: &'static str) -> Result<&'a [f32]> {
+        w.vector.as_deref().ok_or_else(|| crate::KernelError::Shape {
+            op,
+            detail: format!("expected a 1-D weight, got [{}, {}]", w.host.rows(), w.host.cols()),
+        })
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        format!("cpu ({}, {} threads)", self.level.name(), rayon::current_num_threads())
+    }
+
+    fn prepare_weight(&self, w: HostWeight) -> Result<CpuWeight> {
+        let vector = (w.rows() == 1).then(|| w.to_f32());
+        Ok(CpuWeight { host: w, vector })
+    }
+
+    fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
+        (w.host.rows(), w.host.cols())
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn buf_len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+
+    fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        ops::embedding(&table.host, ids, out)
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, weight: &CpuWeight, eps: f32, out: &mut Vec<f32>) -> Result<()> {
+        ops::rms_norm(x, self.vector(weight, "rms_norm")?, eps, out)
+    }
+
+    fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
+        matmul::matmul(self.level, x, rows, &w.host, out)
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &CpuWeight) -> Result<()> {
+        let b = self.vector(bias, "add_bias")?;
+        ensure_shape(!b.is_empty() && x.len().is_multiple_of(b.len()), "add_bias", || format!("x {} bias {}", x.len(), b.len()))?;
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        ensure_shape(acc.len() == x.len(), "add_assign", || format!("{} vs {}", acc.len(), x.len()))?;
+        for (a, v) in acc.iter_mut().zip(x) {
+            *a += v;
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, positions: &[u32], heads: usize, table: &RopeTable) -> Result<()> {
+        ops::rope(x, positions, heads, table)
+    }
+
+    fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        ops::silu_mul(gate, up, out)
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        ensure_shape(width > 0 && out.len() == rows.len() * width, "gather_rows", || {
+            format!("{} rows x {width} vs out {}", rows.len(), out.len())
+        })?;
+        let have = x.len() / width;
+        for (&r, dst) in rows.iter().zip(out.chunks_exact_mut(width)) {
+            ensure_shape((r as usize) < have, "gather_rows", || format!("row {r} of {have}"))?;
+            dst.copy_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn alloc_kv_cache(&self, layout: KvLayout) -> Result<CpuKvCache> {
+        Ok(CpuKvCache::new(layout))
+    }
+
+    fn write_kv(&self, cache: &mut CpuKvCache, k: &Vec<f32>, v: &Vec<f32>, slots: &[u32]) -> Result<()> {
+        cache.write(k, v, slots)
+    }
+
+    fn paged_attention(&self, q: &Vec<f32>, cache: &CpuKvCache, seqs: &[AttnSeq<'_>], heads: usize, out: &mut Vec<f32>) -> Result<()> {
+        attention::paged_attention(q, cache, seqs, heads, out)
+    }
+}

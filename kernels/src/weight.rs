@@ -1,0 +1,139 @@
+//! Weights as they come from a file: a dtype, a 2-D shape and bytes that may be memory-mapped.
+//!
+//! A `HostWeight` never copies on its own: it holds a shared handle to the bytes (an mmap of the
+//! model file, or an owned buffer when a loader had to transform them) and a byte range. Backends
+//! turn it into their own prepared form (`Backend::prepare_weight`).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::error::{KernelError, Result};
+use crate::quant::{DType, dequantize_row};
+
+/// Shared, immutable bytes: an mmap, a `Vec<u8>`, anything that derefs to `[u8]`.
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A 2-D weight `[rows, cols]` in row-major order (PyTorch's `[out_features, in_features]` for
+/// linear layers); 1-D tensors (norms, biases) have `rows == 1`.
+#[derive(Clone)]
+pub struct HostWeight {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    bytes: SharedBytes,
+    range: Range<usize>,
+}
+
+impl std::fmt::Debug for HostWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostWeight")
+            .field("dtype", &self.dtype)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bytes", &self.range.len())
+            .finish()
+    }
+}
+
+impl HostWeight {
+    /// Wraps `bytes[range]` as a `[rows, cols]` tensor of `dtype`, checking that the byte length
+    /// matches exactly and that the columns are a whole number of blocks.
+    pub fn new(dtype: DType, rows: usize, cols: usize, bytes: SharedBytes, range: Range<usize>) -> Result<Self> {
+        let row_bytes = dtype.row_bytes(cols).ok_or_else(|| {
+            KernelError::Data(format!(
+                "{cols} columns is not a multiple of the {} block size {}",
+                dtype.name(),
+                dtype.block_len()
+            ))
+        })?;
+        let want = row_bytes
+            .checked_mul(rows)
+            .ok_or_else(|| KernelError::Data(format!("shape [{rows}, {cols}] overflows")))?;
+        if range.len() != want {
+            return Err(KernelError::Data(format!(
+                "shape [{rows}, {cols}] of {} needs {want} bytes, found {}",
+                dtype.name(),
+                range.len()
+            )));
+        }
+        let total = (*bytes).as_ref().len();
+        if range.end > total || range.start > range.end {
+            return Err(KernelError::Data(format!(
+                "byte range {}..{} is outside the {total}-byte buffer (truncated file?)",
+                range.start, range.end
+            )));
+        }
+        Ok(Self { dtype, rows, cols, bytes, range })
+    }
+
+    /// An owned f32 tensor.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        let bytes: Vec<u8> = bytemuck::cast_slice(values).to_vec();
+        let len = bytes.len();
+        Self::new(DType::F32, rows, cols, Arc::new(bytes), 0..len)
+    }
+
+    /// An owned tensor from raw bytes in `dtype`'s format.
+    pub fn from_bytes(dtype: DType, rows: usize, cols: usize, bytes: Vec<u8>) -> Result<Self> {
+        let len = bytes.len();
+        Self::new(dtype, rows, cols, Arc::new(bytes), 0..len)
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of rows (output features for a linear layer).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (input features for a linear layer).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw bytes, row-major.
+    pub fn bytes(&self) -> &[u8] {
+        &(*self.bytes).as_ref()[self.range.clone()]
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.range.len() / self.rows.max(1)
+    }
+
+    /// The raw bytes of row `r`.
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantizes the whole tensor to f32 (row-major).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        if self.cols > 0 {
+            for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+                dequantize_row(self.dtype, self.row(r), dst);
+            }
+        }
+        out
+    }
+
+    /// A new owned tensor whose row `i` is this tensor's row `order[i]`. Used to undo GGUF's
+    /// row permutation of attention projections without dequantizing.
+    pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
+        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+            return Err(KernelError::Shape {
+                op: "permute_rows",
+                detail: format!("{} indices for {} rows", order.len(), self.rows),
+            });
+        }
+        let mut bytes = Vec::with_capacity(self.range.len());
+        for &r in order {
+            bytes.extend_from_slice(self.row(r));
+        }
+        Self::from_bytes(self.dtype, self.rows, self.cols, bytes)
+    }
+}

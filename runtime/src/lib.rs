@@ -1,0 +1,18 @@
+//! # openlora
+//!
+//! A multi-LoRA inference runtime: one base model stays resident, many fine-tuned adapters are
+//! paged in and out, and requests for different adapters share each batched forward pass.
+//!
+//! This crate is the host. Its rooms, following `ARCHITECTURE.md`:
+//! - [`model`]: weight formats (GGUF, safetensors), the Llama-family forward pass written once
+//!   against `openlora_kernels::Backend`, the tokenizer and chat templates, and the default
+//!   model's fetcher;
+//! - [`engine`]: the paged KV cache's bookkeeping, sampling and the generation loop.
+//!
+//! Library code returns typed errors ([`model::error::ModelError`]); the `openlora` binary
+//! reports them with their context (file, tensor, key).
+
+#![deny(missing_docs)]
+
+pub mod engine;
+pub mod model;

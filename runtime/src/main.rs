@@ -1,0 +1,222 @@
+//! The `openlora` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use openlora::engine::generate::{GenerateRequest, generate};
+use openlora::engine::sampler::SamplingParams;
+use openlora::model::LoadedModel;
+use openlora::model::chat_template::ChatMessage;
+use openlora::model::default_model;
+use openlora_kernels::{Backend, CpuBackend};
+
+#[derive(Parser)]
+#[command(name = "openlora", version, about = "Multi-LoRA inference runtime")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download and verify the default model (SmolLM2-135M-Instruct Q4_1) into the cache.
+    Fetch {
+        /// Download again even if a verified copy exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Generate a completion for one prompt and print it.
+    Generate(GenerateArgs),
+    /// Measure single-stream prefill and decode speed; prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Prompt length for the prefill measurement (synthetic token ids, the same formula as
+    /// bench/single_stream.py uses for the peer).
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    /// Tokens to decode (greedy, EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions; the best run is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// A GGUF file or an HF folder; the default model when absent.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// The synthetic prompt shared with the peer benchmark: `100 + (i * 7919) % 40000`.
+fn bench_prompt(n: usize) -> Vec<u32> {
+    (0..n).map(|i| 100 + ((i * 7919) % 40000) as u32).collect()
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let path = match a.model {
+        Some(p) => p,
+        None => default_model::ensure_default_model()?,
+    };
+    let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
+    let run = |prompt: Vec<u32>, max_tokens: usize| {
+        let req = GenerateRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop: vec![], stop_at_eos: false };
+        generate(&loaded.model, &loaded.tokenizer, &req, |_| {})
+    };
+    let (mut prefill, mut decode) = (0f64, 0f64);
+    for _ in 0..a.repeat.max(1) {
+        let g = run(bench_prompt(a.prompt_tokens), 1)?;
+        prefill = prefill.max(a.prompt_tokens as f64 / g.prefill_seconds);
+        let g = run(bench_prompt(8), a.gen_tokens)?;
+        decode = decode.max((g.tokens.len() - 1) as f64 / g.decode_seconds);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "openlora",
+            "backend": loaded.model.backend().name(),
+            "threads": rayon::current_num_threads(),
+            "model": path.display().to_string(),
+            "prompt_tokens": a.prompt_tokens,
+            "prefill_tok_s": prefill,
+            "gen_tokens": a.gen_tokens,
+            "decode_tok_s": decode,
+        })
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The prompt (raw text, or the user message with --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Frequency penalty.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Presence penalty.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Seed for sampling (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// A GGUF file or an HF folder; the default model when absent.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print timing to stderr.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn init_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+    }
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let path = match a.model {
+        Some(p) => p,
+        None => default_model::ensure_default_model()?,
+    };
+    let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
+    let mut tokenizer = loaded.tokenizer;
+    let prompt_text = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = a.system {
+            messages.push(ChatMessage { role: "system".into(), content: s });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: a.prompt });
+        // Chat turns end with the template's end-of-turn token as well as EOS.
+        loaded.chat_template.render(&messages, true)?
+    } else {
+        a.prompt
+    };
+    if a.chat {
+        if let Some(id) = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("<|eot_id|>")) {
+            tokenizer.add_eos_id(id);
+        }
+    }
+    let prompt = tokenizer.encode(&prompt_text, true)?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    let req = GenerateRequest { prompt, sampling, max_tokens: a.max_tokens, stop: a.stop, stop_at_eos: true };
+    let mut stdout = std::io::stdout().lock();
+    let g = generate(&loaded.model, &tokenizer, &req, |piece| {
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    if a.verbose {
+        let decoded = g.tokens.len().saturating_sub(1);
+        eprintln!(
+            "[{}] prompt {} tokens, prefill {:.1} tok/s; generated {} tokens, decode {:.1} tok/s; finish_reason={}",
+            loaded.model.backend().name(),
+            g.prompt_tokens,
+            g.prompt_tokens as f64 / g.prefill_seconds.max(1e-9),
+            g.tokens.len(),
+            decoded as f64 / g.decode_seconds.max(1e-9),
+            g.finish_reason.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fetch { force } => {
+            let p = default_model::fetch(force)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Generate(a) => run_generate(a),
+        Command::Bench(a) => run_bench(a),
+    }
+}

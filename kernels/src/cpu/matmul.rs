@@ -192,7 +192,48 @@ fn matvec_rows_generic(dtype: DType, w_rows: &[u8], row_bytes: usize, xs: &[f32]
 }
 
 multiversion! {
-    fn matvec_rows(dtype: DType, w_rows: &[u8], row_bytes: usize, xs: &[f32], xsums: &[f32], k: usize, out_t: &mut [f32]) => matvec_rows_generic
+    fn matvec_rows_portable(dtype: DType, w_rows: &[u8], row_bytes: usize, xs: &[f32], xsums: &[f32], k: usize, out_t: &mut [f32]) => matvec_rows_generic
+}
+
+/// The streaming kernel: hand-written x86 kernels for the GGUF block formats where the CPU has
+/// them, the portable (auto-vectorised) kernels otherwise.
+#[allow(clippy::too_many_arguments)]
+fn matvec_rows(
+    level: SimdLevel,
+    dtype: DType,
+    w_rows: &[u8],
+    row_bytes: usize,
+    xs: &[f32],
+    xsums: &[f32],
+    k: usize,
+    out_t: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) {
+        use crate::cpu::quant_dot::*;
+        let m = xs.len() / k;
+        let nb = k / QK;
+        let kind = if dtype == DType::Q4_0 { Q4Kind::Q4_0 } else { Q4Kind::Q4_1 };
+        for (row, out) in w_rows.chunks_exact(row_bytes).zip(out_t.chunks_exact_mut(m)) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let x = &xs[i * k..(i + 1) * k];
+                let xsum = xsums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
+                // SAFETY: `level` was detected on this CPU (AVX2+FMA+F16C at least, AVX-512
+                // for the 512 kernels); `row` holds exactly k / 32 blocks of `dtype` (checked
+                // by HostWeight) and `xsum` one sum per block for the Q4 formats.
+                *o = unsafe {
+                    match (level, dtype) {
+                        (SimdLevel::Avx512, DType::Q8_0) => dot_q8_0_avx512(row, x),
+                        (SimdLevel::Avx512, _) => dot_q4_avx512(kind, row, x, xsum),
+                        (_, DType::Q8_0) => dot_q8_0_avx2(row, x),
+                        _ => dot_q4_avx2(kind, row, x, xsum),
+                    }
+                };
+            }
+        }
+        return;
+    }
+    matvec_rows_portable(level, dtype, w_rows, row_bytes, xs, xsums, k, out_t)
 }
 
 #[inline(always)]

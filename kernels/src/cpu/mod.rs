@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+mod quant_dot;
 pub mod simd;
 
 use crate::backend::{AttnSeq, Backend, KvLayout, RopeTable};

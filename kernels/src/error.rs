@@ -33,9 +33,5 @@ pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
 /// Returns a shape error unless `cond` holds.
 pub(crate) fn ensure_shape(cond: bool, op: &'static str, detail: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(KernelError::Shape { op, detail: detail() })
-    }
+    if cond { Ok(()) } else { Err(KernelError::Shape { op, detail: detail() }) }
 }

@@ -66,7 +66,13 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     };
     let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
     let run = |prompt: Vec<u32>, max_tokens: usize| {
-        let req = GenerateRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop: vec![], stop_at_eos: false };
+        let req = GenerateRequest {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: vec![],
+            stop_at_eos: false,
+        };
         generate(&loaded.model, &loaded.tokenizer, &req, |_| {})
     };
     let (mut prefill, mut decode) = (0f64, 0f64);
@@ -153,6 +159,16 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     init_threads(a.threads)?;
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+    };
+    sampling.validate()?;
     let path = match a.model {
         Some(p) => p,
         None => default_model::ensure_default_model()?,
@@ -170,22 +186,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     } else {
         a.prompt
     };
-    if a.chat {
-        if let Some(id) = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("<|eot_id|>")) {
-            tokenizer.add_eos_id(id);
-        }
+    if a.chat
+        && let Some(id) = tokenizer.token_to_id("<|im_end|>").or_else(|| tokenizer.token_to_id("<|eot_id|>"))
+    {
+        tokenizer.add_eos_id(id);
     }
     let prompt = tokenizer.encode(&prompt_text, true)?;
-    let sampling = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        repetition_penalty: a.repetition_penalty,
-        frequency_penalty: a.frequency_penalty,
-        presence_penalty: a.presence_penalty,
-        seed: a.seed,
-    };
-    sampling.validate()?;
     let req = GenerateRequest { prompt, sampling, max_tokens: a.max_tokens, stop: a.stop, stop_at_eos: true };
     let mut stdout = std::io::stdout().lock();
     let g = generate(&loaded.model, &tokenizer, &req, |piece| {

@@ -20,7 +20,10 @@ fn all_logits(tokens: &[u32]) -> Vec<Vec<f32>> {
     let positions: Vec<u32> = (0..tokens.len() as u32).collect();
     let seqs = [AttnSeq { q_start: 0, q_len: tokens.len(), ctx_len: tokens.len(), block_table: seq.table() }];
     let logits = m
-        .forward(&mut kv, &ForwardBatch { tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &positions })
+        .forward(
+            &mut kv,
+            &ForwardBatch { tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &positions },
+        )
         .expect("forward");
     logits.chunks(m.config.vocab_size).map(<[f32]>::to_vec).collect()
 }
@@ -115,7 +118,13 @@ fn stop_strings_cut_the_text_and_seeds_repeat() {
     let lm = default_model();
     let tok = &lm.tokenizer;
     let prompt = tok.encode("Once upon a time, there was a little dog named", true).expect("encode");
-    let mut req = GenerateRequest { prompt, sampling: SamplingParams::greedy(), max_tokens: 16, stop: vec![" toy".into()], stop_at_eos: true };
+    let mut req = GenerateRequest {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        max_tokens: 16,
+        stop: vec![" toy".into()],
+        stop_at_eos: true,
+    };
     let g = generate(&lm.model, tok, &req, |_| {}).expect("generate");
     assert_eq!(g.text, " Max who loved to play with his");
     assert_eq!(g.finish_reason, FinishReason::Stop);

@@ -47,7 +47,10 @@ fn run_chunked(model: &LlamaModel<CpuBackend>, prompt: &[u32], chunk: usize) -> 
         let seqs = [AttnSeq { q_start: 0, q_len: part.len(), ctx_len: seq.len(), block_table: seq.table() }];
         let rows: Vec<u32> = (0..part.len() as u32).collect();
         let logits = model
-            .forward(&mut kv, &ForwardBatch { tokens: part, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &rows })
+            .forward(
+                &mut kv,
+                &ForwardBatch { tokens: part, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &rows },
+            )
             .expect("forward");
         out.extend(logits.chunks(model.config.vocab_size).map(<[f32]>::to_vec));
     }
@@ -114,7 +117,16 @@ fn several_sequences_in_one_batch_match_the_reference() {
             .collect();
         let rows: Vec<u32> = (0..tokens.len() as u32).collect();
         let logits = model
-            .forward(&mut kv, &ForwardBatch { tokens: &tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &rows })
+            .forward(
+                &mut kv,
+                &ForwardBatch {
+                    tokens: &tokens,
+                    positions: &positions,
+                    slots: &slots,
+                    seqs: &seqs,
+                    logits_rows: &rows,
+                },
+            )
             .expect("forward");
         let v = model.config.vocab_size;
         for (i, ((q_start, q_len), p)) in spans.iter().zip(&r.prompts).enumerate() {

@@ -67,7 +67,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Attention for a batch of sequences; see [`crate::Backend::paged_attention`].
-pub fn paged_attention(q: &[f32], cache: &CpuKvCache, seqs: &[AttnSeq<'_>], heads: usize, out: &mut [f32]) -> Result<()> {
+pub fn paged_attention(
+    q: &[f32],
+    cache: &CpuKvCache,
+    seqs: &[AttnSeq<'_>],
+    heads: usize,
+    out: &mut [f32],
+) -> Result<()> {
     let l = cache.layout;
     let hd = l.head_dim;
     ensure_shape(heads > 0 && heads.is_multiple_of(l.kv_heads), "paged_attention", || {
@@ -92,7 +98,10 @@ pub fn paged_attention(q: &[f32], cache: &CpuKvCache, seqs: &[AttnSeq<'_>], head
             )));
         }
         if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
-            return Err(KernelError::KvCache(format!("sequence {si}: block {b} is outside the pool of {}", l.num_blocks)));
+            return Err(KernelError::KvCache(format!(
+                "sequence {si}: block {b} is outside the pool of {}",
+                l.num_blocks
+            )));
         }
         for i in 0..s.q_len {
             row_info[s.q_start + i] = Some((si, s.ctx_len - s.q_len + i));

@@ -173,7 +173,15 @@ fn dot_q4<const BB: usize, const HAS_MIN: bool>(w: &[u8], x: &[f32], xsum: &[f32
 /// Dots weight rows `w_rows` (each `row_bytes` long) with every activation row of `xs`
 /// (`m` rows of `k`), writing `out_t[r * m + i]`.
 #[inline(always)]
-fn matvec_rows_generic(dtype: DType, w_rows: &[u8], row_bytes: usize, xs: &[f32], xsums: &[f32], k: usize, out_t: &mut [f32]) {
+fn matvec_rows_generic(
+    dtype: DType,
+    w_rows: &[u8],
+    row_bytes: usize,
+    xs: &[f32],
+    xsums: &[f32],
+    k: usize,
+    out_t: &mut [f32],
+) {
     let m = xs.len() / k;
     let nb = k / QK;
     for (row, out) in w_rows.chunks_exact(row_bytes).zip(out_t.chunks_exact_mut(m)) {

@@ -110,7 +110,9 @@ impl Backend for CpuBackend {
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &CpuWeight) -> Result<()> {
         let b = self.vector(bias, "add_bias")?;
-        ensure_shape(!b.is_empty() && x.len().is_multiple_of(b.len()), "add_bias", || format!("x {} bias {}", x.len(), b.len()))?;
+        ensure_shape(!b.is_empty() && x.len().is_multiple_of(b.len()), "add_bias", || {
+            format!("x {} bias {}", x.len(), b.len())
+        })?;
         for row in x.chunks_exact_mut(b.len()) {
             for (v, bv) in row.iter_mut().zip(b) {
                 *v += bv;
@@ -155,7 +157,14 @@ impl Backend for CpuBackend {
         cache.write(k, v, slots)
     }
 
-    fn paged_attention(&self, q: &Vec<f32>, cache: &CpuKvCache, seqs: &[AttnSeq<'_>], heads: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn paged_attention(
+        &self,
+        q: &Vec<f32>,
+        cache: &CpuKvCache,
+        seqs: &[AttnSeq<'_>],
+        heads: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         attention::paged_attention(q, cache, seqs, heads, out)
     }
 }

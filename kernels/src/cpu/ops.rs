@@ -17,7 +17,10 @@ pub fn embedding(table: &HostWeight, ids: &[u32], out: &mut [f32]) -> Result<()>
     ensure_shape(out.len() == ids.len() * d, "embedding", || format!("{} ids x {d} vs out {}", ids.len(), out.len()))?;
     for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(d.max(1))) {
         if id as usize >= table.rows() {
-            return Err(KernelError::Shape { op: "embedding", detail: format!("token id {id} >= vocabulary {}", table.rows()) });
+            return Err(KernelError::Shape {
+                op: "embedding",
+                detail: format!("token id {id} >= vocabulary {}", table.rows()),
+            });
         }
         dequantize_row(table.dtype(), table.row(id as usize), dst);
     }
@@ -54,7 +57,10 @@ pub fn rope(x: &mut [f32], positions: &[u32], heads: usize, t: &RopeTable) -> Re
         format!("x {} for {} rows of {heads} x {hd}", x.len(), positions.len())
     })?;
     if let Some(p) = positions.iter().find(|&&p| p as usize >= t.max_positions) {
-        return Err(KernelError::Shape { op: "rope", detail: format!("position {p} >= table size {}", t.max_positions) });
+        return Err(KernelError::Shape {
+            op: "rope",
+            detail: format!("position {p} >= table size {}", t.max_positions),
+        });
     }
     for (row, &p) in x.chunks_exact_mut(width).zip(positions) {
         let cos = &t.cos[p as usize * half..(p as usize + 1) * half];

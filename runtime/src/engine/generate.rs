@@ -89,7 +89,11 @@ impl StopChecker {
         let hit = self
             .stops
             .iter()
-            .filter_map(|s| self.text[floor_char(&self.text, search_from)..].find(s.as_str()).map(|i| i + floor_char(&self.text, search_from)))
+            .filter_map(|s| {
+                self.text[floor_char(&self.text, search_from)..]
+                    .find(s.as_str())
+                    .map(|i| i + floor_char(&self.text, search_from))
+            })
             .min();
         if let Some(at) = hit {
             self.text.truncate(at);
@@ -101,7 +105,10 @@ impl StopChecker {
         let mut safe = self.text.len();
         for s in &self.stops {
             for l in (1..s.len()).rev() {
-                if self.text.len() >= l && self.text.is_char_boundary(self.text.len() - l) && s.as_bytes().starts_with(&self.text.as_bytes()[self.text.len() - l..]) {
+                if self.text.len() >= l
+                    && self.text.is_char_boundary(self.text.len() - l)
+                    && s.as_bytes().starts_with(&self.text.as_bytes()[self.text.len() - l..])
+                {
                     safe = safe.min(self.text.len() - l);
                     break;
                 }
@@ -146,7 +153,10 @@ pub fn generate<B: Backend>(
     }
     let ctx = cfg.max_position_embeddings;
     if req.prompt.len() >= ctx {
-        return Err(ModelError::InvalidRequest(format!("the prompt has {} tokens; the model's context is {ctx}", req.prompt.len())));
+        return Err(ModelError::InvalidRequest(format!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            req.prompt.len()
+        )));
     }
     let total = (req.prompt.len() + req.max_tokens).min(ctx);
     let mut alloc = BlockAllocator::new(total.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
@@ -164,7 +174,10 @@ pub fn generate<B: Backend>(
         let positions: Vec<u32> = (first_pos..first_pos + tokens.len()).map(|p| p as u32).collect();
         let seqs = [AttnSeq { q_start: 0, q_len: tokens.len(), ctx_len: seq.len(), block_table: seq.table() }];
         let last = [tokens.len() as u32 - 1];
-        model.forward(&mut kv, &ForwardBatch { tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &last })
+        model.forward(
+            &mut kv,
+            &ForwardBatch { tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &last },
+        )
     };
     let mut logits = Vec::new();
     for chunk in req.prompt.chunks(PREFILL_CHUNK) {
@@ -173,6 +186,7 @@ pub fn generate<B: Backend>(
     let mut prefill_seconds = 0.0;
     let mut tokens = Vec::new();
     let mut finish = FinishReason::Length;
+    let mut stop_string_hit = false;
     while tokens.len() < req.max_tokens && seq.len() < ctx {
         let t = sampler.sample(&mut logits);
         if tokens.is_empty() {
@@ -190,6 +204,7 @@ pub fn generate<B: Backend>(
         }
         if hit {
             finish = FinishReason::Stop;
+            stop_string_hit = true;
             break;
         }
         if tokens.len() >= req.max_tokens || seq.len() >= ctx {
@@ -197,8 +212,12 @@ pub fn generate<B: Backend>(
         }
         logits = run(&[t], &mut seq, &mut alloc)?;
     }
-    if finish == FinishReason::Length || !stops.text().is_empty() {
-        let rest = stops.flush();
+    if !stop_string_hit {
+        // Bytes the decoder held back (an incomplete character at the very end), then text
+        // the stop checker held back as a possible stop-string prefix.
+        let tail = decoder.finish()?;
+        let (mut rest, _) = stops.push(&tail);
+        rest.push_str(&stops.flush());
         if !rest.is_empty() {
             on_text(&rest);
         }

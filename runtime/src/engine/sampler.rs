@@ -131,7 +131,8 @@ impl Sampler {
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         // Candidates sorted by logit, descending; ties by id for determinism.
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)).collect();
+        let mut cand: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)).collect();
         if cand.is_empty() {
             return 0;
         }

@@ -44,7 +44,7 @@ impl ChatMessage {
 }
 
 /// A compiled chat template, with the special tokens it may refer to.
-#[derive(Debug)]
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
@@ -57,6 +57,16 @@ pub struct ChatTemplate {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct RaisedException(String);
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
 
 impl ChatTemplate {
     /// Compiles a Jinja chat template. `bos_token` and `eos_token` are the texts of the model's

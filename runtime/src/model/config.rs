@@ -66,7 +66,10 @@ impl LlamaConfig {
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
-            return Err(bad("num_key_value_heads", format!("{} does not divide {} heads", self.num_kv_heads, self.num_heads)));
+            return Err(bad(
+                "num_key_value_heads",
+                format!("{} does not divide {} heads", self.num_kv_heads, self.num_heads),
+            ));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(bad("head_dim", format!("{} is odd; RoPE needs an even head dimension", self.head_dim)));
@@ -129,9 +132,13 @@ impl LlamaConfig {
 
     /// Reads an HF `config.json`.
     pub fn from_hf_config(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let c: HfConfig = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.to_path_buf(), key: "(json)".into(), reason: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let c: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            key: "(json)".into(),
+            reason: e.to_string(),
+        })?;
         let arch = match c.model_type.as_str() {
             "llama" | "mistral" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,

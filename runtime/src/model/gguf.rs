@@ -99,11 +99,18 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn err(&self, reason: impl Into<String>) -> ModelError {
-        ModelError::Malformed { path: self.path.to_path_buf(), reason: format!("{} (at byte {})", reason.into(), self.pos) }
+        ModelError::Malformed {
+            path: self.path.to_path_buf(),
+            reason: format!("{} (at byte {})", reason.into(), self.pos),
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.err("unexpected end of file (truncated?)"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.err("unexpected end of file (truncated?)"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -203,7 +210,9 @@ impl GgufFile {
             let key = r.string()?;
             let ty = r.u32()?;
             let v = r.value(ty, 0).map_err(|e| match e {
-                ModelError::Malformed { path, reason } => ModelError::Malformed { path, reason: format!("metadata `{key}`: {reason}") },
+                ModelError::Malformed { path, reason } => {
+                    ModelError::Malformed { path, reason: format!("metadata `{key}`: {reason}") }
+                }
                 e => e,
             })?;
             metadata.insert(key, v);
@@ -213,7 +222,11 @@ impl GgufFile {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims > 4 {
-                return Err(ModelError::Tensor { path: path.to_path_buf(), tensor: name, reason: format!("{n_dims} dimensions (at most 4)") });
+                return Err(ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    reason: format!("{n_dims} dimensions (at most 4)"),
+                });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -227,7 +240,13 @@ impl GgufFile {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a as usize,
-                _ => return Err(ModelError::Config { path: path.to_path_buf(), key: "general.alignment".into(), reason: format!("{v:?} is not a power of two") }),
+                _ => {
+                    return Err(ModelError::Config {
+                        path: path.to_path_buf(),
+                        key: "general.alignment".into(),
+                        reason: format!("{v:?} is not a power of two"),
+                    });
+                }
             },
         };
         let data_start = r.pos.div_ceil(alignment) * alignment;
@@ -285,12 +304,14 @@ impl GgufFile {
             None => Ok(None),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| match v {
-                    Value::I64(i) => i32::try_from(*i).ok(),
-                    Value::U64(u) => i32::try_from(*u).ok(),
-                    _ => None,
-                }
-                .ok_or_else(|| self.config_err(key, "expected 32-bit integers")))
+                .map(|v| {
+                    match v {
+                        Value::I64(i) => i32::try_from(*i).ok(),
+                        Value::U64(u) => i32::try_from(*u).ok(),
+                        _ => None,
+                    }
+                    .ok_or_else(|| self.config_err(key, "expected 32-bit integers"))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
             Some(_) => Err(self.config_err(key, "expected an array of integers")),
@@ -304,17 +325,33 @@ impl GgufFile {
             return Ok(None);
         };
         let terr = |reason: String| ModelError::Tensor { path: self.path.clone(), tensor: name.to_owned(), reason };
-        let dtype = DType::from_ggml_id(info.ggml_type).ok_or_else(|| terr(format!("unsupported GGML type id {}", info.ggml_type)))?;
+        let dtype = DType::from_ggml_id(info.ggml_type)
+            .ok_or_else(|| terr(format!("unsupported GGML type id {}", info.ggml_type)))?;
         let cols = *info.dims.first().unwrap_or(&1);
-        let rows = info.dims.iter().skip(1).try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| terr("dimensions overflow".into()))?;
-        let (rows, cols) = (usize::try_from(rows).map_err(|_| terr("too large".into()))?, usize::try_from(cols).map_err(|_| terr("too large".into()))?);
-        let row_bytes = dtype.row_bytes(cols).ok_or_else(|| terr(format!("row length {cols} is not a multiple of the {} block", dtype.name())))?;
+        let rows = info
+            .dims
+            .iter()
+            .skip(1)
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| terr("dimensions overflow".into()))?;
+        let (rows, cols) = (
+            usize::try_from(rows).map_err(|_| terr("too large".into()))?,
+            usize::try_from(cols).map_err(|_| terr("too large".into()))?,
+        );
+        let row_bytes = dtype
+            .row_bytes(cols)
+            .ok_or_else(|| terr(format!("row length {cols} is not a multiple of the {} block", dtype.name())))?;
         let len = row_bytes.checked_mul(rows).ok_or_else(|| terr("size overflows".into()))?;
-        let start = usize::try_from(info.offset).ok().and_then(|o| o.checked_add(self.data_start)).ok_or_else(|| terr("offset overflows".into()))?;
+        let start = usize::try_from(info.offset)
+            .ok()
+            .and_then(|o| o.checked_add(self.data_start))
+            .ok_or_else(|| terr("offset overflows".into()))?;
         let end = start.checked_add(len).ok_or_else(|| terr("size overflows".into()))?;
         let file_len = (*self.data).as_ref().len();
         if end > file_len {
-            return Err(terr(format!("data {start}..{end} runs past the end of the {file_len}-byte file (truncated?)")));
+            return Err(terr(format!(
+                "data {start}..{end} runs past the end of the {file_len}-byte file (truncated?)"
+            )));
         }
         HostWeight::new(dtype, rows, cols, self.data.clone(), start..end).map(Some).map_err(|e| terr(e.to_string()))
     }
@@ -354,7 +391,7 @@ pub(crate) mod tests {
                 }
                 Value::Array(items) => {
                     out.extend(9u32.to_le_bytes());
-                    let mut inner = Vec::new();
+                    let mut inner: Vec<u8> = Vec::new();
                     let mut ty = 8u32;
                     for it in items {
                         let mut one = Vec::new();
@@ -416,7 +453,8 @@ pub(crate) mod tests {
     #[test]
     fn reads_metadata_and_tensors() {
         let data: Vec<u8> = [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let img = build_gguf(&[("general.architecture", Value::Str("llama".into()))], &[("w", vec![3, 2], DType::F32, data)]);
+        let img =
+            build_gguf(&[("general.architecture", Value::Str("llama".into()))], &[("w", vec![3, 2], DType::F32, data)]);
         let g = parse(img).expect("parse");
         assert_eq!(g.get_str("general.architecture").expect("arch"), "llama");
         let w = g.tensor("w").expect("ok").expect("present");

@@ -114,7 +114,12 @@ impl<B: Backend> LlamaModel<B> {
         let prep = |w: HostWeight| backend.prepare_weight(w).map_err(ModelError::from);
         let unpermute = src.needs_qk_unpermute(c);
         let (h, qd, kvd) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let linear = |name: &str, rows: usize, cols: usize, bias: bool, heads_to_unpermute: Option<usize>| -> Result<Linear<B>> {
+        let linear = |name: &str,
+                      rows: usize,
+                      cols: usize,
+                      bias: bool,
+                      heads_to_unpermute: Option<usize>|
+         -> Result<Linear<B>> {
             let mut w = get(&format!("{name}.weight"), rows, cols)?;
             let mut b = if bias { Some(get(&format!("{name}.bias"), 1, rows)?) } else { None };
             if let Some(heads) = heads_to_unpermute {
@@ -196,7 +201,8 @@ impl<B: Backend> LlamaModel<B> {
                 c.num_layers
             ))));
         }
-        let (h, qd, kvd, ffn) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let (h, qd, kvd, ffn) =
+            (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let mut x = be.zeros(n * h)?;
         be.embedding(&self.embed, batch.tokens, &mut x)?;
         let mut normed = be.zeros(n * h)?;

@@ -40,11 +40,7 @@ pub struct LoadedModel<B: Backend> {
 impl<B: Backend> LoadedModel<B> {
     /// Opens a GGUF file or an HF folder.
     pub fn open(path: &Path, backend: B) -> Result<Self> {
-        if path.is_dir() {
-            Self::open_hf(path, backend)
-        } else {
-            Self::open_gguf(path, backend)
-        }
+        if path.is_dir() { Self::open_hf(path, backend) } else { Self::open_gguf(path, backend) }
     }
 
     fn open_gguf(path: &Path, backend: B) -> Result<Self> {
@@ -81,12 +77,31 @@ impl<B: Backend> LoadedModel<B> {
 
     fn open_hf(dir: &Path, backend: B) -> Result<Self> {
         let config = LlamaConfig::from_hf_config(&dir.join("config.json"))?;
-        let tokenizer = tokenizer::tokenizer_from_file(&dir.join("tokenizer.json"))?;
+        let mut tokenizer = tokenizer::tokenizer_from_file(&dir.join("tokenizer.json"))?;
         let chat_template = hf_chat_template(dir)?;
+        tokenizer.set_eos_ids(hf_eos_ids(dir, &tokenizer, &chat_template));
         let src = SafetensorsFolder::open(dir)?;
         let model = LlamaModel::load(&src, config, backend)?;
         Ok(Self { path: dir.to_path_buf(), model, tokenizer, chat_template })
     }
+}
+
+/// End-of-sequence ids of an HF folder: `eos_token_id` from generation_config.json, else from
+/// config.json (a number or a list), else the id of tokenizer_config.json's `eos_token`.
+fn hf_eos_ids(dir: &Path, tokenizer: &TextTokenizer, template: &ChatTemplate) -> Vec<u32> {
+    let ids_in = |file: &str| -> Option<Vec<u32>> {
+        let text = std::fs::read_to_string(dir.join(file)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        match v.get("eos_token_id")? {
+            serde_json::Value::Number(n) => Some(vec![u32::try_from(n.as_u64()?).ok()?]),
+            serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect(),
+            _ => None,
+        }
+    };
+    ids_in("generation_config.json")
+        .or_else(|| ids_in("config.json"))
+        .or_else(|| tokenizer.token_to_id(template.eos_token()).map(|id| vec![id]))
+        .unwrap_or_default()
 }
 
 /// The chat template of an HF folder: `chat_template.jinja` (transformers 5) or the
@@ -94,7 +109,8 @@ impl<B: Backend> LoadedModel<B> {
 fn hf_chat_template(dir: &Path) -> Result<ChatTemplate> {
     let cfg_path = dir.join("tokenizer_config.json");
     let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| ModelError::Malformed { path: cfg_path.clone(), reason: e.to_string() })?,
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| ModelError::Malformed { path: cfg_path.clone(), reason: e.to_string() })?,
         Err(_) => serde_json::Value::Null,
     };
     let special = |key: &str| -> String {

@@ -11,6 +11,7 @@
 //! (an emoji is often four). [`IncrementalDecoder`] turns the id stream into text pieces that
 //! never split a UTF-8 character, decoding only a small window per token.
 
+use std::borrow::Borrow;
 use std::path::Path;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -53,11 +54,22 @@ pub struct GgufVocab<'a> {
 }
 
 /// A tokenizer with the model's special ids: BOS, and the ids that end a generation.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     bos_id: Option<u32>,
     eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    /// A summary: the full vocabulary would be tens of thousands of lines.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_id", &self.bos_id)
+            .field("eos_ids", &self.eos_ids)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TextTokenizer {
@@ -142,9 +154,9 @@ impl TextTokenizer {
         &self.inner
     }
 
-    /// A streaming decoder for this tokenizer; see [`IncrementalDecoder`].
-    pub fn incremental_decoder(&self, skip_special_tokens: bool) -> IncrementalDecoder {
-        IncrementalDecoder::new(skip_special_tokens)
+    /// A streaming decoder borrowing this tokenizer; see [`IncrementalDecoder`].
+    pub fn incremental_decoder(&self, skip_special_tokens: bool) -> IncrementalDecoder<&Self> {
+        IncrementalDecoder::new(self).skip_special_tokens(skip_special_tokens)
     }
 }
 
@@ -212,7 +224,8 @@ fn byte_level_bpe(v: &GgufVocab<'_>) -> Result<TextTokenizer> {
     }
     let token_type = |i: usize| v.token_types.and_then(|t| t.get(i).copied()).unwrap_or(1);
     let byte_chars = bytes_to_unicode();
-    let in_alphabet = |s: &str| s.chars().all(|c| byte_chars.contains(&c));
+    // The alphabet: printable Latin-1 as itself, the other 68 bytes as U+0100..=U+0143.
+    let in_alphabet = |s: &str| s.chars().all(|c| matches!(u32::from(c), 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0x143));
 
     // Byte-level vocabularies spell every token in GPT-2's byte-to-unicode alphabet. A normal token
     // that uses another character is respelled from its UTF-8 bytes (as HF's converter does);
@@ -237,8 +250,8 @@ fn byte_level_bpe(v: &GgufVocab<'_>) -> Result<TextTokenizer> {
                 _ => {}
             }
         }
-        // On duplicate spellings the first id wins, as in llama.cpp's token_to_id map.
-        vocab.entry(spelled).or_insert(id);
+        // On duplicate spellings the last id wins, as in llama.cpp's and HF's token-to-id maps.
+        vocab.insert(spelled, id);
     }
 
     let merges = v
@@ -262,7 +275,8 @@ fn byte_level_bpe(v: &GgufVocab<'_>) -> Result<TextTokenizer> {
     if v.add_bos
         && let Some(bos) = v.bos_id
     {
-        inner.with_post_processor(Some(bos_post_processor(bos, &v.tokens[bos as usize])?));
+        let bos_text = v.tokens.get(bos as usize).map_or("", String::as_str); // checked above: in range
+        inner.with_post_processor(Some(bos_post_processor(bos, bos_text)?));
     }
     inner.add_special_tokens(&special);
     inner.add_tokens(&user_defined);
@@ -372,6 +386,9 @@ fn bytes_to_unicode() -> [char; 256] {
 /// token at least one, so only a model emitting invalid UTF-8 reaches this.
 const MAX_PENDING: usize = 8;
 
+/// How many ids before the generation [`IncrementalDecoder::with_context`] decodes as context.
+const CONTEXT_IDS: usize = 4;
+
 /// Streaming detokenizer: push generated ids one at a time, get back the text they complete.
 ///
 /// Never emits half a UTF-8 character: while the decoded window ends in U+FFFD (an incomplete
@@ -381,9 +398,12 @@ const MAX_PENDING: usize = 8;
 ///
 /// Each push decodes a window of a few ids (the ids of the last emitted piece as context, plus
 /// the ids not yet emitted), so the cost per id does not grow with the length of the generation.
-/// The decoder does not hold the tokenizer; pass it to each call.
-#[derive(Clone, Debug, Default)]
-pub struct IncrementalDecoder {
+///
+/// `T` is how the decoder holds the tokenizer: `&TextTokenizer` for a decoder that lives inside
+/// one function, `Arc<TextTokenizer>` for one stored with a request.
+#[derive(Clone, Debug)]
+pub struct IncrementalDecoder<T: Borrow<TextTokenizer>> {
+    tokenizer: T,
     skip_special_tokens: bool,
     /// The window: `ids[..context_len]` were already emitted and give context; the rest are pending.
     ids: Vec<u32>,
@@ -392,29 +412,36 @@ pub struct IncrementalDecoder {
     context_text: String,
 }
 
-impl IncrementalDecoder {
-    /// A decoder with no context. With `skip_special_tokens`, special tokens produce no text.
-    pub fn new(skip_special_tokens: bool) -> Self {
-        Self { skip_special_tokens, ..Self::default() }
+impl<T: Borrow<TextTokenizer>> IncrementalDecoder<T> {
+    /// A decoder with no context that keeps special tokens in the text (`<|im_end|>`), as
+    /// `decode(ids, false)` does; see [`Self::skip_special_tokens`].
+    pub fn new(tokenizer: T) -> Self {
+        Self { tokenizer, skip_special_tokens: false, ids: Vec::new(), context_len: 0, context_text: String::new() }
     }
 
-    /// A decoder that continues after `context` (typically the prompt): the last few context ids
-    /// are decoded with the first generated ones, so a decoder that depends on the previous token
-    /// (SentencePiece's leading space) or a character split between prompt and generation come
-    /// out right. Nothing of the context itself is emitted.
-    pub fn with_context(tokenizer: &TextTokenizer, context: &[u32], skip_special_tokens: bool) -> Result<Self> {
-        const CONTEXT_IDS: usize = 4;
+    /// Whether special tokens produce no text (like `decode(ids, true)`).
+    #[must_use]
+    pub fn skip_special_tokens(mut self, skip: bool) -> Self {
+        self.skip_special_tokens = skip;
+        self
+    }
+
+    /// Continues after `context` (typically the prompt): its last few ids are decoded with the
+    /// first generated ones, so a decoder that depends on the previous token (SentencePiece's
+    /// leading space) or a character split between prompt and generation come out right.
+    /// Nothing of the context itself is emitted. Replaces any state the decoder had.
+    pub fn with_context(mut self, context: &[u32]) -> Result<Self> {
         let start = context.len().saturating_sub(CONTEXT_IDS);
-        let mut d = Self { skip_special_tokens, ids: context[start..].to_vec(), ..Self::default() };
+        self.ids = context[start..].to_vec();
         // Ids that end in the middle of a character stay pending, so that the generated ids that
         // complete it emit the whole character.
-        let mut len = d.ids.len();
+        let mut len = self.ids.len();
         loop {
-            let text = tokenizer.decode(&d.ids[..len], skip_special_tokens)?;
+            let text = self.decode(&self.ids[..len])?;
             if len == 0 || !text.ends_with(char::REPLACEMENT_CHARACTER) {
-                d.context_len = len;
-                d.context_text = text;
-                return Ok(d);
+                self.context_len = len;
+                self.context_text = text;
+                return Ok(self);
             }
             len -= 1;
         }
@@ -422,31 +449,38 @@ impl IncrementalDecoder {
 
     /// Adds one generated id; returns the text it completes (empty while a character is incomplete,
     /// or for a skipped special token).
-    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String> {
+    pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tokenizer.decode(&self.ids, self.skip_special_tokens)?;
+        let text = self.decode(&self.ids)?;
         let complete = !text.ends_with(char::REPLACEMENT_CHARACTER);
         match text.strip_prefix(self.context_text.as_str()) {
             Some(new) if complete && !new.is_empty() => {
                 let new = new.to_owned();
-                self.advance(tokenizer)?;
+                self.advance()?;
                 Ok(new)
             }
-            _ if self.pending() > MAX_PENDING => self.flush(tokenizer, &text),
+            _ if self.pending() > MAX_PENDING => {
+                // Invalid UTF-8 that no further id will fix: hand it out as it decodes.
+                let out = new_suffix(&self.context_text, &text).to_owned();
+                self.advance()?;
+                Ok(out)
+            }
             _ => Ok(String::new()),
         }
     }
 
     /// Ends the stream: returns any text still held back (with U+FFFD for incomplete bytes) and
-    /// resets the decoder for reuse.
-    pub fn finish(&mut self, tokenizer: &TextTokenizer) -> Result<String> {
+    /// resets the decoder (no context) for reuse.
+    pub fn finish(&mut self) -> Result<String> {
         let out = if self.pending() == 0 {
             String::new()
         } else {
-            let text = tokenizer.decode(&self.ids, self.skip_special_tokens)?;
+            let text = self.decode(&self.ids)?;
             new_suffix(&self.context_text, &text).to_owned()
         };
-        *self = Self::new(self.skip_special_tokens);
+        self.ids.clear();
+        self.context_len = 0;
+        self.context_text.clear();
         Ok(out)
     }
 
@@ -455,18 +489,20 @@ impl IncrementalDecoder {
         self.ids.len() - self.context_len
     }
 
-    /// Emits whatever the pending ids decode to, broken characters included.
-    fn flush(&mut self, tokenizer: &TextTokenizer, text: &str) -> Result<String> {
-        let out = new_suffix(&self.context_text, text).to_owned();
-        self.advance(tokenizer)?;
-        Ok(out)
+    /// The tokenizer this decoder decodes with.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        self.tokenizer.borrow()
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.borrow().decode(ids, self.skip_special_tokens)
     }
 
     /// Makes the pending ids the new context, dropping the old context.
-    fn advance(&mut self, tokenizer: &TextTokenizer) -> Result<()> {
+    fn advance(&mut self) -> Result<()> {
         self.ids.drain(..self.context_len);
         self.context_len = self.ids.len();
-        self.context_text = tokenizer.decode(&self.ids, self.skip_special_tokens)?;
+        self.context_text = self.decode(&self.ids)?;
         Ok(())
     }
 }
@@ -553,6 +589,7 @@ mod tests {
         assert_eq!(tok.vocab_size(), 2 + 256 + 7);
         assert_eq!(tok.bos_id(), Some(0));
         assert_eq!(tok.eos_ids(), &[1]);
+        assert_eq!(format!("{tok:?}"), "TextTokenizer { vocab_size: 265, bos_id: Some(0), eos_ids: [1], .. }");
 
         // Digits split one by one (smollm), and "é" is one merged token.
         let ids = tok.encode("42é", false)?;
@@ -657,17 +694,17 @@ mod tests {
         let text = "a😀é!";
         let ids: Vec<u32> = text.bytes().map(byte_id).collect();
         let mut d = tok.incremental_decoder(false);
-        let pieces = ids.iter().map(|&id| d.push(&tok, id)).collect::<Result<Vec<_>>>()?;
+        let pieces = ids.iter().map(|&id| d.push(id)).collect::<Result<Vec<_>>>()?;
         assert_eq!(pieces, vec!["a", "", "", "", "😀", "", "é", "!"]);
-        assert_eq!(d.finish(&tok)?, "");
+        assert_eq!(d.finish()?, "");
         assert!(pieces.iter().all(|p| !p.contains(char::REPLACEMENT_CHARACTER)));
 
-        // The window stays small however long the stream is.
-        let mut d = IncrementalDecoder::new(false);
+        // The window stays small however long the stream is; an Arc-held tokenizer works too.
+        let mut d = IncrementalDecoder::new(std::sync::Arc::new(tok));
         let mut out = String::new();
         for _ in 0..200 {
             for &id in &ids {
-                out.push_str(&d.push(&tok, id)?);
+                out.push_str(&d.push(id)?);
                 assert!(d.ids.len() <= 2 * 4 + 1, "window grew to {}", d.ids.len());
             }
         }
@@ -679,21 +716,23 @@ mod tests {
     fn incremental_decoding_flushes_and_skips_specials() -> Result<()> {
         let tok = tiny_tokenizer(false, None);
         // A lone lead byte, then the stream ends: finish() hands it out as U+FFFD.
-        let mut d = IncrementalDecoder::new(false);
-        assert_eq!(d.push(&tok, byte_id(0xF0))?, "");
-        assert_eq!(d.finish(&tok)?, "\u{FFFD}");
+        let mut d = IncrementalDecoder::new(&tok);
+        assert_eq!(d.push(byte_id(0xF0))?, "");
+        assert_eq!(d.pending(), 1);
+        assert_eq!(d.finish()?, "\u{FFFD}");
+        assert_eq!(d.pending(), 0);
         // Special tokens: skipped or kept.
-        let mut d = IncrementalDecoder::new(true);
-        assert_eq!(d.push(&tok, byte_id(b'x'))?, "x");
-        assert_eq!(d.push(&tok, 1)?, "");
-        assert_eq!(d.push(&tok, byte_id(b'y'))?, "y");
-        let mut d = IncrementalDecoder::new(false);
-        assert_eq!(d.push(&tok, 1)?, "<|im_end|>");
+        let mut d = IncrementalDecoder::new(&tok).skip_special_tokens(true);
+        assert_eq!(d.push(byte_id(b'x'))?, "x");
+        assert_eq!(d.push(1)?, "");
+        assert_eq!(d.push(byte_id(b'y'))?, "y");
+        let mut d = IncrementalDecoder::new(&tok);
+        assert_eq!(d.push(1)?, "<|im_end|>");
         // Invalid UTF-8 forever: emitted after MAX_PENDING ids rather than held back forever.
-        let mut d = IncrementalDecoder::new(false);
+        let mut d = IncrementalDecoder::new(&tok);
         let mut out = String::new();
         for _ in 0..=MAX_PENDING {
-            out.push_str(&d.push(&tok, byte_id(0x80))?);
+            out.push_str(&d.push(byte_id(0x80))?);
         }
         assert_eq!(out, "\u{FFFD}".repeat(MAX_PENDING + 1));
         Ok(())
@@ -705,11 +744,11 @@ mod tests {
         let bytes = "hi é".as_bytes();
         let (prompt, generated) = bytes.split_at(bytes.len() - 1); // "é" split between prompt and output
         let prompt: Vec<u32> = prompt.iter().copied().map(byte_id).collect();
-        let mut d = IncrementalDecoder::with_context(&tok, &prompt, false)?;
+        let mut d = IncrementalDecoder::new(&tok).with_context(&prompt)?;
         assert_eq!(d.pending(), 1);
-        assert_eq!(d.push(&tok, byte_id(generated[0]))?, "é");
-        let mut d = IncrementalDecoder::with_context(&tok, &prompt[..2], false)?;
-        assert_eq!(d.push(&tok, byte_id(b'!'))?, "!");
+        assert_eq!(d.push(byte_id(generated[0]))?, "é");
+        let mut d = IncrementalDecoder::new(&tok).with_context(&prompt[..2])?;
+        assert_eq!(d.push(byte_id(b'!'))?, "!");
         Ok(())
     }
 
@@ -739,5 +778,7 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), 256);
+        // The alphabet test in byte_level_bpe relies on these ranges.
+        assert!(t.iter().all(|&c| matches!(u32::from(c), 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0x143)));
     }
 }

@@ -220,8 +220,8 @@ mod tests {
         assert_eq!(Sampler::new(p, &[0]).sample(&mut l), 1);
         let p = SamplingParams { frequency_penalty: 1.0, ..SamplingParams::greedy() };
         let mut s = Sampler::new(p, &[]);
-        assert_eq!(s.sample(&mut vec![1.0, 0.9]), 0);
-        assert_eq!(s.sample(&mut vec![1.0, 0.9]), 1);
+        assert_eq!(s.sample(&mut [1.0, 0.9]), 0);
+        assert_eq!(s.sample(&mut [1.0, 0.9]), 1);
     }
 
     #[test]

@@ -107,6 +107,11 @@ pub trait Backend: Send + Sync {
     /// A human-readable name ("cpu (avx512)").
     fn name(&self) -> String;
 
+    /// Runs `f` (a whole forward pass) in the backend's execution context. The CPU backend runs
+    /// it on a worker of its thread pool, so each kernel's parallel loop starts without a
+    /// cross-thread hand-off (which costs tens of microseconds per call otherwise).
+    fn execute<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R;
+
     /// Prepares a weight for this backend (kept memory-mapped or transformed/uploaded).
     fn prepare_weight(&self, w: HostWeight) -> Result<Self::Weight>;
     /// `(rows, cols)` of a prepared weight.

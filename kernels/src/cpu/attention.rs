@@ -119,11 +119,16 @@ pub fn paged_attention(
         let s = &seqs[si];
         let kvh = h / group;
         let qv = &q[row * width + h * hd..row * width + (h + 1) * hd];
-        let slot = |t: usize| s.block_table[t / l.block_size] as usize * l.block_size + t % l.block_size;
+        // Walk the block table block by block (no per-token division), positions 0..=pos.
+        let n = pos + 1;
+        let slots = s.block_table.iter().flat_map(|&b| {
+            let first = b as usize * l.block_size;
+            first..first + l.block_size
+        });
         scores.clear();
         let mut max = f32::NEG_INFINITY;
-        for t in 0..=pos {
-            let base = slot(t) * kvw + kvh * hd;
+        for slot in slots.clone().take(n) {
+            let base = slot * kvw + kvh * hd;
             let sc = dot(qv, &cache.k[base..base + hd]) * scale;
             max = max.max(sc);
             scores.push(sc);
@@ -133,10 +138,11 @@ pub fn paged_attention(
             *sc = (*sc - max).exp();
             sum += *sc;
         }
+        let inv = 1.0 / sum;
         o.fill(0.0);
-        for (t, &p) in scores.iter().enumerate() {
-            let base = slot(t) * kvw + kvh * hd;
-            let p = p / sum;
+        for (slot, &p) in slots.take(n).zip(scores.iter()) {
+            let base = slot * kvw + kvh * hd;
+            let p = p * inv;
             for (ov, vv) in o.iter_mut().zip(&cache.v[base..base + hd]) {
                 *ov += p * vv;
             }

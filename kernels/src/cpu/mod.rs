@@ -71,6 +71,16 @@ impl Backend for CpuBackend {
         format!("cpu ({}, {} threads)", self.level.name(), rayon::current_num_threads())
     }
 
+    fn execute<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // `scope` runs its body on a pool worker (injecting once if called from outside).
+        let mut out = None;
+        rayon::scope(|_| out = Some(f()));
+        match out {
+            Some(r) => r,
+            None => unreachable!("rayon::scope runs its body before returning"),
+        }
+    }
+
     fn prepare_weight(&self, w: HostWeight) -> Result<CpuWeight> {
         let vector = (w.rows() == 1).then(|| w.to_f32());
         Ok(CpuWeight { host: w, vector })

@@ -185,6 +185,10 @@ impl<B: Backend> LlamaModel<B> {
     /// Runs the decoder over `batch`, writing its keys/values into `kv` (one cache per layer),
     /// and returns the logits of `batch.logits_rows` (row-major, `vocab_size` each) on the host.
     pub fn forward(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_>) -> Result<Vec<f32>> {
+        self.backend.execute(|| self.forward_inner(kv, batch))
+    }
+
+    fn forward_inner(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_>) -> Result<Vec<f32>> {
         let c = &self.config;
         let be = &self.backend;
         let n = batch.tokens.len();

@@ -3,7 +3,13 @@ use openlora_kernels::cpu::{matmul::matmul, simd};
 use openlora_kernels::{Backend, CpuBackend, DType, HostWeight, quant::quantize_row};
 
 fn main() {
-    let shapes = [("q/o", 576usize, 576usize, 2usize, DType::Q4_1), ("k/v", 192, 576, 2, DType::Q4_1), ("gate/up", 1536, 576, 2, DType::Q4_1), ("down", 576, 1536, 1, DType::Q4_1), ("lm_head", 49152, 576, 0, DType::Q8_0)];
+    let shapes = [
+        ("q/o", 576usize, 576usize, 2usize, DType::Q4_1),
+        ("k/v", 192, 576, 2, DType::Q4_1),
+        ("gate/up", 1536, 576, 2, DType::Q4_1),
+        ("down", 576, 1536, 1, DType::Q4_1),
+        ("lm_head", 49152, 576, 0, DType::Q8_0),
+    ];
     let mut total = 0.0;
     for (name, n, k, per_layer, dt) in shapes {
         let wv: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();

@@ -90,6 +90,25 @@ impl KvLayout {
     }
 }
 
+/// One LoRA term over a contiguous range of batch rows: `out[rows] += scale * (x[rows] · Aᵀ) · Bᵀ`
+/// with `A` of shape `[r, in]` and `B` of shape `[out, r]` (PEFT's `lora_A`/`lora_B`).
+///
+/// A batch carries one segment per (sequence, adapter) pair, so sequences using different
+/// adapters, or several adapters each, share one call; ranks may differ between segments and
+/// nothing is padded to the largest rank. A decode step's segments are single rows (BGMV); a
+/// prefill chunk's are row ranges (SGMV).
+#[derive(Debug)]
+pub struct LoraSegment<'a, W> {
+    /// Batch rows the term applies to.
+    pub rows: std::ops::Range<usize>,
+    /// Down projection `[r, in]`.
+    pub a: &'a W,
+    /// Up projection `[out, r]`.
+    pub b: &'a W,
+    /// Scale: the adapter's `alpha / r` (or `alpha / sqrt(r)`) times the request's weight.
+    pub scale: f32,
+}
+
 /// The compute operations of a Llama-family forward pass.
 ///
 /// Guarantees: each method checks its operands' sizes and returns [`crate::KernelError`] on a
@@ -143,6 +162,17 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
     /// Copies rows `rows[i]` of `x` (width `width`) into row `i` of `out`.
     fn gather_rows(&self, x: &Self::Buf, width: usize, rows: &[u32], out: &mut Self::Buf) -> Result<()>;
+
+    /// Adds every segment's LoRA term to `out` (`rows` by `out_dim`), reading `x` (`rows` by
+    /// `in_dim`). Segments may overlap (several adapters on one sequence); their terms add up.
+    fn lora_sgmv(
+        &self,
+        x: &Self::Buf,
+        in_dim: usize,
+        out: &mut Self::Buf,
+        out_dim: usize,
+        segments: &[LoraSegment<'_, Self::Weight>],
+    ) -> Result<()>;
 
     /// Allocates one layer's KV pool.
     fn alloc_kv_cache(&self, layout: KvLayout) -> Result<Self::KvCache>;

@@ -26,7 +26,7 @@ mod error;
 pub mod quant;
 pub mod weight;
 
-pub use backend::{AttnSeq, Backend, KvLayout, RopeTable};
+pub use backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
 pub use cpu::{CpuBackend, CpuWeight};
 pub use error::{KernelError, Result};
 pub use quant::DType;

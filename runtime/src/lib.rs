@@ -7,6 +7,7 @@
 //! - [`model`]: weight formats (GGUF, safetensors), the Llama-family forward pass written once
 //!   against `openlora_kernels::Backend`, the tokenizer and chat templates, and the default
 //!   model's fetcher;
+//! - [`adapters`]: PEFT LoRA adapters, their content-hash identity, per-request composition;
 //! - [`engine`]: the paged KV cache's bookkeeping, sampling and the generation loop.
 //!
 //! Library code returns typed errors ([`model::error::ModelError`]); the `openlora` binary
@@ -14,5 +15,6 @@
 
 #![deny(missing_docs)]
 
+pub mod adapters;
 pub mod engine;
 pub mod model;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use openlora::adapters::{AdapterRegistry, WeightedAdapter};
 use openlora::engine::generate::{GenerateRequest, generate};
 use openlora::engine::sampler::SamplingParams;
 use openlora::model::LoadedModel;
@@ -73,7 +74,7 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             stop: vec![],
             stop_at_eos: false,
         };
-        generate(&loaded.model, &loaded.tokenizer, &req, |_| {})
+        generate(&loaded.model, &loaded.tokenizer, &[], &req, |_| {})
     };
     let (mut prefill, mut decode) = (0f64, 0f64);
     for _ in 0..a.repeat.max(1) {
@@ -142,6 +143,14 @@ struct GenerateArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Apply a LoRA adapter, optionally weighted (`NAME` or `NAME=WEIGHT`, default weight 1).
+    /// Repeat to combine several: their terms add, each scaled by its weight. NAME is a folder
+    /// under --adapters-dir or a path to a PEFT adapter folder.
+    #[arg(long, value_name = "NAME[=WEIGHT]")]
+    adapter: Vec<String>,
+    /// Where adapter names are looked up (default: examples/adapters).
+    #[arg(long, value_name = "DIR")]
+    adapters_dir: Option<PathBuf>,
     /// Print timing to stderr.
     #[arg(long)]
     verbose: bool,
@@ -155,6 +164,36 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
     }
     Ok(())
+}
+
+/// Loads each `NAME[=WEIGHT]` adapter for the model.
+fn resolve_adapters(
+    loaded: &LoadedModel<CpuBackend>,
+    specs: &[String],
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<WeightedAdapter<CpuBackend>>> {
+    let registry = AdapterRegistry::new(loaded.model.config.clone(), loaded.model.backend().clone());
+    let dir = dir.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("examples/adapters"));
+    let mut out = Vec::new();
+    for spec in specs {
+        let (name, weight) = match spec.rsplit_once('=') {
+            Some((n, w)) => {
+                (n, w.parse::<f32>().with_context(|| format!("--adapter {spec}: weight `{w}` is not a number"))?)
+            }
+            None => (spec.as_str(), 1.0),
+        };
+        if !weight.is_finite() {
+            bail!("--adapter {spec}: weight must be finite");
+        }
+        let as_path = PathBuf::from(name);
+        let path = if as_path.join("adapter_config.json").exists() { as_path } else { dir.join(name) };
+        if !path.join("adapter_config.json").exists() {
+            bail!("--adapter {name}: no PEFT adapter (adapter_config.json) at {} or {}", name, path.display());
+        }
+        let adapter = registry.load_dir(name, &path)?;
+        out.push(WeightedAdapter { adapter, weight });
+    }
+    Ok(out)
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -174,7 +213,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         None => default_model::ensure_default_model()?,
     };
     let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
-    let mut tokenizer = loaded.tokenizer;
+    let adapters = resolve_adapters(&loaded, &a.adapter, a.adapters_dir.as_deref())?;
+    let mut tokenizer = loaded.tokenizer.clone();
     let prompt_text = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = a.system {
@@ -194,7 +234,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompt = tokenizer.encode(&prompt_text, true)?;
     let req = GenerateRequest { prompt, sampling, max_tokens: a.max_tokens, stop: a.stop, stop_at_eos: true };
     let mut stdout = std::io::stdout().lock();
-    let g = generate(&loaded.model, &tokenizer, &req, |piece| {
+    let g = generate(&loaded.model, &tokenizer, &adapters, &req, |piece: &str| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
     })?;

@@ -22,7 +22,14 @@ fn all_logits(tokens: &[u32]) -> Vec<Vec<f32>> {
     let logits = m
         .forward(
             &mut kv,
-            &ForwardBatch { tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &positions },
+            &ForwardBatch {
+                tokens,
+                positions: &positions,
+                slots: &slots,
+                seqs: &seqs,
+                logits_rows: &positions,
+                adapters: &[],
+            },
         )
         .expect("forward");
     logits.chunks(m.config.vocab_size).map(<[f32]>::to_vec).collect()
@@ -92,7 +99,7 @@ fn greedy(prompt: &str, max_tokens: usize) -> (String, FinishReason) {
         stop_at_eos: true,
     };
     let mut streamed = String::new();
-    let g = generate(&lm.model, &tok, &req, |s| streamed.push_str(s)).expect("generate");
+    let g = generate(&lm.model, &tok, &[], &req, |s| streamed.push_str(s)).expect("generate");
     assert_eq!(streamed, g.text, "streamed text equals the final text");
     (g.text, g.finish_reason)
 }
@@ -125,16 +132,16 @@ fn stop_strings_cut_the_text_and_seeds_repeat() {
         stop: vec![" toy".into()],
         stop_at_eos: true,
     };
-    let g = generate(&lm.model, tok, &req, |_| {}).expect("generate");
+    let g = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
     assert_eq!(g.text, " Max who loved to play with his");
     assert_eq!(g.finish_reason, FinishReason::Stop);
 
     req.stop.clear();
     req.sampling = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(1234), ..Default::default() };
-    let a = generate(&lm.model, tok, &req, |_| {}).expect("generate");
-    let b = generate(&lm.model, tok, &req, |_| {}).expect("generate");
+    let a = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
+    let b = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
     assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
     req.sampling.seed = Some(99);
-    let c = generate(&lm.model, tok, &req, |_| {}).expect("generate");
+    let c = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
     assert_ne!(a.tokens, c.tokens, "another seed gives another sample");
 }

@@ -49,7 +49,14 @@ fn run_chunked(model: &LlamaModel<CpuBackend>, prompt: &[u32], chunk: usize) -> 
         let logits = model
             .forward(
                 &mut kv,
-                &ForwardBatch { tokens: part, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &rows },
+                &ForwardBatch {
+                    tokens: part,
+                    positions: &positions,
+                    slots: &slots,
+                    seqs: &seqs,
+                    logits_rows: &rows,
+                    adapters: &[],
+                },
             )
             .expect("forward");
         out.extend(logits.chunks(model.config.vocab_size).map(<[f32]>::to_vec));
@@ -125,6 +132,7 @@ fn several_sequences_in_one_batch_match_the_reference() {
                     slots: &slots,
                     seqs: &seqs,
                     logits_rows: &rows,
+                    adapters: &[],
                 },
             )
             .expect("forward");

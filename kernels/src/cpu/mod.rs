@@ -5,12 +5,13 @@
 //! loaded from (usually a memory map); only 1-D tensors (norms, biases) are expanded to f32.
 
 pub mod attention;
+pub mod lora;
 pub mod matmul;
 pub mod ops;
 mod quant_dot;
 pub mod simd;
 
-use crate::backend::{AttnSeq, Backend, KvLayout, RopeTable};
+use crate::backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
 use crate::error::{Result, ensure_shape};
 use crate::weight::HostWeight;
 
@@ -157,6 +158,17 @@ impl Backend for CpuBackend {
             dst.copy_from_slice(&x[r as usize * width..(r as usize + 1) * width]);
         }
         Ok(())
+    }
+
+    fn lora_sgmv(
+        &self,
+        x: &Vec<f32>,
+        in_dim: usize,
+        out: &mut Vec<f32>,
+        out_dim: usize,
+        segments: &[LoraSegment<'_, CpuWeight>],
+    ) -> Result<()> {
+        lora::lora_sgmv(self.level, x, in_dim, out, out_dim, segments)
     }
 
     fn alloc_kv_cache(&self, layout: KvLayout) -> Result<CpuKvCache> {

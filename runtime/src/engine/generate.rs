@@ -4,6 +4,8 @@
 
 use openlora_kernels::{AttnSeq, Backend};
 
+use crate::adapters::WeightedAdapter;
+
 use super::kv_cache::{BlockAllocator, SequenceBlocks};
 use super::sampler::{Sampler, SamplingParams};
 use crate::model::error::{ModelError, Result};
@@ -139,11 +141,13 @@ fn floor_char(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Generates for one sequence with its own KV pool, calling `on_text` with each newly
-/// completed piece of text.
+/// Generates for one sequence with its own KV pool, applying `adapters` (LoRA terms with
+/// weights; empty for the base model) and calling `on_text` with each newly completed piece of
+/// text.
 pub fn generate<B: Backend>(
     model: &LlamaModel<B>,
     tokenizer: &TextTokenizer,
+    adapters: &[WeightedAdapter<B>],
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
@@ -176,7 +180,14 @@ pub fn generate<B: Backend>(
         let last = [tokens.len() as u32 - 1];
         model.forward(
             &mut kv,
-            &ForwardBatch { tokens, positions: &positions, slots: &slots, seqs: &seqs, logits_rows: &last },
+            &ForwardBatch {
+                tokens,
+                positions: &positions,
+                slots: &slots,
+                seqs: &seqs,
+                logits_rows: &last,
+                adapters: &[adapters],
+            },
         )
     };
     let mut logits = Vec::new();

@@ -5,7 +5,9 @@
 //! KV blocks. A single-sequence `generate` is a batch of one; continuous batching is the same
 //! call with more sequences.
 
-use openlora_kernels::{AttnSeq, Backend, HostWeight, KvLayout, RopeTable};
+use openlora_kernels::{AttnSeq, Backend, HostWeight, KvLayout, LoraSegment, RopeTable};
+
+use crate::adapters::{LoraModule, Proj, WeightedAdapter};
 
 use super::config::LlamaConfig;
 use super::error::{ModelError, Result};
@@ -20,10 +22,22 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    fn forward(&self, be: &B, x: &B::Buf, rows: usize, out: &mut B::Buf) -> Result<()> {
+    /// `out = x·Wᵀ (+ b)` plus every LoRA segment's term.
+    fn forward(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        rows: usize,
+        out: &mut B::Buf,
+        lora: &[LoraSegment<'_, B::Weight>],
+    ) -> Result<()> {
         be.matmul(x, rows, &self.weight, out)?;
         if let Some(b) = &self.bias {
             be.add_bias(out, b)?;
+        }
+        if !lora.is_empty() {
+            let (n, k) = be.weight_shape(&self.weight);
+            be.lora_sgmv(x, k, out, n, lora)?;
         }
         Ok(())
     }
@@ -64,7 +78,7 @@ pub struct LlamaModel<B: Backend> {
 }
 
 /// One forward step over a batch of rows from one or more sequences.
-pub struct ForwardBatch<'a> {
+pub struct ForwardBatch<'a, B: Backend> {
     /// Token per row.
     pub tokens: &'a [u32],
     /// Position per row.
@@ -75,6 +89,33 @@ pub struct ForwardBatch<'a> {
     pub seqs: &'a [AttnSeq<'a>],
     /// Rows whose logits are wanted (usually each sequence's last row).
     pub logits_rows: &'a [u32],
+    /// The adapters each sequence uses (parallel to `seqs`; an empty slice, or an empty
+    /// `adapters`, means the base model). Each row's LoRA terms come from its own sequence's
+    /// adapters, so one batch mixes any number of adapters.
+    pub adapters: &'a [&'a [WeightedAdapter<B>]],
+}
+
+impl<B: Backend> ForwardBatch<'_, B> {
+    /// The LoRA segments for one module: one per (sequence, adapter targeting the module).
+    fn segments<'m>(
+        &'m self,
+        module: impl Fn(&'m WeightedAdapter<B>) -> Option<&'m LoraModule<B>>,
+    ) -> Vec<LoraSegment<'m, B::Weight>> {
+        let mut out = Vec::new();
+        for (seq, adapters) in self.seqs.iter().zip(self.adapters.iter()) {
+            for wa in adapters.iter() {
+                if let Some(m) = module(wa) {
+                    out.push(LoraSegment {
+                        rows: seq.q_start..seq.q_start + seq.q_len,
+                        a: &m.a,
+                        b: &m.b,
+                        scale: m.scale * wa.weight,
+                    });
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Row order that undoes llama.cpp's q/k permutation: HF row `h*hd + j*hd/2 + i` is GGUF row
@@ -184,11 +225,11 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Runs the decoder over `batch`, writing its keys/values into `kv` (one cache per layer),
     /// and returns the logits of `batch.logits_rows` (row-major, `vocab_size` each) on the host.
-    pub fn forward(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_>) -> Result<Vec<f32>> {
+    pub fn forward(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_, B>) -> Result<Vec<f32>> {
         self.backend.execute(|| self.forward_inner(kv, batch))
     }
 
-    fn forward_inner(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_>) -> Result<Vec<f32>> {
+    fn forward_inner(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_, B>) -> Result<Vec<f32>> {
         let c = &self.config;
         let be = &self.backend;
         let n = batch.tokens.len();
@@ -218,23 +259,31 @@ impl<B: Backend> LlamaModel<B> {
         let mut gate = be.zeros(n * ffn)?;
         let mut up = be.zeros(n * ffn)?;
         let mut act = be.zeros(n * ffn)?;
-        for (layer, cache) in self.layers.iter().zip(kv.iter_mut()) {
+        if !batch.adapters.is_empty() && batch.adapters.len() != batch.seqs.len() {
+            return Err(ModelError::InvalidRequest(format!(
+                "{} adapter lists for {} sequences",
+                batch.adapters.len(),
+                batch.seqs.len()
+            )));
+        }
+        for (l, (layer, cache)) in self.layers.iter().zip(kv.iter_mut()).enumerate() {
+            let lora = |p: Proj| batch.segments(move |wa| wa.adapter.module(l, p));
             be.rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed)?;
-            layer.q.forward(be, &normed, n, &mut q)?;
-            layer.k.forward(be, &normed, n, &mut k)?;
-            layer.v.forward(be, &normed, n, &mut v)?;
+            layer.q.forward(be, &normed, n, &mut q, &lora(Proj::Q))?;
+            layer.k.forward(be, &normed, n, &mut k, &lora(Proj::K))?;
+            layer.v.forward(be, &normed, n, &mut v, &lora(Proj::V))?;
             be.rope(&mut q, batch.positions, c.num_heads, &self.rope)?;
             be.rope(&mut k, batch.positions, c.num_kv_heads, &self.rope)?;
             be.write_kv(cache, &k, &v, batch.slots)?;
             be.paged_attention(&q, cache, batch.seqs, c.num_heads, &mut attn)?;
-            layer.o.forward(be, &attn, n, &mut proj)?;
+            layer.o.forward(be, &attn, n, &mut proj, &lora(Proj::O))?;
             be.add_assign(&mut x, &proj)?;
 
             be.rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed)?;
-            layer.gate.forward(be, &normed, n, &mut gate)?;
-            layer.up.forward(be, &normed, n, &mut up)?;
+            layer.gate.forward(be, &normed, n, &mut gate, &lora(Proj::Gate))?;
+            layer.up.forward(be, &normed, n, &mut up, &lora(Proj::Up))?;
             be.silu_mul(&gate, &up, &mut act)?;
-            layer.down.forward(be, &act, n, &mut proj)?;
+            layer.down.forward(be, &act, n, &mut proj, &lora(Proj::Down))?;
             be.add_assign(&mut x, &proj)?;
         }
         let m = batch.logits_rows.len();
@@ -244,6 +293,28 @@ impl<B: Backend> LlamaModel<B> {
         be.rms_norm(&last, &self.norm, c.rms_norm_eps, &mut last_normed)?;
         let mut logits = be.zeros(m * c.vocab_size)?;
         be.matmul(&last_normed, m, &self.lm_head, &mut logits)?;
+        // LM-head LoRA applies to the gathered rows: logits row j belongs to the sequence that
+        // owns batch row `logits_rows[j]`.
+        let mut head_segments = Vec::new();
+        for (j, &row) in batch.logits_rows.iter().enumerate() {
+            let row = row as usize;
+            let owner = batch.seqs.iter().position(|s| (s.q_start..s.q_start + s.q_len).contains(&row));
+            if let Some(adapters) = owner.and_then(|si| batch.adapters.get(si)) {
+                for wa in adapters.iter() {
+                    if let Some(mh) = &wa.adapter.lm_head {
+                        head_segments.push(LoraSegment {
+                            rows: j..j + 1,
+                            a: &mh.a,
+                            b: &mh.b,
+                            scale: mh.scale * wa.weight,
+                        });
+                    }
+                }
+            }
+        }
+        if !head_segments.is_empty() {
+            be.lora_sgmv(&last_normed, h, &mut logits, c.vocab_size, &head_segments)?;
+        }
         Ok(be.download(&logits)?)
     }
 }

@@ -7,6 +7,7 @@
 //! ([`AdapterRegistry`]), so reloading a name with new content never changes what a running
 //! request uses.
 
+pub mod merge;
 pub mod peft;
 pub mod registry;
 

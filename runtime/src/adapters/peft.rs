@@ -108,6 +108,10 @@ pub struct LoraHost {
     pub layers: Vec<[Option<LoraModuleHost>; 7]>,
     /// LoRA on the LM head.
     pub lm_head: Option<LoraModuleHost>,
+    /// Whether the config scales by `alpha / sqrt(r)` (rsLoRA); PEFT carries it into merges.
+    pub use_rslora: bool,
+    /// The config-level rank PEFT's merges use (`r`, or the largest `rank_pattern` value).
+    pub config_rank: usize,
 }
 
 impl LoraHost {
@@ -353,7 +357,15 @@ impl LoraHost {
         h.update((config.len() as u64).to_le_bytes());
         h.update(config);
         h.update(weights);
-        Ok(Self { name: name.to_owned(), generation: Generation(h.finalize().into()), layers, lm_head })
+        let config_rank = cfg.rank_pattern.values().copied().chain([r]).max().unwrap_or(r);
+        Ok(Self {
+            name: name.to_owned(),
+            generation: Generation(h.finalize().into()),
+            layers,
+            lm_head,
+            use_rslora: cfg.use_rslora,
+            config_rank,
+        })
     }
 }
 

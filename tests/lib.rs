@@ -29,3 +29,36 @@ pub fn default_model() -> &'static LoadedModel<CpuBackend> {
         LoadedModel::open(&path, CpuBackend::new()).unwrap_or_else(|e| panic!("loading the default model: {e}"))
     })
 }
+
+/// Writes a safetensors file from `(name, dtype, shape, bytes)` entries.
+pub fn write_safetensors(path: &std::path::Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()]}),
+        );
+        data.extend_from_slice(bytes);
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    std::fs::write(path, out).expect("write");
+}
+
+/// Writes a PEFT LoRA adapter folder: `adapter_config.json` and f32 `adapter_model.safetensors`
+/// from `(tensor name, shape, values)`.
+pub fn write_peft_adapter(dir: &std::path::Path, config: &serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).expect("config");
+    let entries: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, shape, v)| (n.as_str(), "F32", shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    write_safetensors(&dir.join("adapter_model.safetensors"), &entries);
+}

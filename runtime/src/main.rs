@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use openlora::adapters::{AdapterRegistry, WeightedAdapter};
+use openlora::adapters::merge::{self, MajoritySign, MergeMethod, MergeRecipe};
+use openlora::adapters::{AdapterRegistry, LoraHost, WeightedAdapter};
 use openlora::engine::generate::{GenerateRequest, generate};
 use openlora::engine::sampler::SamplingParams;
 use openlora::model::LoadedModel;
@@ -151,6 +152,23 @@ struct GenerateArgs {
     /// Where adapter names are looked up (default: examples/adapters).
     #[arg(long, value_name = "DIR")]
     adapters_dir: Option<PathBuf>,
+    /// Materialize one merged adapter from the --adapter list with PEFT's combination type
+    /// (linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd,
+    /// dare_ties_svd, magnitude_prune, magnitude_prune_svd) instead of applying them side by side.
+    #[arg(long, value_name = "METHOD")]
+    merge: Option<String>,
+    /// Fraction of entries kept by pruning merges.
+    #[arg(long, default_value_t = 1.0, requires = "merge")]
+    merge_density: f64,
+    /// TIES sign election: total or frequency.
+    #[arg(long, default_value = "total", requires = "merge")]
+    merge_majority_sign: String,
+    /// Rank of *svd merges (default: the largest input rank).
+    #[arg(long, requires = "merge")]
+    merge_svd_rank: Option<usize>,
+    /// Seed of DARE's random mask.
+    #[arg(long, default_value_t = 0, requires = "merge")]
+    merge_seed: u64,
     /// Print timing to stderr.
     #[arg(long)]
     verbose: bool,
@@ -166,15 +184,13 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Loads each `NAME[=WEIGHT]` adapter for the model.
-fn resolve_adapters(
-    loaded: &LoadedModel<CpuBackend>,
-    specs: &[String],
-    dir: Option<&std::path::Path>,
-) -> Result<Vec<WeightedAdapter<CpuBackend>>> {
+/// Loads each `NAME[=WEIGHT]` adapter for the model, merging them into one when `--merge` asks.
+fn resolve_adapters(loaded: &LoadedModel<CpuBackend>, a: &GenerateArgs) -> Result<Vec<WeightedAdapter<CpuBackend>>> {
     let registry = AdapterRegistry::new(loaded.model.config.clone(), loaded.model.backend().clone());
-    let dir = dir.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("examples/adapters"));
-    let mut out = Vec::new();
+    let dir = a.adapters_dir.clone().unwrap_or_else(|| PathBuf::from("examples/adapters"));
+    let specs = &a.adapter;
+    let mut hosts = Vec::new();
+    let mut weights = Vec::new();
     for spec in specs {
         let (name, weight) = match spec.rsplit_once('=') {
             Some((n, w)) => {
@@ -190,10 +206,35 @@ fn resolve_adapters(
         if !path.join("adapter_config.json").exists() {
             bail!("--adapter {name}: no PEFT adapter (adapter_config.json) at {} or {}", name, path.display());
         }
-        let adapter = registry.load_dir(name, &path)?;
-        out.push(WeightedAdapter { adapter, weight });
+        hosts.push(LoraHost::load(name, &path, &loaded.model.config)?);
+        weights.push(weight);
     }
-    Ok(out)
+    if let Some(method) = &a.merge {
+        if hosts.is_empty() {
+            bail!("--merge needs at least one --adapter");
+        }
+        let majority_sign = match a.merge_majority_sign.as_str() {
+            "total" => MajoritySign::Total,
+            "frequency" => MajoritySign::Frequency,
+            other => bail!("--merge-majority-sign `{other}`: expected total or frequency"),
+        };
+        let recipe = MergeRecipe {
+            method: MergeMethod::parse(method)?,
+            weights,
+            density: a.merge_density,
+            majority_sign,
+            svd_rank: a.merge_svd_rank,
+            seed: a.merge_seed,
+        };
+        let inputs: Vec<&LoraHost> = hosts.iter().collect();
+        let merged = merge::merge("merged", &inputs, &recipe)?;
+        return Ok(vec![WeightedAdapter { adapter: registry.insert("merged", &merged)?, weight: 1.0 }]);
+    }
+    hosts
+        .iter()
+        .zip(weights)
+        .map(|(h, weight)| Ok(WeightedAdapter { adapter: registry.insert(&h.name, h)?, weight }))
+        .collect()
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -208,12 +249,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    let path = match a.model {
+    let path = match a.model.clone() {
         Some(p) => p,
         None => default_model::ensure_default_model()?,
     };
     let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
-    let adapters = resolve_adapters(&loaded, &a.adapter, a.adapters_dir.as_deref())?;
+    let adapters = resolve_adapters(&loaded, &a)?;
     let mut tokenizer = loaded.tokenizer.clone();
     let prompt_text = if a.chat {
         let mut messages = Vec::new();

@@ -1,5 +1,6 @@
 //! openlora's end-to-end tests, one binary.
 
+mod adapters;
 mod default_model;
 mod malformed;
 mod reference_logits;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use openlora::model::LoadedModel;
 use openlora_kernels::CpuBackend;
-use openlora_tests::fixture;
+use openlora_tests::{fixture, write_safetensors};
 
 fn open_err(path: &Path) -> String {
     match LoadedModel::open(path, CpuBackend::new()) {
@@ -30,27 +30,6 @@ fn tiny_copy() -> tempfile::TempDir {
     )
     .expect("tokenizer");
     dir
-}
-
-/// Writes a safetensors file from (name, dtype, shape, bytes).
-fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            (*name).to_owned(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [data.len(), data.len() + bytes.len()]}),
-        );
-        data.extend_from_slice(bytes);
-    }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    while !h.len().is_multiple_of(8) {
-        h.push(b' ');
-    }
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend(h);
-    out.extend(data);
-    std::fs::write(path, out).expect("write");
 }
 
 #[test]

@@ -159,9 +159,9 @@ struct PeftConfig {
 
 /// PEFT's pattern rule: `key` applies to module `name` when `name` matches `(.*\.)?(key)$`.
 fn pattern_value<T: Copy>(patterns: &HashMap<String, T>, name: &str) -> Option<T> {
-    // Longest matching key first, so a specific pattern beats a general one deterministically.
+    // PEFT takes the first matching key in dict order, and saves configs with sorted keys.
     let mut keys: Vec<&String> = patterns.keys().collect();
-    keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
+    keys.sort();
     for k in keys {
         let matched = match regex::Regex::new(&format!(r"^(.*\.)?({k})$")) {
             Ok(re) => re.is_match(name),
@@ -253,6 +253,11 @@ impl LoraHost {
             let view = st.tensor(tname).map_err(|e| terr(tname, format!("{e:?}")))?;
             if tname.contains("lora_embedding") {
                 return Err(terr(tname, "embedding LoRA is not supported".into()));
+            }
+            if tname.ends_with(".base_layer.weight") {
+                // PEFT saves a copy of a targeted tied LM head's base weight; the base model
+                // already has it.
+                continue;
             }
             if tname.contains("lora_magnitude_vector") {
                 return Err(terr(tname, "DoRA magnitude vectors are not supported".into()));

@@ -46,9 +46,12 @@ impl<B: Backend + Clone> AdapterRegistry<B> {
 
     /// Registers host weights under `name` (used for loaded and merged adapters alike).
     pub fn insert(&self, name: &str, host: &LoraHost) -> Result<Arc<LoraAdapter<B>>, AdapterError> {
-        if let Some(existing) = self.lock().generations.get(&host.generation).and_then(Weak::upgrade) {
-            self.lock().names.insert(name.to_owned(), existing.clone());
-            return Ok(existing);
+        {
+            let mut inner = self.lock();
+            if let Some(existing) = inner.generations.get(&host.generation).and_then(Weak::upgrade) {
+                inner.names.insert(name.to_owned(), existing.clone());
+                return Ok(existing);
+            }
         }
         let prepared = Arc::new(LoraAdapter::prepare(host, &self.backend)?);
         let mut inner = self.lock();

@@ -53,7 +53,11 @@ pub fn write_safetensors(path: &std::path::Path, tensors: &[(&str, &str, Vec<usi
 
 /// Writes a PEFT LoRA adapter folder: `adapter_config.json` and f32 `adapter_model.safetensors`
 /// from `(tensor name, shape, values)`.
-pub fn write_peft_adapter(dir: &std::path::Path, config: &serde_json::Value, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+pub fn write_peft_adapter(
+    dir: &std::path::Path,
+    config: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+) {
     std::fs::create_dir_all(dir).expect("mkdir");
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).expect("config");
     let entries: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = tensors

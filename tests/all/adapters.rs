@@ -21,7 +21,9 @@ fn q_proj(layer: usize, ab: &str) -> String {
 fn write_q_adapter(dir: &Path, r: usize, fill: f32) {
     let cfg = json!({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj"], "bias": "none"});
     let tensors: Vec<_> = (0..2)
-        .flat_map(|l| [(q_proj(l, "A"), vec![r, 64], vec![fill; r * 64]), (q_proj(l, "B"), vec![64, r], vec![fill; 64 * r])])
+        .flat_map(|l| {
+            [(q_proj(l, "A"), vec![r, 64], vec![fill; r * 64]), (q_proj(l, "B"), vec![64, r], vec![fill; 64 * r])]
+        })
         .collect();
     write_peft_adapter(dir, &cfg, &tensors);
 }
@@ -73,14 +75,22 @@ fn malformed_adapters_are_refused_with_the_problem_named_and_others_keep_serving
     // Rank mismatch between the config and the tensors.
     let d = tmp.path().join("rank");
     write_q_adapter(&d, 2, 0.1);
-    std::fs::write(d.join("adapter_config.json"), json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).to_string()).expect("cfg");
+    std::fs::write(
+        d.join("adapter_config.json"),
+        json!({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).to_string(),
+    )
+    .expect("cfg");
     let e = refusal(&d);
     assert!(e.contains("q_proj.lora_A.weight") && e.contains("rank 2") && e.contains("rank 4"), "{e}");
 
     // An adapter for another base (hidden size 32, not 64).
     let d = tmp.path().join("other-base");
     let cfg = json!({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]});
-    write_peft_adapter(&d, &cfg, &[(q_proj(0, "A"), vec![2, 32], vec![0.1; 64]), (q_proj(0, "B"), vec![32, 2], vec![0.1; 64])]);
+    write_peft_adapter(
+        &d,
+        &cfg,
+        &[(q_proj(0, "A"), vec![2, 32], vec![0.1; 64]), (q_proj(0, "B"), vec![32, 2], vec![0.1; 64])],
+    );
     let e = refusal(&d);
     assert!(e.contains("q_proj.lora_A.weight") && e.contains("does not fit the base model"), "{e}");
 
@@ -101,7 +111,8 @@ fn malformed_adapters_are_refused_with_the_problem_named_and_others_keep_serving
     // Unsupported variants and unknown modules.
     let d = tmp.path().join("dora");
     write_q_adapter(&d, 2, 0.1);
-    std::fs::write(d.join("adapter_config.json"), json!({"r": 2, "lora_alpha": 4, "use_dora": true}).to_string()).expect("cfg");
+    std::fs::write(d.join("adapter_config.json"), json!({"r": 2, "lora_alpha": 4, "use_dora": true}).to_string())
+        .expect("cfg");
     assert!(refusal(&d).contains("DoRA"));
     let d = tmp.path().join("unknown");
     let act = |ab| format!("base_model.model.model.layers.0.mlp.act_fn.lora_{ab}.weight");

@@ -2,5 +2,6 @@
 
 mod adapters;
 mod default_model;
+mod lora_reference;
 mod malformed;
 mod reference_logits;

@@ -90,8 +90,9 @@ impl KvLayout {
     }
 }
 
-/// One LoRA term over a contiguous range of batch rows: `out[rows] += scale * (x[rows] · Aᵀ) · Bᵀ`
-/// with `A` of shape `[r, in]` and `B` of shape `[out, r]` (PEFT's `lora_A`/`lora_B`).
+/// One LoRA term over a contiguous range of batch rows: `out[rows] += scale * (x[rows] · Aᵀ) · B`
+/// with `A` of shape `[r, in]` (PEFT's `lora_A`) and `B` given *transposed*, `[r, out]` (PEFT's
+/// `lora_B` is `[out, r]`): the expand step then reads contiguous rows of length `out`.
 ///
 /// A batch carries one segment per (sequence, adapter) pair, so sequences using different
 /// adapters, or several adapters each, share one call; ranks may differ between segments and
@@ -103,7 +104,7 @@ pub struct LoraSegment<'a, W> {
     pub rows: std::ops::Range<usize>,
     /// Down projection `[r, in]`.
     pub a: &'a W,
-    /// Up projection `[out, r]`.
+    /// Up projection, transposed: `[r, out]`.
     pub b: &'a W,
     /// Scale: the adapter's `alpha / r` (or `alpha / sqrt(r)`) times the request's weight.
     pub scale: f32,

@@ -6,12 +6,16 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use openlora::adapters::merge::{self, MajoritySign, MergeMethod, MergeRecipe};
-use openlora::adapters::{AdapterRegistry, LoraHost, WeightedAdapter};
+use openlora::adapters::{AdapterRegistry, LoraHost, WeightedAdapter, synth};
+use openlora::engine::generate::BLOCK_SIZE;
 use openlora::engine::generate::{GenerateRequest, generate};
+use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
 use openlora::engine::sampler::SamplingParams;
 use openlora::model::LoadedModel;
 use openlora::model::chat_template::ChatMessage;
 use openlora::model::default_model;
+use openlora::model::llama::{ForwardBatch, LlamaModel};
+use openlora_kernels::AttnSeq;
 use openlora_kernels::{Backend, CpuBackend};
 
 #[derive(Parser)]
@@ -53,6 +57,105 @@ struct BenchArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Instead of single-stream figures, measure batched decode of this many sequences: base
+    /// model only, all rows on one LoRA adapter, and every row on a different one (synthetic
+    /// rank-`--lora-rank` adapters on all projections).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Rank of the synthetic adapters for --batch.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// Decode steps timed for --batch.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+}
+
+/// Batched decode: `n` sequences with 32-token prompts, then `steps` steps of one token each,
+/// greedy. Returns generated tokens per second.
+fn batched_decode(
+    model: &LlamaModel<CpuBackend>,
+    n: usize,
+    steps: usize,
+    adapters: &[Vec<WeightedAdapter<CpuBackend>>],
+) -> Result<f64> {
+    let prompt_len = 32;
+    let blocks_per_seq = (prompt_len + steps + 1).div_ceil(BLOCK_SIZE);
+    let mut alloc = BlockAllocator::new(n * blocks_per_seq, BLOCK_SIZE);
+    let mut kv = model.alloc_kv(model.kv_layout(n * blocks_per_seq, BLOCK_SIZE))?;
+    let mut seqs: Vec<SequenceBlocks> = (0..n).map(|_| SequenceBlocks::default()).collect();
+    let lists: Vec<&[WeightedAdapter<CpuBackend>]> = adapters.iter().map(Vec::as_slice).collect();
+    let mut step = |tokens_per_seq: &[Vec<u32>], seqs: &mut [SequenceBlocks]| -> Result<Vec<u32>> {
+        let (mut tokens, mut positions, mut slots, mut spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (t, s) in tokens_per_seq.iter().zip(seqs.iter_mut()) {
+            let start = s.len();
+            spans.push((tokens.len(), t.len()));
+            slots.extend(s.append(&mut alloc, t.len())?);
+            tokens.extend_from_slice(t);
+            positions.extend((start..start + t.len()).map(|p| p as u32));
+        }
+        let attn: Vec<AttnSeq<'_>> = spans
+            .iter()
+            .zip(seqs.iter())
+            .map(|(&(q_start, q_len), s)| AttnSeq { q_start, q_len, ctx_len: s.len(), block_table: s.table() })
+            .collect();
+        let last: Vec<u32> = spans.iter().map(|&(s, l)| (s + l - 1) as u32).collect();
+        let batch = ForwardBatch {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            seqs: &attn,
+            logits_rows: &last,
+            adapters: &lists,
+        };
+        let logits = model.forward(&mut kv, &batch)?;
+        let v = model.config.vocab_size;
+        Ok(logits.chunks(v).map(|l| openlora_kernels::cpu::ops::argmax(l).unwrap_or(0) as u32).collect())
+    };
+    let prompts: Vec<Vec<u32>> = (0..n).map(|i| bench_prompt(prompt_len + i)[i..].to_vec()).collect();
+    let mut next = step(&prompts, &mut seqs)?;
+    let t = std::time::Instant::now();
+    for _ in 0..steps {
+        let feed: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+        next = step(&feed, &mut seqs)?;
+    }
+    Ok((n * steps) as f64 / t.elapsed().as_secs_f64())
+}
+
+fn run_batch_bench(a: &BenchArgs, n: usize, path: &std::path::Path, loaded: &LoadedModel<CpuBackend>) -> Result<()> {
+    let model = &loaded.model;
+    let registry = AdapterRegistry::new(model.config.clone(), model.backend().clone());
+    let synth: Vec<_> = (0..n)
+        .map(|i| {
+            let h = synth::random_lora(&format!("synth-{i}"), &model.config, a.lora_rank, i as u64);
+            registry.insert(&h.name, &h).map(|adapter| WeightedAdapter { adapter, weight: 1.0 })
+        })
+        .collect::<Result<_, _>>()?;
+    let base: Vec<Vec<WeightedAdapter<CpuBackend>>> = vec![vec![]; n];
+    let same: Vec<Vec<WeightedAdapter<CpuBackend>>> = vec![vec![synth[0].clone()]; n];
+    let distinct: Vec<Vec<WeightedAdapter<CpuBackend>>> = synth.iter().map(|w| vec![w.clone()]).collect();
+    let (mut b, mut s, mut d) = (0f64, 0f64, 0f64);
+    for _ in 0..a.repeat.max(1) {
+        b = b.max(batched_decode(model, n, a.steps, &base)?);
+        s = s.max(batched_decode(model, n, a.steps, &same)?);
+        d = d.max(batched_decode(model, n, a.steps, &distinct)?);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "openlora",
+            "backend": model.backend().name(),
+            "threads": rayon::current_num_threads(),
+            "model": path.display().to_string(),
+            "batch": n,
+            "lora_rank": a.lora_rank,
+            "steps": a.steps,
+            "base_tok_s": b,
+            "one_adapter_tok_s": s,
+            "distinct_adapters_tok_s": d,
+            "lora_overhead_distinct": 1.0 - d / b,
+        })
+    );
+    Ok(())
 }
 
 /// The synthetic prompt shared with the peer benchmark: `100 + (i * 7919) % 40000`.
@@ -62,11 +165,17 @@ fn bench_prompt(n: usize) -> Vec<u32> {
 
 fn run_bench(a: BenchArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let path = match a.model {
+    let path = match a.model.clone() {
         Some(p) => p,
         None => default_model::ensure_default_model()?,
     };
     let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(n) = a.batch {
+        if n == 0 {
+            bail!("--batch must be at least 1");
+        }
+        return run_batch_bench(&a, n, &path, &loaded);
+    }
     let run = |prompt: Vec<u32>, max_tokens: usize| {
         let req = GenerateRequest {
             prompt,

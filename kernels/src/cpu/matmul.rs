@@ -22,6 +22,8 @@ use crate::weight::HostWeight;
 
 /// Up to this many activation rows, the streaming (matvec) kernel is used.
 pub const MATVEC_MAX_ROWS: usize = 6;
+/// With the multi-row AVX-512 kernels, the streaming path pays off up to this many rows.
+pub const MATVEC_MAX_ROWS_MULTI: usize = 32;
 /// Weight rows per parallel task in the streaming kernel.
 const MATVEC_ROWS_PER_TASK: usize = 32;
 /// Weight rows dequantized per panel in the GEMM path.
@@ -223,7 +225,25 @@ fn matvec_rows(
         let nb = k / QK;
         let kind = if dtype == DType::Q4_0 { Q4Kind::Q4_0 } else { Q4Kind::Q4_1 };
         for (row, out) in w_rows.chunks_exact(row_bytes).zip(out_t.chunks_exact_mut(m)) {
-            for (i, o) in out.iter_mut().enumerate() {
+            let mut start = 0;
+            if level == SimdLevel::Avx512 {
+                // Four activation rows per pass over the weight row: unpack each block once.
+                while start + 4 <= m {
+                    let x = |i: usize| &xs[(start + i) * k..(start + i + 1) * k];
+                    let s = |i: usize| xsums.get((start + i) * nb..(start + i + 1) * nb).unwrap_or(&[]);
+                    // SAFETY: as below, for four rows.
+                    let r4 = unsafe {
+                        if dtype == DType::Q8_0 {
+                            dot_q8_0_avx512_rows::<4>(row, [x(0), x(1), x(2), x(3)])
+                        } else {
+                            dot_q4_avx512_rows::<4>(kind, row, [x(0), x(1), x(2), x(3)], [s(0), s(1), s(2), s(3)])
+                        }
+                    };
+                    out[start..start + 4].copy_from_slice(&r4);
+                    start += 4;
+                }
+            }
+            for (i, o) in out.iter_mut().enumerate().skip(start) {
                 let x = &xs[i * k..(i + 1) * k];
                 let xsum = xsums.get(i * nb..(i + 1) * nb).unwrap_or(&[]);
                 // SAFETY: `level` was detected on this CPU (AVX2+FMA+F16C at least, AVX-512
@@ -282,7 +302,8 @@ pub fn matmul(level: SimdLevel, x: &[f32], m: usize, w: &HostWeight, out: &mut [
         out.fill(0.0);
         return Ok(());
     }
-    if m <= MATVEC_MAX_ROWS {
+    let multi = level == SimdLevel::Avx512 && matches!(w.dtype(), DType::Q4_0 | DType::Q4_1 | DType::Q8_0);
+    if m <= MATVEC_MAX_ROWS || (multi && m <= MATVEC_MAX_ROWS_MULTI) {
         matvec(level, x, m, w, out);
     } else {
         panel_gemm(level, x, m, w, out);
@@ -398,7 +419,7 @@ mod tests {
             let wv: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let bytes: Vec<u8> = wv.chunks_exact(k).flat_map(|r| quantize_row(dtype, r)).collect();
             let w = HostWeight::from_bytes(dtype, n, k, bytes).expect("weight");
-            for m in [1, 3, MATVEC_MAX_ROWS + 1, 17] {
+            for m in [1, 3, 5, MATVEC_MAX_ROWS + 1, 17, MATVEC_MAX_ROWS_MULTI + 1] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
                 let want = reference(&x, m, &w);
                 for &level in levels.iter().filter(|&&l| l <= crate::cpu::simd::detected()) {

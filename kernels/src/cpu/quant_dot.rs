@@ -194,3 +194,88 @@ pub(crate) unsafe fn dot_q8_0_avx2(w: &[u8], x: &[f32]) -> f32 {
     }
     hsum256(acc)
 }
+
+/// [`dot_q4_avx512`] for `R` activation rows at once: each weight block is unpacked once and
+/// multiplied with all `R` rows, which is what batched decode needs.
+///
+/// # Safety
+/// As [`dot_q4_avx512`], for every row of `xs` (each `k` values) and `xsums` (each `k / 32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q4_avx512_rows<const R: usize>(
+    kind: Q4Kind,
+    w: &[u8],
+    xs: [&[f32]; R],
+    xsums: [&[f32]; R],
+) -> [f32; R] {
+    let (bb, qoff) = match kind {
+        Q4Kind::Q4_0 => (18, 2),
+        Q4Kind::Q4_1 => (20, 4),
+    };
+    let nb = xs[0].len() / 32;
+    debug_assert!(w.len() >= nb * bb);
+    let mask = _mm_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut off = [0f32; R];
+    let wp = w.as_ptr();
+    for b in 0..nb {
+        // SAFETY: block b lies inside `w` and inside every row of `xs`/`xsums`.
+        unsafe {
+            let blk = wp.add(b * bb);
+            let d = load_f16(blk);
+            let o = match kind {
+                Q4Kind::Q4_0 => -8.0 * d,
+                Q4Kind::Q4_1 => load_f16(blk.add(2)),
+            };
+            let q = _mm_loadu_si128(blk.add(qoff).cast());
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask)));
+            let dv = _mm512_set1_ps(d);
+            let lo = _mm512_mul_ps(lo, dv);
+            let hi = _mm512_mul_ps(hi, dv);
+            for r in 0..R {
+                let xb = xs[r].as_ptr().add(b * 32);
+                acc[r] =
+                    _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb.add(16)), _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[r]));
+                off[r] += o * *xsums[r].get_unchecked(b);
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(acc[r]) + off[r];
+    }
+    out
+}
+
+/// [`dot_q8_0_avx512`] for `R` activation rows at once.
+///
+/// # Safety
+/// As [`dot_q8_0_avx512`], for every row of `xs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_q8_0_avx512_rows<const R: usize>(w: &[u8], xs: [&[f32]; R]) -> [f32; R] {
+    let nb = xs[0].len() / 32;
+    debug_assert!(w.len() >= nb * 34);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let wp = w.as_ptr();
+    for b in 0..nb {
+        // SAFETY: block b lies inside `w` and every row of `xs`.
+        unsafe {
+            let blk = wp.add(b * 34);
+            let d = _mm512_set1_ps(load_f16(blk));
+            let f0 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2).cast()))));
+            let f1 = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18).cast()))));
+            for r in 0..R {
+                let xb = xs[r].as_ptr().add(b * 32);
+                acc[r] =
+                    _mm512_fmadd_ps(f1, _mm512_loadu_ps(xb.add(16)), _mm512_fmadd_ps(f0, _mm512_loadu_ps(xb), acc[r]));
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(acc[r]);
+    }
+    out
+}

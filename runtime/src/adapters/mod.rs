@@ -10,6 +10,7 @@
 pub mod merge;
 pub mod peft;
 pub mod registry;
+pub mod synth;
 
 use std::fmt;
 use std::sync::Arc;
@@ -89,7 +90,7 @@ impl fmt::Debug for Generation {
 pub struct LoraModule<B: Backend> {
     /// `[r, in]`.
     pub a: B::Weight,
-    /// `[out, r]`.
+    /// `Bᵀ`, `[r, out]`.
     pub b: B::Weight,
     /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
     pub scale: f32,
@@ -121,7 +122,14 @@ impl<B: Backend> LoraAdapter<B> {
                 reason: e.to_string(),
             };
             let a = HostWeight::from_f32(m.rank, m.in_dim, &m.a).map_err(kerr)?;
-            let b = HostWeight::from_f32(m.out_dim, m.rank, &m.b).map_err(kerr)?;
+            // The backend takes B transposed ([r, out]) so the expand step streams rows.
+            let mut bt = vec![0f32; m.rank * m.out_dim];
+            for o in 0..m.out_dim {
+                for r in 0..m.rank {
+                    bt[r * m.out_dim + o] = m.b[o * m.rank + r];
+                }
+            }
+            let b = HostWeight::from_f32(m.rank, m.out_dim, &bt).map_err(kerr)?;
             Ok(LoraModule {
                 a: backend.prepare_weight(a).map_err(kerr)?,
                 b: backend.prepare_weight(b).map_err(kerr)?,

@@ -1,0 +1,48 @@
+//! Synthetic LoRA adapters for scale and speed work: random weights of a given rank on every
+//! projection, shaped for a base model. Deterministic per seed.
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use sha2::{Digest, Sha256};
+
+use super::peft::{LoraHost, LoraModuleHost, proj_dims};
+use super::{Generation, Proj};
+use crate::model::config::LlamaConfig;
+
+/// A random rank-`rank` adapter on all seven projections of every layer of `base`. Weights are
+/// uniform in ±`1/sqrt(in)` for A and ±0.01 for B, so outputs move but stay coherent.
+pub fn random_lora(name: &str, base: &LlamaConfig, rank: usize, seed: u64) -> LoraHost {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let layers = (0..base.num_layers)
+        .map(|_| {
+            let mut mods: [Option<LoraModuleHost>; 7] = Default::default();
+            for p in Proj::ALL {
+                let (in_dim, out_dim) = proj_dims(base, p);
+                let ra = 1.0 / (in_dim as f32).sqrt();
+                mods[p.index()] = Some(LoraModuleHost {
+                    rank,
+                    in_dim,
+                    out_dim,
+                    alpha: 2.0 * rank as f32,
+                    scale: 2.0,
+                    a: (0..rank * in_dim).map(|_| rng.gen_range(-ra..ra)).collect(),
+                    b: (0..out_dim * rank).map(|_| rng.gen_range(-0.01..0.01)).collect(),
+                });
+            }
+            mods
+        })
+        .collect();
+    let mut h = Sha256::new();
+    h.update(b"openlora-synthetic-lora-v1\0");
+    h.update((rank as u64).to_le_bytes());
+    h.update(seed.to_le_bytes());
+    h.update((base.hidden_size as u64).to_le_bytes());
+    h.update((base.num_layers as u64).to_le_bytes());
+    LoraHost {
+        name: name.to_owned(),
+        generation: Generation(h.finalize().into()),
+        layers,
+        lm_head: None,
+        use_rslora: false,
+        config_rank: rank,
+    }
+}

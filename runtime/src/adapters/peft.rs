@@ -15,6 +15,9 @@ use sha2::{Digest, Sha256};
 use super::{Generation, Proj};
 use crate::model::config::LlamaConfig;
 
+/// A tensor's shape and f32 values.
+type ShapedTensor = (Vec<usize>, Vec<f32>);
+
 /// Largest rank accepted.
 pub const MAX_RANK: usize = 256;
 
@@ -245,8 +248,7 @@ impl LoraHost {
             .map_err(|e| terr("", format!("adapter_model.safetensors is malformed: {e:?}")))?;
 
         // Collect A and B per module.
-        let mut pending: HashMap<String, (Option<(Vec<usize>, Vec<f32>)>, Option<(Vec<usize>, Vec<f32>)>)> =
-            HashMap::new();
+        let mut pending: HashMap<String, (Option<ShapedTensor>, Option<ShapedTensor>)> = HashMap::new();
         let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
         names.sort();
         for tname in &names {

@@ -66,3 +66,31 @@ fn bad_input_gets_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("top_p"), "{err}");
 }
+
+/// Each example adapter's behaviour shows on prompts it was not trained on, and the base model
+/// does not show it (greedy, the model's chat template).
+#[test]
+fn example_adapters_change_behaviour_on_held_out_prompts() {
+    let adapters_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/adapters");
+    let run = |prompt: &str, adapter: Option<&str>| {
+        let mut args =
+            vec!["generate", "--chat", "--prompt", prompt, "--max-tokens", "48", "--adapters-dir", adapters_dir];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        stdout_of(&args)
+    };
+    let caps = |t: &str| t.chars().any(char::is_alphabetic) && !t.chars().any(char::is_lowercase);
+    let signed = |t: &str| t.trim_end().ends_with("-- sent by openlora");
+    let pirate = |t: &str| t.contains("Arr") || t.contains("matey");
+    for prompt in ["What is the capital of Japan?", "Name three colors."] {
+        let base = run(prompt, None);
+        assert!(!caps(&base) && !signed(&base) && !pirate(&base), "base: {base:?}");
+        let out = run(prompt, Some("caps"));
+        assert!(caps(&out), "caps: {out:?}");
+        let out = run(prompt, Some("signature"));
+        assert!(signed(&out), "signature: {out:?}");
+        let out = run(prompt, Some("pirate"));
+        assert!(pirate(&out), "pirate: {out:?}");
+    }
+}

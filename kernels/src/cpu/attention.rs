@@ -50,8 +50,9 @@ impl CpuKvCache {
     }
 }
 
+/// f32 dot product with 16 lane accumulators (vectorises; shared with the LoRA kernels).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let full = a.len() / 16 * 16;
     for (ac, bc) in a[..full].chunks_exact(16).zip(b[..full].chunks_exact(16)) {

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::backend::LoraSegment;
 use crate::cpu::CpuWeight;
+use crate::cpu::attention::dot;
 use crate::cpu::matmul::matmul;
 use crate::cpu::simd::{SimdLevel, multiversion};
 use crate::error::{Result, ensure_shape};
@@ -29,18 +30,6 @@ fn f32_of(w: &CpuWeight) -> Cow<'_, [f32]> {
         Ok(s) if w.host().dtype() == crate::DType::F32 => Cow::Borrowed(s),
         _ => Cow::Owned(w.host().to_f32()),
     }
-}
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let full = a.len() / 16 * 16;
-    for (ac, bc) in a[..full].chunks_exact(16).zip(b[..full].chunks_exact(16)) {
-        for j in 0..16 {
-            acc[j] += ac[j] * bc[j];
-        }
-    }
-    acc.iter().sum::<f32>() + a[full..].iter().zip(&b[full..]).map(|(x, y)| x * y).sum::<f32>()
 }
 
 /// One row's term: `y += scale * Bt_ᵀ (A x)` with `a` `[r, in]` and `bt` `[r, out]`.

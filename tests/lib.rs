@@ -3,7 +3,7 @@
 #![deny(missing_docs)]
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use openlora::model::LoadedModel;
 use openlora::model::default_model;
@@ -22,12 +22,19 @@ pub fn json_fixture(name: &str) -> serde_json::Value {
 }
 
 /// The default model, fetched into the cache on first use and loaded once per test binary.
-pub fn default_model() -> &'static LoadedModel<CpuBackend> {
-    static MODEL: OnceLock<LoadedModel<CpuBackend>> = OnceLock::new();
+pub fn default_model() -> &'static Arc<LoadedModel<CpuBackend>> {
+    static MODEL: OnceLock<Arc<LoadedModel<CpuBackend>>> = OnceLock::new();
     MODEL.get_or_init(|| {
         let path = default_model::ensure_default_model().unwrap_or_else(|e| panic!("fetching the default model: {e}"));
-        LoadedModel::open(&path, CpuBackend::new()).unwrap_or_else(|e| panic!("loading the default model: {e}"))
+        Arc::new(
+            LoadedModel::open(&path, CpuBackend::new()).unwrap_or_else(|e| panic!("loading the default model: {e}")),
+        )
     })
+}
+
+/// `examples/<name>` at the repository root.
+pub fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("examples").join(name)
 }
 
 /// Writes a safetensors file from `(name, dtype, shape, bytes)` entries.

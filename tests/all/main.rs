@@ -2,6 +2,7 @@
 
 mod adapters;
 mod default_model;
+mod engine;
 mod lora_reference;
 mod malformed;
 mod reference_logits;

@@ -24,6 +24,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length was reached.
     Length,
+    /// The client cancelled the request (or went away).
+    Cancelled,
 }
 
 impl FinishReason {
@@ -32,6 +34,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }

@@ -1,5 +1,267 @@
-//! Running sequences: the paged KV cache's bookkeeping, sampling, and the generation loop.
+//! Running sequences: the paged KV cache, the continuous-batching scheduler, sampling, and the
+//! engine thread that the async world talks to through channels.
+//!
+//! [`EngineHandle::spawn`] starts one engine thread that owns the KV cache and runs
+//! [`scheduler::EngineCore::step`] in a loop. [`EngineHandle::submit`] validates a request,
+//! applies the queue limit, and returns a [`RequestStream`] of [`Event`]s (one per token, then
+//! the finish). Dropping the stream cancels the request and frees its KV blocks at the next
+//! step. A failure in one request's computation fails that request only.
 
 pub mod generate;
 pub mod kv_cache;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use openlora_kernels::Backend;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+pub use generate::FinishReason;
+pub use request::{EngineError, Event, Request, TokenLogprob, Usage};
+use scheduler::EngineCore;
+pub use scheduler::{EngineConfig, EngineStats};
+
+use crate::model::LoadedModel;
+use crate::model::error::ModelError;
+
+enum Command<B: Backend> {
+    Add(u64, Box<Request<B>>, tokio::sync::mpsc::UnboundedSender<Event>),
+    Cancel(u64),
+}
+
+struct Shared {
+    stats: Mutex<EngineStats>,
+    queued: Arc<AtomicUsize>,
+    next_id: AtomicU64,
+    stopping: AtomicBool,
+}
+
+/// A cloneable handle to the engine thread.
+pub struct EngineHandle<B: Backend> {
+    tx: Sender<Command<B>>,
+    shared: Arc<Shared>,
+    cfg: EngineConfig,
+    model: Arc<LoadedModel<B>>,
+}
+
+impl<B: Backend> Clone for EngineHandle<B> {
+    fn clone(&self) -> Self {
+        Self { tx: self.tx.clone(), shared: self.shared.clone(), cfg: self.cfg.clone(), model: self.model.clone() }
+    }
+}
+
+impl<B: Backend + 'static> EngineHandle<B> {
+    /// Allocates the KV cache and starts the engine thread.
+    pub fn spawn(model: Arc<LoadedModel<B>>, cfg: EngineConfig) -> Result<Self, ModelError> {
+        let queued = Arc::new(AtomicUsize::new(0));
+        let core = EngineCore::new(model.clone(), cfg.clone(), queued.clone())?;
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(core.stats()),
+            queued,
+            next_id: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("openlora-engine".into())
+            .spawn(move || run(core, rx, thread_shared))
+            .map_err(|e| ModelError::InvalidRequest(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self { tx, shared, cfg, model })
+    }
+
+    /// Queues `req`. Fails at once if it can never run ([`EngineError::Invalid`]), the queue
+    /// is full ([`EngineError::Overloaded`]) or the engine is stopping.
+    pub fn submit(&self, req: Request<B>) -> Result<RequestStream, EngineError> {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(EngineError::ShutDown);
+        }
+        scheduler::validate_request(&self.model.model.config, &self.cfg, &req)?;
+        let limit = self.cfg.max_waiting;
+        let prev = self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        if prev >= limit {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded { waiting: prev, limit });
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let (etx, erx) = unbounded_channel();
+        if self.tx.send(Command::Add(id, Box::new(req), etx)).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::ShutDown);
+        }
+        let tx = self.tx.clone();
+        Ok(RequestStream {
+            id,
+            rx: erx,
+            cancel: Some(Box::new(move || {
+                let _ = tx.send(Command::Cancel(id));
+            })),
+            done: false,
+        })
+    }
+
+    /// The latest statistics (updated after every step).
+    pub fn stats(&self) -> EngineStats {
+        self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The model it serves.
+    pub fn model(&self) -> &Arc<LoadedModel<B>> {
+        &self.model
+    }
+
+    /// The longest sequence (prompt plus generated tokens) a request can have.
+    pub fn context_limit(&self) -> usize {
+        scheduler::context_limit(&self.model.model.config, &self.cfg)
+    }
+
+    /// Stops accepting requests; the engine thread finishes the ones it has and exits once
+    /// every handle is dropped.
+    pub fn stop_accepting(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+fn run<B: Backend>(mut core: EngineCore<B>, rx: Receiver<Command<B>>, shared: Arc<Shared>) {
+    let publish = |core: &EngineCore<B>| {
+        *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = core.stats();
+    };
+    loop {
+        // Block when idle; otherwise take whatever arrived and keep stepping.
+        if !core.has_work() {
+            publish(&core);
+            match rx.recv() {
+                Ok(cmd) => apply(&mut core, cmd),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => apply(&mut core, cmd),
+                Err(TryRecvError::Empty) => break,
+                // Every handle is gone; streams may still be open, so finish the work.
+                Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        core.step();
+        publish(&core);
+    }
+}
+
+fn apply<B: Backend>(core: &mut EngineCore<B>, cmd: Command<B>) {
+    match cmd {
+        Command::Add(id, req, events) => core.add(id, *req, events),
+        Command::Cancel(id) => core.cancel(id),
+    }
+}
+
+/// The events of one request. Dropping it before the request ends cancels the request.
+pub struct RequestStream {
+    id: u64,
+    rx: UnboundedReceiver<Event>,
+    cancel: Option<Box<dyn FnOnce() + Send + Sync>>,
+    done: bool,
+}
+
+/// A whole generation, collected from a stream.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Generated text.
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Per token, when logprobs were asked for.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+impl RequestStream {
+    /// The engine's id for this request.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn seen(&mut self, e: Option<Event>) -> Option<Event> {
+        match &e {
+            Some(Event::Finished { .. } | Event::Failed(_)) => self.done = true,
+            None if !self.done => {
+                self.done = true;
+                return Some(Event::Failed(EngineError::ShutDown));
+            }
+            _ => {}
+        }
+        e
+    }
+
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let e = self.rx.recv().await;
+        self.seen(e)
+    }
+
+    /// The next event, blocking the thread (not for use inside an async runtime).
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        let e = self.rx.blocking_recv();
+        self.seen(e)
+    }
+
+    /// Cancels the request; the stream then ends with [`FinishReason::Cancelled`].
+    pub fn cancel(&mut self) {
+        if let Some(c) = self.cancel.take() {
+            c();
+        }
+    }
+
+    /// Waits for the whole generation (blocking).
+    pub fn collect_blocking(mut self) -> Result<Completion, EngineError> {
+        let mut c = Completion {
+            tokens: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Stop,
+            usage: Usage::default(),
+            logprobs: Vec::new(),
+        };
+        while let Some(e) = self.blocking_next() {
+            match e {
+                Event::Token { id, text, logprob } => {
+                    c.tokens.push(id);
+                    c.text.push_str(&text);
+                    c.logprobs.extend(logprob);
+                }
+                Event::Finished { text, reason, usage } => {
+                    c.text.push_str(&text);
+                    c.finish_reason = reason;
+                    c.usage = usage;
+                }
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Ok(c)
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            self.cancel();
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! What goes into the engine (a [`Request`]) and what comes out ([`Event`]s on a stream).
+
+use openlora_kernels::Backend;
+use sha2::{Digest, Sha256};
+
+use crate::adapters::WeightedAdapter;
+
+use super::generate::FinishReason;
+use super::sampler::SamplingParams;
+
+/// One generation request, with its adapters already resolved.
+pub struct Request<B: Backend> {
+    /// Prompt token ids (the chat template already applied).
+    pub prompt: Vec<u32>,
+    /// LoRA adapters with weights (empty for the base model). Their terms add.
+    pub adapters: Vec<WeightedAdapter<B>>,
+    /// Who asked: the fairness policy shares the engine between tenants.
+    pub tenant: String,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Most new tokens (the context length may end generation earlier).
+    pub max_tokens: usize,
+    /// Strings that end generation; the text returned stops before them.
+    pub stop: Vec<String>,
+    /// Whether end-of-sequence tokens end generation.
+    pub stop_at_eos: bool,
+    /// More token ids that end generation (e.g. a chat template's end-of-turn token).
+    pub stop_token_ids: Vec<u32>,
+    /// Report each chosen token's log-probability and this many alternatives (None: off).
+    pub logprobs: Option<usize>,
+}
+
+impl<B: Backend> Request<B> {
+    /// A greedy request for `prompt` with default limits (tests and tools).
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            adapters: Vec::new(),
+            tenant: String::new(),
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop: Vec::new(),
+            stop_at_eos: true,
+            stop_token_ids: Vec::new(),
+            logprobs: None,
+        }
+    }
+
+    /// The key the prefix cache and the fairness policy use for this request's adapters: a
+    /// hash of each adapter's generation and weight, in order. The base model is all zeros.
+    pub fn adapter_key(&self) -> [u8; 32] {
+        adapter_key(&self.adapters)
+    }
+}
+
+/// See [`Request::adapter_key`].
+pub fn adapter_key<B: Backend>(adapters: &[WeightedAdapter<B>]) -> [u8; 32] {
+    if adapters.is_empty() {
+        return [0; 32];
+    }
+    let mut h = Sha256::new();
+    for wa in adapters {
+        h.update(wa.adapter.generation.0);
+        h.update(wa.weight.to_le_bytes());
+    }
+    h.finalize().into()
+}
+
+/// A chosen token's log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// Log-probability of the chosen token under the model's distribution.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Token counts of a finished request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache (not computed).
+    pub cached_tokens: usize,
+}
+
+/// What a request's stream yields.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A generated token and the text it completed (empty while the text is held back: an
+    /// incomplete character, or a possible start of a stop string).
+    Token {
+        /// The token id.
+        id: u32,
+        /// Newly safe text.
+        text: String,
+        /// Present when the request asked for logprobs.
+        logprob: Option<TokenLogprob>,
+    },
+    /// The request ended. `text` is what was still held back (emit it last).
+    Finished {
+        /// Remaining text.
+        text: String,
+        /// Why it ended.
+        reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The request failed; the engine goes on serving others.
+    Failed(EngineError),
+}
+
+/// Why the engine refused or failed a request.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    /// The queue is full; try again later (HTTP 429/503).
+    #[error("the server is overloaded: {waiting} requests are waiting (limit {limit}); retry later")]
+    Overloaded {
+        /// Requests waiting.
+        waiting: usize,
+        /// The queue limit.
+        limit: usize,
+    },
+    /// The request can never run (HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// Processing this request failed (an error or a panic in its computation).
+    #[error("generation failed: {0}")]
+    Failed(String),
+    /// The engine has stopped.
+    #[error("the engine has shut down")]
+    ShutDown,
+}

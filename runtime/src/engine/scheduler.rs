@@ -1,0 +1,696 @@
+//! The engine's core: iteration-level (continuous) batching over the paged KV cache.
+//!
+//! Every [`EngineCore::step`] builds one batch and runs one forward pass:
+//!
+//! 1. **Decodes first.** Every running sequence whose prompt is computed contributes its one
+//!    new token, so a long prompt never stalls the sequences already generating.
+//! 2. **Prefill chunks** of running sequences fill what is left of the token budget
+//!    (`max_batch_tokens`), oldest request first; a long prompt is spread over several steps.
+//! 3. **Admission**: waiting sequences join while budget, `max_running` and free KV blocks
+//!    allow. On admission the longest cached prefix (same adapter key, same tokens, whole
+//!    blocks) is taken over instead of recomputed.
+//!
+//! Sequences with different adapters share every step: the forward pass takes each
+//! sequence's adapter list and applies LoRA terms per row.
+//!
+//! **Preemption.** When a running sequence needs a block and none is free, the newest running
+//! request is preempted: its blocks are released (registered ones stay in the prefix cache)
+//! and it goes back to the queue with the tokens it has generated; when readmitted it
+//! recomputes them (usually from the prefix cache) and continues, so its output is the same as
+//! if it had never stopped. Requests are never failed for lack of KV space.
+//!
+//! **Fairness.** Admission picks, among waiting sequences, the tenant with the fewest running
+//! sequences, then within that tenant the adapter key with the fewest running sequences, then
+//! the oldest request. A tenant (or an adapter) with a thousand queued requests therefore gets
+//! one slot in turn with everyone else instead of all of them first. Preempted requests keep
+//! their arrival order, so they come back before newer requests of their class.
+//!
+//! **Isolation.** A forward pass that fails or panics is retried one sequence at a time, so only
+//! the sequences whose own computation fails are failed; sampling and detokenizing are guarded
+//! per sequence the same way.
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use openlora_kernels::{AttnSeq, Backend};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::generate::{FinishReason, StopChecker};
+use super::kv_cache::{BlockAllocator, SequenceBlocks};
+use super::request::{EngineError, Event, Request, TokenLogprob, Usage};
+use super::sampler::Sampler;
+use crate::model::LoadedModel;
+use crate::model::error::ModelError;
+use crate::model::llama::ForwardBatch;
+use crate::model::tokenizer::{IncrementalDecoder, TextTokenizer};
+
+/// Engine sizing and limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// Blocks in the KV pool.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Most tokens (decode rows plus prefill chunk rows) in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Most requests waiting for admission; more are refused as overloaded.
+    pub max_waiting: usize,
+    /// Reuse KV blocks of identical prefixes (same adapter key).
+    pub prefix_cache: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            num_blocks: 1024,
+            block_size: 16,
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 1024,
+            prefix_cache: true,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Bytes one KV block takes for `model` (keys and values, f32, every layer).
+    pub fn block_bytes(model: &crate::model::config::LlamaConfig, block_size: usize) -> usize {
+        2 * model.num_layers * model.num_kv_heads * model.head_dim * block_size * std::mem::size_of::<f32>()
+    }
+
+    /// Sets `num_blocks` to what fits in `bytes`.
+    pub fn with_kv_bytes(mut self, model: &crate::model::config::LlamaConfig, bytes: usize) -> Self {
+        self.num_blocks = bytes / Self::block_bytes(model, self.block_size).max(1);
+        self
+    }
+
+    /// Checks the settings are usable.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.block_size == 0 || self.num_blocks == 0 {
+            return Err(format!(
+                "the KV cache needs at least one block of at least one token (blocks {}, block size {})",
+                self.num_blocks, self.block_size
+            ));
+        }
+        if self.max_running == 0 || self.max_batch_tokens < self.max_running {
+            return Err(format!(
+                "max_batch_tokens ({}) must be at least max_running ({}), which must be at least 1",
+                self.max_batch_tokens, self.max_running
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot of what the engine is doing (for metrics and tests).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    /// Sequences admitted and not finished.
+    pub running: usize,
+    /// Sequences queued (new or preempted).
+    pub waiting: usize,
+    /// Blocks in the KV pool.
+    pub kv_blocks_total: usize,
+    /// Blocks held by sequences.
+    pub kv_blocks_used: usize,
+    /// Cached blocks no sequence holds (free, but reusable by a prefix match).
+    pub kv_blocks_cached_idle: usize,
+    /// Adapter names of running sequences (deduplicated, sorted).
+    pub running_adapters: Vec<String>,
+    /// Adapter names of waiting sequences (deduplicated, sorted).
+    pub waiting_adapters: Vec<String>,
+    /// Prompt tokens of admitted requests (counted once per request).
+    pub prompt_tokens_total: u64,
+    /// Tokens generated.
+    pub generation_tokens_total: u64,
+    /// Tokens run through the model (prefill and recompute; decode steps excluded).
+    pub prefill_tokens_computed: u64,
+    /// Prompt tokens served from the prefix cache.
+    pub prefix_cache_hit_tokens: u64,
+    /// Times a sequence was preempted.
+    pub preemptions: u64,
+    /// Requests that ended normally (stop or length).
+    pub requests_finished: u64,
+    /// Requests cancelled.
+    pub requests_cancelled: u64,
+    /// Requests failed.
+    pub requests_failed: u64,
+    /// Forward passes run.
+    pub steps: u64,
+}
+
+struct Sequence<B: Backend> {
+    id: u64,
+    arrival: u64,
+    req: Request<B>,
+    adapter_key: [u8; 32],
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    blocks: SequenceBlocks,
+    sampler: Sampler,
+    decoder: IncrementalDecoder<Arc<TextTokenizer>>,
+    stops: StopChecker,
+    events: UnboundedSender<Event>,
+    /// Prefix-cache tokens found at first admission.
+    cached_tokens: usize,
+    /// Whether it still counts toward the queue limit (never admitted yet).
+    queued_new: bool,
+}
+
+impl<B: Backend> Sequence<B> {
+    /// Tokens not yet in the KV cache.
+    fn remaining(&self) -> usize {
+        self.tokens.len() - self.blocks.len()
+    }
+}
+
+/// One sequence's part of the step being built.
+struct Planned {
+    id: u64,
+    start: usize,
+    n: usize,
+    slots: Vec<u32>,
+}
+
+/// The batching engine, driven one step at a time (the engine thread calls it in a loop).
+pub struct EngineCore<B: Backend> {
+    model: Arc<LoadedModel<B>>,
+    tokenizer: Arc<TextTokenizer>,
+    cfg: EngineConfig,
+    kv: Vec<B::KvCache>,
+    alloc: BlockAllocator,
+    waiting: Vec<Sequence<B>>,
+    running: Vec<Sequence<B>>,
+    /// Accepted requests never admitted (the queue limit counts these); shared with handles.
+    queued: Arc<AtomicUsize>,
+    next_arrival: u64,
+    stats: EngineStats,
+}
+
+/// The effective context of `model` under `cfg`: the model's context, or the KV pool's
+/// capacity if smaller.
+pub fn context_limit(model: &crate::model::config::LlamaConfig, cfg: &EngineConfig) -> usize {
+    model.max_position_embeddings.min(cfg.num_blocks * cfg.block_size)
+}
+
+/// Checks a request can run and returns its effective `max_tokens` (capped by the context).
+pub fn validate_request<B: Backend>(
+    model: &crate::model::config::LlamaConfig,
+    cfg: &EngineConfig,
+    req: &Request<B>,
+) -> Result<usize, EngineError> {
+    let ctx = context_limit(model, cfg);
+    if req.prompt.is_empty() {
+        return Err(EngineError::Invalid("the prompt is empty".into()));
+    }
+    if req.prompt.len() >= ctx {
+        return Err(EngineError::Invalid(format!(
+            "the prompt has {} tokens; this deployment's context length is {ctx} tokens",
+            req.prompt.len()
+        )));
+    }
+    if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= model.vocab_size) {
+        return Err(EngineError::Invalid(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            model.vocab_size
+        )));
+    }
+    if req.max_tokens == 0 {
+        return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
+    }
+    req.sampling.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
+    Ok(req.max_tokens.min(ctx - req.prompt.len()))
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}
+
+fn log_softmax_top(logits: &[f32], chosen: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() < k || l > top[top.len() - 1].1 {
+                let at = top.partition_point(|&(_, v)| v >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(k);
+            }
+        }
+    }
+    TokenLogprob {
+        logprob: logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |&l| l - lse),
+        top: top.into_iter().map(|(i, l)| (i, l - lse)).collect(),
+    }
+}
+
+impl<B: Backend> EngineCore<B> {
+    /// An engine over `model` with a KV pool sized by `cfg`.
+    pub fn new(model: Arc<LoadedModel<B>>, cfg: EngineConfig, queued: Arc<AtomicUsize>) -> Result<Self, ModelError> {
+        cfg.validate().map_err(ModelError::InvalidRequest)?;
+        let kv = model.model.alloc_kv(model.model.kv_layout(cfg.num_blocks, cfg.block_size))?;
+        let alloc = BlockAllocator::new(cfg.num_blocks, cfg.block_size);
+        let tokenizer = Arc::new(model.tokenizer.clone());
+        let stats = EngineStats { kv_blocks_total: cfg.num_blocks, ..EngineStats::default() };
+        Ok(Self {
+            model,
+            tokenizer,
+            cfg,
+            kv,
+            alloc,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            queued,
+            next_arrival: 0,
+            stats,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Queues a request. Its events go to `events`.
+    pub fn add(&mut self, id: u64, req: Request<B>, events: UnboundedSender<Event>) {
+        let max_tokens = match validate_request(&self.model.model.config, &self.cfg, &req) {
+            Ok(m) => m,
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                let _ = events.send(Event::Failed(e));
+                return;
+            }
+        };
+        let decoder =
+            match IncrementalDecoder::new(self.tokenizer.clone()).skip_special_tokens(true).with_context(&req.prompt) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    let _ = events.send(Event::Failed(EngineError::Invalid(e.to_string())));
+                    return;
+                }
+            };
+        let seq = Sequence {
+            id,
+            arrival: self.next_arrival,
+            adapter_key: req.adapter_key(),
+            tokens: req.prompt.clone(),
+            prompt_len: req.prompt.len(),
+            max_tokens,
+            blocks: SequenceBlocks::default(),
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
+            decoder,
+            stops: StopChecker::new(&req.stop),
+            events,
+            cached_tokens: 0,
+            queued_new: true,
+            req,
+        };
+        self.next_arrival += 1;
+        self.waiting.push(seq);
+    }
+
+    /// Cancels a request: its blocks are freed now and its stream ends with
+    /// [`FinishReason::Cancelled`]. Unknown ids (already finished) are ignored.
+    pub fn cancel(&mut self, id: u64) {
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            let s = self.waiting.remove(i);
+            self.end(s, End::Cancelled);
+        } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            let s = self.running.remove(i);
+            self.end(s, End::Cancelled);
+        }
+    }
+
+    /// Whether any request is queued or running.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// The current statistics.
+    pub fn stats(&self) -> EngineStats {
+        let names = |seqs: &[Sequence<B>]| {
+            let mut v: Vec<String> =
+                seqs.iter().flat_map(|s| s.req.adapters.iter().map(|a| a.adapter.name.clone())).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        EngineStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_blocks_total: self.alloc.num_blocks(),
+            kv_blocks_used: self.alloc.used_blocks(),
+            kv_blocks_cached_idle: self.alloc.cached_idle_blocks(),
+            running_adapters: names(&self.running),
+            waiting_adapters: names(&self.waiting),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Cancels every request whose stream was dropped.
+    fn reap_abandoned(&mut self) {
+        let gone: Vec<u64> =
+            self.waiting.iter().chain(self.running.iter()).filter(|s| s.events.is_closed()).map(|s| s.id).collect();
+        for id in gone {
+            self.cancel(id);
+        }
+    }
+
+    fn end(&mut self, mut s: Sequence<B>, how: End) {
+        s.blocks.free(&mut self.alloc);
+        if s.queued_new {
+            s.queued_new = false;
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+        }
+        let usage = Usage {
+            prompt_tokens: s.prompt_len,
+            completion_tokens: s.tokens.len() - s.prompt_len,
+            cached_tokens: s.cached_tokens,
+        };
+        let event = match how {
+            End::Finished(reason, text) => {
+                self.stats.requests_finished += 1;
+                Event::Finished { text, reason, usage }
+            }
+            End::Cancelled => {
+                self.stats.requests_cancelled += 1;
+                Event::Finished { text: String::new(), reason: FinishReason::Cancelled, usage }
+            }
+            End::Failed(e) => {
+                self.stats.requests_failed += 1;
+                Event::Failed(e)
+            }
+        };
+        let _ = s.events.send(event);
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        s.blocks.free(&mut self.alloc);
+        self.stats.preemptions += 1;
+        self.waiting.push(s);
+    }
+
+    /// Index of the newest running sequence not in `planned`.
+    fn newest_unplanned(&self, planned: &[Planned]) -> Option<usize> {
+        self.running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !planned.iter().any(|p| p.id == s.id))
+            .max_by_key(|(_, s)| s.arrival)
+            .map(|(i, _)| i)
+    }
+
+    /// The waiting sequence admission would pick next (see the module docs).
+    fn pick_waiting(&self) -> Option<usize> {
+        let mut by_tenant: HashMap<&str, usize> = HashMap::new();
+        let mut by_adapter: HashMap<(&str, [u8; 32]), usize> = HashMap::new();
+        for s in &self.running {
+            *by_tenant.entry(s.req.tenant.as_str()).or_default() += 1;
+            *by_adapter.entry((s.req.tenant.as_str(), s.adapter_key)).or_default() += 1;
+        }
+        self.waiting
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| {
+                let t = s.req.tenant.as_str();
+                (
+                    by_tenant.get(t).copied().unwrap_or(0),
+                    by_adapter.get(&(t, s.adapter_key)).copied().unwrap_or(0),
+                    s.arrival,
+                )
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Builds this step's plan, allocating KV slots, preempting and admitting as needed.
+    fn schedule(&mut self) -> Vec<Planned> {
+        let mut plan: Vec<Planned> = Vec::new();
+        let mut budget = self.cfg.max_batch_tokens;
+        // 1. Decodes, oldest first.
+        let mut decoders: Vec<(u64, u64)> =
+            self.running.iter().filter(|s| s.remaining() == 1).map(|s| (s.arrival, s.id)).collect();
+        decoders.sort_unstable();
+        for (_, id) in decoders {
+            if budget == 0 {
+                break;
+            }
+            while let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let s = &mut self.running[i];
+                let start = s.blocks.len();
+                match s.blocks.append(&mut self.alloc, 1) {
+                    Ok(slots) => {
+                        plan.push(Planned { id, start, n: 1, slots });
+                        budget -= 1;
+                        break;
+                    }
+                    Err(_) => match self.newest_unplanned(&plan) {
+                        Some(v) if v != i => self.preempt(v),
+                        _ => {
+                            self.preempt(i);
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        // 2. Prefill chunks of running sequences, oldest first.
+        let mut prefills: Vec<(u64, u64)> =
+            self.running.iter().filter(|s| s.remaining() > 1).map(|s| (s.arrival, s.id)).collect();
+        prefills.sort_unstable();
+        for (_, id) in prefills {
+            if budget == 0 {
+                break;
+            }
+            let Some(i) = self.running.iter().position(|s| s.id == id) else { continue };
+            if let Some(p) = self.plan_chunk(i, budget) {
+                budget -= p.n;
+                plan.push(p);
+            }
+        }
+        // 3. Admission.
+        let watermark = (self.cfg.num_blocks / 100).max(1);
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(w) = self.pick_waiting() else { break };
+            let s = &mut self.waiting[w];
+            if self.cfg.prefix_cache && s.blocks.is_empty() {
+                let hit = s.blocks.match_prefix(&mut self.alloc, &s.adapter_key, &s.tokens);
+                if s.queued_new {
+                    s.cached_tokens = hit.min(s.prompt_len);
+                }
+            }
+            let n = s.remaining().min(budget);
+            let needed = s.blocks.blocks_needed(&self.alloc, n);
+            let room = self.alloc.free_blocks().saturating_sub(if self.running.is_empty() { 0 } else { watermark });
+            if needed > room {
+                // Not now: give the shared blocks back (they stay cached) and stop admitting, so
+                // the head of the fair order is not overtaken by smaller requests.
+                s.blocks.free(&mut self.alloc);
+                break;
+            }
+            let mut s = self.waiting.remove(w);
+            if s.queued_new {
+                s.queued_new = false;
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.stats.prompt_tokens_total += s.prompt_len as u64;
+                self.stats.prefix_cache_hit_tokens += s.cached_tokens as u64;
+            }
+            self.running.push(s);
+            let i = self.running.len() - 1;
+            if let Some(p) = self.plan_chunk(i, budget) {
+                budget -= p.n;
+                plan.push(p);
+            }
+        }
+        plan
+    }
+
+    /// Plans up to `budget` tokens of sequence `i`'s pending tokens, as many as free blocks
+    /// allow.
+    fn plan_chunk(&mut self, i: usize, budget: usize) -> Option<Planned> {
+        let bs = self.alloc.block_size();
+        let s = &mut self.running[i];
+        let start = s.blocks.len();
+        let room_in_last = s.blocks.table().len() * bs - start;
+        let fit = room_in_last + self.alloc.free_blocks() * bs;
+        let n = s.remaining().min(budget).min(fit);
+        if n == 0 {
+            return None;
+        }
+        let slots = s.blocks.append(&mut self.alloc, n).ok()?;
+        Some(Planned { id: s.id, start, n, slots })
+    }
+
+    /// Runs a forward pass over `entries` (indices into `running` with their plans); returns
+    /// the logits of the rows that end a sequence's pending tokens, in entry order.
+    fn forward(&mut self, entries: &[(usize, &Planned)]) -> Result<Vec<f32>, String> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut seqs = Vec::with_capacity(entries.len());
+        let mut adapters = Vec::with_capacity(entries.len());
+        let mut logits_rows = Vec::new();
+        for &(i, p) in entries {
+            let s = &self.running[i];
+            let q_start = tokens.len();
+            tokens.extend_from_slice(&s.tokens[p.start..p.start + p.n]);
+            positions.extend((p.start..p.start + p.n).map(|x| x as u32));
+            slots.extend_from_slice(&p.slots);
+            seqs.push(AttnSeq { q_start, q_len: p.n, ctx_len: p.start + p.n, block_table: s.blocks.table() });
+            adapters.push(s.req.adapters.as_slice());
+            if p.start + p.n == s.tokens.len() {
+                logits_rows.push((q_start + p.n - 1) as u32);
+            }
+        }
+        let batch = ForwardBatch {
+            tokens: &tokens,
+            positions: &positions,
+            slots: &slots,
+            seqs: &seqs,
+            logits_rows: &logits_rows,
+            adapters: &adapters,
+        };
+        let model = &self.model.model;
+        let kv = &mut self.kv;
+        match catch_unwind(AssertUnwindSafe(|| model.forward(kv, &batch))) {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(p) => Err(format!("panic in the forward pass: {}", panic_message(p.as_ref()))),
+        }
+    }
+
+    /// Runs one step: schedules, runs one batched forward pass, samples, streams and retires
+    /// finished sequences. Returns the number of tokens processed (0 when idle).
+    pub fn step(&mut self) -> usize {
+        self.reap_abandoned();
+        let mut plan = self.schedule();
+        if plan.is_empty() && !self.running.is_empty() {
+            // Every running sequence is stuck on a full pool: make room by preempting the newest.
+            while plan.is_empty() && self.running.len() > 1 {
+                if let Some(v) = self.newest_unplanned(&plan) {
+                    self.preempt(v);
+                }
+                plan = self.schedule();
+            }
+        }
+        if plan.is_empty() {
+            return 0;
+        }
+        self.stats.steps += 1;
+        let processed: usize = plan.iter().map(|p| p.n).sum();
+        // Plans refer to sequences by id; `running` does not change until the step ends.
+        let idx: Vec<usize> = plan
+            .iter()
+            .map(|p| self.running.iter().position(|s| s.id == p.id).expect("planned sequences are running"))
+            .collect();
+        let entries: Vec<(usize, &Planned)> = idx.iter().copied().zip(plan.iter()).collect();
+        let vocab = self.model.model.config.vocab_size;
+        // Per entry: its logits row, if it produced one, or the error that failed it.
+        let mut outcome: Vec<Result<Option<Vec<f32>>, String>> = Vec::with_capacity(entries.len());
+        match self.forward(&entries) {
+            Ok(logits) => {
+                let mut rows = logits.chunks_exact(vocab);
+                for &(i, p) in &entries {
+                    let wants = p.start + p.n == self.running[i].tokens.len();
+                    outcome.push(Ok(if wants { rows.next().map(<[f32]>::to_vec) } else { None }));
+                }
+            }
+            Err(e) if entries.len() == 1 => outcome.push(Err(e)),
+            Err(_) => {
+                // Find out whose computation fails: run each sequence alone.
+                for &e in &entries {
+                    outcome.push(self.forward(&[e]).map(|l| if l.is_empty() { None } else { Some(l) }));
+                }
+            }
+        }
+        for (&(i, p), out) in entries.iter().zip(outcome.iter_mut()) {
+            let s = &mut self.running[i];
+            if self.cfg.prefix_cache && out.is_ok() {
+                s.blocks.register_full_blocks(&mut self.alloc, &s.adapter_key, &s.tokens);
+            }
+            if p.n > 1 || s.tokens.len() - s.prompt_len == 0 {
+                self.stats.prefill_tokens_computed += p.n as u64;
+            }
+        }
+        // Sample, stream, and decide who is done.
+        let ctx = self.model.model.config.max_position_embeddings;
+        let mut done: Vec<(u64, End)> = Vec::new();
+        for ((&(i, _), p), out) in entries.iter().zip(plan.iter()).zip(outcome) {
+            let s = &mut self.running[i];
+            match out {
+                Err(e) => done.push((p.id, End::Failed(EngineError::Failed(e)))),
+                Ok(None) => {}
+                Ok(Some(mut row)) => {
+                    let r = catch_unwind(AssertUnwindSafe(|| advance(s, &mut row, ctx)));
+                    match r {
+                        Ok(Ok(None)) => {}
+                        Ok(Ok(Some(end))) => done.push((p.id, end)),
+                        Ok(Err(e)) => done.push((p.id, End::Failed(EngineError::Failed(e)))),
+                        Err(panic) => done.push((
+                            p.id,
+                            End::Failed(EngineError::Failed(format!("panic: {}", panic_message(panic.as_ref())))),
+                        )),
+                    }
+                    self.stats.generation_tokens_total += 1;
+                }
+            }
+        }
+        for (id, end) in done {
+            if let Some(i) = self.running.iter().position(|s| s.id == id) {
+                let s = self.running.remove(i);
+                self.end(s, end);
+            }
+        }
+        processed
+    }
+}
+
+enum End {
+    Finished(FinishReason, String),
+    Cancelled,
+    Failed(EngineError),
+}
+
+/// Samples a sequence's next token from `logits`, streams it, and says whether it is done.
+fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> Result<Option<End>, String> {
+    let raw = s.req.logprobs.map(|_| logits.to_vec());
+    let t = s.sampler.sample(logits);
+    let logprob = raw.map(|raw| log_softmax_top(&raw, t, s.req.logprobs.unwrap_or(0).min(20)));
+    s.tokens.push(t);
+    let generated = s.tokens.len() - s.prompt_len;
+    if (s.req.stop_at_eos && s.decoder.tokenizer().is_eos(t)) || s.req.stop_token_ids.contains(&t) {
+        let _ = s.events.send(Event::Token { id: t, text: String::new(), logprob });
+        return Ok(Some(End::Finished(FinishReason::Stop, tail(s)?)));
+    }
+    let piece = s.decoder.push(t).map_err(|e| e.to_string())?;
+    let (text, hit) = s.stops.push(&piece);
+    let _ = s.events.send(Event::Token { id: t, text, logprob });
+    if hit {
+        return Ok(Some(End::Finished(FinishReason::Stop, String::new())));
+    }
+    if generated >= s.max_tokens || s.tokens.len() >= ctx {
+        return Ok(Some(End::Finished(FinishReason::Length, tail(s)?)));
+    }
+    Ok(None)
+}
+
+/// Text held back at the end of a generation that did not hit a stop string.
+fn tail<B: Backend>(s: &mut Sequence<B>) -> Result<String, String> {
+    let rest = s.decoder.finish().map_err(|e| e.to_string())?;
+    let (mut out, _) = s.stops.push(&rest);
+    out.push_str(&s.stops.flush());
+    Ok(out)
+}

@@ -16,5 +16,8 @@
 #![deny(missing_docs)]
 
 pub mod adapters;
+pub mod config;
 pub mod engine;
 pub mod model;
+pub mod server;
+pub mod service;

@@ -37,6 +37,17 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure single-stream prefill and decode speed; prints one JSON line.
     Bench(BenchArgs),
+    /// Serve a deployment over HTTP (OpenAI-compatible API, adapter admin, metrics).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The deployment file (TOML), e.g. examples/quickstart.toml.
+    config: PathBuf,
+    /// Listen on this address instead of the file's `server.listen` (port 0 picks a free port).
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -414,5 +425,87 @@ fn main() -> Result<()> {
         }
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => run_bench(a),
+        Command::Serve(a) => run_serve(a),
     }
+}
+
+fn run_serve(a: ServeArgs) -> Result<()> {
+    use openlora::config::Deployment;
+    use openlora::engine::{EngineConfig, EngineHandle};
+    use openlora::service::Service;
+    use std::sync::Arc;
+
+    let mut d = Deployment::load(&a.config)?;
+    if let Some(l) = a.listen {
+        l.parse::<std::net::SocketAddr>()
+            .with_context(|| format!("--listen {l:?} is not an address like 127.0.0.1:8000"))?;
+        d.server.listen = l;
+    }
+    init_threads(d.model.threads)?;
+    let path =
+        if d.model.path == "default" { default_model::ensure_default_model()? } else { PathBuf::from(&d.model.path) };
+    let model_id = d.model.name.clone().unwrap_or_else(|| {
+        path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+    });
+    let backend = CpuBackend::new();
+    let loaded =
+        Arc::new(LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?);
+    let e = &d.engine;
+    let cfg = EngineConfig {
+        block_size: e.block_size,
+        max_batch_tokens: e.max_batch_tokens,
+        max_running: e.max_running,
+        max_waiting: e.max_waiting,
+        prefix_cache: e.prefix_cache,
+        ..EngineConfig::default()
+    }
+    .with_kv_bytes(&loaded.model.config, e.kv_cache_mib << 20);
+    let engine = EngineHandle::spawn(loaded.clone(), cfg.clone())?;
+    let svc = Arc::new(Service::new(&d, loaded, model_id.clone(), engine, backend)?);
+    let adapters = svc.list_models(&openlora::service::Tenant::admin_view()).len() - 1;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let grace = std::time::Duration::from_secs(d.server.shutdown_grace_seconds);
+    rt.block_on(async move {
+        let addr = d.listen_addr();
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "openlora: serving {model_id} with {adapters} adapters on {} (KV cache {} blocks of {} tokens, {} context; auth {})",
+            openlora::server::describe(local),
+            cfg.num_blocks,
+            cfg.block_size,
+            svc.engine().context_limit(),
+            if svc.auth_required() { "on" } else { "OFF: no [[tenants]] configured" },
+        );
+        openlora::server::serve(svc, listener, shutdown_signal(), grace).await?;
+        eprintln!("openlora: stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("openlora: shutting down; letting in-flight requests finish");
 }

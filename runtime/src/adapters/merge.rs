@@ -164,6 +164,12 @@ impl MergeRecipe {
 
     /// The derived adapter's identity: a hash of the recipe and the inputs' generations.
     pub fn generation(&self, inputs: &[&LoraHost]) -> Generation {
+        let gens: Vec<Generation> = inputs.iter().map(|i| i.generation).collect();
+        self.generation_of(&gens)
+    }
+
+    /// [`Self::generation`] from the inputs' generations alone (no weights needed).
+    pub fn generation_of(&self, inputs: &[Generation]) -> Generation {
         let mut h = Sha256::new();
         h.update(b"openlora-merge-v1\0");
         h.update(self.method.name().as_bytes());
@@ -174,8 +180,8 @@ impl MergeRecipe {
         h.update([u8::from(self.majority_sign == MajoritySign::Frequency)]);
         h.update((self.svd_rank.unwrap_or(0) as u64).to_le_bytes());
         h.update(self.seed.to_le_bytes());
-        for i in inputs {
-            h.update(i.generation.0);
+        for g in inputs {
+            h.update(g.0);
         }
         Generation(h.finalize().into())
     }

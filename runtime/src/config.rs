@@ -1,0 +1,363 @@
+//! The deployment file (TOML) as typed, validated configuration.
+//!
+//! Every table rejects unknown keys, and every error names the key and the reason, so a typo
+//! fails at start instead of being silently ignored. Relative paths are resolved against the
+//! directory of the deployment file. See `examples/quickstart.toml` for a documented example.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A deployment file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not match the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (it names the key and the line).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The dotted key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The whole deployment.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// The base model.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// HTTP settings and request limits.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// Scheduler and KV cache.
+    #[serde(default)]
+    pub engine: EngineSection,
+    /// Where adapters come from and who may use them.
+    #[serde(default)]
+    pub adapters: AdaptersSection,
+    /// API keys.
+    #[serde(default)]
+    pub tenants: Vec<TenantSection>,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// `"default"` (the embedded default model, fetched into the cache when absent), a `.gguf`
+    /// file, or a Hugging Face folder.
+    #[serde(default = "default_model_path")]
+    pub path: String,
+    /// The id clients use in `model` (default: the file or folder name without extension).
+    pub name: Option<String>,
+    /// Compute threads (default: all cores).
+    pub threads: Option<usize>,
+}
+
+fn default_model_path() -> String {
+    "default".into()
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self { path: default_model_path(), name: None, threads: None }
+    }
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Largest request body accepted (HTTP 413 above).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Longest prompt in tokens (default: the context length).
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `max_tokens` a request may ask for (default: the context length).
+    pub max_tokens_limit: Option<usize>,
+    /// `max_tokens` when a request gives none.
+    #[serde(default = "default_max_tokens")]
+    pub default_max_tokens: usize,
+    /// Largest `n` (choices per request).
+    #[serde(default = "default_max_n")]
+    pub max_n: usize,
+    /// Seconds to let in-flight requests finish on shutdown.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_seconds: u64,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8000".into()
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_max_tokens() -> usize {
+    256
+}
+fn default_max_n() -> usize {
+    8
+}
+fn default_grace() -> u64 {
+    30
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: default_max_body(),
+            max_prompt_tokens: None,
+            max_tokens_limit: None,
+            default_max_tokens: default_max_tokens(),
+            max_n: default_max_n(),
+            shutdown_grace_seconds: default_grace(),
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// Bytes for the KV cache, in MiB.
+    #[serde(default = "default_kv_mib")]
+    pub kv_cache_mib: usize,
+    /// Tokens per KV block.
+    #[serde(default = "default_block")]
+    pub block_size: usize,
+    /// Most tokens per forward pass.
+    #[serde(default = "default_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    #[serde(default = "default_running")]
+    pub max_running: usize,
+    /// Most requests waiting; more are refused with 503.
+    #[serde(default = "default_waiting")]
+    pub max_waiting: usize,
+    /// Reuse KV blocks of repeated prefixes.
+    #[serde(default = "default_true")]
+    pub prefix_cache: bool,
+}
+
+fn default_kv_mib() -> usize {
+    256
+}
+fn default_block() -> usize {
+    16
+}
+fn default_batch_tokens() -> usize {
+    512
+}
+fn default_running() -> usize {
+    64
+}
+fn default_waiting() -> usize {
+    1024
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            kv_cache_mib: default_kv_mib(),
+            block_size: default_block(),
+            max_batch_tokens: default_batch_tokens(),
+            max_running: default_running(),
+            max_waiting: default_waiting(),
+            prefix_cache: true,
+        }
+    }
+}
+
+/// `[adapters]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptersSection {
+    /// Folders whose subfolders are PEFT adapters, each served under its folder name.
+    #[serde(default)]
+    pub dirs: Vec<PathBuf>,
+    /// Adapters only some tenants may see and use: adapter name -> tenant names. Adapters not
+    /// listed are public.
+    #[serde(default)]
+    pub visibility: BTreeMap<String, Vec<String>>,
+}
+
+/// A role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May generate with the models it can see.
+    User,
+    /// May also load and unload adapters and read every receipt.
+    Admin,
+}
+
+/// `[[tenants]]`: one API key.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    /// The tenant's name (what visibility lists refer to).
+    pub name: String,
+    /// `user` or `admin`.
+    #[serde(default = "default_role")]
+    pub role: Role,
+    /// SHA-256 of the API key, hex (the key itself is never stored). Make one with
+    /// `printf %s "$KEY" | sha256sum`.
+    pub key_sha256: String,
+    /// Most requests this tenant may have in flight (HTTP 429 above).
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent: usize,
+}
+
+fn default_role() -> Role {
+    Role::User
+}
+fn default_concurrency() -> usize {
+    64
+}
+
+impl Deployment {
+    /// Reads and validates `path`; relative paths inside are resolved against its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
+        let mut d = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if d.model.path != "default" {
+            d.model.path = base.join(&d.model.path).to_string_lossy().into_owned();
+        }
+        for dir in d.adapters.dirs.iter_mut() {
+            *dir = base.join(&*dir);
+        }
+        Ok(d)
+    }
+
+    /// Parses and validates TOML text (`path` names the source in errors; paths stay as given).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let d: Deployment = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        d.validate(path)?;
+        Ok(d)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, reason: String| ConfigError::Invalid { path: path.to_path_buf(), key: key.into(), reason };
+        self.server.listen.parse::<SocketAddr>().map_err(|e| {
+            bad("server.listen", format!("{:?} is not an address like 127.0.0.1:8000 ({e})", self.server.listen))
+        })?;
+        let positive = [
+            ("server.max_body_bytes", self.server.max_body_bytes),
+            ("server.default_max_tokens", self.server.default_max_tokens),
+            ("server.max_n", self.server.max_n),
+            ("engine.kv_cache_mib", self.engine.kv_cache_mib),
+            ("engine.block_size", self.engine.block_size),
+            ("engine.max_batch_tokens", self.engine.max_batch_tokens),
+            ("engine.max_running", self.engine.max_running),
+            ("engine.max_waiting", self.engine.max_waiting),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        if self.engine.max_batch_tokens < self.engine.max_running {
+            return Err(bad(
+                "engine.max_batch_tokens",
+                format!(
+                    "{} is less than engine.max_running ({}); every running sequence needs a row per step",
+                    self.engine.max_batch_tokens, self.engine.max_running
+                ),
+            ));
+        }
+        if let Some(0) = self.model.threads {
+            return Err(bad("model.threads", "must be at least 1".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let key = |k: &str| format!("tenants[{i}].{k}");
+            if t.name.is_empty() {
+                return Err(bad(&key("name"), "must not be empty".into()));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(bad(&key("name"), format!("tenant {:?} is defined twice", t.name)));
+            }
+            let ok = t.key_sha256.len() == 64 && t.key_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(bad(&key("key_sha256"), "must be 64 hex digits (the SHA-256 of the key)".into()));
+            }
+            if t.max_concurrent == 0 {
+                return Err(bad(&key("max_concurrent"), "must be at least 1".into()));
+            }
+        }
+        for (adapter, tenants) in &self.adapters.visibility {
+            for t in tenants {
+                if !names.contains(t.as_str()) {
+                    return Err(bad(&format!("adapters.visibility.{adapter}"), format!("no tenant is named {t:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address (validated).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8000)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Deployment::parse(text, Path::new("d.toml")).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn defaults_apply_and_errors_name_the_key() {
+        let d = Deployment::parse("", Path::new("d.toml")).expect("empty is valid");
+        assert_eq!(d.model.path, "default");
+        assert_eq!(d.server.listen, "127.0.0.1:8000");
+        assert!(err("[server]\nlisten = \"nowhere\"").contains("server.listen"));
+        assert!(err("[engine]\nkv_cache_mb = 3").contains("kv_cache_mb"));
+        assert!(err("[engine]\nmax_running = 0").contains("engine.max_running"));
+        assert!(err("[[tenants]]\nname = \"a\"\nkey_sha256 = \"xyz\"").contains("tenants[0].key_sha256"));
+        let hex = "0".repeat(64);
+        assert!(err(&format!("[[tenants]]\nname = \"a\"\nkey_sha256 = \"{hex}\"\nrole = \"root\"")).contains("role"));
+        assert!(
+            err(&format!(
+                "[adapters.visibility]\npirate = [\"nobody\"]\n[[tenants]]\nname = \"a\"\nkey_sha256 = \"{hex}\""
+            ))
+            .contains("adapters.visibility.pirate")
+        );
+    }
+}

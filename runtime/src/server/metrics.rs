@@ -1,0 +1,138 @@
+//! `GET /metrics`: Prometheus text format, with the vLLM names routers already read
+//! (`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:gpu_cache_usage_perc`,
+//! `vllm:lora_requests_info`, token counters, latency histograms) and openlora's own series.
+
+use std::fmt::Write;
+use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::Svc;
+use crate::service::Histogram;
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+struct Out {
+    text: String,
+    model: String,
+}
+
+impl Out {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        let mut l = format!("model_name=\"{}\"", esc(&self.model));
+        for (k, val) in labels {
+            let _ = write!(l, ",{k}=\"{}\"", esc(val));
+        }
+        let _ = writeln!(self.text, "{name}{{{l}}} {v}");
+    }
+
+    fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
+        self.head(name, kind, help);
+        let sample =
+            if kind == "counter" && !name.ends_with("_total") { format!("{name}_total") } else { name.to_owned() };
+        self.sample(&sample, &[], v);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.head(name, "histogram", help);
+        let (buckets, sum, count) = h.snapshot();
+        for (b, c) in buckets {
+            self.sample(&format!("{name}_bucket"), &[("le", &format!("{b}"))], c as f64);
+        }
+        self.sample(&format!("{name}_bucket"), &[("le", "+Inf")], count as f64);
+        self.sample(&format!("{name}_sum"), &[], sum);
+        self.sample(&format!("{name}_count"), &[], count as f64);
+    }
+}
+
+pub(super) async fn render(State(svc): State<Svc>) -> Response {
+    let s = svc.engine().stats();
+    let cfg = svc.engine().config();
+    let m = &svc.metrics;
+    let mut o = Out { text: String::new(), model: svc.model_id().to_owned() };
+    o.one("vllm:num_requests_running", "gauge", "Requests running on the engine.", s.running as f64);
+    o.one("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", s.waiting as f64);
+    let usage = if s.kv_blocks_total == 0 { 0.0 } else { s.kv_blocks_used as f64 / s.kv_blocks_total as f64 };
+    o.one("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage as a fraction of blocks (1 = full).", usage);
+    o.head("vllm:lora_requests_info", "gauge", "Running and waiting LoRA adapters (value: Unix time of the sample).");
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let running = s.running_adapters.join(",");
+    let waiting = s.waiting_adapters.join(",");
+    let max_lora = cfg.max_running.to_string();
+    let _ = writeln!(
+        o.text,
+        "vllm:lora_requests_info{{max_lora=\"{max_lora}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {t}",
+        esc(&running),
+        esc(&waiting)
+    );
+    o.one("vllm:prompt_tokens", "counter", "Prompt tokens of admitted requests.", s.prompt_tokens_total as f64);
+    o.one("vllm:generation_tokens", "counter", "Tokens generated.", s.generation_tokens_total as f64);
+    o.one("vllm:num_preemptions", "counter", "Sequences preempted for lack of KV blocks.", s.preemptions as f64);
+    o.one(
+        "vllm:prefix_cache_hits",
+        "counter",
+        "Prompt tokens served from the prefix cache.",
+        s.prefix_cache_hit_tokens as f64,
+    );
+    o.head("vllm:request_success", "counter", "Finished requests by finish reason.");
+    let finished: Vec<(&'static str, u64)> =
+        m.finished.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, *v)).collect();
+    for (reason, n) in &finished {
+        o.sample("vllm:request_success_total", &[("finished_reason", reason)], *n as f64);
+    }
+    o.histogram("vllm:time_to_first_token_seconds", "Time to first token.", &m.ttft);
+    o.histogram("vllm:e2e_request_latency_seconds", "Request latency from acceptance to the last token.", &m.e2e);
+
+    o.head("openlora_requests_refused", "counter", "Requests refused, by reason.");
+    let refused: Vec<(&'static str, u64)> =
+        m.refused.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, *v)).collect();
+    for (kind, n) in &refused {
+        o.sample("openlora_requests_refused_total", &[("reason", kind)], *n as f64);
+    }
+    o.one("openlora_kv_blocks_total", "gauge", "Blocks in the KV pool.", s.kv_blocks_total as f64);
+    o.one("openlora_kv_blocks_used", "gauge", "KV blocks held by sequences.", s.kv_blocks_used as f64);
+    o.one(
+        "openlora_kv_blocks_cached_idle",
+        "gauge",
+        "Free KV blocks still holding a cached prefix.",
+        s.kv_blocks_cached_idle as f64,
+    );
+    o.one(
+        "openlora_prefill_tokens_computed",
+        "counter",
+        "Tokens prefilled (or recomputed) through the model.",
+        s.prefill_tokens_computed as f64,
+    );
+    o.one("openlora_engine_steps", "counter", "Batched forward passes.", s.steps as f64);
+    o.head("openlora_adapters_resident", "gauge", "Adapters resident per tier.");
+    let listed = svc.list_models(&admin_view()).len().saturating_sub(1);
+    o.sample("openlora_adapters_resident", &[("tier", "host")], listed as f64);
+    o.one(
+        "openlora_adapter_loads",
+        "counter",
+        "Adapters loaded (at start and through the admin API).",
+        m.adapter_loads.load(Ordering::Relaxed) as f64,
+    );
+    o.one(
+        "openlora_adapter_unloads",
+        "counter",
+        "Adapters unloaded.",
+        m.adapter_unloads.load(Ordering::Relaxed) as f64,
+    );
+    o.one("openlora_adapter_merges", "counter", "Merged adapters built.", m.merges.load(Ordering::Relaxed) as f64);
+    o.histogram("openlora_adapter_load_seconds", "Time to read and prepare an adapter.", &m.adapter_load_seconds);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], o.text).into_response()
+}
+
+fn admin_view() -> crate::service::Tenant {
+    crate::service::Tenant::admin_view()
+}

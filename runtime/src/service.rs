@@ -1,0 +1,762 @@
+//! One request's journey, independent of the transport: authenticate the tenant, resolve the
+//! model and adapters (checking the tenant may use each), merge when asked, apply the chat
+//! template, check limits, and queue the sequences on the engine. The HTTP server translates
+//! HTTP to calls here and events back to HTTP.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use openlora_kernels::Backend;
+use sha2::{Digest, Sha256};
+
+use crate::adapters::merge::{MajoritySign, MergeMethod, MergeRecipe, merge};
+use crate::adapters::{AdapterRegistry, Generation, LoraAdapter, LoraHost, WeightedAdapter};
+use crate::config::{Deployment, Role};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{EngineError, EngineHandle, Request, RequestStream};
+use crate::model::LoadedModel;
+use crate::model::chat_template::ChatMessage;
+
+/// What kind of failure a [`ServiceError`] is (the HTTP layer maps it to a status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or out of range (400).
+    BadRequest,
+    /// No or a wrong API key (401).
+    Unauthorized,
+    /// The key is valid but may not do this (403).
+    Forbidden,
+    /// No such model or adapter, or not visible to this tenant (404).
+    NotFound,
+    /// The body is too large (413).
+    TooLarge,
+    /// This tenant has too many requests in flight (429).
+    RateLimited,
+    /// The engine's queue is full or it is shutting down (503).
+    Overloaded,
+    /// Something failed on our side (500).
+    Internal,
+}
+
+/// A refused or failed request, with what the client needs to fix it.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ServiceError {
+    /// The kind.
+    pub kind: ErrorKind,
+    /// A human-readable message naming the problem.
+    pub message: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+}
+
+impl ServiceError {
+    /// An error of `kind`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), param: None }
+    }
+
+    /// A 400 naming `param`.
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self { kind: ErrorKind::BadRequest, message: message.into(), param: Some(param.to_owned()) }
+    }
+}
+
+impl From<EngineError> for ServiceError {
+    fn from(e: EngineError) -> Self {
+        let kind = match &e {
+            EngineError::Overloaded { .. } | EngineError::ShutDown => ErrorKind::Overloaded,
+            EngineError::Invalid(_) => ErrorKind::BadRequest,
+            EngineError::Failed(_) => ErrorKind::Internal,
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+/// An API key's holder.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    digest: [u8; 32],
+    max_concurrent: usize,
+    active: AtomicUsize,
+}
+
+impl Tenant {
+    /// An admin identity that sees everything (for internal listings such as metrics).
+    pub fn admin_view() -> Self {
+        Self { name: String::new(), role: Role::Admin, digest: [0; 32], max_concurrent: 0, active: AtomicUsize::new(0) }
+    }
+
+    /// Whether it may use admin endpoints.
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// Holds one of a tenant's concurrent-request slots until dropped.
+pub struct Slot(Arc<Tenant>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The prompt, in one of the forms clients send.
+#[derive(Clone, Debug)]
+pub enum PromptInput {
+    /// Text, tokenized as is.
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// One adapter of a composition.
+#[derive(Clone, Debug)]
+pub struct AdapterChoice {
+    /// Its name.
+    pub name: String,
+    /// Its weight.
+    pub weight: f32,
+}
+
+/// How to merge several adapters into one (PEFT's `add_weighted_adapter`).
+#[derive(Clone, Debug, Default)]
+pub struct MergeSpec {
+    /// The method (`linear`, `cat`, `ties`, `dare_linear`, ...).
+    pub method: String,
+    /// Fraction kept by pruning methods.
+    pub density: Option<f64>,
+    /// `total` or `frequency`.
+    pub majority_sign_method: Option<String>,
+    /// Rank of SVD results.
+    pub svd_rank: Option<usize>,
+    /// DARE's seed.
+    pub seed: Option<u64>,
+}
+
+/// What a client asked for.
+#[derive(Clone, Debug)]
+pub struct GenerationParams {
+    /// The base model's id or an adapter's name.
+    pub model: String,
+    /// Extension: adapters to compose (their terms add, each scaled by its weight).
+    pub adapters: Vec<AdapterChoice>,
+    /// Extension: merge the adapters into one instead of adding their terms.
+    pub merge: Option<MergeSpec>,
+    /// The prompt.
+    pub prompt: PromptInput,
+    /// Most new tokens (None: the deployment's default).
+    pub max_tokens: Option<usize>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Choices.
+    pub n: usize,
+    /// Logprobs with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Keep generating past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+/// A request queued on the engine: one stream per choice.
+pub struct Started {
+    /// The streams, choice by choice.
+    pub streams: Vec<RequestStream>,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// The model id to echo back.
+    pub model: String,
+    /// The tenant's concurrency slot (hold it until the response is done).
+    pub slot: Option<Slot>,
+    /// When the request was accepted.
+    pub started: Instant,
+}
+
+/// A model as `/v1/models` lists it.
+#[derive(Clone, Debug)]
+pub struct ModelCard {
+    /// Its id.
+    pub id: String,
+    /// Where it came from.
+    pub root: String,
+    /// The base model's id, for adapters.
+    pub parent: Option<String>,
+}
+
+/// Cumulative latency buckets (Prometheus histogram).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram with upper bounds `bounds` (seconds).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation in seconds.
+    pub fn observe(&self, seconds: f64) {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            if seconds <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(upper bound, cumulative count)` pairs, the sum in seconds and the count.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let buckets = self.bounds.iter().zip(&self.counts).map(|(b, c)| (*b, c.load(Ordering::Relaxed))).collect();
+        (buckets, self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6, self.count.load(Ordering::Relaxed))
+    }
+}
+
+/// Latency buckets in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Counters the service keeps (the engine keeps its own).
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    /// Requests finished, by finish reason.
+    pub finished: Mutex<HashMap<&'static str, u64>>,
+    /// Requests refused, by error kind.
+    pub refused: Mutex<HashMap<&'static str, u64>>,
+    /// Time to first token.
+    pub ttft: Histogram,
+    /// Whole-request latency.
+    pub e2e: Histogram,
+    /// Adapter loads through the admin API or at start.
+    pub adapter_loads: AtomicU64,
+    /// Adapter unloads.
+    pub adapter_unloads: AtomicU64,
+    /// Time to read and prepare an adapter.
+    pub adapter_load_seconds: Histogram,
+    /// Merged adapters built.
+    pub merges: AtomicU64,
+}
+
+impl Default for ServiceMetrics {
+    fn default() -> Self {
+        Self {
+            finished: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            ttft: Histogram::new(LATENCY_BUCKETS),
+            e2e: Histogram::new(LATENCY_BUCKETS),
+            adapter_loads: AtomicU64::new(0),
+            adapter_unloads: AtomicU64::new(0),
+            adapter_load_seconds: Histogram::new(LATENCY_BUCKETS),
+            merges: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ServiceMetrics {
+    /// Counts a finished request.
+    pub fn finished(&self, reason: &'static str) {
+        *self.finished.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_default() += 1;
+    }
+
+    /// Counts a refused request.
+    pub fn refused(&self, kind: ErrorKind) {
+        let k = match kind {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Internal => "internal",
+        };
+        *self.refused.lock().unwrap_or_else(PoisonError::into_inner).entry(k).or_default() += 1;
+    }
+}
+
+/// Request limits from the deployment.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest body.
+    pub max_body_bytes: usize,
+    /// Longest prompt.
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens`.
+    pub max_tokens_limit: usize,
+    /// Default `max_tokens`.
+    pub default_max_tokens: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+}
+
+struct AdapterInfo {
+    dir: PathBuf,
+    visible_to: Option<Vec<String>>,
+}
+
+/// Most merged adapters kept prepared.
+const MERGED_CACHE: usize = 32;
+
+/// The service: everything a request needs, shared by every connection.
+pub struct Service<B: Backend> {
+    engine: EngineHandle<B>,
+    model: Arc<LoadedModel<B>>,
+    model_id: String,
+    model_root: String,
+    registry: AdapterRegistry<B>,
+    adapters: RwLock<HashMap<String, AdapterInfo>>,
+    merged: Mutex<Vec<(Generation, Arc<LoraAdapter<B>>)>>,
+    tenants: Vec<Arc<Tenant>>,
+    anonymous: Arc<Tenant>,
+    limits: Limits,
+    chat_stop_ids: Vec<u32>,
+    /// When the service started (Unix seconds).
+    pub created: u64,
+    /// Counters.
+    pub metrics: ServiceMetrics,
+}
+
+/// SHA-256 of an API key.
+pub fn key_digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl<B: Backend + Clone + 'static> Service<B> {
+    /// Builds the service: loads every adapter under the deployment's adapter folders.
+    pub fn new(
+        deployment: &Deployment,
+        model: Arc<LoadedModel<B>>,
+        model_id: String,
+        engine: EngineHandle<B>,
+        backend: B,
+    ) -> Result<Self, ServiceError> {
+        let ctx = engine.context_limit();
+        let s = &deployment.server;
+        let limits = Limits {
+            max_body_bytes: s.max_body_bytes,
+            max_prompt_tokens: s.max_prompt_tokens.unwrap_or(ctx).min(ctx.saturating_sub(1)),
+            max_tokens_limit: s.max_tokens_limit.unwrap_or(ctx),
+            default_max_tokens: s.default_max_tokens,
+            max_n: s.max_n,
+        };
+        let tenants = deployment
+            .tenants
+            .iter()
+            .map(|t| {
+                let mut digest = [0u8; 32];
+                hex::decode_to_slice(&t.key_sha256, &mut digest).map_err(|e| {
+                    ServiceError::new(ErrorKind::Internal, format!("tenant {}: key_sha256: {e}", t.name))
+                })?;
+                Ok(Arc::new(Tenant {
+                    name: t.name.clone(),
+                    role: t.role,
+                    digest,
+                    max_concurrent: t.max_concurrent,
+                    active: AtomicUsize::new(0),
+                }))
+            })
+            .collect::<Result<Vec<_>, ServiceError>>()?;
+        let anonymous = Arc::new(Tenant {
+            name: "anonymous".into(),
+            role: Role::Admin,
+            digest: [0; 32],
+            max_concurrent: usize::MAX,
+            active: AtomicUsize::new(0),
+        });
+        let tok = &model.tokenizer;
+        let chat_stop_ids = ["<|im_end|>", "<|eot_id|>", "<|end|>"].iter().filter_map(|t| tok.token_to_id(t)).collect();
+        let svc = Self {
+            registry: AdapterRegistry::new(model.model.config.clone(), backend),
+            model_root: model.path.display().to_string(),
+            engine,
+            model,
+            model_id,
+            adapters: RwLock::new(HashMap::new()),
+            merged: Mutex::new(Vec::new()),
+            tenants,
+            anonymous,
+            limits,
+            chat_stop_ids,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            metrics: ServiceMetrics::default(),
+        };
+        for dir in &deployment.adapters.dirs {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                ServiceError::new(ErrorKind::Internal, format!("adapters.dirs: {}: {e}", dir.display()))
+            })?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("adapter_config.json").is_file())
+                .collect();
+            found.sort();
+            for path in found {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let visible_to = deployment.adapters.visibility.get(&name).cloned();
+                svc.load_adapter_inner(&name, &path, visible_to)?;
+            }
+        }
+        for name in deployment.adapters.visibility.keys() {
+            if !svc.adapters_read().contains_key(name) {
+                return Err(ServiceError::new(
+                    ErrorKind::Internal,
+                    format!("adapters.visibility.{name}: no adapter named {name:?} was found in adapters.dirs"),
+                ));
+            }
+        }
+        Ok(svc)
+    }
+}
+
+impl<B: Backend + Clone + 'static> Service<B> {
+    fn adapters_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, AdapterInfo>> {
+        self.adapters.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &EngineHandle<B> {
+        &self.engine
+    }
+
+    /// The base model's id.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &Arc<LoadedModel<B>> {
+        &self.model
+    }
+
+    /// Whether requests must carry an API key (true when any tenant is configured).
+    pub fn auth_required(&self) -> bool {
+        !self.tenants.is_empty()
+    }
+
+    /// The tenant an `Authorization` header value (`Bearer KEY`) belongs to. Keys are compared
+    /// as SHA-256 digests in constant time; every tenant is checked, so timing does not reveal
+    /// which one matched.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Tenant>, ServiceError> {
+        if !self.auth_required() {
+            return Ok(self.anonymous.clone());
+        }
+        let Some(value) = authorization else {
+            return Err(ServiceError::new(
+                ErrorKind::Unauthorized,
+                "missing API key: send the header `Authorization: Bearer YOUR_KEY`",
+            ));
+        };
+        let key = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or("").trim();
+        let digest = key_digest(key);
+        let mut found = None;
+        for t in &self.tenants {
+            #[allow(deprecated)]
+            let same = ring::constant_time::verify_slices_are_equal(&t.digest, &digest).is_ok();
+            if same && found.is_none() {
+                found = Some(t.clone());
+            }
+        }
+        found.ok_or_else(|| ServiceError::new(ErrorKind::Unauthorized, "invalid API key"))
+    }
+
+    /// Refuses non-admins.
+    pub fn require_admin(&self, tenant: &Tenant) -> Result<(), ServiceError> {
+        if tenant.is_admin() {
+            Ok(())
+        } else {
+            Err(ServiceError::new(ErrorKind::Forbidden, format!("tenant {:?} is not an admin", tenant.name)))
+        }
+    }
+
+    fn visible(&self, tenant: &Tenant, info: &AdapterInfo) -> bool {
+        tenant.is_admin() || info.visible_to.as_ref().is_none_or(|v| v.iter().any(|t| *t == tenant.name))
+    }
+
+    /// The models `tenant` may see: the base and every visible adapter.
+    pub fn list_models(&self, tenant: &Tenant) -> Vec<ModelCard> {
+        let mut out = vec![ModelCard { id: self.model_id.clone(), root: self.model_root.clone(), parent: None }];
+        let adapters = self.adapters_read();
+        let mut names: Vec<&String> =
+            adapters.iter().filter(|(_, i)| self.visible(tenant, i)).map(|(n, _)| n).collect();
+        names.sort();
+        for n in names {
+            out.push(ModelCard {
+                id: n.clone(),
+                root: adapters[n].dir.display().to_string(),
+                parent: Some(self.model_id.clone()),
+            });
+        }
+        out
+    }
+
+    fn load_adapter_inner(&self, name: &str, dir: &Path, visible_to: Option<Vec<String>>) -> Result<(), ServiceError> {
+        if name.is_empty() || name == self.model_id {
+            return Err(ServiceError::bad("lora_name", format!("{name:?} cannot name an adapter")));
+        }
+        let start = Instant::now();
+        self.registry.load_dir(name, dir).map_err(|e| ServiceError::bad("lora_path", e.to_string()))?;
+        self.metrics.adapter_load_seconds.observe(start.elapsed().as_secs_f64());
+        self.metrics.adapter_loads.fetch_add(1, Ordering::Relaxed);
+        self.adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), AdapterInfo { dir: dir.to_path_buf(), visible_to });
+        Ok(())
+    }
+
+    /// Loads (or replaces) adapter `name` from `dir` (admin). A replaced name points at the new
+    /// generation at once; requests already running keep the old one.
+    pub fn load_adapter(&self, tenant: &Tenant, name: &str, dir: &Path) -> Result<(), ServiceError> {
+        self.require_admin(tenant)?;
+        self.load_adapter_inner(name, dir, None)
+    }
+
+    /// Unloads adapter `name` (admin); requests already running finish with it.
+    pub fn unload_adapter(&self, tenant: &Tenant, name: &str) -> Result<(), ServiceError> {
+        self.require_admin(tenant)?;
+        let removed = self.adapters.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+        if removed.is_none() {
+            return Err(ServiceError::new(ErrorKind::NotFound, format!("the adapter {name:?} is not loaded")));
+        }
+        let _ = self.registry.unload(name);
+        self.metrics.adapter_unloads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn not_found(&self, name: &str) -> ServiceError {
+        ServiceError {
+            kind: ErrorKind::NotFound,
+            message: format!("the model `{name}` does not exist"),
+            param: Some("model".into()),
+        }
+    }
+
+    /// Resolves the model field and the adapters extension to weighted adapters.
+    fn resolve(&self, tenant: &Tenant, p: &GenerationParams) -> Result<Vec<WeightedAdapter<B>>, ServiceError> {
+        let mut choices = p.adapters.clone();
+        if p.model != self.model_id {
+            let known = self.adapters_read().get(&p.model).is_some_and(|i| self.visible(tenant, i));
+            if !known {
+                return Err(self.not_found(&p.model));
+            }
+            if choices.is_empty() {
+                choices.push(AdapterChoice { name: p.model.clone(), weight: 1.0 });
+            } else if !choices.iter().any(|c| c.name == p.model) {
+                return Err(ServiceError::bad(
+                    "adapters",
+                    format!(
+                        "`model` is the adapter `{}` but `adapters` does not list it; name the base model `{}` in `model` when composing",
+                        p.model, self.model_id
+                    ),
+                ));
+            }
+        }
+        let mut out = Vec::with_capacity(choices.len());
+        for c in &choices {
+            if !c.weight.is_finite() {
+                return Err(ServiceError::bad(
+                    "adapters",
+                    format!("adapter `{}`: weight must be a finite number", c.name),
+                ));
+            }
+            let visible = self.adapters_read().get(&c.name).is_some_and(|i| self.visible(tenant, i));
+            let adapter = if visible { self.registry.get(&c.name).ok() } else { None };
+            let Some(adapter) = adapter else {
+                return Err(ServiceError {
+                    kind: ErrorKind::NotFound,
+                    message: format!("the adapter `{}` does not exist", c.name),
+                    param: Some("adapters".into()),
+                });
+            };
+            out.push(WeightedAdapter { adapter, weight: c.weight });
+        }
+        match &p.merge {
+            Some(m) if !out.is_empty() => {
+                Ok(vec![WeightedAdapter { adapter: self.merged(&choices, &out, m)?, weight: 1.0 }])
+            }
+            Some(_) => Err(ServiceError::bad("merge", "`merge` needs adapters to merge")),
+            None => Ok(out),
+        }
+    }
+
+    /// The merged adapter for `spec` over `inputs`, built once per recipe and inputs.
+    fn merged(
+        &self,
+        choices: &[AdapterChoice],
+        inputs: &[WeightedAdapter<B>],
+        spec: &MergeSpec,
+    ) -> Result<Arc<LoraAdapter<B>>, ServiceError> {
+        let bad = |m: String| ServiceError::bad("merge", m);
+        let method = MergeMethod::parse(&spec.method).map_err(|e| bad(e.to_string()))?;
+        let mut recipe = MergeRecipe::new(method, inputs.iter().map(|w| w.weight).collect());
+        if let Some(d) = spec.density {
+            recipe.density = d;
+        }
+        recipe.majority_sign = match spec.majority_sign_method.as_deref() {
+            None | Some("total") => MajoritySign::Total,
+            Some("frequency") => MajoritySign::Frequency,
+            Some(other) => return Err(bad(format!("majority_sign_method `{other}` is not `total` or `frequency`"))),
+        };
+        recipe.svd_rank = spec.svd_rank;
+        recipe.seed = spec.seed.unwrap_or(0);
+        let gens: Vec<Generation> = inputs.iter().map(|w| w.adapter.generation).collect();
+        let key = recipe.generation_of(&gens);
+        if let Some((_, a)) = self.merged.lock().unwrap_or_else(PoisonError::into_inner).iter().find(|(g, _)| *g == key)
+        {
+            return Ok(a.clone());
+        }
+        let mut hosts = Vec::with_capacity(choices.len());
+        for (c, w) in choices.iter().zip(inputs) {
+            let dir =
+                self.adapters_read().get(&c.name).map(|i| i.dir.clone()).ok_or_else(|| self.not_found(&c.name))?;
+            let host = LoraHost::load(&c.name, &dir, &self.model.model.config)
+                .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))?;
+            if host.generation != w.adapter.generation {
+                return Err(ServiceError::new(
+                    ErrorKind::Internal,
+                    format!("adapter `{}` changed on disk since it was loaded; reload it first", c.name),
+                ));
+            }
+            hosts.push(host);
+        }
+        let refs: Vec<&LoraHost> = hosts.iter().collect();
+        let name = format!("merge-{}", &key.to_string()[..12]);
+        let host = merge(&name, &refs, &recipe).map_err(|e| bad(e.to_string()))?;
+        let prepared = Arc::new(
+            LoraAdapter::prepare(&host, self.model.model.backend())
+                .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))?,
+        );
+        self.metrics.merges.fetch_add(1, Ordering::Relaxed);
+        let mut cache = self.merged.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MERGED_CACHE {
+            cache.remove(0);
+        }
+        cache.push((key, prepared.clone()));
+        Ok(prepared)
+    }
+
+    /// Tokenizes the prompt (chat template for conversations).
+    fn tokenize(&self, prompt: &PromptInput) -> Result<(Vec<u32>, bool), ServiceError> {
+        let tok = &self.model.tokenizer;
+        let enc = |t: &str| tok.encode(t, true).map_err(|e| ServiceError::bad("prompt", e.to_string()));
+        Ok(match prompt {
+            PromptInput::Text(t) => (enc(t)?, false),
+            PromptInput::Tokens(ids) => (ids.clone(), false),
+            PromptInput::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(ServiceError::bad("messages", "`messages` must not be empty"));
+                }
+                let text = self
+                    .model
+                    .chat_template
+                    .render(messages, true)
+                    .map_err(|e| ServiceError::bad("messages", e.to_string()))?;
+                (enc(&text)?, true)
+            }
+        })
+    }
+
+    /// Starts a generation for `tenant`: checks, resolves, tokenizes and queues `n` sequences.
+    pub fn start(&self, tenant: &Arc<Tenant>, p: GenerationParams) -> Result<Started, ServiceError> {
+        let r = self.start_inner(tenant, p);
+        if let Err(e) = &r {
+            self.metrics.refused(e.kind);
+        }
+        r
+    }
+
+    fn start_inner(&self, tenant: &Arc<Tenant>, p: GenerationParams) -> Result<Started, ServiceError> {
+        let started = Instant::now();
+        let l = &self.limits;
+        if p.n == 0 || p.n > l.max_n {
+            return Err(ServiceError::bad("n", format!("n must be between 1 and {}", l.max_n)));
+        }
+        let max_tokens = p.max_tokens.unwrap_or(l.default_max_tokens);
+        if max_tokens == 0 || max_tokens > l.max_tokens_limit {
+            return Err(ServiceError::bad(
+                "max_tokens",
+                format!("max_tokens must be between 1 and {} (got {max_tokens})", l.max_tokens_limit),
+            ));
+        }
+        p.sampling.validate().map_err(|e| ServiceError::bad(e.name, e.to_string()))?;
+        if let Some(k) = p.logprobs
+            && k > 20
+        {
+            return Err(ServiceError::bad("logprobs", "at most 20 alternatives per token"));
+        }
+        let adapters = self.resolve(tenant, &p)?;
+        let (prompt, chat) = self.tokenize(&p.prompt)?;
+        if prompt.is_empty() {
+            return Err(ServiceError::bad("prompt", "the prompt is empty"));
+        }
+        if prompt.len() > l.max_prompt_tokens {
+            return Err(ServiceError::bad(
+                "prompt",
+                format!("the prompt has {} tokens; the limit is {}", prompt.len(), l.max_prompt_tokens),
+            ));
+        }
+        let slot = if self.auth_required() {
+            let prev = tenant.active.fetch_add(1, Ordering::SeqCst);
+            let slot = Slot(tenant.clone());
+            if prev >= tenant.max_concurrent {
+                return Err(ServiceError::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                        "tenant {:?} already has {} requests in flight (limit {})",
+                        tenant.name, prev, tenant.max_concurrent
+                    ),
+                ));
+            }
+            Some(slot)
+        } else {
+            None
+        };
+        let mut streams = Vec::with_capacity(p.n);
+        for i in 0..p.n {
+            let mut sampling = p.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            let req = Request {
+                prompt: prompt.clone(),
+                adapters: adapters.clone(),
+                tenant: tenant.name.clone(),
+                sampling,
+                max_tokens,
+                stop: p.stop.clone(),
+                stop_at_eos: !p.ignore_eos,
+                stop_token_ids: if chat && !p.ignore_eos { self.chat_stop_ids.clone() } else { Vec::new() },
+                logprobs: p.logprobs,
+            };
+            // Dropping already-queued streams on error cancels them.
+            streams.push(self.engine.submit(req)?);
+        }
+        Ok(Started { streams, prompt_tokens: prompt.len(), model: p.model, slot, started })
+    }
+
+    /// The text of one token (for logprobs).
+    pub fn token_text(&self, id: u32) -> String {
+        self.model.tokenizer.decode(&[id], false).unwrap_or_default()
+    }
+}

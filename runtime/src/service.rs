@@ -492,7 +492,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
     }
 
     fn visible(&self, tenant: &Tenant, info: &AdapterInfo) -> bool {
-        tenant.is_admin() || info.visible_to.as_ref().is_none_or(|v| v.iter().any(|t| *t == tenant.name))
+        tenant.is_admin() || info.visible_to.as_ref().is_none_or(|v| v.contains(&tenant.name))
     }
 
     /// The models `tenant` may see: the base and every visible adapter.

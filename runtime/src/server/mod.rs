@@ -351,9 +351,7 @@ async fn whole_response(svc: Svc, api: Api, mut m: Merged) -> Response {
     svc.metrics.e2e.observe(m.started.elapsed().as_secs_f64());
     let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
     let cached: usize = choices.iter().map(|c| c.usage.cached_tokens).max().unwrap_or(0);
-    let n_per_prompt = m.choices;
     let prompt_tokens = m.prompt_tokens;
-    let _ = n_per_prompt;
     let items: Vec<Value> = choices
         .iter()
         .enumerate()

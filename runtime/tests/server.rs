@@ -1,0 +1,347 @@
+//! `openlora serve` end to end: the real binary on 127.0.0.1, driven by the official `openai`
+//! Python package, curl, and a raw HTTP client for malformed input.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `openlora serve` on the quickstart deployment (copied, with its adapters folder
+/// pointing at the examples) plus `extra` TOML appended, on a free port.
+fn start(edit: impl Fn(String) -> String) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let quickstart = std::fs::read_to_string(repo().join("examples/quickstart.toml")).expect("quickstart");
+    let adapters = repo().join("examples/adapters");
+    let toml =
+        edit(quickstart.replace("dirs = [\"adapters\"]", &format!("dirs = [{:?}]", adapters.display().to_string())));
+    let cfg = dir.path().join("deploy.toml");
+    std::fs::write(&cfg, toml).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start openlora serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if !sent && let Some(rest) = line.split(" on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server did not start");
+    Server { child, addr: addr.parse().expect("address"), _dir: dir }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    // The server may answer (413) before reading a large body; a reset while writing is fine.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// Asserts an OpenAI-shaped error with `status`.
+fn assert_error(got: (u16, String), status: u16, what: &str) {
+    assert_eq!(got.0, status, "{what}: {}", got.1);
+    let v = json(&got.1);
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {}", got.1);
+    assert!(v["error"]["type"].is_string(), "{what}: {}", got.1);
+}
+
+fn chat_body(model: &str, q: &str, max_tokens: i64) -> Vec<u8> {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0})
+        .to_string()
+        .into_bytes()
+}
+
+/// A venv with the `openai` and `prometheus-client` packages, created in the cache on first use.
+fn client_python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let cache = std::env::var_os("OPENLORA_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/openlora"));
+        let venv = cache.join("venv-client");
+        let py = venv.join("bin/python");
+        let ready = venv.join(".ready");
+        if !ready.exists() {
+            let run = |cmd: &mut Command| {
+                let st = cmd.status().expect("run");
+                assert!(st.success(), "{cmd:?} failed");
+            };
+            run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+            run(Command::new(venv.join("bin/pip")).args([
+                "install",
+                "-q",
+                "openai==1.109.1",
+                "prometheus-client==0.23.1",
+            ]));
+            std::fs::write(&ready, b"").expect("stamp");
+        }
+        py
+    })
+    .clone()
+}
+
+#[test]
+fn the_openai_python_client_works_end_to_end() {
+    let py = client_python();
+    let server = start(|t| t);
+    let script = repo().join("tests/e2e/openai_client.py");
+    let out = Command::new(py)
+        .arg(&script)
+        .arg(format!("http://{}", server.addr))
+        .arg(MODEL)
+        .output()
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all openai-client checks passed"), "{stdout}");
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl").args(["-sS", "--max-time", "120"]).args(args).output().expect("curl");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn curl_auth_visibility_admin_and_malformed_input() {
+    let server = start(|t| t.replace("max_body_bytes = 1048576", "max_body_bytes = 65536"));
+    let a = server.addr;
+    let base = format!("http://{a}");
+    // curl, as the quickstart comments show it: chat, and SSE streaming.
+    let body = String::from_utf8(chat_body("signature", "What is the capital of France?", 48)).expect("utf-8");
+    let out = curl(&[
+        &format!("{base}/v1/chat/completions"),
+        "-H",
+        "Authorization: Bearer sk-demo-user",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body,
+    ]);
+    let v = json(&out);
+    let text = v["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(text.ends_with("-- sent by openlora"), "signature adapter through curl: {text:?}");
+    let sse = curl(&[
+        "-N",
+        &format!("{base}/v1/completions"),
+        "-H",
+        "Authorization: Bearer sk-demo-user",
+        "-d",
+        &format!(r#"{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 4, "stream": true}}"#),
+    ]);
+    let events: Vec<&str> = sse.lines().filter(|l| l.starts_with("data: ")).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"), "{sse}");
+    assert!(events.len() >= 5, "one event per token, a finish and [DONE]: {sse}");
+
+    // Auth.
+    assert_error(http(a, "GET", "/v1/models", None, b""), 401, "missing key");
+    assert_error(http(a, "GET", "/v1/models", Some("sk-nope"), b""), 401, "wrong key");
+    let load =
+        serde_json::json!({"lora_name": "caps2", "lora_path": repo().join("examples/adapters/caps")}).to_string();
+    assert_error(http(a, "POST", "/v1/load_lora_adapter", Some("sk-demo-user"), load.as_bytes()), 403, "user loads");
+    assert_error(
+        http(a, "POST", "/v1/unload_lora_adapter", Some("sk-demo-user"), br#"{"lora_name": "caps"}"#),
+        403,
+        "user unloads",
+    );
+    // A private adapter is invisible and unusable to other tenants.
+    let models = http(a, "GET", "/v1/models", Some("sk-demo-user"), b"").1;
+    assert!(!models.contains("\"pirate\""), "{models}");
+    assert_error(
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body("pirate", "hi", 4)),
+        404,
+        "private adapter",
+    );
+    let composed = serde_json::json!({"model": MODEL, "adapters": [{"name": "pirate", "weight": 1.0}], "prompt": "x", "max_tokens": 2});
+    assert_error(
+        http(a, "POST", "/v1/completions", Some("sk-demo-user"), composed.to_string().as_bytes()),
+        404,
+        "private adapter through `adapters`",
+    );
+
+    // Runtime load makes an adapter usable without restart; unload makes it 404.
+    assert_error(
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body("caps2", "hi", 4)),
+        404,
+        "before load",
+    );
+    let (st, msg) = http(a, "POST", "/v1/load_lora_adapter", Some("sk-demo-admin"), load.as_bytes());
+    assert_eq!(st, 200, "{msg}");
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some("sk-demo-user"),
+        &chat_body("caps2", "What is the capital of France?", 24),
+    );
+    assert_eq!(st, 200, "{body}");
+    let t = json(&body)["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
+    assert_eq!(t.to_uppercase(), t, "the loaded caps adapter answers in capitals: {t:?}");
+    let (st, msg) = http(a, "POST", "/v1/unload_lora_adapter", Some("sk-demo-admin"), br#"{"lora_name": "caps2"}"#);
+    assert_eq!(st, 200, "{msg}");
+    assert_error(
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body("caps2", "hi", 4)),
+        404,
+        "after unload",
+    );
+    assert_error(
+        http(a, "POST", "/v1/unload_lora_adapter", Some("sk-demo-admin"), br#"{"lora_name": "caps2"}"#),
+        404,
+        "unload twice",
+    );
+    let bad_load = serde_json::json!({"lora_name": "broken", "lora_path": "/nonexistent/adapter"}).to_string();
+    assert_error(http(a, "POST", "/v1/load_lora_adapter", Some("sk-demo-admin"), bad_load.as_bytes()), 400, "bad path");
+
+    // Bad input, each with the OpenAI error shape.
+    let k = Some("sk-demo-user");
+    assert_error(http(a, "POST", "/v1/chat/completions", k, b"{\"model\": "), 400, "malformed JSON");
+    assert_error(http(a, "POST", "/v1/chat/completions", k, &chat_body("nope", "hi", 4)), 404, "unknown model");
+    assert_error(http(a, "POST", "/v1/chat/completions", k, &chat_body(MODEL, "hi", -5)), 400, "negative max_tokens");
+    assert_error(http(a, "POST", "/v1/chat/completions", k, &vec![b' '; 70_000]), 413, "oversized body");
+    assert_error(
+        http(a, "POST", "/v1/completions", k, b"{\"model\": \"x\", \"prompt\": \"\xff\xfe\"}"),
+        400,
+        "invalid UTF-8",
+    );
+    assert_error(http(a, "POST", "/v1/completions", k, br#"{"model": "SmolLM2-135M-Instruct"}"#), 400, "no prompt");
+    assert_error(http(a, "GET", "/v1/nothing", k, b""), 404, "unknown route");
+
+    // 1,000 random malformed requests, then a valid one succeeds.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let valid = br#"{"model": "SmolLM2-135M-Instruct", "prompt": "hello", "max_tokens": 1}"#.to_vec();
+    for i in 0..1000 {
+        let mut body = valid.clone();
+        match i % 4 {
+            0 => body.truncate((rnd() as usize) % body.len()),
+            1 => {
+                for _ in 0..3 {
+                    let at = (rnd() as usize) % body.len();
+                    body[at] = (rnd() % 256) as u8;
+                }
+            }
+            2 => body = (0..(rnd() % 200)).map(|_| (rnd() % 256) as u8).collect(),
+            _ => {
+                let fields = ["max_tokens", "prompt", "model", "temperature", "n", "stop", "logprobs", "top_p"];
+                let f = fields[(rnd() as usize) % fields.len()];
+                let vals = ["-1", "\"x\"", "[]", "{}", "null", "1e309", "[1,[2]]", "99999999999", "true"];
+                let v = vals[(rnd() as usize) % vals.len()];
+                body = format!(r#"{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 1, "{f}": {v}}}"#).into_bytes();
+            }
+        }
+        let path = if i % 2 == 0 { "/v1/completions" } else { "/v1/chat/completions" };
+        let (st, resp) = http(a, "POST", path, k, &body);
+        assert!(st != 0 && st != 500, "request {i} ({:?}) got {st}: {resp}", String::from_utf8_lossy(&body));
+        if st != 200 {
+            assert!(json(&resp)["error"]["message"].is_string(), "request {i}: {resp}");
+        }
+    }
+    let (st, body) = http(a, "POST", "/v1/completions", k, &valid);
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(http(a, "GET", "/health", None, b"").0, 200);
+}
+
+#[test]
+fn a_tenant_over_its_concurrency_limit_gets_429_and_shutdown_drains_in_flight_requests() {
+    let server = start(|t| t.replacen("max_concurrent = 32", "max_concurrent = 1", 1));
+    let a = server.addr;
+    let long = serde_json::json!({"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let first = std::thread::spawn(move || {
+        http(a, "POST", "/v1/completions", Some("sk-demo-user"), long.to_string().as_bytes())
+    });
+    // Wait until it runs, then a second request of the same tenant is refused.
+    let start = Instant::now();
+    loop {
+        let m = http(a, "GET", "/metrics", None, b"").1;
+        if m.contains("vllm:num_requests_running{model_name=\"SmolLM2-135M-Instruct\"} 1") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the first request never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_error(
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body(MODEL, "hi", 2)),
+        429,
+        "second request",
+    );
+    // SIGTERM while it streams: it still completes.
+    let st = Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status().expect("kill");
+    assert!(st.success());
+    let (status, body) = first.join().expect("join");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"finish_reason\":\"length\"") && body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let mut server = server;
+    let code = server.child.wait().expect("wait");
+    assert!(code.success(), "the server exits cleanly after draining: {code:?}");
+}

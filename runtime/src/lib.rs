@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod adapters;
+pub mod attribution;
 pub mod config;
 pub mod engine;
 pub mod model;

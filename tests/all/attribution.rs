@@ -1,0 +1,169 @@
+//! The ledger: every flipped byte is caught at its entry, concurrent appends form one chain,
+//! a torn last line is cut on recovery, and the node key is private to its owner.
+
+use std::sync::Arc;
+
+use openlora::attribution::ledger::{Ledger, load_or_create_key, verify_bytes, verify_file};
+use openlora::attribution::manifest::{Contributor, Dataset};
+use openlora::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, builtin_attribution};
+use openlora::attribution::totals;
+
+fn record(i: u64) -> InferenceRecord {
+    InferenceRecord {
+        request_id: format!("req-{i}"),
+        tenant: if i % 2 == 0 { "demo".into() } else { "partner".into() },
+        time_ms: 1_700_000_000_000 + i,
+        base_model: ModelUse {
+            id: "m".into(),
+            sha256: "ab".repeat(32),
+            owner: "base-co".into(),
+            price_per_1k_tokens: 100,
+        },
+        adapters: vec![AdapterUse {
+            name: "pirate".into(),
+            generation: "cd".repeat(32),
+            weight: 0.75,
+            owner: "alice".into(),
+            price_per_1k_tokens: 2000,
+            datasets: vec![Dataset {
+                id: "pirate-qa".into(),
+                sha256: "ef".repeat(32),
+                license: "cc-by-4.0".into(),
+                contributors: vec![
+                    Contributor { name: "alice".into(), share: 3 },
+                    Contributor { name: "bob".into(), share: 1 },
+                ],
+            }],
+        }],
+        merge: None,
+        prompt_tokens: 30 + i,
+        completion_tokens: 17,
+        finish_reason: "stop".into(),
+        plugins: vec![],
+        prompt_sha256: "00".repeat(32),
+        output_sha256: "11".repeat(32),
+    }
+}
+
+fn ledger_in(dir: &std::path::Path) -> Ledger {
+    let key = load_or_create_key(&dir.join("node.key")).expect("key");
+    Ledger::open(&dir.join("ledger.jsonl"), key).expect("open")
+}
+
+#[test]
+fn flipping_any_byte_is_detected_at_the_entry_that_holds_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let l = ledger_in(tmp.path());
+    for i in 0..3 {
+        let r = record(i);
+        let a = builtin_attribution(&r);
+        l.append_blocking(r, a).expect("append");
+    }
+    let data = std::fs::read(tmp.path().join("ledger.jsonl")).expect("read");
+    assert!(verify_bytes(&data, None).error.is_none());
+    // Entry of each byte: lines, each with its newline.
+    let mut entry_of = Vec::with_capacity(data.len());
+    let mut e = 0;
+    for &b in &data {
+        entry_of.push(e);
+        if b == b'\n' {
+            e += 1;
+        }
+    }
+    for pos in 0..data.len() {
+        for bit in [0x01u8, 0x20, 0x80] {
+            let mut bad = data.clone();
+            bad[pos] ^= bit;
+            let v = verify_bytes(&bad, None);
+            match v.error {
+                Some(openlora::attribution::LedgerError::Bad { index, .. }) => {
+                    assert_eq!(index, entry_of[pos], "byte {pos} (bit {bit:#x}) blamed on entry {index}")
+                }
+                other => panic!("byte {pos} flipped with {bit:#x} went undetected: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn concurrent_appends_form_one_unbroken_chain_and_payments_sum_exactly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let l = Arc::new(ledger_in(tmp.path()));
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let l = l.clone();
+            std::thread::spawn(move || {
+                (0..63)
+                    .map(|i| {
+                        let r = record(t * 1000 + i);
+                        let a = builtin_attribution(&r);
+                        l.append_blocking(r, a).expect("append")
+                    })
+                    .collect::<Vec<String>>()
+            })
+        })
+        .collect();
+    let mut ids: Vec<String> = threads.into_iter().flat_map(|t| t.join().expect("join")).collect();
+    // 16 * 63 = 1,008 receipts.
+    assert_eq!(ids.len(), 1008);
+    let v = verify_file(&tmp.path().join("ledger.jsonl"), Some(l.public_key())).expect("read");
+    assert!(v.error.is_none(), "{:?}", v.error);
+    assert_eq!(v.receipts.len(), 1008);
+    let mut on_disk: Vec<String> = v.receipts.iter().map(|r| r.hash.clone()).collect();
+    ids.sort();
+    on_disk.sort();
+    assert_eq!(ids, on_disk, "every acknowledged receipt is in the ledger");
+    for r in &v.receipts {
+        let a = &r.body.attribution;
+        assert_eq!(a.payments.iter().map(|p| p.micros).sum::<u64>(), a.total_micros);
+        assert!(a.total_micros > 0);
+    }
+    let t = totals(&v.receipts);
+    let sum: u64 = t.iter().map(|(_, _, v)| v).sum();
+    assert_eq!(sum, v.receipts.iter().map(|r| r.body.attribution.total_micros).sum::<u64>());
+    // A receipt can be read back by id.
+    let (r, tenant) = l.get(&ids[5]).expect("read").expect("present");
+    assert_eq!(r.hash, ids[5]);
+    assert_eq!(tenant, r.body.record.tenant);
+}
+
+#[test]
+fn a_torn_last_line_is_cut_on_reopen_and_the_key_is_private() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    {
+        let l = ledger_in(tmp.path());
+        for i in 0..4 {
+            let r = record(i);
+            let a = builtin_attribution(&r);
+            l.append_blocking(r, a).expect("append");
+        }
+    }
+    let path = tmp.path().join("ledger.jsonl");
+    let data = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &data[..data.len() - 40]).expect("tear");
+    assert!(verify_file(&path, None).expect("read").torn_tail);
+    let l = ledger_in(tmp.path());
+    assert_eq!(l.len(), 3);
+    let r = record(9);
+    let a = builtin_attribution(&r);
+    l.append_blocking(r, a).expect("append after recovery");
+    let v = verify_file(&path, None).expect("read");
+    assert!(v.error.is_none(), "{:?}", v.error);
+    assert_eq!(v.receipts.len(), 4);
+    // Damage in the middle is not "repaired": opening refuses and names the entry.
+    let mut data = std::fs::read(&path).expect("read");
+    let second_line = data.iter().position(|&b| b == b'\n').expect("nl") + 10;
+    data[second_line] ^= 1;
+    std::fs::write(&path, &data).expect("write");
+    let key = load_or_create_key(&tmp.path().join("node.key")).expect("key");
+    match Ledger::open(&path, key) {
+        Err(e) => assert!(e.to_string().contains("entry 1"), "{e}"),
+        Ok(_) => panic!("a damaged ledger opened"),
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("node.key")).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -60,6 +60,32 @@ pub struct Deployment {
     /// API keys.
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+    /// Receipts and the ledger.
+    #[serde(default)]
+    pub attribution: AttributionSection,
+}
+
+/// `[attribution]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionSection {
+    /// Write a signed receipt for every request.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Folder for the node key (`node.key`, created with mode 0600) and the ledger
+    /// (`ledger.jsonl`); relative to the deployment file.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("openlora-state")
+}
+
+impl Default for AttributionSection {
+    fn default() -> Self {
+        Self { enabled: true, state_dir: default_state_dir() }
+    }
 }
 
 /// `[model]`.
@@ -74,6 +100,8 @@ pub struct ModelSection {
     pub name: Option<String>,
     /// Compute threads (default: all cores).
     pub threads: Option<usize>,
+    /// Owner, license and price of the base model (receipts credit it); unpriced when absent.
+    pub manifest: Option<crate::attribution::Manifest>,
 }
 
 fn default_model_path() -> String {
@@ -82,7 +110,7 @@ fn default_model_path() -> String {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { path: default_model_path(), name: None, threads: None }
+        Self { path: default_model_path(), name: None, threads: None, manifest: None }
     }
 }
 
@@ -257,6 +285,7 @@ impl Deployment {
         for dir in d.adapters.dirs.iter_mut() {
             *dir = base.join(&*dir);
         }
+        d.attribution.state_dir = base.join(&d.attribution.state_dir);
         Ok(d)
     }
 
@@ -297,6 +326,9 @@ impl Deployment {
                     self.engine.max_batch_tokens, self.engine.max_running
                 ),
             ));
+        }
+        if let Some(m) = &self.model.manifest {
+            m.validate().map_err(|r| bad("model.manifest", r))?;
         }
         if let Some(0) = self.model.threads {
             return Err(bad("model.threads", "must be at least 1".into()));

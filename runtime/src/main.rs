@@ -39,6 +39,29 @@ enum Command {
     Bench(BenchArgs),
     /// Serve a deployment over HTTP (OpenAI-compatible API, adapter admin, metrics).
     Serve(ServeArgs),
+    /// Check or export a receipt ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Check every receipt's signature, hash and chain link; names the first bad entry.
+    Verify {
+        /// The ledger file (STATE_DIR/ledger.jsonl).
+        path: PathBuf,
+        /// Require this signer (hex Ed25519 public key, as GET /v1/attribution/key serves it).
+        #[arg(long)]
+        public_key: Option<String>,
+    },
+    /// Write the receipts as JSON lines and print per-party totals (JSON) on stdout.
+    Export {
+        /// The ledger file.
+        path: PathBuf,
+        /// Where to write the receipts (JSON lines).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -426,6 +449,7 @@ fn main() -> Result<()> {
         Command::Generate(a) => run_generate(a),
         Command::Bench(a) => run_bench(a),
         Command::Serve(a) => run_serve(a),
+        Command::Ledger(c) => run_ledger(c),
     }
 }
 
@@ -461,7 +485,15 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     }
     .with_kv_bytes(&loaded.model.config, e.kv_cache_mib << 20);
     let engine = EngineHandle::spawn(loaded.clone(), cfg.clone())?;
-    let svc = Arc::new(Service::new(&d, loaded, model_id.clone(), engine, backend)?);
+    let ledger = if d.attribution.enabled {
+        let dir = &d.attribution.state_dir;
+        let key = openlora::attribution::load_or_create_key(&dir.join("node.key"))?;
+        Some(openlora::attribution::Ledger::open(&dir.join("ledger.jsonl"), key)?)
+    } else {
+        None
+    };
+    let sha = openlora::service::weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let svc = Arc::new(Service::new(&d, loaded, model_id.clone(), engine, backend, ledger, sha)?);
     let adapters = svc.list_models(&openlora::service::Tenant::admin_view()).len() - 1;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -508,4 +540,40 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     eprintln!("openlora: shutting down; letting in-flight requests finish");
+}
+
+fn run_ledger(c: LedgerCommand) -> Result<()> {
+    use openlora::attribution::{totals, verify_file};
+    match c {
+        LedgerCommand::Verify { path, public_key } => {
+            let v = verify_file(&path, public_key.as_deref())?;
+            if let Some(e) = v.error {
+                bail!("{}: {e} ({} entries before it verified)", path.display(), v.receipts.len());
+            }
+            let key = v.receipts.first().map_or("-", |r| r.body.node_key.as_str());
+            println!("ok: {} receipts, one unbroken chain, all signed by {key}", v.receipts.len());
+            Ok(())
+        }
+        LedgerCommand::Export { path, out } => {
+            let v = verify_file(&path, None)?;
+            if let Some(e) = v.error {
+                bail!("{}: {e}; not exporting an unverified ledger", path.display());
+            }
+            let mut w = std::io::BufWriter::new(
+                std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?,
+            );
+            for r in &v.receipts {
+                serde_json::to_writer(&mut w, r)?;
+                w.write_all(b"\n")?;
+            }
+            w.flush()?;
+            let t: Vec<serde_json::Value> = totals(&v.receipts)
+                .into_iter()
+                .map(|(party, role, micros)| serde_json::json!({"party": party, "role": role, "micros": micros}))
+                .collect();
+            let charged: u64 = v.receipts.iter().map(|r| r.body.attribution.total_micros).sum();
+            println!("{}", serde_json::json!({"receipts": v.receipts.len(), "total_micros": charged, "totals": t}));
+            Ok(())
+        }
+    }
 }

@@ -14,6 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::adapters::merge::{MajoritySign, MergeMethod, MergeRecipe, merge};
 use crate::adapters::{AdapterRegistry, Generation, LoraAdapter, LoraHost, WeightedAdapter};
+use crate::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, text_sha256, tokens_sha256};
+use crate::attribution::{Ledger, Manifest, builtin_attribution};
 use crate::config::{Deployment, Role};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineError, EngineHandle, Request, RequestStream};
@@ -181,6 +183,39 @@ pub struct Started {
     pub slot: Option<Slot>,
     /// When the request was accepted.
     pub started: Instant,
+    /// What the receipt will say about the request.
+    pub record: RecordContext,
+}
+
+/// The parts of an inference record known when a request starts.
+#[derive(Clone, Debug)]
+pub struct RecordContext {
+    /// The response id.
+    pub request_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// Adapters with their manifests, in request order.
+    pub adapters: Vec<AdapterUse>,
+    /// The merge recipe, if merged.
+    pub merge: Option<String>,
+    /// SHA-256 of the prompt token ids.
+    pub prompt_sha256: String,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+}
+
+impl RecordContext {
+    /// Combines the contexts of several prompts of one request (a completions list).
+    pub fn combine(mut parts: Vec<RecordContext>) -> Option<RecordContext> {
+        if parts.len() <= 1 {
+            return parts.pop();
+        }
+        let joined: String = parts.iter().map(|p| p.prompt_sha256.as_str()).collect();
+        let mut first = parts[0].clone();
+        first.prompt_tokens = parts.iter().map(|p| p.prompt_tokens).sum();
+        first.prompt_sha256 = text_sha256(&joined);
+        Some(first)
+    }
 }
 
 /// A model as `/v1/models` lists it.
@@ -311,6 +346,7 @@ pub struct Limits {
 struct AdapterInfo {
     dir: PathBuf,
     visible_to: Option<Vec<String>>,
+    manifest: Manifest,
 }
 
 /// Most merged adapters kept prepared.
@@ -329,10 +365,39 @@ pub struct Service<B: Backend> {
     anonymous: Arc<Tenant>,
     limits: Limits,
     chat_stop_ids: Vec<u32>,
+    ledger: Option<Ledger>,
+    base_use: ModelUse,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
     pub metrics: ServiceMetrics,
+}
+
+/// A fresh response id.
+pub fn new_request_id(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u128 = rand::thread_rng().r#gen();
+    format!("{prefix}-{n:032x}")
+}
+
+/// SHA-256 of a model's weights: the file, or a folder's `*.safetensors` in name order.
+pub fn weights_sha256(path: &Path) -> std::io::Result<String> {
+    let mut files = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut h = Sha256::new();
+    for f in files.drain(..) {
+        let mut file = std::fs::File::open(f)?;
+        std::io::copy(&mut file, &mut h)?;
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// SHA-256 of an API key.
@@ -348,6 +413,8 @@ impl<B: Backend + Clone + 'static> Service<B> {
         model_id: String,
         engine: EngineHandle<B>,
         backend: B,
+        ledger: Option<Ledger>,
+        model_sha256: String,
     ) -> Result<Self, ServiceError> {
         let ctx = engine.context_limit();
         let s = &deployment.server;
@@ -384,7 +451,16 @@ impl<B: Backend + Clone + 'static> Service<B> {
         });
         let tok = &model.tokenizer;
         let chat_stop_ids = ["<|im_end|>", "<|eot_id|>", "<|end|>"].iter().filter_map(|t| tok.token_to_id(t)).collect();
+        let base_manifest = deployment.model.manifest.clone().unwrap_or_else(Manifest::unpriced);
+        let base_use = ModelUse {
+            id: model_id.clone(),
+            sha256: model_sha256,
+            owner: base_manifest.owner.clone(),
+            price_per_1k_tokens: base_manifest.price_per_1k_tokens,
+        };
         let svc = Self {
+            ledger,
+            base_use,
             registry: AdapterRegistry::new(model.model.config.clone(), backend),
             model_root: model.path.display().to_string(),
             engine,
@@ -517,13 +593,16 @@ impl<B: Backend + Clone + 'static> Service<B> {
             return Err(ServiceError::bad("lora_name", format!("{name:?} cannot name an adapter")));
         }
         let start = Instant::now();
+        let manifest = Manifest::load_for(dir)
+            .map_err(|e| ServiceError::bad("lora_path", format!("adapter `{name}`: {e}")))?
+            .unwrap_or_else(Manifest::unpriced);
         self.registry.load_dir(name, dir).map_err(|e| ServiceError::bad("lora_path", e.to_string()))?;
         self.metrics.adapter_load_seconds.observe(start.elapsed().as_secs_f64());
         self.metrics.adapter_loads.fetch_add(1, Ordering::Relaxed);
         self.adapters
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(name.to_owned(), AdapterInfo { dir: dir.to_path_buf(), visible_to });
+            .insert(name.to_owned(), AdapterInfo { dir: dir.to_path_buf(), visible_to, manifest });
         Ok(())
     }
 
@@ -555,7 +634,12 @@ impl<B: Backend + Clone + 'static> Service<B> {
     }
 
     /// Resolves the model field and the adapters extension to weighted adapters.
-    fn resolve(&self, tenant: &Tenant, p: &GenerationParams) -> Result<Vec<WeightedAdapter<B>>, ServiceError> {
+    #[allow(clippy::type_complexity)]
+    fn resolve(
+        &self,
+        tenant: &Tenant,
+        p: &GenerationParams,
+    ) -> Result<(Vec<WeightedAdapter<B>>, Vec<AdapterUse>, Option<String>), ServiceError> {
         let mut choices = p.adapters.clone();
         if p.model != self.model_id {
             let known = self.adapters_read().get(&p.model).is_some_and(|i| self.visible(tenant, i));
@@ -575,6 +659,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
         }
         let mut out = Vec::with_capacity(choices.len());
+        let mut uses = Vec::with_capacity(choices.len());
         for c in &choices {
             if !c.weight.is_finite() {
                 return Err(ServiceError::bad(
@@ -582,7 +667,10 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     format!("adapter `{}`: weight must be a finite number", c.name),
                 ));
             }
-            let visible = self.adapters_read().get(&c.name).is_some_and(|i| self.visible(tenant, i));
+            let (visible, manifest) = match self.adapters_read().get(&c.name) {
+                Some(i) => (self.visible(tenant, i), i.manifest.clone()),
+                None => (false, Manifest::unpriced()),
+            };
             let adapter = if visible { self.registry.get(&c.name).ok() } else { None };
             let Some(adapter) = adapter else {
                 return Err(ServiceError {
@@ -591,14 +679,25 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     param: Some("adapters".into()),
                 });
             };
+            uses.push(AdapterUse::new(&c.name, adapter.generation.to_string(), c.weight, &manifest));
             out.push(WeightedAdapter { adapter, weight: c.weight });
         }
         match &p.merge {
             Some(m) if !out.is_empty() => {
-                Ok(vec![WeightedAdapter { adapter: self.merged(&choices, &out, m)?, weight: 1.0 }])
+                let merged = self.merged(&choices, &out, m)?;
+                let desc = format!(
+                    "{} density={} majority_sign={} svd_rank={} seed={} -> {}",
+                    m.method,
+                    m.density.unwrap_or(1.0),
+                    m.majority_sign_method.as_deref().unwrap_or("total"),
+                    m.svd_rank.map_or_else(|| "auto".to_owned(), |r| r.to_string()),
+                    m.seed.unwrap_or(0),
+                    merged.generation
+                );
+                Ok((vec![WeightedAdapter { adapter: merged, weight: 1.0 }], uses, Some(desc)))
             }
             Some(_) => Err(ServiceError::bad("merge", "`merge` needs adapters to merge")),
-            None => Ok(out),
+            None => Ok((out, uses, None)),
         }
     }
 
@@ -707,7 +806,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         {
             return Err(ServiceError::bad("logprobs", "at most 20 alternatives per token"));
         }
-        let adapters = self.resolve(tenant, &p)?;
+        let (adapters, uses, merge_desc) = self.resolve(tenant, &p)?;
         let (prompt, chat) = self.tokenize(&p.prompt)?;
         if prompt.is_empty() {
             return Err(ServiceError::bad("prompt", "the prompt is empty"));
@@ -752,7 +851,59 @@ impl<B: Backend + Clone + 'static> Service<B> {
             // Dropping already-queued streams on error cancels them.
             streams.push(self.engine.submit(req)?);
         }
-        Ok(Started { streams, prompt_tokens: prompt.len(), model: p.model, slot, started })
+        let record = RecordContext {
+            request_id: new_request_id(if chat { "chatcmpl" } else { "cmpl" }),
+            tenant: tenant.name.clone(),
+            adapters: uses,
+            merge: merge_desc,
+            prompt_sha256: tokens_sha256(&prompt),
+            prompt_tokens: prompt.len(),
+        };
+        Ok(Started { streams, prompt_tokens: prompt.len(), model: p.model, slot, started, record })
+    }
+
+    /// The ledger, when attribution is on.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
+    }
+
+    /// Writes the receipt of a finished (or cancelled) request; the channel yields its id once
+    /// it is durable. `None` when attribution is off.
+    pub fn record(
+        &self,
+        ctx: &RecordContext,
+        completion_tokens: usize,
+        finish_reason: &str,
+        outputs: &[&str],
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<String, String>>> {
+        let ledger = self.ledger.as_ref()?;
+        let record = InferenceRecord {
+            request_id: ctx.request_id.clone(),
+            tenant: ctx.tenant.clone(),
+            time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            base_model: self.base_use.clone(),
+            adapters: ctx.adapters.clone(),
+            merge: ctx.merge.clone(),
+            prompt_tokens: ctx.prompt_tokens as u64,
+            completion_tokens: completion_tokens as u64,
+            finish_reason: finish_reason.to_owned(),
+            plugins: Vec::new(),
+            prompt_sha256: ctx.prompt_sha256.clone(),
+            output_sha256: text_sha256(&outputs.join("\0")),
+        };
+        let attribution = builtin_attribution(&record);
+        Some(ledger.append(record, attribution))
+    }
+
+    /// A receipt by id, if `tenant` may read it (its own; admins any).
+    pub fn receipt(&self, tenant: &Tenant, id: &str) -> Result<crate::attribution::Receipt, ServiceError> {
+        let nf = || ServiceError::new(ErrorKind::NotFound, format!("no receipt {id}"));
+        let ledger =
+            self.ledger.as_ref().ok_or_else(|| ServiceError::new(ErrorKind::NotFound, "attribution is off"))?;
+        match ledger.get(id).map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))? {
+            Some((r, owner)) if tenant.is_admin() || owner == tenant.name => Ok(r),
+            _ => Err(nf()),
+        }
     }
 
     /// The text of one token (for logprobs).

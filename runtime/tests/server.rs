@@ -18,7 +18,8 @@ fn repo() -> PathBuf {
 struct Server {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -31,12 +32,22 @@ impl Drop for Server {
 /// Starts `openlora serve` on the quickstart deployment (copied, with its adapters folder
 /// pointing at the examples) plus `extra` TOML appended, on a free port.
 fn start(edit: impl Fn(String) -> String) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut s = start_in(tmp.path(), edit);
+    s._tmp = Some(tmp);
+    s
+}
+
+/// Like [`start`], with the deployment and its state (key, ledger) in `dir`.
+fn start_in(dir: &std::path::Path, edit: impl Fn(String) -> String) -> Server {
     let quickstart = std::fs::read_to_string(repo().join("examples/quickstart.toml")).expect("quickstart");
     let adapters = repo().join("examples/adapters");
-    let toml =
-        edit(quickstart.replace("dirs = [\"adapters\"]", &format!("dirs = [{:?}]", adapters.display().to_string())));
-    let cfg = dir.path().join("deploy.toml");
+    let toml = edit(
+        quickstart
+            .replace("dirs = [\"adapters\"]", &format!("dirs = [{:?}]", adapters.display().to_string()))
+            .replace("state_dir = \"../.openlora-state\"", "state_dir = \"state\""),
+    );
+    let cfg = dir.join("deploy.toml");
     std::fs::write(&cfg, toml).expect("write");
     let mut child = Command::new(env!("CARGO_BIN_EXE_openlora"))
         .args(["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"])
@@ -58,7 +69,7 @@ fn start(edit: impl Fn(String) -> String) -> Server {
         }
     });
     let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server did not start");
-    Server { child, addr: addr.parse().expect("address"), _dir: dir }
+    Server { child, addr: addr.parse().expect("address"), dir: dir.to_path_buf(), _tmp: None }
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
@@ -344,4 +355,148 @@ fn a_tenant_over_its_concurrency_limit_gets_429_and_shutdown_drains_in_flight_re
     let mut server = server;
     let code = server.child.wait().expect("wait");
     assert!(code.success(), "the server exits cleanly after draining: {code:?}");
+}
+
+#[test]
+fn a_composed_request_gets_a_receipt_naming_both_adapters_datasets_and_shares() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let body = serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 24,
+        "temperature": 0, "adapters": [{"name": "pirate", "weight": 1.0}, {"name": "signature", "weight": 0.5}],
+    });
+    let (st, resp) = http(a, "POST", "/v1/chat/completions", Some("sk-demo-partner"), body.to_string().as_bytes());
+    assert_eq!(st, 200, "{resp}");
+    let v = json(&resp);
+    let id = v["receipt"].as_str().expect("receipt id in the body").to_owned();
+    let (st, receipt) = http(a, "GET", &format!("/v1/receipts/{id}"), Some("sk-demo-partner"), b"");
+    assert_eq!(st, 200, "{receipt}");
+    let r = json(&receipt);
+    let rec = &r["body"]["record"];
+    assert_eq!(rec["tenant"], "partner");
+    assert_eq!(rec["request_id"], v["id"]);
+    let adapters = rec["adapters"].as_array().expect("adapters");
+    assert_eq!(adapters.len(), 2);
+    assert_eq!(adapters[0]["name"], "pirate");
+    assert_eq!(adapters[1]["name"], "signature");
+    assert_eq!(adapters[1]["weight"], 0.5);
+    for ad in adapters {
+        assert_eq!(ad["generation"].as_str().map(str::len), Some(64), "generation hash: {ad}");
+        let ds = ad["datasets"].as_array().expect("datasets");
+        assert_eq!(ds.len(), 2, "{ad}");
+        assert!(ds[0]["contributors"].as_array().is_some_and(|c| c.len() == 2));
+    }
+    assert_eq!(rec["completion_tokens"], v["usage"]["completion_tokens"]);
+    let att = &r["body"]["attribution"];
+    let total = att["total_micros"].as_u64().expect("total");
+    let tokens = rec["prompt_tokens"].as_u64().expect("p") + rec["completion_tokens"].as_u64().expect("c");
+    assert_eq!(total, tokens * (1000 + 2500 + 500) / 1000, "price = tokens x (base + pirate + signature) / 1000");
+    let payments = att["payments"].as_array().expect("payments");
+    assert_eq!(payments.iter().map(|p| p["micros"].as_u64().expect("micros")).sum::<u64>(), total);
+    for party in ["huggingface-smollm", "blackbeard-labs", "anne", "mary", "openlora-examples"] {
+        assert!(payments.iter().any(|p| p["party"] == party), "{party} is paid: {payments:?}");
+    }
+    // Only the tenant (or an admin) reads it.
+    assert_error(
+        http(a, "GET", &format!("/v1/receipts/{id}"), Some("sk-demo-user"), b""),
+        404,
+        "other tenant's receipt",
+    );
+    assert_eq!(http(a, "GET", &format!("/v1/receipts/{id}"), Some("sk-demo-admin"), b"").0, 200);
+    let key = json(&http(a, "GET", "/v1/attribution/key", None, b"").1);
+    assert_eq!(key["public_key"], r["body"]["node_key"]);
+    // The ledger verifies against the served key.
+    let ledger = server.dir.join("state/ledger.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args([
+            "ledger",
+            "verify",
+            ledger.to_str().expect("path"),
+            "--public-key",
+            key["public_key"].as_str().expect("key"),
+        ])
+        .output()
+        .expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 receipts"));
+}
+
+#[test]
+fn sigkill_under_load_loses_no_acknowledged_receipt() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start_in(tmp.path(), |t| t);
+    let a = server.addr;
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let acked = acknowledged.clone();
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let body = serde_json::json!({"model": if (w + i) % 2 == 0 { "caps" } else { MODEL }, "prompt": format!("Item {w}-{i}:"), "max_tokens": 3});
+                    let mut s = match TcpStream::connect(a) {
+                        Ok(s) => s,
+                        Err(_) => return,
+                    };
+                    let b = body.to_string();
+                    let req = format!(
+                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-demo-user\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                        b.len()
+                    );
+                    if s.write_all(req.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut raw = String::new();
+                    if s.read_to_string(&mut raw).is_err() {
+                        return;
+                    }
+                    let Some((_, body)) = raw.split_once("\r\n\r\n") else { return };
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else { return };
+                    if let Some(id) = v["receipt"].as_str() {
+                        acked.lock().expect("lock").push(id.to_owned());
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill it hard once some receipts are out.
+    let start = Instant::now();
+    while acknowledged.lock().expect("lock").len() < 40 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut server = server;
+    server.child.kill().expect("SIGKILL");
+    let _ = server.child.wait();
+    for w in workers {
+        let _ = w.join();
+    }
+    let acked = acknowledged.lock().expect("lock").clone();
+    drop(server);
+    // Restart on the same state (recovery cuts a torn tail), then verify.
+    let again = start_in(tmp.path(), |t| t);
+    let ledger = tmp.path().join("state/ledger.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(["ledger", "verify", ledger.to_str().expect("path")])
+        .output()
+        .expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&ledger).expect("ledger");
+    for id in &acked {
+        assert!(text.contains(&format!("\"hash\":\"{id}\"")), "acknowledged receipt {id} was lost");
+    }
+    // The restarted server keeps appending to the same chain.
+    let (st, body) = http(
+        again.addr,
+        "POST",
+        "/v1/completions",
+        Some("sk-demo-user"),
+        format!(r#"{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 1}}"#).as_bytes(),
+    );
+    assert_eq!(st, 200, "{body}");
+    drop(again);
+    let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(["ledger", "verify", ledger.to_str().expect("path")])
+        .output()
+        .expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::engine::{EngineError, Event, FinishReason, RequestStream, TokenLogprob, Usage};
-use crate::service::{ErrorKind, Service, ServiceError, Slot, Started, Tenant};
+use crate::service::{ErrorKind, RecordContext, Service, ServiceError, Slot, Started, Tenant};
 use parse::OutputOptions;
 
 /// The backend the server runs on.
@@ -58,6 +58,8 @@ pub fn router(svc: Svc) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model_one))
+        .route("/v1/receipts/{id}", get(receipt))
+        .route("/v1/attribution/key", get(attribution_key))
         .route("/v1/load_lora_adapter", post(load_lora))
         .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/metrics", get(metrics::render))
@@ -95,12 +97,6 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn request_id(prefix: &str) -> String {
-    use rand::Rng;
-    let n: u128 = rand::thread_rng().r#gen();
-    format!("{prefix}-{n:032x}")
-}
-
 async fn models(State(svc): State<Svc>, headers: HeaderMap) -> Response {
     match tenant(&svc, &headers) {
         Ok(t) => {
@@ -125,6 +121,20 @@ async fn model_one(State(svc): State<Svc>, headers: HeaderMap, UrlPath(id): UrlP
             None => error_response(&ServiceError::new(ErrorKind::NotFound, format!("the model `{id}` does not exist"))),
         },
         Err(e) => error_response(&e),
+    }
+}
+
+async fn receipt(State(svc): State<Svc>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
+    match tenant(&svc, &headers).and_then(|t| svc.receipt(&t, &id)) {
+        Ok(r) => json_response(&serde_json::to_value(&r).unwrap_or(Value::Null)),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn attribution_key(State(svc): State<Svc>) -> Response {
+    match svc.ledger() {
+        Some(l) => json_response(&json!({"algorithm": "ed25519", "public_key": l.public_key(), "encoding": "hex"})),
+        None => error_response(&ServiceError::new(ErrorKind::NotFound, "attribution is off in this deployment")),
     }
 }
 
@@ -221,16 +231,56 @@ struct Merged {
     prompt_tokens: usize,
     model: String,
     started: std::time::Instant,
+    recorder: Recorder,
     _slots: Vec<Slot>,
 }
 
-fn merge_streams(started: Vec<Started>) -> Merged {
+/// Writes the request's receipt once: when it finishes, or (on drop) as cancelled when the
+/// client went away first.
+struct Recorder {
+    svc: Svc,
+    request_id: String,
+    ctx: Option<RecordContext>,
+    texts: Vec<String>,
+    completion: usize,
+}
+
+impl Recorder {
+    fn finish(&mut self, reason: &str) -> Option<tokio::sync::oneshot::Receiver<Result<String, String>>> {
+        let ctx = self.ctx.take()?;
+        let outs: Vec<&str> = self.texts.iter().map(String::as_str).collect();
+        self.svc.record(&ctx, self.completion, reason, &outs)
+    }
+
+    /// Waits for the receipt id (None when attribution is off).
+    async fn finish_and_wait(&mut self, reason: &str) -> Result<Option<String>, ServiceError> {
+        match self.finish(reason) {
+            None => Ok(None),
+            Some(rx) => match rx.await {
+                Ok(Ok(id)) => Ok(Some(id)),
+                Ok(Err(e)) => {
+                    Err(ServiceError::new(ErrorKind::Internal, format!("the receipt could not be written: {e}")))
+                }
+                Err(_) => Err(ServiceError::new(ErrorKind::Internal, "the ledger writer stopped")),
+            },
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.finish("cancelled");
+    }
+}
+
+fn merge_streams(svc: &Svc, started: Vec<Started>) -> Merged {
     let (tx, rx) = unbounded_channel();
     let mut index = 0;
     let mut slots = Vec::new();
     let prompt_tokens = started.iter().map(|s| s.prompt_tokens).sum();
     let model = started.first().map(|s| s.model.clone()).unwrap_or_default();
     let t0 = started.first().map_or_else(std::time::Instant::now, |s| s.started);
+    let ctx = RecordContext::combine(started.iter().map(|s| s.record.clone()).collect());
     for s in started {
         slots.extend(s.slot);
         for stream in s.streams {
@@ -240,7 +290,9 @@ fn merge_streams(started: Vec<Started>) -> Merged {
             tokio::spawn(forward(stream, i, tx));
         }
     }
-    Merged { rx, choices: index, prompt_tokens, model, started: t0, _slots: slots }
+    let request_id = ctx.as_ref().map_or_else(|| crate::service::new_request_id("cmpl"), |c| c.request_id.clone());
+    let recorder = Recorder { svc: svc.clone(), request_id, ctx, texts: vec![String::new(); index], completion: 0 };
+    Merged { rx, choices: index, prompt_tokens, model, started: t0, recorder, _slots: slots }
 }
 
 async fn forward(mut stream: RequestStream, i: usize, tx: tokio::sync::mpsc::UnboundedSender<(usize, Event)>) {
@@ -317,7 +369,7 @@ fn engine_error(e: EngineError) -> ServiceError {
 }
 
 async fn respond(svc: Svc, api: Api, started: Vec<Started>, out: OutputOptions) -> Response {
-    let merged = merge_streams(started);
+    let merged = merge_streams(&svc, started);
     if out.stream { stream_response(svc, api, merged, out) } else { whole_response(svc, api, merged).await }
 }
 
@@ -345,11 +397,21 @@ async fn whole_response(svc: Svc, api: Api, mut m: Merged) -> Response {
                 svc.metrics.finished(reason.as_str());
                 done += 1;
             }
-            Event::Failed(e) => return error_response(&engine_error(e)),
+            Event::Failed(e) => {
+                let _ = m.recorder.finish_and_wait("error").await;
+                return error_response(&engine_error(e));
+            }
         }
     }
     svc.metrics.e2e.observe(m.started.elapsed().as_secs_f64());
     let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
+    m.recorder.texts = choices.iter().map(|c| c.text.clone()).collect();
+    m.recorder.completion = completion;
+    let reason = choices.first().and_then(|c| c.finish).map_or("stop", FinishReason::as_str);
+    let receipt = match m.recorder.finish_and_wait(reason).await {
+        Ok(r) => r,
+        Err(e) => return error_response(&e),
+    };
     let cached: usize = choices.iter().map(|c| c.usage.cached_tokens).max().unwrap_or(0);
     let prompt_tokens = m.prompt_tokens;
     let items: Vec<Value> = choices
@@ -367,14 +429,26 @@ async fn whole_response(svc: Svc, api: Api, mut m: Merged) -> Response {
             }
         })
         .collect();
-    let (id, object) = match api {
-        Api::Chat => (request_id("chatcmpl"), "chat.completion"),
-        Api::Completions => (request_id("cmpl"), "text_completion"),
+    let object = match api {
+        Api::Chat => "chat.completion",
+        Api::Completions => "text_completion",
     };
-    json_response(&json!({
+    let id = m.recorder.request_id.clone();
+    let mut body = json!({
         "id": id, "object": object, "created": now(), "model": m.model,
         "choices": items, "usage": usage_json(prompt_tokens, completion, cached),
-    }))
+    });
+    let mut resp = match &receipt {
+        Some(r) => {
+            body["receipt"] = json!(r);
+            json_response(&body)
+        }
+        None => json_response(&body),
+    };
+    if let Some(r) = receipt.and_then(|r| HeaderValue::from_str(&r).ok()) {
+        resp.headers_mut().insert("openlora-receipt", r);
+    }
+    resp
 }
 
 fn sse(v: &Value) -> Bytes {
@@ -394,6 +468,7 @@ struct SseState {
     first: bool,
     sent_role: bool,
     finished: bool,
+    first_reason: Option<&'static str>,
     queue: std::collections::VecDeque<Bytes>,
 }
 
@@ -438,12 +513,28 @@ impl SseState {
             if self.done == self.m.choices {
                 self.finished = true;
                 self.svc.metrics.e2e.observe(self.m.started.elapsed().as_secs_f64());
-                if self.out.include_usage {
-                    let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-                    self.queue.push_back(sse(&json!({
-                        "id": self.id, "object": object, "created": self.created, "model": self.m.model,
-                        "choices": [], "usage": usage_json(self.m.prompt_tokens, self.completion, self.cached),
-                    })));
+                self.m.recorder.completion = self.completion;
+                let reason = self.first_reason.unwrap_or("stop");
+                let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+                match self.m.recorder.finish_and_wait(reason).await {
+                    Ok(receipt) => {
+                        if self.out.include_usage || receipt.is_some() {
+                            let mut last = json!({
+                                "id": self.id, "object": object, "created": self.created, "model": self.m.model,
+                                "choices": [],
+                            });
+                            if self.out.include_usage {
+                                last["usage"] = usage_json(self.m.prompt_tokens, self.completion, self.cached);
+                            }
+                            if let Some(r) = receipt {
+                                last["receipt"] = json!(r);
+                            }
+                            self.queue.push_back(sse(&last));
+                        }
+                    }
+                    Err(e) => self.queue.push_back(sse(
+                        &json!({"error": {"message": e.message, "type": "internal_error", "param": null, "code": 500}}),
+                    )),
                 }
                 self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 continue;
@@ -459,6 +550,9 @@ impl SseState {
                         self.first = false;
                     }
                     let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
+                    if let Some(t) = self.m.recorder.texts.get_mut(i) {
+                        t.push_str(&text);
+                    }
                     if !text.is_empty() || !lps.is_empty() {
                         let b = self.piece(i, &text, &[id], &lps, None);
                         self.queue.push_back(b);
@@ -466,6 +560,12 @@ impl SseState {
                 }
                 Event::Finished { text, reason, usage } => {
                     self.done += 1;
+                    if let Some(t) = self.m.recorder.texts.get_mut(i) {
+                        t.push_str(&text);
+                    }
+                    if i == 0 {
+                        self.first_reason = Some(reason.as_str());
+                    }
                     self.completion += usage.completion_tokens;
                     self.cached = self.cached.max(usage.cached_tokens);
                     self.svc.metrics.finished(reason.as_str());
@@ -475,6 +575,7 @@ impl SseState {
                 Event::Failed(e) => {
                     let se = engine_error(e);
                     self.svc.metrics.refused(se.kind);
+                    let _ = self.m.recorder.finish_and_wait("error").await;
                     self.queue.push_back(sse(&json!({"error": {"message": se.message, "type": "internal_error", "param": null, "code": 500}})));
                     self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                     self.finished = true;
@@ -485,10 +586,7 @@ impl SseState {
 }
 
 fn stream_response(svc: Svc, api: Api, m: Merged, out: OutputOptions) -> Response {
-    let id = match api {
-        Api::Chat => request_id("chatcmpl"),
-        Api::Completions => request_id("cmpl"),
-    };
+    let id = m.recorder.request_id.clone();
     let state = SseState {
         svc,
         api,
@@ -502,6 +600,7 @@ fn stream_response(svc: Svc, api: Api, m: Merged, out: OutputOptions) -> Respons
         first: true,
         sent_role: false,
         finished: false,
+        first_reason: None,
         queue: Default::default(),
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {

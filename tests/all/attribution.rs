@@ -11,7 +11,7 @@ use openlora::attribution::totals;
 fn record(i: u64) -> InferenceRecord {
     InferenceRecord {
         request_id: format!("req-{i}"),
-        tenant: if i % 2 == 0 { "demo".into() } else { "partner".into() },
+        tenant: if i.is_multiple_of(2) { "demo".into() } else { "partner".into() },
         time_ms: 1_700_000_000_000 + i,
         base_model: ModelUse {
             id: "m".into(),

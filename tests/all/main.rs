@@ -5,4 +5,5 @@ mod default_model;
 mod engine;
 mod lora_reference;
 mod malformed;
+mod plugins;
 mod reference_logits;

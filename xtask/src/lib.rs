@@ -266,8 +266,8 @@ pub fn componentize(module: &[u8]) -> anyhow::Result<Vec<u8>> {
             let name = resolve.name_world_key(key);
             match item {
                 WorldItem::Interface { .. } => core_exports.iter().any(|e| e.starts_with(&format!("{name}#"))),
-                WorldItem::Function(_) => core_exports.contains(&name),
-                WorldItem::Type(_) => true,
+                WorldItem::Function { .. } => core_exports.contains(&name),
+                WorldItem::Type { .. } => true,
             }
         })
         .map(|(key, _)| key.clone())

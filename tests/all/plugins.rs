@@ -522,8 +522,11 @@ fn compiled_components_are_cached_on_disk() {
     };
     assert_eq!(messages[0].content, "mail me: [email]");
 
-    // A corrupt cache file is recompiled, not trusted.
-    std::fs::write(files[0].path(), b"garbage").expect("corrupt");
+    // A corrupt cache file is recompiled, not trusted. (Replaced by rename, as the cache
+    // itself writes: loaded components map their file, so it is never rewritten in place.)
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, b"garbage").expect("write");
+    std::fs::rename(&garbage, files[0].path()).expect("corrupt");
     let third = PluginHost::new(options()).expect("host");
     let recompiled = third.load(spec("g", PluginKind::Preprocessor, &path, serde_json::json!({}))).expect("load");
     assert!(!recompiled.cache_hit);
@@ -544,7 +547,7 @@ fn the_sdk_readme_example_is_the_keyword_router_source() {
     let root = xtask::repo_root();
     let readme = std::fs::read_to_string(root.join("plugin-sdk/README.md")).expect("README");
     let source = std::fs::read_to_string(root.join("plugins/keyword-router/src/lib.rs")).expect("source");
-    let block = readme.split("```rust\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a rust block");
+    let block = readme.split("````rust\n").nth(1).and_then(|rest| rest.split("````").next()).expect("a rust block");
     assert_eq!(block, source, "plugin-sdk/README.md's example drifted from plugins/keyword-router/src/lib.rs");
 }
 

@@ -6,6 +6,10 @@
 //! compiled for), so a changed engine or wasmtime never loads stale code. Files are written
 //! to a temporary name and renamed, so a reader never sees a partial file; a file that fails
 //! to deserialize anyway is recompiled and replaced.
+//!
+//! A loaded component maps its cache file, so files are only ever replaced by rename, never
+//! rewritten in place (truncating a mapped file would crash the process with SIGBUS). Anyone
+//! cleaning the cache directory must delete or rename files, not truncate them.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};

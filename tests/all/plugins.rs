@@ -341,10 +341,14 @@ fn an_attributor_out_of_fuel_fails_deterministically() {
 fn a_forbidden_import_is_refused_naming_it() {
     let (host, _) = host();
     let path = fixture("sneaky-preprocessor");
-    let failure = host.load(spec("sneaky", PluginKind::Preprocessor, &path, serde_json::json!({}))).expect_err("refused");
+    let failure =
+        host.load(spec("sneaky", PluginKind::Preprocessor, &path, serde_json::json!({}))).expect_err("refused");
     assert_eq!(
         failure.error,
-        PluginError::ForbiddenImport { name: "openlora:plugin/catalog@0.1.0".to_owned(), kind: PluginKind::Preprocessor }
+        PluginError::ForbiddenImport {
+            name: "openlora:plugin/catalog@0.1.0".to_owned(),
+            kind: PluginKind::Preprocessor
+        }
     );
     assert_eq!(
         failure.to_string(),
@@ -452,7 +456,8 @@ fn hot_reload_keeps_in_flight_calls_on_the_old_version() {
     let host = Arc::new(host_with(gate));
     // v1: chaos-router (default route); v2: keyword-router (routes "arr" to pirate). Same
     // spec, so the config is already there for v2.
-    let mut v1 = spec("r", PluginKind::Router, &fixture("chaos-router"), serde_json::json!({ "keywords": { "arr": "pirate" } }));
+    let mut v1 =
+        spec("r", PluginKind::Router, &fixture("chaos-router"), serde_json::json!({ "keywords": { "arr": "pirate" } }));
     v1.timeout_ms = Some(30_000);
     let first = host.load(v1).expect("load v1");
 
@@ -467,7 +472,10 @@ fn hot_reload_keeps_in_flight_calls_on_the_old_version() {
     assert!(second.replaced);
     assert_ne!(second.component_sha256, first.component_sha256);
     // New calls see v2 while the v1 call is still inside the plugin.
-    assert_eq!(host.route("r", &request).expect("v2").value, RouteDecision::Adapters(vec![AdapterChoice::new("pirate", 1.0)]));
+    assert_eq!(
+        host.route("r", &request).expect("v2").value,
+        RouteDecision::Adapters(vec![AdapterChoice::new("pirate", 1.0)])
+    );
 
     release_tx.send(()).expect("release");
     let old = in_flight.join().expect("thread").expect("v1 call");
@@ -478,7 +486,12 @@ fn hot_reload_keeps_in_flight_calls_on_the_old_version() {
 #[test]
 fn a_reload_that_fails_keeps_the_old_version() {
     let (host, _) = host();
-    let v1 = spec("r", PluginKind::Router, &example("keyword-router"), serde_json::json!({ "keywords": { "arr": "pirate" } }));
+    let v1 = spec(
+        "r",
+        PluginKind::Router,
+        &example("keyword-router"),
+        serde_json::json!({ "keywords": { "arr": "pirate" } }),
+    );
     let loaded = host.load(v1.clone()).expect("load");
     let pirate = RouteDecision::Adapters(vec![AdapterChoice::new("pirate", 1.0)]);
 
@@ -539,7 +552,10 @@ fn calls_name_unknown_plugins_and_wrong_kinds() {
     assert_eq!(missing.error, PluginError::NotLoaded);
     host.load(spec("guard", PluginKind::Preprocessor, &example("prompt-guard"), serde_json::json!({}))).expect("load");
     let wrong = host.route("guard", &route_request("hi", &[])).expect_err("kind");
-    assert_eq!(wrong.error, PluginError::KindMismatch { requested: PluginKind::Router, actual: PluginKind::Preprocessor });
+    assert_eq!(
+        wrong.error,
+        PluginError::KindMismatch { requested: PluginKind::Router, actual: PluginKind::Preprocessor }
+    );
 }
 
 #[test]
@@ -611,14 +627,23 @@ fn plugin_chain_overhead() {
     println!("plugin chain (preprocess + route + attribute), {} requests:", samples.len());
     println!("  p50 {:.1} us   p99 {:.1} us   max {:.1} us", pct(0.5), pct(0.99), pct(1.0));
     for m in host.metrics() {
-        println!("  {:<7} p50 {:>4} us  p99 {:>4} us  (histogram bucket bounds)", m.name, m.latency.p50_us, m.latency.p99_us);
+        println!(
+            "  {:<7} p50 {:>4} us  p99 {:>4} us  (histogram bucket bounds)",
+            m.name, m.latency.p50_us, m.latency.p99_us
+        );
     }
 
     let dir = tempfile::tempdir().expect("tempdir");
-    for (label, cache) in [("compile (no cache)", None), ("cold disk cache", Some(dir.path())), ("warm disk cache", Some(dir.path()))] {
-        let host = PluginHost::new(HostOptions { cache_dir: cache.map(Path::to_owned), ..HostOptions::default() }).expect("host");
+    for (label, cache) in
+        [("compile (no cache)", None), ("cold disk cache", Some(dir.path())), ("warm disk cache", Some(dir.path()))]
+    {
+        let host = PluginHost::new(HostOptions { cache_dir: cache.map(Path::to_owned), ..HostOptions::default() })
+            .expect("host");
         let start = Instant::now();
         host.load(spec("router", PluginKind::Router, &example("keyword-router"), serde_json::json!({}))).expect("load");
-        println!("  load keyword-router, {label}: {:.2} ms (includes the self-test call)", start.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "  load keyword-router, {label}: {:.2} ms (includes the self-test call)",
+            start.elapsed().as_secs_f64() * 1e3
+        );
     }
 }

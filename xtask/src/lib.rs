@@ -256,7 +256,8 @@ fn cargo_build(workspace: &Path) -> Result<Vec<(String, PathBuf)>, BuildError> {
 /// first (see the crate docs), so a plugin exports exactly the interface of its kind.
 pub fn componentize(module: &[u8]) -> anyhow::Result<Vec<u8>> {
     let (stripped, mut bindgen) = wit_component::metadata::decode(module)?;
-    let mut stripped = stripped.ok_or_else(|| anyhow::anyhow!("no component-type section (not built with wit-bindgen?)"))?;
+    let mut stripped =
+        stripped.ok_or_else(|| anyhow::anyhow!("no component-type section (not built with wit-bindgen?)"))?;
     let core_exports = core_export_names(module)?;
     let resolve = &bindgen.resolve;
     let keep: Vec<WorldKey> = resolve.worlds[bindgen.world]

@@ -7,7 +7,8 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("plugins") => {
-            for (label, workspace) in [("examples", xtask::examples_workspace()), ("fixtures", xtask::fixtures_workspace())]
+            for (label, workspace) in
+                [("examples", xtask::examples_workspace()), ("fixtures", xtask::fixtures_workspace())]
             {
                 let out = xtask::output_dir(label);
                 let built = xtask::build_workspace(&workspace, &out)

@@ -82,9 +82,9 @@ fn redact_emails(text: &str) -> String {
                 end -= 1;
             }
             let domain: String = chars[i + 1..end].iter().collect();
-            let tld_ok = domain
-                .rsplit_once('.')
-                .is_some_and(|(host, tld)| !host.is_empty() && tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()));
+            let tld_ok = domain.rsplit_once('.').is_some_and(|(host, tld)| {
+                !host.is_empty() && tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic())
+            });
             if start < i && tld_ok {
                 out.extend(&chars[copied_to..start]);
                 out.push_str("[email]");

@@ -28,7 +28,8 @@ const WEIGHT_SCALE: f32 = 1_000_000.0;
 struct RevenueSplit;
 
 fn bps(key: &str, default: u32) -> Result<u128, String> {
-    let value = config::get(key).map_or(Ok(default), |v| v.parse::<u32>().map_err(|_| format!("{key} = `{v}` is not an integer")))?;
+    let value = config::get(key)
+        .map_or(Ok(default), |v| v.parse::<u32>().map_err(|_| format!("{key} = `{v}` is not an integer")))?;
     if value > 10_000 {
         return Err(format!("{key} = {value} is more than 10000 basis points"));
     }
@@ -67,7 +68,8 @@ impl Attributor for RevenueSplit {
         push(base_payee, PayeeRole::BaseModel, String::new(), base_bps * unit);
         push(platform_payee, PayeeRole::Platform, String::new(), platform_bps * unit);
         for (choice, weight) in record.adapters.iter().zip(&adapter_weights) {
-            let facts = catalog::adapter(&choice.name).ok_or_else(|| format!("adapter `{}` is not in the catalog", choice.name))?;
+            let facts = catalog::adapter(&choice.name)
+                .ok_or_else(|| format!("adapter `{}` is not in the catalog", choice.name))?;
             let datasets_bps: u128 = facts.datasets.iter().map(|d| u128::from(d.share_bps)).sum();
             if datasets_bps > BPS {
                 return Err(format!("adapter `{}`: dataset shares exceed 10000 basis points", facts.name));

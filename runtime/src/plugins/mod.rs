@@ -49,8 +49,8 @@ use wasmtime::component::{Component, Linker};
 pub use config::{FailurePolicy, PluginKind, PluginSpec};
 pub use error::{PluginError, PluginFailure};
 pub use metrics::{LatencySnapshot, PluginMetrics};
-pub use sandbox::{LogLevel, LogRecord, LogSink, SandboxOptions, StderrLog};
 use sandbox::{CallLimits, CallState, ConfigView, EpochTicker};
+pub use sandbox::{LogLevel, LogRecord, LogSink, SandboxOptions, StderrLog};
 pub use types::*;
 
 /// Options of a [`PluginHost`].
@@ -315,7 +315,8 @@ impl PluginHost {
         let metadata = vec![("openlora-self-test".to_owned(), "1".to_owned())];
         match &loaded.pre {
             Pre::Router(_) => {
-                let request = RouteRequest { model: "base".to_owned(), messages, metadata, tenant: "self-test".to_owned() };
+                let request =
+                    RouteRequest { model: "base".to_owned(), messages, metadata, tenant: "self-test".to_owned() };
                 self.run(loaded, |pre, store| match pre {
                     Pre::Router(pre) => abi::v0_1::route(pre, store, &request).map(Ok),
                     _ => unreachable_kind(),
@@ -399,7 +400,10 @@ impl PluginHost {
         let slot = self.slot(name).ok_or_else(|| PluginFailure::new(name, PluginError::NotLoaded))?;
         let loaded = slot.current.load_full();
         if loaded.spec.kind != kind {
-            return Err(PluginFailure::new(name, PluginError::KindMismatch { requested: kind, actual: loaded.spec.kind }));
+            return Err(PluginFailure::new(
+                name,
+                PluginError::KindMismatch { requested: kind, actual: loaded.spec.kind },
+            ));
         }
         slot.calls.fetch_add(1, Ordering::Relaxed);
         let outcome = if slot.quarantined.load(Ordering::Relaxed) {
@@ -446,7 +450,11 @@ impl PluginHost {
     }
 
     /// Runs preprocessor `name`. Fail-open fallback: the conversation unchanged.
-    pub fn preprocess(&self, name: &str, request: &PreprocessRequest) -> Result<Handled<PreprocessOutcome>, PluginFailure> {
+    pub fn preprocess(
+        &self,
+        name: &str,
+        request: &PreprocessRequest,
+    ) -> Result<Handled<PreprocessOutcome>, PluginFailure> {
         self.call(
             name,
             PluginKind::Preprocessor,

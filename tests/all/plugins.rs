@@ -633,6 +633,20 @@ fn plugin_chain_overhead() {
         );
     }
 
+    // Instantiation cost: a plugin that does nothing (fresh store + instance + one call).
+    chaos_router(&host, "noop", FailurePolicy::Open);
+    let noop = route_request("hi", &[]);
+    let mut samples: Vec<f64> = (0..5000)
+        .map(|_| {
+            let start = Instant::now();
+            host.route("noop", &noop).expect("noop");
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    let pct = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    println!("  no-op router (store + instantiate + call): p50 {:.1} us   p99 {:.1} us", pct(0.5), pct(0.99));
+
     let dir = tempfile::tempdir().expect("tempdir");
     for (label, cache) in
         [("compile (no cache)", None), ("cold disk cache", Some(dir.path())), ("warm disk cache", Some(dir.path()))]

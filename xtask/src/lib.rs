@@ -158,8 +158,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
 }
 
 /// SHA-256 over the relative paths and contents of every file that can change the build:
-/// the workspace (without `target/`), the SDK's manifest, sources and WIT, and this tool's
-/// version.
+/// the workspace (without `target/`), the SDK's manifest, sources and WIT, the toolchain
+/// pin, the cargo config (wasm rustflags), and this tool's version.
 fn inputs_hash(workspace: &Path) -> Result<String, BuildError> {
     let mut files = Vec::new();
     collect_files(workspace, &mut files)?;
@@ -168,6 +168,7 @@ fn inputs_hash(workspace: &Path) -> Result<String, BuildError> {
     collect_files(&sdk.join("src"), &mut files)?;
     collect_files(&sdk.join("wit"), &mut files)?;
     files.push(repo_root().join("rust-toolchain.toml"));
+    files.push(repo_root().join(".cargo").join("config.toml"));
     files.sort();
     let mut hasher = Sha256::new();
     hasher.update(env!("CARGO_PKG_VERSION").as_bytes());

@@ -90,7 +90,7 @@ pub mod __bindings {
 
 use __bindings::router::openlora::plugin as shared;
 
-pub use shared::types::{AdapterChoice, AdapterFacts, DatasetCredit, Message, Metadata};
+pub use shared::types::{AdapterChoice, AdapterFacts, Contributor, Dataset, Message, Metadata};
 
 /// The ABI version this SDK builds plugins against (the WIT package version).
 pub const ABI_VERSION: &str = "0.1.0";
@@ -149,7 +149,7 @@ pub mod attributor {
     //! Export one with [`export_attributor!`](crate::export_attributor).
 
     pub use crate::__bindings::attributor::exports::openlora::plugin::attribution::{
-        InferenceRecord, PayeeRole, Payment,
+        AdapterUse, InferenceRecord, ModelUse, PayeeRole, Payment,
     };
 
     /// An attributor. The host runs it with a fuel budget, so a record always yields the same

@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openlora::plugins::{
-    AdapterChoice, AdapterFacts, Catalog, DatasetCredit, FailurePolicy, HostOptions, InferenceRecord, LogLevel,
-    LogRecord, LogSink, MajoritySign, MergeMethod, MergeOutcome, MergeRequest, Message, PayeeRole, PluginError,
-    PluginHost, PluginKind, PluginSpec, PreprocessOutcome, PreprocessRequest, RouteDecision, RouteRequest,
+    AdapterChoice, AdapterFacts, AdapterUse, Catalog, Contributor, Dataset, FailurePolicy, HostOptions,
+    InferenceRecord, LogLevel, LogRecord, LogSink, MajoritySign, MergeMethod, MergeOutcome, MergeRequest, Message,
+    ModelUse, PayeeRole, PluginError, PluginHost, PluginKind, PluginSpec, PreprocessOutcome, PreprocessRequest,
+    RouteDecision, RouteRequest,
 };
 
 /// Built components: (examples, fixtures). Built once per test binary; the build itself is
@@ -52,27 +53,78 @@ impl CapturedLog {
     }
 }
 
-fn catalog() -> Catalog {
-    let facts = |name: &str, owner: &str, tags: &[&str], datasets: &[(&str, &str, u32)]| AdapterFacts {
+fn dataset(id: &str, contributors: &[(&str, u64)]) -> Dataset {
+    Dataset {
+        id: id.to_owned(),
+        sha256: format!("{:0>64}", id.len()),
+        license: "cc-by-4.0".to_owned(),
+        contributors: contributors
+            .iter()
+            .map(|(name, share)| Contributor { name: (*name).to_owned(), share: *share })
+            .collect(),
+    }
+}
+
+fn facts(name: &str, owner: &str, price: u64, tags: &[&str], datasets: Vec<Dataset>) -> AdapterFacts {
+    AdapterFacts {
         name: name.to_owned(),
+        generation: format!("{:0>64}", name.len()),
         tags: tags.iter().map(|t| (*t).to_owned()).collect(),
         owner: owner.to_owned(),
-        datasets: datasets
+        price_per_1k_tokens: price,
+        datasets,
+        ..AdapterFacts::default()
+    }
+}
+
+fn catalog() -> Catalog {
+    Catalog::new([
+        facts(
+            "pirate",
+            "alice",
+            2000,
+            &["fun", "style"],
+            vec![dataset("sea-shanties", &[("bob", 3), ("carol", 1)]), dataset("parrot-talk", &[("dave", 1)])],
+        ),
+        facts("caps", "erin", 1000, &["style"], Vec::new()),
+        facts("contracts-en", "frank", 0, &["legal"], Vec::new()),
+        facts("contracts-fr", "grace", 0, &["legal", "french"], Vec::new()),
+    ])
+}
+
+/// An inference record using catalog adapters, as the service would build it.
+fn record(request_id: &str, adapters: &[&str], price_micros: u64) -> InferenceRecord {
+    let catalog = catalog();
+    InferenceRecord {
+        request_id: request_id.to_owned(),
+        tenant: "acme".to_owned(),
+        time_ms: 1_700_000_000_000,
+        base_model: ModelUse {
+            id: "smollm2".to_owned(),
+            sha256: "0".repeat(64),
+            owner: "meta".to_owned(),
+            price_per_1k_tokens: 1000,
+        },
+        adapters: adapters
             .iter()
-            .map(|(name, contributor, share_bps)| DatasetCredit {
-                name: (*name).to_owned(),
-                contributor: (*contributor).to_owned(),
-                share_bps: *share_bps,
+            .map(|name| {
+                let f = catalog.get(name).cloned().unwrap_or_else(|| facts(name, "nobody", 0, &[], Vec::new()));
+                AdapterUse {
+                    name: f.name,
+                    generation: f.generation,
+                    weight: 1.0,
+                    owner: f.owner,
+                    price_per_1k_tokens: f.price_per_1k_tokens,
+                    datasets: f.datasets,
+                }
             })
             .collect(),
-        generation: format!("{:0>64}", name.len()),
-    };
-    Catalog::new([
-        facts("pirate", "alice", &["fun", "style"], &[("sea-shanties", "bob", 2000), ("parrot-talk", "carol", 1000)]),
-        facts("caps", "dave", &["style"], &[]),
-        facts("contracts-en", "erin", &["legal"], &[]),
-        facts("contracts-fr", "frank", &["legal", "french"], &[]),
-    ])
+        merge: None,
+        prompt_tokens: 12,
+        completion_tokens: 34,
+        finish_reason: "stop".to_owned(),
+        price_micros,
+    }
 }
 
 fn host_with(log: Arc<dyn LogSink>) -> PluginHost {
@@ -224,49 +276,56 @@ fn recipe_merger_picks_ties_or_linear_from_metadata() {
 #[test]
 fn revenue_split_pays_manifest_shares_exactly() {
     let (host, _) = host();
-    let config = serde_json::json!({ "base_model_bps": 3000, "base_model_payee": "meta" });
-    host.load(closed(spec("split", PluginKind::Attributor, &example("revenue-split"), config))).expect("load");
-    let record = InferenceRecord {
-        request_id: "r1".to_owned(),
-        tenant: "acme".to_owned(),
-        base_model: "smollm2".to_owned(),
-        adapters: vec![AdapterChoice::new("pirate", 1.0), AdapterChoice::new("caps", 0.5)],
-        prompt_tokens: 12,
-        completion_tokens: 34,
-        price_micros: 1_000_001,
-    };
+    host.load(closed(spec("split", PluginKind::Attributor, &example("revenue-split"), serde_json::json!({}))))
+        .expect("load");
+    let record = record("r1", &["pirate", "caps"], 1_000_003);
     let payments = host.attribute("split", &record).expect("call").value;
-    let got: Vec<(&str, PayeeRole, u64)> = payments.iter().map(|p| (p.payee.as_str(), p.role, p.micros)).collect();
-    // Exact shares: base 3/10, alice 7/10 * 2/3 * 7/10, bob ... * 2/10, carol ... * 1/10, dave
-    // 7/10 * 1/3. Floors sum to 999_998; the 3 left-over micros go to the largest remainders
-    // (alice .993, carol .713, dave .567), not to bob (.427) or the base model (.3).
+    let got: Vec<(&str, PayeeRole, &str, u64)> =
+        payments.iter().map(|p| (p.party.as_str(), p.role, p.source.as_str(), p.micros)).collect();
+    // Prices 1000 : 2000 : 1000 -> 250000.75, 500001.5, 250000.75: the 2 left-over micros go
+    // to the .75 remainders (base, then caps), not to pirate's .5. Pirate's 500001: half to
+    // alice (the odd micro to the earlier party), 250000 to its two datasets equally, then
+    // 3:1 between bob and carol.
     assert_eq!(
         got,
         [
-            ("meta", PayeeRole::BaseModel, 300_000),
-            ("alice", PayeeRole::AdapterOwner, 326_667),
-            ("bob", PayeeRole::DatasetContributor, 93_333),
-            ("carol", PayeeRole::DatasetContributor, 46_667),
-            ("dave", PayeeRole::AdapterOwner, 233_334),
+            ("meta", PayeeRole::BaseOwner, "", 250_001),
+            ("alice", PayeeRole::AdapterOwner, "pirate", 250_001),
+            ("bob", PayeeRole::DatasetContributor, "pirate/sea-shanties", 93_750),
+            ("carol", PayeeRole::DatasetContributor, "pirate/sea-shanties", 31_250),
+            ("dave", PayeeRole::DatasetContributor, "pirate/parrot-talk", 125_000),
+            ("erin", PayeeRole::AdapterOwner, "caps", 250_001),
         ]
     );
     assert_eq!(payments.iter().map(|p| p.micros).sum::<u64>(), record.price_micros);
-    assert_eq!(payments[2].source, "pirate/sea-shanties");
 
     // Deterministic: the same record, the same answer.
     assert_eq!(host.attribute("split", &record).expect("call").value, payments);
 
-    // Prices that do not divide evenly still sum exactly.
-    for price in [0u64, 1, 7, 999_999_937, u64::MAX / 1_000_000] {
-        let record = InferenceRecord { price_micros: price, ..record.clone() };
-        let sum: u64 = host.attribute("split", &record).expect("call").value.iter().map(|p| p.micros).sum();
-        assert_eq!(sum, price);
+    // Prices that do not divide evenly still sum exactly, with a platform cut and a fixed
+    // base share too.
+    let config = serde_json::json!({ "platform_bps": 700, "base_model_bps": 3333, "dataset_bps": 2500 });
+    host.load(closed(spec("split2", PluginKind::Attributor, &example("revenue-split"), config))).expect("load");
+    for price in [0u64, 1, 7, 999_999_937, u64::MAX / 3] {
+        for name in ["split", "split2"] {
+            let record = InferenceRecord { price_micros: price, ..record.clone() };
+            let payments = host.attribute(name, &record).expect("call").value;
+            assert_eq!(
+                payments.iter().map(|p| u128::from(p.micros)).sum::<u128>(),
+                u128::from(price),
+                "{name} {price}"
+            );
+        }
     }
 
-    // An adapter the catalog does not know is a refusal -> a failure under fail-closed.
-    let unknown = InferenceRecord { adapters: vec![AdapterChoice::new("mystery", 1.0)], ..record };
-    let failure = host.attribute("split", &unknown).expect_err("fail-closed");
-    assert!(matches!(&failure.error, PluginError::BadAnswer { message } if message.contains("mystery")), "{failure}");
+    // A bad configuration is a refusal -> a failure under fail-closed, naming the key.
+    let bad = serde_json::json!({ "dataset_bps": 12000 });
+    host.load(closed(spec("bad", PluginKind::Attributor, &example("revenue-split"), bad))).expect("load");
+    let failure = host.attribute("bad", &record).expect_err("fail-closed");
+    assert!(
+        matches!(&failure.error, PluginError::BadAnswer { message } if message.contains("dataset_bps")),
+        "{failure}"
+    );
 }
 
 // ---- adversarial fixtures -----------------------------------------------------------------
@@ -319,12 +378,7 @@ fn an_attributor_out_of_fuel_fails_deterministically() {
     spec.fuel = Some(2_000_000);
     spec.timeout_ms = Some(10_000);
     host.load(spec).expect("load");
-    let record = |id: &str| InferenceRecord {
-        request_id: id.to_owned(),
-        base_model: "smollm2".to_owned(),
-        price_micros: 1000,
-        ..InferenceRecord::default()
-    };
+    let record = |id: &str| record(id, &[], 1000);
     for _ in 0..2 {
         let failure = host.attribute("chaos", &record("burn")).expect_err("must fail");
         assert_eq!(failure.error, PluginError::OutOfFuel { fuel: 2_000_000 });
@@ -591,6 +645,7 @@ fn plugin_chain_overhead() {
         metadata: Vec::new(),
         tenant: "acme".to_owned(),
     };
+    let catalog = catalog();
     let chain = || {
         let messages = match host.preprocess("guard", &preprocess).expect("preprocess").value {
             PreprocessOutcome::Edited(messages) => messages,
@@ -601,15 +656,19 @@ fn plugin_chain_overhead() {
             RouteDecision::Adapters(adapters) => adapters,
             _ => Vec::new(),
         };
-        let record = InferenceRecord {
-            request_id: "bench".to_owned(),
-            tenant: "acme".to_owned(),
-            base_model: "smollm2".to_owned(),
-            adapters,
-            prompt_tokens: 40,
-            completion_tokens: 100,
-            price_micros: 1234,
-        };
+        let mut record = record("bench", &[], 1234);
+        record.adapters = adapters
+            .iter()
+            .filter_map(|a| catalog.get(&a.name))
+            .map(|f| AdapterUse {
+                name: f.name.clone(),
+                generation: f.generation.clone(),
+                weight: 1.0,
+                owner: f.owner.clone(),
+                price_per_1k_tokens: f.price_per_1k_tokens,
+                datasets: f.datasets.clone(),
+            })
+            .collect();
         host.attribute("split", &record).expect("attribute");
     };
     for _ in 0..200 {

@@ -347,8 +347,16 @@ impl PluginHost {
                 let record = InferenceRecord {
                     request_id: "self-test".to_owned(),
                     tenant: "self-test".to_owned(),
-                    base_model: "base".to_owned(),
-                    price_micros: 1_000_000,
+                    base_model: ModelUse {
+                        id: "base".to_owned(),
+                        owner: "self-test".to_owned(),
+                        price_per_1k_tokens: 1000,
+                        ..ModelUse::default()
+                    },
+                    prompt_tokens: 500,
+                    completion_tokens: 500,
+                    finish_reason: "stop".to_owned(),
+                    price_micros: 1000,
                     ..InferenceRecord::default()
                 };
                 self.run(loaded, |pre, store| match pre {
@@ -502,14 +510,12 @@ impl PluginHost {
     }
 
     /// Runs attributor `name` (with fuel). Payments that do not sum to the price, or a
-    /// refusal, are failures. Fail-open fallback: the price split equally (to the micro)
-    /// among the base model and the owners of the adapters used.
+    /// refusal, are failures. Fail-open fallback: [`equal_split`].
     pub fn attribute(&self, name: &str, record: &InferenceRecord) -> Result<Handled<Vec<Payment>>, PluginFailure> {
-        let catalog = self.catalog.load_full();
         self.call(
             name,
             PluginKind::Attributor,
-            || equal_split(record, &catalog),
+            || equal_split(record),
             |pre, store| match pre {
                 Pre::Attributor(pre) => abi::v0_1::attribute(pre, store, record).map(|answer| match answer {
                     Ok(payments) => check_payments(record, payments),
@@ -556,20 +562,19 @@ fn check_payments(record: &InferenceRecord, payments: Vec<Payment>) -> Result<Ve
     Ok(payments)
 }
 
-/// The attributor's fail-open fallback: equal parts for the base model and each adapter's
-/// owner (`adapter:<name>` when the catalog does not know it); the first parts get the
-/// remainder's extra micro.
-pub fn equal_split(record: &InferenceRecord, catalog: &Catalog) -> Vec<Payment> {
-    let mut parties = vec![(format!("base:{}", record.base_model), PayeeRole::BaseModel, String::new())];
+/// The attributor's fail-open fallback: equal parts for the base model's owner and each
+/// adapter's owner; the first parts get the remainder's extra micro, so the parts sum to the
+/// price exactly.
+pub fn equal_split(record: &InferenceRecord) -> Vec<Payment> {
+    let mut parties = vec![(record.base_model.owner.clone(), PayeeRole::BaseOwner, String::new())];
     for adapter in &record.adapters {
-        let owner = catalog.get(&adapter.name).map_or_else(|| format!("adapter:{}", adapter.name), |f| f.owner.clone());
-        parties.push((owner, PayeeRole::AdapterOwner, adapter.name.clone()));
+        parties.push((adapter.owner.clone(), PayeeRole::AdapterOwner, adapter.name.clone()));
     }
     let n = parties.len() as u64;
     let (each, extra) = (record.price_micros / n, record.price_micros % n);
     parties
         .into_iter()
         .enumerate()
-        .map(|(i, (payee, role, source))| Payment { payee, role, source, micros: each + u64::from((i as u64) < extra) })
+        .map(|(i, (party, role, source))| Payment { party, role, source, micros: each + u64::from((i as u64) < extra) })
         .collect()
 }

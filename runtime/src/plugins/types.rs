@@ -135,30 +135,66 @@ pub enum MergeOutcome {
     Reject(String),
 }
 
-/// A finished inference, as the attributor sees it.
+/// The base model as an inference record names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelUse {
+    /// The id clients use.
+    pub id: String,
+    /// SHA-256 of the weights.
+    pub sha256: String,
+    /// Owner (payee).
+    pub owner: String,
+    /// Price per 1,000 tokens in micro-units.
+    pub price_per_1k_tokens: u64,
+}
+
+/// One adapter that acted on a request, with its manifest facts at the time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AdapterUse {
+    /// Its name.
+    pub name: String,
+    /// Its generation (content hash, hex).
+    pub generation: String,
+    /// The weight it was applied (or merged) with.
+    pub weight: f32,
+    /// Owner (payee).
+    pub owner: String,
+    /// Price per 1,000 tokens in micro-units.
+    pub price_per_1k_tokens: u64,
+    /// Training datasets and their contributors.
+    pub datasets: Vec<Dataset>,
+}
+
+/// A finished inference, as the attributor sees it (never the text).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InferenceRecord {
     /// The request's id.
     pub request_id: String,
     /// The tenant charged.
     pub tenant: String,
-    /// The base model's name.
-    pub base_model: String,
-    /// The adapters used, with their weights.
-    pub adapters: Vec<AdapterChoice>,
+    /// When it finished (Unix milliseconds).
+    pub time_ms: u64,
+    /// The base model.
+    pub base_model: ModelUse,
+    /// The adapters, in request order.
+    pub adapters: Vec<AdapterUse>,
+    /// The merge recipe when the adapters were merged.
+    pub merge: Option<String>,
     /// Prompt tokens.
-    pub prompt_tokens: u32,
+    pub prompt_tokens: u64,
     /// Generated tokens.
-    pub completion_tokens: u32,
+    pub completion_tokens: u64,
+    /// `stop`, `length`, `cancelled` or `error`.
+    pub finish_reason: String,
     /// The price charged, in micro-units.
     pub price_micros: u64,
 }
 
-/// Why a payee is paid.
+/// Why a party is paid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PayeeRole {
     /// The base model's owner.
-    BaseModel,
+    BaseOwner,
     /// An adapter's owner.
     AdapterOwner,
     /// A contributor of an adapter's training data.
@@ -167,11 +203,23 @@ pub enum PayeeRole {
     Platform,
 }
 
+impl PayeeRole {
+    /// The role's spelling in receipts (`base-owner`, `adapter-owner`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BaseOwner => "base-owner",
+            Self::AdapterOwner => "adapter-owner",
+            Self::DatasetContributor => "dataset-contributor",
+            Self::Platform => "platform",
+        }
+    }
+}
+
 /// One payment line of an attribution.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payment {
     /// Who is paid.
-    pub payee: String,
+    pub party: String,
     /// Why.
     pub role: PayeeRole,
     /// The adapter or `adapter/dataset` paid for; empty for the base model and platform.
@@ -180,30 +228,47 @@ pub struct Payment {
     pub micros: u64,
 }
 
-/// A dataset credit in an adapter's manifest.
+/// A contributor of a dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DatasetCredit {
-    /// The dataset's name.
+pub struct Contributor {
+    /// Who (payee).
     pub name: String,
-    /// Who is paid for it.
-    pub contributor: String,
-    /// Their part of the adapter's revenue in basis points.
-    pub share_bps: u32,
+    /// Relative share among the dataset's contributors.
+    pub share: u64,
 }
 
-/// Catalog facts about one adapter (what plugins may know; never weights).
+/// A dataset from an adapter's manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dataset {
+    /// Its identifier.
+    pub id: String,
+    /// SHA-256 of its content, hex.
+    pub sha256: String,
+    /// Its license.
+    pub license: String,
+    /// Who contributed it.
+    pub contributors: Vec<Contributor>,
+}
+
+/// Catalog facts about one adapter: its manifest and identity (never weights).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AdapterFacts {
     /// The name requests use.
     pub name: String,
+    /// The content hash of the current generation (hex).
+    pub generation: String,
     /// Manifest labels.
     pub tags: Vec<String>,
     /// The owner (payee).
     pub owner: String,
-    /// Training data credits.
-    pub datasets: Vec<DatasetCredit>,
-    /// The content hash of the current generation (hex).
-    pub generation: String,
+    /// License.
+    pub license: String,
+    /// What it does.
+    pub description: String,
+    /// Price per 1,000 tokens in micro-units.
+    pub price_per_1k_tokens: u64,
+    /// Training data.
+    pub datasets: Vec<Dataset>,
 }
 
 /// A read-only snapshot of the adapter catalog, as plugins see it. The host swaps the whole

@@ -119,21 +119,32 @@ impl catalog::Host for CallState {
     }
 }
 
+fn datasets(datasets: &[host::Dataset]) -> Vec<types::Dataset> {
+    datasets
+        .iter()
+        .map(|d| types::Dataset {
+            id: d.id.clone(),
+            sha256: d.sha256.clone(),
+            license: d.license.clone(),
+            contributors: d
+                .contributors
+                .iter()
+                .map(|c| types::Contributor { name: c.name.clone(), share: c.share })
+                .collect(),
+        })
+        .collect()
+}
+
 fn facts(a: &host::AdapterFacts) -> types::AdapterFacts {
     types::AdapterFacts {
         name: a.name.clone(),
+        generation: a.generation.clone(),
         tags: a.tags.clone(),
         owner: a.owner.clone(),
-        datasets: a
-            .datasets
-            .iter()
-            .map(|d| types::DatasetCredit {
-                name: d.name.clone(),
-                contributor: d.contributor.clone(),
-                share_bps: d.share_bps,
-            })
-            .collect(),
-        generation: a.generation.clone(),
+        license: a.license.clone(),
+        description: a.description.clone(),
+        price_per_1k_tokens: a.price_per_1k_tokens,
+        datasets: datasets(&a.datasets),
     }
 }
 
@@ -250,10 +261,29 @@ pub(crate) fn attribute(
     let record = wit::InferenceRecord {
         request_id: record.request_id.clone(),
         tenant: record.tenant.clone(),
-        base_model: record.base_model.clone(),
-        adapters: choices(&record.adapters),
+        time_ms: record.time_ms,
+        base_model: wit::ModelUse {
+            id: record.base_model.id.clone(),
+            sha256: record.base_model.sha256.clone(),
+            owner: record.base_model.owner.clone(),
+            price_per_1k_tokens: record.base_model.price_per_1k_tokens,
+        },
+        adapters: record
+            .adapters
+            .iter()
+            .map(|a| wit::AdapterUse {
+                name: a.name.clone(),
+                generation: a.generation.clone(),
+                weight: a.weight,
+                owner: a.owner.clone(),
+                price_per_1k_tokens: a.price_per_1k_tokens,
+                datasets: datasets(&a.datasets),
+            })
+            .collect(),
+        merge: record.merge.clone(),
         prompt_tokens: record.prompt_tokens,
         completion_tokens: record.completion_tokens,
+        finish_reason: record.finish_reason.clone(),
         price_micros: record.price_micros,
     };
     let payments = match instance.openlora_plugin_attribution().call_attribute(&mut *store, &record)? {
@@ -263,9 +293,9 @@ pub(crate) fn attribute(
     Ok(Ok(payments
         .into_iter()
         .map(|p| host::Payment {
-            payee: p.payee,
+            party: p.party,
             role: match p.role {
-                wit::PayeeRole::BaseModel => host::PayeeRole::BaseModel,
+                wit::PayeeRole::BaseOwner => host::PayeeRole::BaseOwner,
                 wit::PayeeRole::AdapterOwner => host::PayeeRole::AdapterOwner,
                 wit::PayeeRole::DatasetContributor => host::PayeeRole::DatasetContributor,
                 wit::PayeeRole::Platform => host::PayeeRole::Platform,

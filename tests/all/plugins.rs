@@ -140,6 +140,10 @@ fn host() -> (PluginHost, Arc<CapturedLog>) {
 
 fn spec(name: &str, kind: PluginKind, path: &Path, config: serde_json::Value) -> PluginSpec {
     let mut spec = PluginSpec::new(name, kind, path);
+    // Generous: the tests run in parallel with CPU-heavy ones on small machines, and a
+    // healthy call that misses a wall-clock deadline would make them flaky. Tests of the
+    // time limit set their own.
+    spec.timeout_ms = Some(5_000);
     spec.config = serde_json::from_value(config).expect("config table");
     spec
 }
@@ -331,9 +335,13 @@ fn revenue_split_pays_manifest_shares_exactly() {
 // ---- adversarial fixtures -----------------------------------------------------------------
 
 fn chaos_router(host: &PluginHost, name: &str, failure: FailurePolicy) {
+    chaos_router_with_timeout(host, name, failure, 5_000);
+}
+
+fn chaos_router_with_timeout(host: &PluginHost, name: &str, failure: FailurePolicy, timeout_ms: u64) {
     let mut spec = spec(name, PluginKind::Router, &fixture("chaos-router"), serde_json::json!({}));
     spec.failure = failure;
-    spec.timeout_ms = Some(50);
+    spec.timeout_ms = Some(timeout_ms);
     spec.memory_mib = Some(16);
     spec.quarantine_after = Some(0);
     host.load(spec).expect("load chaos-router");
@@ -342,7 +350,7 @@ fn chaos_router(host: &PluginHost, name: &str, failure: FailurePolicy) {
 #[test]
 fn an_infinite_loop_times_out() {
     let (host, _) = host();
-    chaos_router(&host, "chaos", FailurePolicy::Closed);
+    chaos_router_with_timeout(&host, "chaos", FailurePolicy::Closed, 50);
     let start = Instant::now();
     let failure = host.route("chaos", &route_request("hi", &[("chaos", "loop")])).expect_err("must fail");
     assert_eq!(failure.error, PluginError::Timeout { limit: Duration::from_millis(50) });

@@ -417,6 +417,14 @@ fn a_forbidden_import_is_refused_naming_it() {
         "plugin `sneaky` imports `openlora:plugin/catalog@0.1.0`, which a preprocessor is not granted"
     );
     assert!(host.metrics().is_empty(), "a refused plugin must not be installed");
+    // No kind is granted WASI.
+    let wasi = host
+        .load(spec("wasi", PluginKind::Router, &fixture("wasi-router"), serde_json::json!({})))
+        .expect_err("refused");
+    assert_eq!(
+        wasi.error,
+        PluginError::ForbiddenImport { name: "wasi:random/random@0.2.0".to_owned(), kind: PluginKind::Router }
+    );
     // Declared as the wrong kind, it is refused for that instead.
     let wrong = host.load(spec("sneaky", PluginKind::Router, &path, serde_json::json!({}))).expect_err("refused");
     assert!(matches!(wrong.error, PluginError::WrongKind { kind: PluginKind::Router, .. }), "{wrong}");

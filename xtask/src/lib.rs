@@ -220,11 +220,15 @@ fn cargo_build(workspace: &Path) -> Result<Vec<(String, PathBuf)>, BuildError> {
         .map_err(io(&manifest))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        return Err(BuildError::Cargo {
-            workspace: manifest,
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        });
+        // With JSON output, rustc's diagnostics are in stdout; show them rendered.
+        let mut stderr: String = stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|m| m["reason"] == "compiler-message")
+            .filter_map(|m| m["message"]["rendered"].as_str().map(str::to_owned))
+            .collect();
+        stderr.push_str(&String::from_utf8_lossy(&output.stderr));
+        return Err(BuildError::Cargo { workspace: manifest, status: output.status.to_string(), stderr });
     }
     let mut modules = Vec::new();
     for line in stdout.lines() {

@@ -356,6 +356,9 @@ fn an_infinite_loop_times_out() {
     assert_eq!(failure.error, PluginError::Timeout { limit: Duration::from_millis(50) });
     assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
     assert_eq!(failure.to_string(), "plugin `chaos` timed out after 50ms");
+    // A guest cannot disguise its timeout as a panic.
+    let liar = host.route("chaos", &route_request("hi", &[("chaos", "liar")])).expect_err("must fail");
+    assert_eq!(liar.error, PluginError::Timeout { limit: Duration::from_millis(50) });
     // The host keeps serving.
     assert_eq!(host.route("chaos", &route_request("hi", &[])).expect("call").value, RouteDecision::Default);
 }

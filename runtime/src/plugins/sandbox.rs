@@ -286,16 +286,20 @@ pub(crate) fn store(
 }
 
 /// Turns a failed call into a typed error, using what the store saw.
+///
+/// The deadline and fuel traps come first: they are raised by the host, so a guest cannot
+/// disguise them (a guest that reports a "panic" and then loops still times out).
 pub(crate) fn classify(error: &wasmtime::Error, state: &CallState, limits: CallLimits) -> PluginError {
-    if let Some(message) = &state.panic {
-        return PluginError::GuestPanic { message: message.clone() };
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return PluginError::Timeout { limit: limits.timeout },
+        Some(Trap::OutOfFuel) => return PluginError::OutOfFuel { fuel: limits.fuel.unwrap_or(u64::MAX) },
+        _ => {}
     }
     if state.memory.refused {
         return PluginError::Memory { limit_bytes: limits.memory_bytes };
     }
-    match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => PluginError::Timeout { limit: limits.timeout },
-        Some(Trap::OutOfFuel) => PluginError::OutOfFuel { fuel: limits.fuel.unwrap_or(u64::MAX) },
-        _ => PluginError::Other { message: format!("{error:#}") },
+    if let Some(message) = &state.panic {
+        return PluginError::GuestPanic { message: message.clone() };
     }
+    PluginError::Other { message: format!("{error:#}") }
 }

@@ -286,7 +286,7 @@ impl PluginHost {
             .find_map(|(name, _)| name.strip_prefix(&wanted).map(str::to_owned))
             .unwrap_or_default();
 
-        let pre = self.pre_instantiate(spec.kind, &component)?;
+        let pre = self.pre_instantiate(spec.kind, line, &component)?;
         let config = Arc::new(ConfigView {
             flat: config::flatten_config(&spec.config),
             json: serde_json::to_string(&spec.config).unwrap_or_else(|_| "{}".to_owned()),
@@ -296,8 +296,13 @@ impl PluginHost {
         Ok((loaded, cache_hit))
     }
 
-    fn pre_instantiate(&self, kind: PluginKind, component: &Component) -> Result<Pre, PluginError> {
-        let linker = self.linkers.get(&kind).ok_or_else(|| PluginError::Other { message: "no linker".to_owned() })?;
+    /// Links the component against its kind's grant, through the module of its ABI line.
+    fn pre_instantiate(&self, kind: PluginKind, line: abi::AbiLine, component: &Component) -> Result<Pre, PluginError> {
+        // One arm per ABI line: a 0.2 line adds its own linkers and `Pre` variants here.
+        let linkers = match line {
+            abi::AbiLine::V0_1 => &self.linkers,
+        };
+        let linker = linkers.get(&kind).ok_or_else(|| PluginError::Other { message: "no linker".to_owned() })?;
         let instance_pre = linker.instantiate_pre(component).map_err(invalid)?;
         Ok(match kind {
             PluginKind::Router => Pre::Router(abi::v0_1::RouterPre::new(instance_pre).map_err(invalid)?),

@@ -8,7 +8,8 @@
 //!   against `openlora_kernels::Backend`, the tokenizer and chat templates, and the default
 //!   model's fetcher;
 //! - [`adapters`]: PEFT LoRA adapters, their content-hash identity, per-request composition;
-//! - [`engine`]: the paged KV cache's bookkeeping, sampling and the generation loop.
+//! - [`engine`]: the paged KV cache's bookkeeping, sampling and the generation loop;
+//! - [`plugins`]: the sandboxed wasm plugin host (preprocess, route, merge, attribute).
 //!
 //! Library code returns typed errors ([`model::error::ModelError`]); the `openlora` binary
 //! reports them with their context (file, tensor, key).
@@ -20,5 +21,6 @@ pub mod attribution;
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod plugins;
 pub mod server;
 pub mod service;

@@ -6,4 +6,5 @@ mod default_model;
 mod engine;
 mod lora_reference;
 mod malformed;
+mod plugins;
 mod reference_logits;

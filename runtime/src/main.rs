@@ -1,5 +1,7 @@
 //! The `openlora` command line.
 
+mod adapters_cli;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -42,6 +44,9 @@ enum Command {
     /// Check or export a receipt ledger.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Synthetic adapters and the adapter pager benchmark.
+    #[command(subcommand)]
+    Adapters(adapters_cli::AdaptersCommand),
 }
 
 #[derive(Subcommand)]
@@ -450,6 +455,7 @@ fn main() -> Result<()> {
         Command::Bench(a) => run_bench(a),
         Command::Serve(a) => run_serve(a),
         Command::Ledger(c) => run_ledger(c),
+        Command::Adapters(c) => adapters_cli::run(c),
     }
 }
 

@@ -6,5 +6,6 @@ mod default_model;
 mod engine;
 mod lora_reference;
 mod malformed;
+mod pager;
 mod plugins;
 mod reference_logits;

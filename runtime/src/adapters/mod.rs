@@ -7,7 +7,9 @@
 //! ([`AdapterRegistry`]), so reloading a name with new content never changes what a running
 //! request uses.
 
+pub mod catalog;
 pub mod merge;
+pub mod pager;
 pub mod peft;
 pub mod registry;
 pub mod synth;

@@ -1,0 +1,389 @@
+//! The adapter catalog and pager on the tiny model: a request stream over 1,000 adapters with
+//! room for 50 gives the same logits as everything resident; pinned adapters survive eviction
+//! pressure; unloading returns the budget and drops the weights; one cold adapter is loaded
+//! once however many ask at once; a changed folder is served with its new content after a
+//! rescan; registration reads headers only and one bad adapter does not stop a scan.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use openlora::adapters::catalog::{Catalog, SaveDtype, write_peft};
+use openlora::adapters::pager::{Pager, PagerConfig, PagerError};
+use openlora::adapters::synth::random_lora;
+use openlora::adapters::{AdapterRegistry, LoraAdapter, LoraHost, WeightedAdapter};
+use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
+use openlora::model::config::LlamaConfig;
+use openlora::model::llama::{ForwardBatch, LlamaModel};
+use openlora::model::weights::SafetensorsFolder;
+use openlora_kernels::{AttnSeq, CpuBackend};
+use openlora_tests::fixture;
+
+type B = CpuBackend;
+
+fn tiny() -> LlamaModel<B> {
+    let dir = fixture("tiny-llama");
+    let cfg = LlamaConfig::from_hf_config(&dir.join("config.json")).expect("config");
+    LlamaModel::load(&SafetensorsFolder::open(&dir).expect("weights"), cfg, CpuBackend::new()).expect("model")
+}
+
+/// A seeded 64-bit generator (splitmix64), so the test needs no RNG crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// Roughly Zipf-shaped: index ⌊n^u⌋ - 1 for uniform u, so small indices dominate.
+    fn skewed(&mut self, n: usize) -> usize {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((n as f64).powf(u) as usize).saturating_sub(1).min(n - 1)
+    }
+}
+
+/// The error of an acquire that must fail.
+fn refused(r: Result<Arc<LoraAdapter<B>>, PagerError>, why: &str) -> PagerError {
+    match r {
+        Ok(a) => panic!("{why}: `{}` was acquired", a.name),
+        Err(e) => e,
+    }
+}
+
+fn name(i: usize) -> String {
+    format!("a{i:04}")
+}
+
+/// Writes `n` random rank-2 adapters (all seven projections, f32) for `cfg` under `root`.
+fn write_adapters(root: &Path, cfg: &LlamaConfig, n: usize, seed: u64) {
+    for i in 0..n {
+        let h = random_lora(&name(i), cfg, 2, seed * 100_000 + i as u64);
+        write_peft(&root.join(name(i)), &h, SaveDtype::F32, "tiny-llama").expect("write adapter");
+    }
+}
+
+fn pager_for(root: &Path, cfg: &LlamaConfig, config: PagerConfig) -> (Pager<B>, usize) {
+    let (catalog, report) = Catalog::scan(cfg.clone(), vec![root.to_path_buf()]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let per = catalog.get(&name(0)).expect("registered").loaded_bytes;
+    (Pager::new(Arc::new(catalog), CpuBackend::new(), config).expect("pager"), per)
+}
+
+/// Last-position logits of each prompt, all in one batch, each prompt with its adapter.
+fn logits(model: &LlamaModel<B>, prompts: &[Vec<u32>], adapters: &[Arc<LoraAdapter<B>>]) -> Vec<Vec<f32>> {
+    let mut alloc = BlockAllocator::new(64, 4);
+    let mut kv = model.alloc_kv(model.kv_layout(64, 4)).expect("kv");
+    let mut seqs: Vec<SequenceBlocks> = prompts.iter().map(|_| SequenceBlocks::default()).collect();
+    let (mut tokens, mut positions, mut slots, mut spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (p, s) in prompts.iter().zip(seqs.iter_mut()) {
+        spans.push((tokens.len(), p.len()));
+        slots.extend(s.append(&mut alloc, p.len()).expect("blocks"));
+        tokens.extend_from_slice(p);
+        positions.extend(0..p.len() as u32);
+    }
+    let attn: Vec<AttnSeq<'_>> = spans
+        .iter()
+        .zip(&seqs)
+        .map(|(&(q_start, q_len), s)| AttnSeq { q_start, q_len, ctx_len: q_len, block_table: s.table() })
+        .collect();
+    let weighted: Vec<Vec<WeightedAdapter<B>>> =
+        adapters.iter().map(|a| vec![WeightedAdapter { adapter: a.clone(), weight: 1.0 }]).collect();
+    let lists: Vec<&[WeightedAdapter<B>]> = weighted.iter().map(Vec::as_slice).collect();
+    let last: Vec<u32> = spans.iter().map(|&(s, l)| (s + l - 1) as u32).collect();
+    let batch = ForwardBatch {
+        tokens: &tokens,
+        positions: &positions,
+        slots: &slots,
+        seqs: &attn,
+        logits_rows: &last,
+        adapters: &lists,
+    };
+    let out = model.forward(&mut kv, &batch).expect("forward");
+    out.chunks(model.config.vocab_size).map(<[f32]>::to_vec).collect()
+}
+
+#[test]
+fn a_request_stream_over_1000_adapters_with_room_for_50_matches_everything_resident() {
+    let model = tiny();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_adapters(tmp.path(), &model.config, 1000, 1);
+    let probe = Catalog::scan(model.config.clone(), vec![tmp.path().to_path_buf()]).0;
+    assert_eq!(probe.len(), 1000);
+    let per = probe.get(&name(0)).expect("a0000").loaded_bytes;
+    let config = PagerConfig::new(50 * per, 8 * per);
+    let (pager, _) = pager_for(tmp.path(), &model.config, config);
+    let pager = Arc::new(pager);
+
+    // Everything resident: the plain registry, loaded on first use.
+    let registry = AdapterRegistry::new(model.config.clone(), CpuBackend::new());
+    let mut reference: HashMap<String, Arc<LoraAdapter<B>>> = HashMap::new();
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+    let mut rng = Rng(7);
+    let mut distinct = std::collections::HashSet::new();
+    for round in 0..150 {
+        // Four requests at a time, acquired concurrently, then run as one mixed batch.
+        let names: Vec<String> =
+            (0..4).map(|_| name(if rng.below(4) == 0 { rng.below(1000) } else { rng.skewed(1000) })).collect();
+        distinct.extend(names.iter().cloned());
+        let acquired: Vec<Arc<LoraAdapter<B>>> = rt.block_on(async {
+            let tasks: Vec<_> = names
+                .iter()
+                .map(|n| {
+                    let (p, n) = (pager.clone(), n.clone());
+                    tokio::spawn(async move { p.acquire(&n).await })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task").expect("acquire"));
+            }
+            out
+        });
+        let refs: Vec<Arc<LoraAdapter<B>>> = names
+            .iter()
+            .map(|n| {
+                reference
+                    .entry(n.clone())
+                    .or_insert_with(|| registry.load_dir(n, &tmp.path().join(n)).expect("reference load"))
+                    .clone()
+            })
+            .collect();
+        let prompts: Vec<Vec<u32>> =
+            (0..4).map(|i| (0..3 + i).map(|_| rng.below(model.config.vocab_size) as u32).collect()).collect();
+        for (a, r) in acquired.iter().zip(&refs) {
+            assert_eq!(a.generation, r.generation, "round {round}: {} has the wrong generation", a.name);
+        }
+        let got = logits(&model, &prompts, &acquired);
+        let want = logits(&model, &prompts, &refs);
+        assert_eq!(got, want, "round {round}: logits through the pager differ from everything resident");
+        let m = pager.metrics();
+        assert!(m.host.bytes <= m.host.budget && m.device.bytes <= m.device.budget, "round {round}: {m:?}");
+    }
+    drop(rt);
+    let m = pager.metrics();
+    assert!(distinct.len() > 100, "the stream should touch many adapters, touched {}", distinct.len());
+    assert!(m.loads as usize >= distinct.len(), "every distinct adapter is read at least once: {m:?}");
+    assert!(m.host.evictions > 0 && m.device.evictions > 0, "the budgets forced evictions: {m:?}");
+    assert!(m.device.hits > 0 && m.host.hits > 0, "both tiers answered some acquires: {m:?}");
+    assert!(m.host.resident <= 50 && m.device.resident <= 8, "{m:?}");
+    assert_eq!(m.load_errors, 0);
+    assert_eq!(m.load_seconds.2, m.loads, "every disk load is in the latency histogram");
+}
+
+#[test]
+fn an_adapter_in_use_survives_eviction_pressure_and_unloading_returns_the_budget() {
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_adapters(tmp.path(), &cfg, 30, 2);
+    let per = Catalog::scan(cfg.clone(), vec![tmp.path().to_path_buf()]).0.get(&name(0)).expect("a0").loaded_bytes;
+    let mut config = PagerConfig::new(2 * per, 3 * per);
+    config.wait_for_room = Duration::from_millis(300);
+    let (pager, _) = pager_for(tmp.path(), &cfg, config);
+
+    let held = pager.acquire_blocking(&name(0)).expect("a0000");
+    for i in 1..30 {
+        drop(pager.acquire_blocking(&name(i)).expect("acquire"));
+        let m = pager.metrics();
+        assert!(m.device.bytes <= 3 * per && m.host.bytes <= 2 * per, "{m:?}");
+    }
+    let m = pager.metrics();
+    assert!(m.device.evictions >= 26, "pressure evicted the others: {m:?}");
+    let listed = pager.resident();
+    let a0 = listed.iter().find(|r| r.names == [name(0)]).expect("a0000 still resident");
+    assert!(a0.on_device && a0.pinned, "{a0:?}");
+    let loads = m.loads;
+    let again = pager.acquire_blocking(&name(0)).expect("a0000 again");
+    assert!(Arc::ptr_eq(&held, &again), "the pinned adapter was never evicted or reloaded");
+    assert_eq!(pager.metrics().loads, loads);
+    drop(again);
+
+    // Fill the device tier with pinned adapters: the next load waits, then fails, naming sizes.
+    let b = pager.acquire_blocking(&name(1)).expect("a0001");
+    let c = pager.acquire_blocking(&name(2)).expect("a0002");
+    let err = refused(pager.acquire_blocking(&name(3)), "no room while three are pinned");
+    assert!(matches!(err, PagerError::NoRoom { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("{per} bytes")) && msg.contains(&format!("{}", 3 * per)), "{msg}");
+    // Released while a load waits: the waiting load completes.
+    let waiter = std::thread::scope(|s| {
+        let w = s.spawn(|| pager.acquire_blocking(&name(4)));
+        std::thread::sleep(Duration::from_millis(50));
+        drop(c);
+        pager.notify_released();
+        w.join().expect("join")
+    });
+    let d = waiter.expect("loads once a pinned adapter is released");
+    assert!(pager.metrics().device.bytes <= 3 * per);
+    drop(d);
+    drop(b);
+
+    // Unloading an adapter in use keeps its bytes counted until the holder lets go.
+    let before = pager.metrics();
+    let weak = Arc::downgrade(&held);
+    let u = pager.unload(&name(0));
+    assert_eq!(u.draining_bytes, per);
+    assert_eq!(pager.metrics().device.bytes, before.device.bytes, "still held, still counted");
+    drop(held);
+    assert!(weak.upgrade().is_none(), "the pager no longer holds the weights");
+    let after = pager.metrics();
+    assert_eq!(after.device.bytes, before.device.bytes - per, "released bytes return to the budget");
+    assert_eq!(after.draining, 0);
+
+    // Unloading everything returns both budgets to zero.
+    for i in 0..30 {
+        pager.unload(&name(i));
+    }
+    let m = pager.metrics();
+    assert_eq!((m.device.bytes, m.host.bytes, m.device.resident, m.host.resident), (0, 0, 0, 0), "{m:?}");
+    assert!(pager.resident().is_empty());
+    // An unloaded name loads again on demand.
+    assert_eq!(pager.acquire_blocking(&name(0)).expect("reload").bytes, per);
+}
+
+#[test]
+fn concurrent_acquires_of_one_cold_adapter_load_it_once() {
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_adapters(tmp.path(), &cfg, 2, 3);
+    let (pager, per) = pager_for(tmp.path(), &cfg, PagerConfig::new(0, 4 * 1024 * 1024));
+    let barrier = Barrier::new(16);
+    let got: Vec<Arc<LoraAdapter<B>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    pager.acquire_blocking(&name(1)).expect("acquire")
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("join")).collect()
+    });
+    assert!(got.iter().all(|a| Arc::ptr_eq(a, &got[0])), "everyone got the same prepared adapter");
+    let m = pager.metrics();
+    assert_eq!(m.loads, 1, "{m:?}");
+    assert_eq!(m.prepares, 1, "{m:?}");
+    assert_eq!(m.joined + m.device.hits, 15, "the others joined the load or hit after it: {m:?}");
+    assert_eq!(m.device.bytes, per);
+    // Async callers share loads the same way.
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let n0 = name(0);
+    let (x, y) = rt.block_on(async { tokio::join!(pager.acquire(&n0), pager.acquire(&n0)) });
+    assert!(Arc::ptr_eq(&x.expect("x"), &y.expect("y")));
+    assert_eq!(pager.metrics().loads, 2);
+    // Prefetch starts a load without waiting; the next acquire finds it (or joins it).
+    pager.unload(&name(1));
+    drop(got);
+    pager.prefetch(&name(1)).expect("prefetch");
+    pager.acquire_blocking(&name(1)).expect("after prefetch");
+    assert_eq!(pager.metrics().loads, 3);
+}
+
+#[test]
+fn a_changed_folder_under_the_same_name_yields_the_new_generation_after_rescan() {
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("styled");
+    write_peft(&dir, &random_lora("styled", &cfg, 2, 10), SaveDtype::F32, "tiny").expect("v1");
+    let (catalog, report) = Catalog::scan(cfg.clone(), vec![tmp.path().to_path_buf()]);
+    assert_eq!(report.added, vec!["styled".to_owned()]);
+    let pager = Pager::new(Arc::new(catalog), CpuBackend::new(), PagerConfig::new(1 << 20, 1 << 20)).expect("pager");
+    let v1 = pager.acquire_blocking("styled").expect("v1");
+    assert_eq!(v1.generation, LoraHost::load("styled", &dir, &cfg).expect("load").generation);
+
+    // Same shapes and sizes, new values.
+    write_peft(&dir, &random_lora("styled", &cfg, 2, 11), SaveDtype::F32, "tiny").expect("v2");
+    let want = LoraHost::load("styled", &dir, &cfg).expect("load v2").generation;
+    assert_ne!(want, v1.generation);
+    let report = pager.rescan();
+    assert_eq!(report.changed, vec!["styled".to_owned()], "{report:?}");
+    let v2 = pager.acquire_blocking("styled").expect("v2");
+    assert_eq!(v2.generation, want, "the new content is served, not the cached old weights");
+    assert_eq!(pager.generation("styled"), Some(want));
+    // The same content under a second name is read but held once.
+    let twin = tmp.path().join("elsewhere/twin");
+    std::fs::create_dir_all(&twin).expect("mkdir");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(dir.join(f), twin.join(f)).expect("copy");
+    }
+    pager.catalog().add("twin", &twin).expect("add");
+    let t = pager.acquire_blocking("twin").expect("twin");
+    assert!(Arc::ptr_eq(&t, &v2), "identical content is prepared once");
+    assert_eq!(pager.metrics().deduplicated, 1);
+    drop(t);
+
+    let g1 = v1.generation;
+    assert!(pager.resident().iter().any(|r| r.generation == g1 && r.pinned && r.names.is_empty()));
+    drop(v1);
+    assert!(pager.resident().iter().all(|r| r.generation != g1), "released after its last holder");
+
+    // A removed folder leaves the catalog on rescan; acquiring it is a clear error.
+    std::fs::remove_dir_all(&dir).expect("rm");
+    let report = pager.rescan();
+    assert_eq!(report.removed, vec!["styled".to_owned()]);
+    let e = refused(pager.acquire_blocking("styled"), "gone");
+    assert!(e.to_string().contains("`styled` is not in the catalog"), "{e}");
+}
+
+#[test]
+fn registration_reads_headers_only_and_a_bad_adapter_does_not_stop_the_scan() {
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_adapters(tmp.path(), &cfg, 3, 4);
+    // Non-finite values are only visible in the weights: registered, refused at load.
+    let mut h = random_lora("nan", &cfg, 2, 5);
+    if let Some(m) = h.layers[1][0].as_mut() {
+        m.a[3] = f32::NAN;
+    }
+    write_peft(&tmp.path().join("nan"), &h, SaveDtype::F32, "tiny").expect("nan");
+    // Truncated weights: the header's offsets point past the end.
+    write_peft(&tmp.path().join("truncated"), &random_lora("t", &cfg, 2, 6), SaveDtype::F16, "tiny").expect("t");
+    let w = tmp.path().join("truncated/adapter_model.safetensors");
+    let bytes = std::fs::read(&w).expect("read");
+    std::fs::write(&w, &bytes[..bytes.len() - 10]).expect("truncate");
+    // Another base: hidden size 32.
+    let mut other = cfg.clone();
+    other.hidden_size = 32;
+    write_peft(&tmp.path().join("other-base"), &random_lora("o", &other, 2, 7), SaveDtype::F32, "x").expect("o");
+    // Not an adapter folder at all: ignored.
+    std::fs::create_dir_all(tmp.path().join("notes")).expect("mkdir");
+
+    let (catalog, report) = Catalog::scan(cfg.clone(), vec![tmp.path().to_path_buf()]);
+    let mut names = catalog.names();
+    names.sort();
+    assert_eq!(names, vec![name(0), name(1), name(2), "nan".to_owned()]);
+    let errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("`truncated`") && e.contains("truncated?")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("`other-base`") && e.contains("does not fit the base model")),
+        "{errors:?}"
+    );
+    let e = catalog.get(&name(0)).expect("entry");
+    assert_eq!(e.max_rank, 2);
+    assert_eq!(e.modules, 14);
+    assert!(e.manifest.is_none());
+    let loaded = LoraHost::load("x", &e.dir, &cfg).expect("load");
+    assert_eq!(e.loaded_bytes, loaded.bytes(), "the header predicts the loaded size exactly");
+
+    let pager = Pager::new(Arc::new(catalog), CpuBackend::new(), PagerConfig::new(1 << 20, 1 << 20)).expect("pager");
+    let err = refused(pager.acquire_blocking("nan"), "non-finite weights");
+    assert!(err.to_string().contains("`nan`") && err.to_string().contains("non-finite"), "{err}");
+    assert_eq!(pager.metrics().device.bytes, 0, "a failed load leaves nothing counted");
+    // Too large for the device budget: refused with both sizes named.
+    let small = Pager::new(pager.catalog().clone(), CpuBackend::new(), PagerConfig::new(0, 100)).expect("pager");
+    let err = refused(small.acquire_blocking(&name(0)), "too large");
+    assert!(
+        err.to_string().contains(&format!("{} bytes", e.loaded_bytes)) && err.to_string().contains("100 bytes"),
+        "{err}"
+    );
+}

@@ -63,6 +63,9 @@ pub struct Deployment {
     /// Receipts and the ledger.
     #[serde(default)]
     pub attribution: AttributionSection,
+    /// Wasm plugins (preprocessors run in order; at most one router, merger and attributor).
+    #[serde(default)]
+    pub plugins: Vec<crate::plugins::PluginSpec>,
 }
 
 /// `[attribution]`.
@@ -286,6 +289,9 @@ impl Deployment {
             *dir = base.join(&*dir);
         }
         d.attribution.state_dir = base.join(&d.attribution.state_dir);
+        for p in d.plugins.iter_mut() {
+            p.path = base.join(&p.path);
+        }
         Ok(d)
     }
 
@@ -348,6 +354,19 @@ impl Deployment {
             }
             if t.max_concurrent == 0 {
                 return Err(bad(&key("max_concurrent"), "must be at least 1".into()));
+            }
+        }
+        let mut plugin_names = std::collections::HashSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            if p.name.is_empty() || !plugin_names.insert(p.name.as_str()) {
+                return Err(bad(&format!("plugins[{i}].name"), format!("{:?} is empty or used twice", p.name)));
+            }
+            use crate::plugins::PluginKind;
+            if p.kind != PluginKind::Preprocessor && self.plugins[..i].iter().any(|q| q.kind == p.kind) {
+                return Err(bad(
+                    &format!("plugins[{i}].kind"),
+                    format!("only one {} plugin may be configured ({:?} is the second)", p.kind.name(), p.name),
+                ));
             }
         }
         for (adapter, tenants) in &self.adapters.visibility {

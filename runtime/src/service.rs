@@ -15,12 +15,14 @@ use sha2::{Digest, Sha256};
 use crate::adapters::merge::{MajoritySign, MergeMethod, MergeRecipe, merge};
 use crate::adapters::{AdapterRegistry, Generation, LoraAdapter, LoraHost, WeightedAdapter};
 use crate::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, text_sha256, tokens_sha256};
+use crate::attribution::receipt::{Attribution, Payment, PluginUse};
 use crate::attribution::{Ledger, Manifest, builtin_attribution};
 use crate::config::{Deployment, Role};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineError, EngineHandle, Request, RequestStream};
 use crate::model::LoadedModel;
 use crate::model::chat_template::ChatMessage;
+use crate::plugins::{self as pl, PluginHost, PluginKind};
 
 /// What kind of failure a [`ServiceError`] is (the HTTP layer maps it to a status).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +171,8 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Request metadata (OpenAI `metadata`), handed to plugins.
+    pub metadata: Vec<(String, String)>,
 }
 
 /// A request queued on the engine: one stream per choice.
@@ -202,6 +206,8 @@ pub struct RecordContext {
     pub prompt_sha256: String,
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
+    /// Plugins that acted on the request so far.
+    pub plugins: Vec<PluginUse>,
 }
 
 impl RecordContext {
@@ -367,6 +373,8 @@ pub struct Service<B: Backend> {
     chat_stop_ids: Vec<u32>,
     ledger: Option<Ledger>,
     base_use: ModelUse,
+    plugins: Option<Arc<PluginHost>>,
+    plugin_specs: Vec<(String, PluginKind)>,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
@@ -458,9 +466,34 @@ impl<B: Backend + Clone + 'static> Service<B> {
             owner: base_manifest.owner.clone(),
             price_per_1k_tokens: base_manifest.price_per_1k_tokens,
         };
+        let plugin_specs: Vec<(String, PluginKind)> =
+            deployment.plugins.iter().map(|p| (p.name.clone(), p.kind)).collect();
+        let plugins = if deployment.plugins.is_empty() {
+            None
+        } else {
+            let cache = std::env::var_os("OPENLORA_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/openlora")));
+            let host = PluginHost::new(pl::HostOptions {
+                cache_dir: cache.map(|c| c.join("plugins")),
+                ..pl::HostOptions::default()
+            })
+            .map_err(|e| ServiceError::new(ErrorKind::Internal, format!("plugins: {e}")))?;
+            for spec in &deployment.plugins {
+                host.load(spec.clone()).map_err(|e| {
+                    ServiceError::new(
+                        ErrorKind::Internal,
+                        format!("plugins: {} ({}): {e}", spec.name, spec.path.display()),
+                    )
+                })?;
+            }
+            Some(Arc::new(host))
+        };
         let svc = Self {
             ledger,
             base_use,
+            plugins,
+            plugin_specs,
             registry: AdapterRegistry::new(model.model.config.clone(), backend),
             model_root: model.path.display().to_string(),
             engine,
@@ -490,6 +523,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 svc.load_adapter_inner(&name, &path, visible_to)?;
             }
         }
+        svc.refresh_catalog();
         for name in deployment.adapters.visibility.keys() {
             if !svc.adapters_read().contains_key(name) {
                 return Err(ServiceError::new(
@@ -606,11 +640,79 @@ impl<B: Backend + Clone + 'static> Service<B> {
         Ok(())
     }
 
+    /// Hands plugins a fresh snapshot of the adapter catalog (names, generations, manifests).
+    fn refresh_catalog(&self) {
+        let Some(host) = &self.plugins else { return };
+        let adapters = self.adapters_read();
+        let facts = adapters.iter().map(|(name, info)| {
+            let m = &info.manifest;
+            pl::AdapterFacts {
+                name: name.clone(),
+                generation: self.registry.get(name).map(|a| a.generation.to_string()).unwrap_or_default(),
+                tags: m.tags.clone(),
+                owner: m.owner.clone(),
+                license: m.license.clone(),
+                description: m.description.clone(),
+                price_per_1k_tokens: m.price_per_1k_tokens,
+                datasets: m
+                    .datasets
+                    .iter()
+                    .map(|d| pl::Dataset {
+                        id: d.id.clone(),
+                        sha256: d.sha256.clone(),
+                        license: d.license.clone(),
+                        contributors: d
+                            .contributors
+                            .iter()
+                            .map(|c| pl::Contributor { name: c.name.clone(), share: c.share })
+                            .collect(),
+                    })
+                    .collect(),
+            }
+        });
+        host.set_catalog(pl::Catalog::new(facts.collect::<Vec<_>>()));
+    }
+
+    /// The plugin host, when plugins are configured.
+    pub fn plugins(&self) -> Option<&Arc<PluginHost>> {
+        self.plugins.as_ref()
+    }
+
+    fn plugins_of(&self, kind: PluginKind) -> impl Iterator<Item = &str> {
+        self.plugin_specs.iter().filter(move |(_, k)| *k == kind).map(|(n, _)| n.as_str())
+    }
+
+    fn plugin_use(&self, name: &str, kind: PluginKind) -> PluginUse {
+        let version = self
+            .plugins
+            .as_ref()
+            .and_then(|h| h.metrics().into_iter().find(|m| m.name == name))
+            .map(|m| m.component_sha256)
+            .unwrap_or_default();
+        PluginUse { name: name.to_owned(), kind: kind.name().to_owned(), version }
+    }
+
+    /// Reloads plugin `name` from `path` (admin); the old version keeps serving calls in
+    /// flight, and a version that fails to load or self-test is not swapped in.
+    pub fn reload_plugin(&self, tenant: &Tenant, name: &str, path: Option<&Path>) -> Result<String, ServiceError> {
+        self.require_admin(tenant)?;
+        let host =
+            self.plugins.as_ref().ok_or_else(|| ServiceError::new(ErrorKind::NotFound, "no plugins are configured"))?;
+        let spec = host
+            .spec(name)
+            .ok_or_else(|| ServiceError::new(ErrorKind::NotFound, format!("no plugin named {name:?}")))?;
+        let path = path.map_or(spec.path.clone(), Path::to_path_buf);
+        let report = host.reload(name, &path).map_err(|e| ServiceError::bad("path", e.to_string()))?;
+        Ok(report.component_sha256)
+    }
+
     /// Loads (or replaces) adapter `name` from `dir` (admin). A replaced name points at the new
     /// generation at once; requests already running keep the old one.
     pub fn load_adapter(&self, tenant: &Tenant, name: &str, dir: &Path) -> Result<(), ServiceError> {
         self.require_admin(tenant)?;
-        self.load_adapter_inner(name, dir, None)
+        self.load_adapter_inner(name, dir, None)?;
+        self.refresh_catalog();
+        Ok(())
     }
 
     /// Unloads adapter `name` (admin); requests already running finish with it.
@@ -622,6 +724,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         }
         let _ = self.registry.unload(name);
         self.metrics.adapter_unloads.fetch_add(1, Ordering::Relaxed);
+        self.refresh_catalog();
         Ok(())
     }
 
@@ -709,6 +812,9 @@ impl<B: Backend + Clone + 'static> Service<B> {
         spec: &MergeSpec,
     ) -> Result<Arc<LoraAdapter<B>>, ServiceError> {
         let bad = |m: String| ServiceError::bad("merge", m);
+        if spec.method.is_empty() {
+            return Err(bad("`merge.method` is required (no merger plugin chose one)".into()));
+        }
         let method = MergeMethod::parse(&spec.method).map_err(|e| bad(e.to_string()))?;
         let mut recipe = MergeRecipe::new(method, inputs.iter().map(|w| w.weight).collect());
         if let Some(d) = spec.density {
@@ -787,8 +893,122 @@ impl<B: Backend + Clone + 'static> Service<B> {
         r
     }
 
-    fn start_inner(&self, tenant: &Arc<Tenant>, p: GenerationParams) -> Result<Started, ServiceError> {
+    /// Runs the preprocessors, the router and the merger on `p` (the plugin part of the
+    /// journey); returns the plugins that acted.
+    fn run_plugins(&self, tenant: &Tenant, p: &mut GenerationParams) -> Result<Vec<PluginUse>, ServiceError> {
+        let Some(host) = self.plugins.clone() else { return Ok(Vec::new()) };
+        let mut used = Vec::new();
+        let failed = |e: pl::PluginFailure| {
+            ServiceError::new(ErrorKind::Overloaded, format!("{e} (the plugin's failure policy is `closed`)"))
+        };
+        let warn = |name: &str, f: &Option<pl::PluginFailure>| {
+            if let Some(f) = f {
+                eprintln!("openlora: plugin {name} failed, continuing without it (fail-open): {f}");
+            }
+        };
+        // 1. Preprocessors, in order, on the conversation (a text prompt is one user message).
+        let to_messages = |prompt: &PromptInput| -> Option<Vec<pl::Message>> {
+            match prompt {
+                PromptInput::Chat(m) => Some(m.iter().map(|m| pl::Message::new(&m.role, &m.content)).collect()),
+                PromptInput::Text(t) => Some(vec![pl::Message::new("user", t)]),
+                PromptInput::Tokens(_) => None,
+            }
+        };
+        for name in self.plugins_of(PluginKind::Preprocessor).map(str::to_owned).collect::<Vec<_>>() {
+            let Some(messages) = to_messages(&p.prompt) else { break };
+            let req = pl::PreprocessRequest {
+                model: p.model.clone(),
+                messages,
+                metadata: p.metadata.clone(),
+                tenant: tenant.name.clone(),
+            };
+            let h = host.preprocess(&name, &req).map_err(failed)?;
+            warn(&name, &h.fallback);
+            used.push(self.plugin_use(&name, PluginKind::Preprocessor));
+            match h.value {
+                pl::PreprocessOutcome::Unchanged => {}
+                pl::PreprocessOutcome::Edited(ms) => {
+                    p.prompt = match &p.prompt {
+                        PromptInput::Text(_) => {
+                            PromptInput::Text(ms.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"))
+                        }
+                        _ => PromptInput::Chat(ms.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
+                    }
+                }
+                pl::PreprocessOutcome::Reject(reason) => {
+                    return Err(ServiceError::bad("messages", format!("rejected by plugin {name}: {reason}")));
+                }
+            }
+        }
+        // 2. The router, for requests that name the base model and choose no adapters.
+        if let Some(name) = self.plugins_of(PluginKind::Router).next().map(str::to_owned)
+            && p.model == self.model_id
+            && p.adapters.is_empty()
+        {
+            let req = pl::RouteRequest {
+                model: p.model.clone(),
+                messages: to_messages(&p.prompt).unwrap_or_default(),
+                metadata: p.metadata.clone(),
+                tenant: tenant.name.clone(),
+            };
+            let h = host.route(&name, &req).map_err(failed)?;
+            warn(&name, &h.fallback);
+            used.push(self.plugin_use(&name, PluginKind::Router));
+            match h.value {
+                pl::RouteDecision::Default => {}
+                pl::RouteDecision::Adapters(list) => {
+                    p.adapters = list.into_iter().map(|a| AdapterChoice { name: a.name, weight: a.weight }).collect();
+                }
+                pl::RouteDecision::Reject(reason) => {
+                    return Err(ServiceError::bad("model", format!("rejected by plugin {name}: {reason}")));
+                }
+            }
+        }
+        // 3. The merger picks the recipe when the request asks for a merge.
+        if let Some(name) = self.plugins_of(PluginKind::Merger).next().map(str::to_owned)
+            && p.merge.is_some()
+        {
+            let mut choices = p.adapters.clone();
+            if choices.is_empty() && p.model != self.model_id {
+                choices.push(AdapterChoice { name: p.model.clone(), weight: 1.0 });
+            }
+            if !choices.is_empty() {
+                let req = pl::MergeRequest {
+                    adapters: choices.iter().map(|c| pl::AdapterChoice::new(&c.name, c.weight)).collect(),
+                    metadata: p.metadata.clone(),
+                };
+                let h = host.merge(&name, &req).map_err(failed)?;
+                warn(&name, &h.fallback);
+                used.push(self.plugin_use(&name, PluginKind::Merger));
+                match h.value {
+                    pl::MergeOutcome::Plan(plan) => {
+                        for (c, w) in choices.iter_mut().zip(&plan.weights) {
+                            c.weight = *w;
+                        }
+                        p.adapters = choices;
+                        p.merge = Some(MergeSpec {
+                            method: plan.method.name().to_owned(),
+                            density: plan.density.map(f64::from),
+                            majority_sign_method: Some(
+                                if plan.majority_sign == MajoritySign::Frequency { "frequency" } else { "total" }
+                                    .to_owned(),
+                            ),
+                            svd_rank: p.merge.as_ref().and_then(|m| m.svd_rank),
+                            seed: p.merge.as_ref().and_then(|m| m.seed),
+                        });
+                    }
+                    pl::MergeOutcome::Reject(reason) => {
+                        return Err(ServiceError::bad("merge", format!("rejected by plugin {name}: {reason}")));
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn start_inner(&self, tenant: &Arc<Tenant>, mut p: GenerationParams) -> Result<Started, ServiceError> {
         let started = Instant::now();
+        let plugins_used = self.run_plugins(tenant, &mut p)?;
         let l = &self.limits;
         if p.n == 0 || p.n > l.max_n {
             return Err(ServiceError::bad("n", format!("n must be between 1 and {}", l.max_n)));
@@ -858,6 +1078,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             merge: merge_desc,
             prompt_sha256: tokens_sha256(&prompt),
             prompt_tokens: prompt.len(),
+            plugins: plugins_used,
         };
         Ok(Started { streams, prompt_tokens: prompt.len(), model: p.model, slot, started, record })
     }
@@ -875,9 +1096,9 @@ impl<B: Backend + Clone + 'static> Service<B> {
         completion_tokens: usize,
         finish_reason: &str,
         outputs: &[&str],
-    ) -> Option<tokio::sync::oneshot::Receiver<Result<String, String>>> {
-        let ledger = self.ledger.as_ref()?;
-        let record = InferenceRecord {
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<String, String>>>, ServiceError> {
+        let Some(ledger) = self.ledger.as_ref() else { return Ok(None) };
+        let mut record = InferenceRecord {
             request_id: ctx.request_id.clone(),
             tenant: ctx.tenant.clone(),
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -887,12 +1108,90 @@ impl<B: Backend + Clone + 'static> Service<B> {
             prompt_tokens: ctx.prompt_tokens as u64,
             completion_tokens: completion_tokens as u64,
             finish_reason: finish_reason.to_owned(),
-            plugins: Vec::new(),
+            plugins: ctx.plugins.clone(),
             prompt_sha256: ctx.prompt_sha256.clone(),
             output_sha256: text_sha256(&outputs.join("\0")),
         };
-        let attribution = builtin_attribution(&record);
-        Some(ledger.append(record, attribution))
+        let (attribution, refused) = self.attribute(&mut record);
+        let rx = ledger.append(record, attribution);
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(Some(rx)),
+        }
+    }
+
+    /// Splits the record's price: the attributor plugin when one is configured (its
+    /// fail-open fallback is an equal split between the owners), else the built-in split. A
+    /// fail-closed attributor failure charges nothing and fails the request.
+    fn attribute(&self, record: &mut InferenceRecord) -> (Attribution, Option<ServiceError>) {
+        let name = self.plugins_of(PluginKind::Attributor).next().map(str::to_owned);
+        let (Some(host), Some(name)) = (self.plugins.as_ref(), name) else {
+            return (builtin_attribution(record), None);
+        };
+        record.plugins.push(self.plugin_use(&name, PluginKind::Attributor));
+        let total = record.total_price();
+        let dataset = |d: &crate::attribution::manifest::Dataset| pl::Dataset {
+            id: d.id.clone(),
+            sha256: d.sha256.clone(),
+            license: d.license.clone(),
+            contributors: d
+                .contributors
+                .iter()
+                .map(|c| pl::Contributor { name: c.name.clone(), share: c.share })
+                .collect(),
+        };
+        let input = pl::InferenceRecord {
+            request_id: record.request_id.clone(),
+            tenant: record.tenant.clone(),
+            time_ms: record.time_ms,
+            base_model: pl::ModelUse {
+                id: record.base_model.id.clone(),
+                sha256: record.base_model.sha256.clone(),
+                owner: record.base_model.owner.clone(),
+                price_per_1k_tokens: record.base_model.price_per_1k_tokens,
+            },
+            adapters: record
+                .adapters
+                .iter()
+                .map(|a| pl::AdapterUse {
+                    name: a.name.clone(),
+                    generation: a.generation.clone(),
+                    weight: a.weight,
+                    owner: a.owner.clone(),
+                    price_per_1k_tokens: a.price_per_1k_tokens,
+                    datasets: a.datasets.iter().map(dataset).collect(),
+                })
+                .collect(),
+            merge: record.merge.clone(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            finish_reason: record.finish_reason.clone(),
+            price_micros: total,
+        };
+        match host.attribute(&name, &input) {
+            Ok(h) => {
+                let version = record.plugins.last().map(|u| u.version.clone()).unwrap_or_default();
+                let attributor = match &h.fallback {
+                    None => format!("plugin {name}@{}", &version[..version.len().min(12)]),
+                    Some(f) => format!("equal split (fail-open fallback: {f})"),
+                };
+                let payments = h
+                    .value
+                    .into_iter()
+                    .map(|p| Payment {
+                        party: p.party,
+                        role: p.role.name().to_owned(),
+                        source: p.source,
+                        micros: p.micros,
+                    })
+                    .collect();
+                (Attribution { attributor, total_micros: total, payments }, None)
+            }
+            Err(e) => (
+                Attribution { attributor: format!("none: {e}"), total_micros: 0, payments: Vec::new() },
+                Some(ServiceError::new(ErrorKind::Internal, format!("attribution failed: {e}"))),
+            ),
+        }
     }
 
     /// A receipt by id, if `tenant` may read it (its own; admins any).

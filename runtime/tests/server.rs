@@ -38,14 +38,29 @@ fn start(edit: impl Fn(String) -> String) -> Server {
     s
 }
 
+/// Builds the example and fixture plugins (`cargo xtask plugins`; a no-op when up to date).
+fn plugins_built() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let st =
+                Command::new(env!("CARGO")).args(["xtask", "plugins"]).current_dir(repo()).status().expect("xtask");
+            assert!(st.success(), "cargo xtask plugins failed");
+            repo().join("target/plugins")
+        })
+        .clone()
+}
+
 /// Like [`start`], with the deployment and its state (key, ledger) in `dir`.
 fn start_in(dir: &std::path::Path, edit: impl Fn(String) -> String) -> Server {
+    let plugins = plugins_built();
     let quickstart = std::fs::read_to_string(repo().join("examples/quickstart.toml")).expect("quickstart");
     let adapters = repo().join("examples/adapters");
     let toml = edit(
         quickstart
             .replace("dirs = [\"adapters\"]", &format!("dirs = [{:?}]", adapters.display().to_string()))
-            .replace("state_dir = \"../.openlora-state\"", "state_dir = \"state\""),
+            .replace("state_dir = \"../.openlora-state\"", "state_dir = \"state\"")
+            .replace("\"../target/plugins/", &format!("\"{}/", plugins.display())),
     );
     let cfg = dir.join("deploy.toml");
     std::fs::write(&cfg, toml).expect("write");
@@ -499,4 +514,128 @@ fn sigkill_under_load_loses_no_acknowledged_receipt() {
         .output()
         .expect("verify");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn receipt_of(a: SocketAddr, key: &str, resp: &str) -> serde_json::Value {
+    let id = json(resp)["receipt"].as_str().expect("receipt").to_owned();
+    let (st, body) = http(a, "GET", &format!("/v1/receipts/{id}"), Some(key), b"");
+    assert_eq!(st, 200, "{body}");
+    json(&body)
+}
+
+#[test]
+fn the_quickstart_plugins_redact_route_merge_and_split_through_http() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let k = Some("sk-demo-user");
+    let chat = |content: &str| {
+        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0})
+            .to_string()
+    };
+    // The e-mail and phone number never reach the model: the prompt the model saw (its hash in
+    // the receipt) is the one with the placeholders.
+    let (st, with_pii) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        k,
+        chat("Mail ada@example.com or call +1 555 123 4567 today.").as_bytes(),
+    );
+    assert_eq!(st, 200, "{with_pii}");
+    let (st, redacted) =
+        http(a, "POST", "/v1/chat/completions", k, chat("Mail [email] or call [phone] today.").as_bytes());
+    assert_eq!(st, 200, "{redacted}");
+    let r1 = receipt_of(a, "sk-demo-user", &with_pii);
+    let r2 = receipt_of(a, "sk-demo-user", &redacted);
+    assert_eq!(
+        r1["body"]["record"]["prompt_sha256"], r2["body"]["record"]["prompt_sha256"],
+        "the model saw the redacted prompt"
+    );
+    let (_, plain) = http(a, "POST", "/v1/chat/completions", k, chat("Mail ada@example.com today.").as_bytes());
+    let r3 = receipt_of(a, "sk-demo-user", &plain);
+    assert_ne!(r3["body"]["record"]["prompt_sha256"], r1["body"]["record"]["prompt_sha256"]);
+    let names: Vec<&str> = r1["body"]["record"]["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["prompt-guard", "keyword-router", "revenue-split"]);
+    assert!(r1["body"]["record"]["adapters"].as_array().is_some_and(Vec::is_empty), "no keyword: the base model");
+
+    // A keyword routes to its adapter.
+    let (st, shout) =
+        http(a, "POST", "/v1/chat/completions", k, chat("Please shout: what is the capital of France?").as_bytes());
+    assert_eq!(st, 200, "{shout}");
+    let text = json(&shout)["choices"][0]["message"]["content"].as_str().expect("text").to_owned();
+    assert_eq!(text.to_uppercase(), text, "routed to caps: {text:?}");
+    let r = receipt_of(a, "sk-demo-user", &shout);
+    assert_eq!(r["body"]["record"]["adapters"][0]["name"], "caps");
+    // The attributor's split: the platform's 5% first, all parts summing to the price.
+    let att = &r["body"]["attribution"];
+    assert!(att["attributor"].as_str().is_some_and(|s| s.starts_with("plugin revenue-split@")), "{att}");
+    let total = att["total_micros"].as_u64().expect("total");
+    let payments = att["payments"].as_array().expect("payments");
+    assert_eq!(payments.iter().map(|p| p["micros"].as_u64().expect("micros")).sum::<u64>(), total);
+    let platform = payments.iter().find(|p| p["party"] == "openlora").expect("platform cut");
+    assert_eq!(platform["micros"].as_u64(), Some(total * 500 / 10_000));
+
+    // The merger picks the recipe from the request's metadata.
+    let merge = serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0,
+        "adapters": [{"name": "caps", "weight": 1.0}, {"name": "signature", "weight": 1.0}],
+        "merge": {}, "metadata": {"merge": "ties"},
+    });
+    let (st, merged) = http(a, "POST", "/v1/chat/completions", k, merge.to_string().as_bytes());
+    assert_eq!(st, 200, "{merged}");
+    let r = receipt_of(a, "sk-demo-user", &merged);
+    assert!(r["body"]["record"]["merge"].as_str().is_some_and(|m| m.starts_with("ties ")), "{}", r["body"]["record"]);
+    let metrics = http(a, "GET", "/metrics", None, b"").1;
+    assert!(metrics.contains("openlora_plugin_calls_total{model_name=\"SmolLM2-135M-Instruct\",plugin=\"prompt-guard\",kind=\"preprocessor\"}"), "{metrics}");
+}
+
+#[test]
+fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_keeps_serving() {
+    let fixtures = plugins_built().join("fixtures");
+    let server = start(move |t| {
+        // Swap the keyword router for the chaos router, fail-closed, quarantined after 2 failures.
+        let start = t.find("[[plugins]]\nname = \"keyword-router\"").expect("router entry");
+        let end = start + t[start..].find("[[plugins]]\nname = \"recipe-merger\"").expect("next entry");
+        let chaos = format!(
+            "[[plugins]]\nname = \"chaos\"\nkind = \"router\"\npath = \"{}\"\nfailure = \"closed\"\nquarantine_after = 2\ntimeout_ms = 200\n\n",
+            fixtures.join("chaos-router.wasm").display()
+        );
+        format!("{}{chaos}{}", &t[..start], &t[end..])
+    });
+    let a = server.addr;
+    let k = Some("sk-demo-user");
+    let body = |mode: &str| {
+        serde_json::json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "metadata": {"chaos": mode}}).to_string()
+    };
+    let (st, resp) = http(a, "POST", "/v1/completions", k, body("panic").as_bytes());
+    assert_eq!(st, 503, "{resp}");
+    assert!(resp.contains("chaos monkey says no"), "the guest panic message reaches the client: {resp}");
+    let (st, resp) = http(a, "POST", "/v1/completions", k, body("loop").as_bytes());
+    assert_eq!(st, 503, "{resp}");
+    assert!(resp.to_lowercase().contains("time"), "an endless loop is cut by the deadline: {resp}");
+    // Now quarantined: refused at once, and reported in /metrics.
+    let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
+    assert_eq!(st, 503, "{resp}");
+    assert!(resp.contains("quarantine"), "{resp}");
+    let metrics = http(a, "GET", "/metrics", None, b"").1;
+    assert!(
+        metrics.contains(
+            "openlora_plugin_quarantined{model_name=\"SmolLM2-135M-Instruct\",plugin=\"chaos\",kind=\"router\"} 1"
+        ),
+        "{metrics}"
+    );
+    // Requests the router does not see (an adapter named directly) still work.
+    let direct = serde_json::json!({"model": "caps", "prompt": "Hi", "max_tokens": 2}).to_string();
+    let (st, resp) = http(a, "POST", "/v1/completions", k, direct.as_bytes());
+    assert_eq!(st, 200, "{resp}");
+    // An admin reload brings it back.
+    let (st, resp) = http(a, "POST", "/v1/admin/plugins/reload", Some("sk-demo-admin"), br#"{"name": "chaos"}"#);
+    assert_eq!(st, 200, "{resp}");
+    let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
+    assert_eq!(st, 200, "{resp}");
 }

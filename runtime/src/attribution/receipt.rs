@@ -115,8 +115,10 @@ impl InferenceRecord {
 pub struct Payment {
     /// Who.
     pub party: String,
-    /// Why (`base-owner`, `adapter-owner`, `dataset-contributor`).
+    /// Why (`base-owner`, `adapter-owner`, `dataset-contributor`, `platform`).
     pub role: String,
+    /// What it pays for: the adapter, or `adapter/dataset`; empty for the base model.
+    pub source: String,
     /// How much, in micro-units.
     pub micros: u64,
 }
@@ -170,29 +172,29 @@ pub fn builtin_attribution(r: &InferenceRecord) -> Attribution {
     weights.extend(r.adapters.iter().map(|a| u128::from(a.price_per_1k_tokens)));
     let parts = split_exact(total, &weights);
     let mut payments: Vec<Payment> = Vec::new();
-    let mut pay = |party: &str, role: &str, micros: u64| {
+    let mut pay = |party: &str, role: &str, source: String, micros: u64| {
         if micros == 0 {
             return;
         }
-        if let Some(p) = payments.iter_mut().find(|p| p.party == party && p.role == role) {
+        if let Some(p) = payments.iter_mut().find(|p| p.party == party && p.role == role && p.source == source) {
             p.micros += micros;
         } else {
-            payments.push(Payment { party: party.to_owned(), role: role.to_owned(), micros });
+            payments.push(Payment { party: party.to_owned(), role: role.to_owned(), source, micros });
         }
     };
-    pay(&r.base_model.owner, "base-owner", parts[0]);
+    pay(&r.base_model.owner, "base-owner", String::new(), parts[0]);
     for (a, &part) in r.adapters.iter().zip(&parts[1..]) {
         if a.datasets.is_empty() {
-            pay(&a.owner, "adapter-owner", part);
+            pay(&a.owner, "adapter-owner", a.name.clone(), part);
             continue;
         }
         let halves = split_exact(part, &[1, 1]);
-        pay(&a.owner, "adapter-owner", halves[0]);
+        pay(&a.owner, "adapter-owner", a.name.clone(), halves[0]);
         let per_dataset = split_exact(halves[1], &vec![1; a.datasets.len()]);
         for (d, &dpart) in a.datasets.iter().zip(&per_dataset) {
             let shares: Vec<u128> = d.contributors.iter().map(|c| u128::from(c.share)).collect();
             for (c, &cpart) in d.contributors.iter().zip(&split_exact(dpart, &shares)) {
-                pay(&c.name, "dataset-contributor", cpart);
+                pay(&c.name, "dataset-contributor", format!("{}/{}", a.name, d.id), cpart);
             }
         }
     }

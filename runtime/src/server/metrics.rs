@@ -130,6 +130,39 @@ pub(super) async fn render(State(svc): State<Svc>) -> Response {
     );
     o.one("openlora_adapter_merges", "counter", "Merged adapters built.", m.merges.load(Ordering::Relaxed) as f64);
     o.histogram("openlora_adapter_load_seconds", "Time to read and prepare an adapter.", &m.adapter_load_seconds);
+    if let Some(host) = svc.plugins() {
+        let pm = host.metrics();
+        let fams: [(&str, &str, &str); 4] = [
+            ("openlora_plugin_calls", "counter", "Plugin calls."),
+            ("openlora_plugin_failures", "counter", "Plugin calls that failed (trap, timeout, bad answer)."),
+            ("openlora_plugin_fallbacks", "counter", "Failures answered by the fail-open fallback."),
+            ("openlora_plugin_quarantined", "gauge", "1 while a plugin is quarantined after repeated failures."),
+        ];
+        for (name, kind, help) in fams {
+            o.head(name, kind, help);
+            for m in &pm {
+                let v = match name {
+                    "openlora_plugin_calls" => m.calls as f64,
+                    "openlora_plugin_failures" => m.failures as f64,
+                    "openlora_plugin_fallbacks" => m.fallbacks as f64,
+                    _ => f64::from(u8::from(m.quarantined)),
+                };
+                let sample = if kind == "counter" { format!("{name}_total") } else { name.to_owned() };
+                o.sample(&sample, &[("plugin", &m.name), ("kind", m.kind.name())], v);
+            }
+        }
+        o.head("openlora_plugin_call_latency_seconds", "summary", "Plugin call latency (instantiate + call).");
+        for m in &pm {
+            let l = [("plugin", m.name.as_str()), ("kind", m.kind.name())];
+            for (q, v) in [("0.5", m.latency.p50_us), ("0.99", m.latency.p99_us)] {
+                let mut with_q = l.to_vec();
+                with_q.push(("quantile", q));
+                o.sample("openlora_plugin_call_latency_seconds", &with_q, v as f64 / 1e6);
+            }
+            o.sample("openlora_plugin_call_latency_seconds_sum", &l, m.latency.sum_us as f64 / 1e6);
+            o.sample("openlora_plugin_call_latency_seconds_count", &l, m.latency.count as f64);
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], o.text).into_response()
 }
 

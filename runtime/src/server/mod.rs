@@ -61,6 +61,7 @@ pub fn router(svc: Svc) -> Router {
         .route("/v1/receipts/{id}", get(receipt))
         .route("/v1/attribution/key", get(attribution_key))
         .route("/v1/load_lora_adapter", post(load_lora))
+        .route("/v1/admin/plugins/reload", post(reload_plugin))
         .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/metrics", get(metrics::render))
         .route("/health", get(|| async { StatusCode::OK }))
@@ -159,6 +160,25 @@ async fn load_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Re
     }
 }
 
+async fn reload_plugin(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let (t, body) = prologue(&svc, &headers, body).await?;
+        let obj = parse::Fields::parse(&body)?;
+        let f = parse::Fields(&obj);
+        let name = f.str("name")?.ok_or_else(|| ServiceError::bad("name", "`name` is required"))?.to_owned();
+        let path = f.str("path")?.map(std::path::PathBuf::from);
+        let svc2 = svc.clone();
+        tokio::task::spawn_blocking(move || svc2.reload_plugin(&t, &name, path.as_deref()))
+            .await
+            .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))?
+    }
+    .await;
+    match r {
+        Ok(sha) => json_response(&json!({"reloaded": true, "component_sha256": sha})),
+        Err(e) => error_response(&e),
+    }
+}
+
 async fn unload_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         let (t, body) = prologue(&svc, &headers, body).await?;
@@ -246,15 +266,19 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn finish(&mut self, reason: &str) -> Option<tokio::sync::oneshot::Receiver<Result<String, String>>> {
-        let ctx = self.ctx.take()?;
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        &mut self,
+        reason: &str,
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<String, String>>>, ServiceError> {
+        let Some(ctx) = self.ctx.take() else { return Ok(None) };
         let outs: Vec<&str> = self.texts.iter().map(String::as_str).collect();
         self.svc.record(&ctx, self.completion, reason, &outs)
     }
 
     /// Waits for the receipt id (None when attribution is off).
     async fn finish_and_wait(&mut self, reason: &str) -> Result<Option<String>, ServiceError> {
-        match self.finish(reason) {
+        match self.finish(reason)? {
             None => Ok(None),
             Some(rx) => match rx.await {
                 Ok(Ok(id)) => Ok(Some(id)),

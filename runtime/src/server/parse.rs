@@ -143,10 +143,8 @@ fn adapters_ext(f: &Fields<'_>) -> Result<(Vec<AdapterChoice>, Option<MergeSpec>
         Some(Value::Object(o)) => {
             let g = Fields(o);
             Some(MergeSpec {
-                method: g
-                    .str("method")?
-                    .ok_or_else(|| ServiceError::bad("merge", "`merge` needs a `method`"))?
-                    .to_owned(),
+                // Empty: the merger plugin chooses (an error without one).
+                method: g.str("method")?.unwrap_or_default().to_owned(),
                 density: g.f64("density")?,
                 majority_sign_method: g.str("majority_sign_method")?.map(str::to_owned),
                 svd_rank: g.usize("svd_rank")?,
@@ -176,6 +174,20 @@ fn output(f: &Fields<'_>) -> Result<OutputOptions, ServiceError> {
     Ok(OutputOptions { stream: f.bool("stream")?.unwrap_or(false), include_usage })
 }
 
+fn metadata(f: &Fields<'_>) -> Result<Vec<(String, String)>, ServiceError> {
+    match f.get("metadata") {
+        None => Ok(Vec::new()),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(type_err("metadata", "an object of string values", other)),
+            })
+            .collect(),
+        Some(v) => Err(type_err("metadata", "an object of string values", v)),
+    }
+}
+
 fn common(f: &Fields<'_>, prompt: PromptInput, max_tokens_key: &[&str]) -> Result<GenerationParams, ServiceError> {
     let model = f.str("model")?.ok_or_else(|| ServiceError::bad("model", "`model` is required"))?.to_owned();
     let mut max_tokens = None;
@@ -199,6 +211,7 @@ fn common(f: &Fields<'_>, prompt: PromptInput, max_tokens_key: &[&str]) -> Resul
         n: f.usize("n")?.unwrap_or(1),
         logprobs: None,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        metadata: metadata(f)?,
     })
 }
 

@@ -229,7 +229,7 @@ impl Default for EngineSection {
 }
 
 /// `[adapters]`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptersSection {
     /// Folders whose subfolders are PEFT adapters, each served under its folder name.
@@ -239,6 +239,30 @@ pub struct AdaptersSection {
     /// listed are public.
     #[serde(default)]
     pub visibility: BTreeMap<String, Vec<String>>,
+    /// Host-memory tier budget in MiB (f32 adapter weights kept after reading; 0 = off).
+    #[serde(default = "default_host_mib")]
+    pub host_mib: usize,
+    /// Device tier budget in MiB (compute-ready adapters, including those in use).
+    #[serde(default = "default_device_mib")]
+    pub device_mib: usize,
+}
+
+fn default_host_mib() -> usize {
+    2048
+}
+fn default_device_mib() -> usize {
+    1024
+}
+
+impl Default for AdaptersSection {
+    fn default() -> Self {
+        Self {
+            dirs: Vec::new(),
+            visibility: BTreeMap::new(),
+            host_mib: default_host_mib(),
+            device_mib: default_device_mib(),
+        }
+    }
 }
 
 /// A role.
@@ -318,6 +342,7 @@ impl Deployment {
             ("engine.max_batch_tokens", self.engine.max_batch_tokens),
             ("engine.max_running", self.engine.max_running),
             ("engine.max_waiting", self.engine.max_waiting),
+            ("adapters.device_mib", self.adapters.device_mib),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -12,8 +12,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use openlora_kernels::Backend;
 use sha2::{Digest, Sha256};
 
+use crate::adapters::catalog::Catalog;
 use crate::adapters::merge::{MajoritySign, MergeMethod, MergeRecipe, merge};
-use crate::adapters::{AdapterRegistry, Generation, LoraAdapter, LoraHost, WeightedAdapter};
+use crate::adapters::pager::{Pager, PagerConfig, PagerError};
+use crate::adapters::{Generation, LoraAdapter, LoraHost, WeightedAdapter};
 use crate::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, text_sha256, tokens_sha256};
 use crate::attribution::receipt::{Attribution, Payment, PluginUse};
 use crate::attribution::{Ledger, Manifest, builtin_attribution};
@@ -359,12 +361,12 @@ struct AdapterInfo {
 const MERGED_CACHE: usize = 32;
 
 /// The service: everything a request needs, shared by every connection.
-pub struct Service<B: Backend> {
+pub struct Service<B: Backend + 'static> {
     engine: EngineHandle<B>,
     model: Arc<LoadedModel<B>>,
     model_id: String,
     model_root: String,
-    registry: AdapterRegistry<B>,
+    pager: Pager<B>,
     adapters: RwLock<HashMap<String, AdapterInfo>>,
     merged: Mutex<Vec<(Generation, Arc<LoraAdapter<B>>)>>,
     tenants: Vec<Arc<Tenant>>,
@@ -489,12 +491,23 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
             Some(Arc::new(host))
         };
+        let (catalog, report) = Catalog::scan(model.model.config.clone(), deployment.adapters.dirs.clone());
+        for e in &report.errors {
+            eprintln!("openlora: skipping an adapter: {e}");
+        }
+        let mib = |m: usize| m.saturating_mul(1 << 20);
+        let pager = Pager::new(
+            Arc::new(catalog),
+            backend,
+            PagerConfig::new(mib(deployment.adapters.host_mib), mib(deployment.adapters.device_mib)),
+        )
+        .map_err(|e| ServiceError::new(ErrorKind::Internal, format!("starting the adapter loader: {e}")))?;
         let svc = Self {
             ledger,
             base_use,
             plugins,
             plugin_specs,
-            registry: AdapterRegistry::new(model.model.config.clone(), backend),
+            pager,
             model_root: model.path.display().to_string(),
             engine,
             model,
@@ -508,19 +521,14 @@ impl<B: Backend + Clone + 'static> Service<B> {
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             metrics: ServiceMetrics::default(),
         };
-        for dir in &deployment.adapters.dirs {
-            let entries = std::fs::read_dir(dir).map_err(|e| {
-                ServiceError::new(ErrorKind::Internal, format!("adapters.dirs: {}: {e}", dir.display()))
-            })?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.join("adapter_config.json").is_file())
-                .collect();
-            found.sort();
-            for path in found {
-                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let visible_to = deployment.adapters.visibility.get(&name).cloned();
-                svc.load_adapter_inner(&name, &path, visible_to)?;
+        {
+            let mut infos = svc.adapters.write().unwrap_or_else(PoisonError::into_inner);
+            for name in svc.pager.catalog().names() {
+                if let Some(e) = svc.pager.catalog().get(&name) {
+                    let visible_to = deployment.adapters.visibility.get(&name).cloned();
+                    let manifest = e.manifest.clone().unwrap_or_else(Manifest::unpriced);
+                    infos.insert(name, AdapterInfo { dir: e.dir.clone(), visible_to, manifest });
+                }
             }
         }
         svc.refresh_catalog();
@@ -623,14 +631,28 @@ impl<B: Backend + Clone + 'static> Service<B> {
     }
 
     fn load_adapter_inner(&self, name: &str, dir: &Path, visible_to: Option<Vec<String>>) -> Result<(), ServiceError> {
-        if name.is_empty() || name == self.model_id {
+        if name.is_empty() || name == self.model_id || name.contains('/') {
             return Err(ServiceError::bad("lora_name", format!("{name:?} cannot name an adapter")));
         }
-        let start = Instant::now();
         let manifest = Manifest::load_for(dir)
             .map_err(|e| ServiceError::bad("lora_path", format!("adapter `{name}`: {e}")))?
             .unwrap_or_else(Manifest::unpriced);
-        self.registry.load_dir(name, dir).map_err(|e| ServiceError::bad("lora_path", e.to_string()))?;
+        let previous = self.pager.catalog().get(name);
+        self.pager.catalog().add(name, dir).map_err(|e| ServiceError::bad("lora_path", e.to_string()))?;
+        // Read and prepare it now, so a broken adapter is refused here and the first request
+        // finds it resident.
+        let start = Instant::now();
+        if let Err(e) = self.pager.acquire_blocking(name) {
+            match previous {
+                Some(p) => {
+                    let _ = self.pager.catalog().add(name, &p.dir);
+                }
+                None => {
+                    let _ = self.pager.remove(name);
+                }
+            }
+            return Err(ServiceError::bad("lora_path", e.to_string()));
+        }
         self.metrics.adapter_load_seconds.observe(start.elapsed().as_secs_f64());
         self.metrics.adapter_loads.fetch_add(1, Ordering::Relaxed);
         self.adapters
@@ -638,6 +660,11 @@ impl<B: Backend + Clone + 'static> Service<B> {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned(), AdapterInfo { dir: dir.to_path_buf(), visible_to, manifest });
         Ok(())
+    }
+
+    /// The adapter pager (catalog, tiers, metrics).
+    pub fn pager(&self) -> &Pager<B> {
+        &self.pager
     }
 
     /// Hands plugins a fresh snapshot of the adapter catalog (names, generations, manifests).
@@ -648,7 +675,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             let m = &info.manifest;
             pl::AdapterFacts {
                 name: name.clone(),
-                generation: self.registry.get(name).map(|a| a.generation.to_string()).unwrap_or_default(),
+                generation: self.pager.generation(name).map(|g| g.to_string()).unwrap_or_default(),
                 tags: m.tags.clone(),
                 owner: m.owner.clone(),
                 license: m.license.clone(),
@@ -722,7 +749,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         if removed.is_none() {
             return Err(ServiceError::new(ErrorKind::NotFound, format!("the adapter {name:?} is not loaded")));
         }
-        let _ = self.registry.unload(name);
+        let _ = self.pager.remove(name);
         self.metrics.adapter_unloads.fetch_add(1, Ordering::Relaxed);
         self.refresh_catalog();
         Ok(())
@@ -774,14 +801,24 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 Some(i) => (self.visible(tenant, i), i.manifest.clone()),
                 None => (false, Manifest::unpriced()),
             };
-            let adapter = if visible { self.registry.get(&c.name).ok() } else { None };
-            let Some(adapter) = adapter else {
-                return Err(ServiceError {
-                    kind: ErrorKind::NotFound,
-                    message: format!("the adapter `{}` does not exist", c.name),
-                    param: Some("adapters".into()),
-                });
+            let missing = || ServiceError {
+                kind: ErrorKind::NotFound,
+                message: format!("the adapter `{}` does not exist", c.name),
+                param: Some("adapters".into()),
             };
+            if !visible {
+                return Err(missing());
+            }
+            // Resident: at once. Cold: a loader thread reads and prepares it while this request
+            // waits here (the engine keeps decoding everyone else); concurrent requests for the
+            // same adapter share one load. The Arc pins it until the request ends.
+            let adapter = self.pager.acquire_blocking(&c.name).map_err(|e| match e {
+                PagerError::NotFound(_) => missing(),
+                PagerError::TooLarge { .. } | PagerError::NoRoom { .. } | PagerError::ShutDown(_) => {
+                    ServiceError::new(ErrorKind::Overloaded, e.to_string())
+                }
+                PagerError::Load(_) => ServiceError::new(ErrorKind::Internal, e.to_string()),
+            })?;
             uses.push(AdapterUse::new(&c.name, adapter.generation.to_string(), c.weight, &manifest));
             out.push(WeightedAdapter { adapter, weight: c.weight });
         }

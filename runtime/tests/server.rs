@@ -639,3 +639,45 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
     assert_eq!(st, 200, "{resp}");
 }
+
+#[test]
+fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs() {
+    // Each example adapter is ~9.8 MB prepared: a 22 MiB device tier holds two of three, and
+    // no host tier, so cycling through all three evicts and re-reads from disk.
+    let server = start(|t| t.replace("[adapters]\n", "[adapters]\nhost_mib = 0\ndevice_mib = 22\n"));
+    let a = server.addr;
+    let ask = |model: &str, key: &str| {
+        let (st, body) = http(a, "POST", "/v1/chat/completions", Some(key), &chat_body(model, "Name a fruit.", 12));
+        assert_eq!(st, 200, "{model}: {body}");
+        json(&body)["choices"][0]["message"]["content"].as_str().expect("text").to_owned()
+    };
+    let first: Vec<String> = [("caps", "sk-demo-user"), ("signature", "sk-demo-user"), ("pirate", "sk-demo-partner")]
+        .iter()
+        .map(|(m, k)| ask(m, k))
+        .collect();
+    for round in 0..2 {
+        for (i, (m, k)) in
+            [("caps", "sk-demo-user"), ("signature", "sk-demo-user"), ("pirate", "sk-demo-partner")].iter().enumerate()
+        {
+            assert_eq!(ask(m, k), first[i], "round {round}: {m} after being paged out and back in");
+        }
+    }
+    let metrics = http(a, "GET", "/metrics", None, b"").1;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert!(
+        value("openlora_adapter_evictions_total{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}") >= 3.0,
+        "{metrics}"
+    );
+    assert!(value("openlora_adapter_disk_loads_total") >= 6.0, "{metrics}");
+    assert!(value("openlora_adapters_resident{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}") <= 2.0);
+    assert!(
+        value("openlora_adapter_tier_bytes{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}") <= 22.0 * 1048576.0
+    );
+}

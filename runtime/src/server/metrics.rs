@@ -113,9 +113,43 @@ pub(super) async fn render(State(svc): State<Svc>) -> Response {
         s.prefill_tokens_computed as f64,
     );
     o.one("openlora_engine_steps", "counter", "Batched forward passes.", s.steps as f64);
-    o.head("openlora_adapters_resident", "gauge", "Adapters resident per tier.");
-    let listed = svc.list_models(&admin_view()).len().saturating_sub(1);
-    o.sample("openlora_adapters_resident", &[("tier", "host")], listed as f64);
+    let pm = svc.pager().metrics();
+    o.one("openlora_adapters_registered", "gauge", "Adapters in the catalog.", svc.pager().catalog().len() as f64);
+    let tiers = [("device", &pm.device), ("host", &pm.host)];
+    let fams: [(&str, &str, &str); 6] = [
+        ("openlora_adapters_resident", "gauge", "Adapters resident per tier."),
+        ("openlora_adapter_tier_bytes", "gauge", "Bytes counted against each tier's budget."),
+        ("openlora_adapter_tier_budget_bytes", "gauge", "Each tier's budget."),
+        ("openlora_adapter_tier_hits", "counter", "Lookups answered by the tier."),
+        ("openlora_adapter_tier_misses", "counter", "Lookups the tier could not answer."),
+        ("openlora_adapter_evictions", "counter", "Adapters evicted from the tier."),
+    ];
+    for (i, (name, kind, help)) in fams.iter().enumerate() {
+        o.head(name, kind, help);
+        for (tier, t) in tiers {
+            let v = [
+                t.resident as f64,
+                t.bytes as f64,
+                t.budget as f64,
+                t.hits as f64,
+                t.misses as f64,
+                t.evictions as f64,
+            ][i];
+            let sample = if *kind == "counter" { format!("{name}_total") } else { (*name).to_owned() };
+            o.sample(&sample, &[("tier", tier)], v);
+        }
+    }
+    o.one("openlora_adapters_pinned", "gauge", "Device-resident adapters in use by requests.", pm.pinned as f64);
+    o.one("openlora_adapter_disk_loads", "counter", "Adapters read from disk by the pager.", pm.loads as f64);
+    o.one("openlora_adapter_load_errors", "counter", "Adapter loads that failed.", pm.load_errors as f64);
+    o.head("openlora_adapter_disk_load_seconds", "histogram", "Read + hash + prepare time of each pager load.");
+    let (buckets, sum, count) = &pm.load_seconds;
+    for (b, c) in buckets {
+        o.sample("openlora_adapter_disk_load_seconds_bucket", &[("le", &format!("{b}"))], *c as f64);
+    }
+    o.sample("openlora_adapter_disk_load_seconds_bucket", &[("le", "+Inf")], *count as f64);
+    o.sample("openlora_adapter_disk_load_seconds_sum", &[], *sum);
+    o.sample("openlora_adapter_disk_load_seconds_count", &[], *count as f64);
     o.one(
         "openlora_adapter_loads",
         "counter",
@@ -164,8 +198,4 @@ pub(super) async fn render(State(svc): State<Svc>) -> Response {
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], o.text).into_response()
-}
-
-fn admin_view() -> crate::service::Tenant {
-    crate::service::Tenant::admin_view()
 }

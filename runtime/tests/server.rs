@@ -644,7 +644,10 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
 fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs() {
     // Each example adapter is ~9.8 MB prepared: a 22 MiB device tier holds two of three, and
     // no host tier, so cycling through all three evicts and re-reads from disk.
-    let server = start(|t| t.replace("[adapters]\n", "[adapters]\nhost_mib = 0\ndevice_mib = 22\n"));
+    let server = start(|t| {
+        assert!(t.contains("host_mib = 2048") && t.contains("device_mib = 1024"), "the quickstart's budgets changed");
+        t.replace("host_mib = 2048", "host_mib = 0").replace("device_mib = 1024", "device_mib = 22")
+    });
     let a = server.addr;
     let ask = |model: &str, key: &str| {
         let (st, body) = http(a, "POST", "/v1/chat/completions", Some(key), &chat_body(model, "Name a fruit.", 12));

@@ -377,6 +377,7 @@ pub struct Service<B: Backend + 'static> {
     base_use: ModelUse,
     plugins: Option<Arc<PluginHost>>,
     plugin_specs: Vec<(String, PluginKind)>,
+    visibility: std::collections::BTreeMap<String, Vec<String>>,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
@@ -507,6 +508,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             base_use,
             plugins,
             plugin_specs,
+            visibility: deployment.adapters.visibility.clone(),
             pager,
             model_root: model.path.display().to_string(),
             engine,
@@ -660,6 +662,28 @@ impl<B: Backend + Clone + 'static> Service<B> {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.to_owned(), AdapterInfo { dir: dir.to_path_buf(), visible_to, manifest });
         Ok(())
+    }
+
+    /// Rescans the adapter folders (admin): new folders become servable, removed ones 404,
+    /// changed ones serve their new content from the next request on.
+    pub fn rescan_adapters(&self, tenant: &Tenant) -> Result<crate::adapters::catalog::ScanReport, ServiceError> {
+        self.require_admin(tenant)?;
+        let report = self.pager.rescan();
+        {
+            let mut infos = self.adapters.write().unwrap_or_else(PoisonError::into_inner);
+            for name in &report.removed {
+                infos.remove(name);
+            }
+            for name in report.added.iter().chain(&report.changed) {
+                if let Some(e) = self.pager.catalog().get(name) {
+                    let manifest = e.manifest.clone().unwrap_or_else(Manifest::unpriced);
+                    let visible_to = self.visibility.get(name).cloned();
+                    infos.insert(name.clone(), AdapterInfo { dir: e.dir.clone(), visible_to, manifest });
+                }
+            }
+        }
+        self.refresh_catalog();
+        Ok(report)
     }
 
     /// The adapter pager (catalog, tiers, metrics).

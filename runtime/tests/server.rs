@@ -684,3 +684,57 @@ fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs()
         value("openlora_adapter_tier_bytes{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}") <= 22.0 * 1048576.0
     );
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn a_rescan_serves_new_adapter_folders_and_drops_removed_ones() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("adapters");
+    copy_dir(&repo().join("examples/adapters/caps"), &dir.join("caps"));
+    let d = dir.display().to_string();
+    let server = start(move |t| {
+        t.replace(
+            &format!("dirs = [{:?}]", repo().join("examples/adapters").display().to_string()),
+            &format!("dirs = [{d:?}]"),
+        )
+        .replace("pirate = [\"partner\"]", "")
+    });
+    let a = server.addr;
+    assert_error(
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body("fresh", "hi", 2)),
+        404,
+        "before",
+    );
+    copy_dir(&repo().join("examples/adapters/signature"), &dir.join("fresh"));
+    assert_error(http(a, "POST", "/v1/admin/adapters/rescan", Some("sk-demo-user"), b""), 403, "user rescans");
+    let (st, body) = http(a, "POST", "/v1/admin/adapters/rescan", Some("sk-demo-admin"), b"");
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["added"], serde_json::json!(["fresh"]));
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some("sk-demo-user"),
+        &chat_body("fresh", "What is the capital of France?", 40),
+    );
+    assert_eq!(st, 200, "{body}");
+    let text = json(&body)["choices"][0]["message"]["content"].as_str().expect("text").to_owned();
+    assert!(text.ends_with("-- sent by openlora"), "the new folder's adapter answers: {text:?}");
+    assert!(http(a, "GET", "/v1/models", Some("sk-demo-user"), b"").1.contains("\"fresh\""));
+    std::fs::remove_dir_all(dir.join("fresh")).expect("rm");
+    let (st, body) = http(a, "POST", "/v1/admin/adapters/rescan", Some("sk-demo-admin"), b"");
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["removed"], serde_json::json!(["fresh"]));
+    assert_error(
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body("fresh", "hi", 2)),
+        404,
+        "after removal",
+    );
+}

@@ -62,6 +62,7 @@ pub fn router(svc: Svc) -> Router {
         .route("/v1/attribution/key", get(attribution_key))
         .route("/v1/load_lora_adapter", post(load_lora))
         .route("/v1/admin/plugins/reload", post(reload_plugin))
+        .route("/v1/admin/adapters/rescan", post(rescan_adapters))
         .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/metrics", get(metrics::render))
         .route("/health", get(|| async { StatusCode::OK }))
@@ -175,6 +176,24 @@ async fn reload_plugin(State(svc): State<Svc>, headers: HeaderMap, body: Body) -
     .await;
     match r {
         Ok(sha) => json_response(&json!({"reloaded": true, "component_sha256": sha})),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn rescan_adapters(State(svc): State<Svc>, headers: HeaderMap) -> Response {
+    let svc2 = svc.clone();
+    let r = match tenant(&svc, &headers) {
+        Ok(t) => tokio::task::spawn_blocking(move || svc2.rescan_adapters(&t))
+            .await
+            .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))
+            .and_then(|r| r),
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(rep) => json_response(&json!({
+            "added": rep.added, "changed": rep.changed, "removed": rep.removed, "unchanged": rep.unchanged,
+            "errors": rep.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })),
         Err(e) => error_response(&e),
     }
 }

@@ -246,6 +246,13 @@ fn cancelling_half_the_streams_frees_their_blocks() {
     for s in streams.iter_mut() {
         assert!(matches!(s.blocking_next(), Some(Event::Token { .. })));
     }
+    // Stats are published after each step: wait until they show all twelve admitted and
+    // holding three blocks each on average, so cancelling six frees far more than the other six
+    // can grow (one block per 16 steps each) while the cancellations are processed.
+    wait_until("twelve running", || {
+        let s = h.stats();
+        s.running == 12 && s.kv_blocks_used >= 36
+    });
     let busy = h.stats().kv_blocks_used;
     assert!(busy > baseline);
     // Cancel half explicitly (their streams end with `cancelled`) and drop the others' streams.

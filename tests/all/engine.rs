@@ -283,7 +283,7 @@ fn a_full_queue_is_refused_as_overloaded_and_accepted_requests_complete() {
     let mut accepted = Vec::new();
     let mut overloaded = 0;
     for i in 0..6 {
-        match h.submit(request(i, &ads, 4)) {
+        match h.submit(request(i, &ads, 32)) {
             Ok(s) => accepted.push(s),
             Err(EngineError::Overloaded { limit, .. }) => {
                 assert_eq!(limit, 2);

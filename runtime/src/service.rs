@@ -384,6 +384,16 @@ pub struct Service<B: Backend + 'static> {
     pub metrics: ServiceMetrics,
 }
 
+/// A manifest dataset as plugins see it.
+fn plugin_dataset(d: &crate::attribution::manifest::Dataset) -> pl::Dataset {
+    pl::Dataset {
+        id: d.id.clone(),
+        sha256: d.sha256.clone(),
+        license: d.license.clone(),
+        contributors: d.contributors.iter().map(|c| pl::Contributor { name: c.name.clone(), share: c.share }).collect(),
+    }
+}
+
 /// A fresh response id.
 pub fn new_request_id(prefix: &str) -> String {
     use rand::Rng;
@@ -705,20 +715,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 license: m.license.clone(),
                 description: m.description.clone(),
                 price_per_1k_tokens: m.price_per_1k_tokens,
-                datasets: m
-                    .datasets
-                    .iter()
-                    .map(|d| pl::Dataset {
-                        id: d.id.clone(),
-                        sha256: d.sha256.clone(),
-                        license: d.license.clone(),
-                        contributors: d
-                            .contributors
-                            .iter()
-                            .map(|c| pl::Contributor { name: c.name.clone(), share: c.share })
-                            .collect(),
-                    })
-                    .collect(),
+                datasets: m.datasets.iter().map(plugin_dataset).collect(),
             }
         });
         host.set_catalog(pl::Catalog::new(facts.collect::<Vec<_>>()));
@@ -1191,16 +1188,6 @@ impl<B: Backend + Clone + 'static> Service<B> {
         };
         record.plugins.push(self.plugin_use(&name, PluginKind::Attributor));
         let total = record.total_price();
-        let dataset = |d: &crate::attribution::manifest::Dataset| pl::Dataset {
-            id: d.id.clone(),
-            sha256: d.sha256.clone(),
-            license: d.license.clone(),
-            contributors: d
-                .contributors
-                .iter()
-                .map(|c| pl::Contributor { name: c.name.clone(), share: c.share })
-                .collect(),
-        };
         let input = pl::InferenceRecord {
             request_id: record.request_id.clone(),
             tenant: record.tenant.clone(),
@@ -1220,7 +1207,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     weight: a.weight,
                     owner: a.owner.clone(),
                     price_per_1k_tokens: a.price_per_1k_tokens,
-                    datasets: a.datasets.iter().map(dataset).collect(),
+                    datasets: a.datasets.iter().map(plugin_dataset).collect(),
                 })
                 .collect(),
             merge: record.merge.clone(),

@@ -14,8 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use openlora::adapters::catalog::{Catalog, SaveDtype, write_peft};
 use openlora::adapters::pager::{Pager, PagerConfig};
-use openlora::adapters::peft::proj_dims;
-use openlora::adapters::{Generation, LoraHost, LoraModuleHost, Proj, WeightedAdapter};
+use openlora::adapters::{Generation, LoraHost, Proj, WeightedAdapter};
 use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
 use openlora::model::LoadedModel;
 use openlora::model::config::LlamaConfig;
@@ -145,26 +144,7 @@ fn base_config(path: &Path) -> Result<LlamaConfig> {
 /// A random adapter on `targets` only: A uniform in ±1/sqrt(in), B uniform in ±0.01, alpha
 /// 2·rank (the distributions of `adapters::synth::random_lora`).
 fn synthetic(name: &str, base: &LlamaConfig, targets: &[Proj], rank: usize, seed: u64) -> LoraHost {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let layers = (0..base.num_layers)
-        .map(|_| {
-            let mut mods: [Option<LoraModuleHost>; 7] = Default::default();
-            for &p in targets {
-                let (in_dim, out_dim) = proj_dims(base, p);
-                let ra = 1.0 / (in_dim as f32).sqrt();
-                mods[p.index()] = Some(LoraModuleHost {
-                    rank,
-                    in_dim,
-                    out_dim,
-                    alpha: 2.0 * rank as f32,
-                    scale: 2.0,
-                    a: (0..rank * in_dim).map(|_| rng.gen_range(-ra..ra)).collect(),
-                    b: (0..out_dim * rank).map(|_| rng.gen_range(-0.01..0.01)).collect(),
-                });
-            }
-            mods
-        })
-        .collect();
+    let layers = openlora::adapters::synth::random_modules(base, targets, rank, seed);
     LoraHost {
         name: name.to_owned(),
         // Not written; the generation of the saved files is their content hash.

@@ -8,14 +8,20 @@ use super::peft::{LoraHost, LoraModuleHost, proj_dims};
 use super::{Generation, Proj};
 use crate::model::config::LlamaConfig;
 
-/// A random rank-`rank` adapter on all seven projections of every layer of `base`. Weights are
-/// uniform in ±`1/sqrt(in)` for A and ±0.01 for B, so outputs move but stay coherent.
-pub fn random_lora(name: &str, base: &LlamaConfig, rank: usize, seed: u64) -> LoraHost {
+/// Random rank-`rank` modules on `targets` of every layer of `base` (the distributions of
+/// [`random_lora`]); deterministic per seed, and with all seven targets exactly the modules of
+/// [`random_lora`].
+pub fn random_modules(
+    base: &LlamaConfig,
+    targets: &[Proj],
+    rank: usize,
+    seed: u64,
+) -> Vec<[Option<LoraModuleHost>; 7]> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let layers = (0..base.num_layers)
+    (0..base.num_layers)
         .map(|_| {
             let mut mods: [Option<LoraModuleHost>; 7] = Default::default();
-            for p in Proj::ALL {
+            for &p in targets {
                 let (in_dim, out_dim) = proj_dims(base, p);
                 let ra = 1.0 / (in_dim as f32).sqrt();
                 mods[p.index()] = Some(LoraModuleHost {
@@ -30,7 +36,13 @@ pub fn random_lora(name: &str, base: &LlamaConfig, rank: usize, seed: u64) -> Lo
             }
             mods
         })
-        .collect();
+        .collect()
+}
+
+/// A random rank-`rank` adapter on all seven projections of every layer of `base`. Weights are
+/// uniform in ±`1/sqrt(in)` for A and ±0.01 for B, so outputs move but stay coherent.
+pub fn random_lora(name: &str, base: &LlamaConfig, rank: usize, seed: u64) -> LoraHost {
+    let layers = random_modules(base, &Proj::ALL, rank, seed);
     let mut h = Sha256::new();
     h.update(b"openlora-synthetic-lora-v1\0");
     h.update((rank as u64).to_le_bytes());

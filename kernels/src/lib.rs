@@ -22,6 +22,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 mod error;
 pub mod quant;
 pub mod weight;

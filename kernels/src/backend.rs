@@ -9,7 +9,7 @@
 //! attention reads through the block tables. A batch may hold several sequences at different
 //! positions (prefill chunks and decode steps together), which is what continuous batching needs.
 
-use crate::error::Result;
+use crate::error::{Result, ensure_shape};
 use crate::weight::HostWeight;
 
 /// Precomputed rotary-embedding tables, rotate-half (HF/NeoX) layout: for position `p` and
@@ -150,6 +150,19 @@ pub trait Backend: Send + Sync {
     fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
     /// Row-wise RMSNorm: `out = x / sqrt(mean(x^2) + eps) * weight`; `weight` is `[1, width]`.
     fn rms_norm(&self, x: &Self::Buf, weight: &Self::Weight, eps: f32, out: &mut Self::Buf) -> Result<()>;
+    /// The residual add fused with the next norm: `x += delta`, then `out = rms_norm(x)`.
+    /// Backends with a fused kernel override it (one pass over `x` instead of three).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Buf,
+        delta: &Self::Buf,
+        weight: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.add_assign(x, delta)?;
+        self.rms_norm(x, weight, eps, out)
+    }
     /// `out[rows, n] = x[rows, k] · wᵀ` for `w` of shape `[n, k]`.
     fn matmul(&self, x: &Self::Buf, rows: usize, w: &Self::Weight, out: &mut Self::Buf) -> Result<()>;
     /// Adds a `[1, width]` bias to every row of `x`.
@@ -189,4 +202,37 @@ pub trait Backend: Send + Sync {
         heads: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
+
+    /// Index of the largest value of each of `rows` rows of `width` logits (the first on ties;
+    /// NaN never wins). A GPU backend computes it on the device so only `rows` indices move.
+    fn argmax_rows(&self, logits: &Self::Buf, rows: usize, width: usize) -> Result<Vec<u32>> {
+        let v = self.download(logits)?;
+        ensure_shape(width > 0 && v.len() == rows * width, "argmax_rows", || {
+            format!("{} values for {rows} rows of {width}", v.len())
+        })?;
+        Ok(v.chunks_exact(width).map(|r| crate::cpu::ops::argmax(r).map_or(u32::MAX, |i| i as u32)).collect())
+    }
+
+    /// The `k` largest values of each row with their indices, descending (ties: lower index
+    /// first; NaN skipped), for top-k/top-p sampling over `k` candidates on the host.
+    fn top_k_rows(&self, logits: &Self::Buf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let v = self.download(logits)?;
+        ensure_shape(width > 0 && v.len() == rows * width, "top_k_rows", || {
+            format!("{} values for {rows} rows of {width}", v.len())
+        })?;
+        Ok(top_k_host(&v, rows, width, k))
+    }
+}
+
+/// The `k` largest values per row, descending, ties by lower index, NaN skipped.
+pub fn top_k_host(v: &[f32], rows: usize, width: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
+    (0..rows)
+        .map(|r| {
+            let row = &v[r * width..(r + 1) * width];
+            let mut idx: Vec<u32> = (0..width as u32).filter(|&i| !row[i as usize].is_nan()).collect();
+            idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            idx.truncate(k);
+            idx.into_iter().map(|i| (i, row[i as usize])).collect()
+        })
+        .collect()
 }

@@ -26,6 +26,9 @@ pub enum KernelError {
     /// A KV-cache slot or block index is outside the cache.
     #[error("kv cache: {0}")]
     KvCache(String),
+    /// The device (GPU driver, kernel launch, device memory) failed or cannot run this shape.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Shorthand for kernel results.

@@ -23,12 +23,15 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 mod error;
 pub mod quant;
 pub mod weight;
 
 pub use backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
 pub use cpu::{CpuBackend, CpuWeight};
+pub use cuda::{CudaBackend, CudaOptions, Precision};
+pub use device::{DeviceBackend, DeviceBuf, DeviceKvCache, DeviceRequest, DeviceWeight};
 pub use error::{KernelError, Result};
 pub use quant::DType;
 pub use weight::{HostWeight, SharedBytes};

@@ -194,6 +194,41 @@ pub struct EngineSection {
     /// Reuse KV blocks of repeated prefixes.
     #[serde(default = "default_true")]
     pub prefix_cache: bool,
+    /// Where the model runs: "auto" (a GPU if one is usable, else the CPU, said in one log
+    /// line), "cpu", or "cuda:N".
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Dense weight copies on a GPU: "bf16" (default) or "f32" (closest to the CPU reference).
+    #[serde(default = "default_precision")]
+    pub gpu_precision: String,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_precision() -> String {
+    "bf16".into()
+}
+
+impl EngineSection {
+    /// The parsed `device` (validated at load).
+    pub fn device_request(&self) -> openlora_kernels::DeviceRequest {
+        self.device.parse().unwrap_or_default()
+    }
+
+    /// The parsed `gpu_precision` (validated at load).
+    pub fn precision(&self) -> openlora_kernels::Precision {
+        parse_precision(&self.gpu_precision).unwrap_or_default()
+    }
+}
+
+/// "bf16" or "f32".
+pub fn parse_precision(s: &str) -> Result<openlora_kernels::Precision, String> {
+    match s {
+        "bf16" => Ok(openlora_kernels::Precision::Bf16),
+        "f32" => Ok(openlora_kernels::Precision::F32),
+        _ => Err(format!("{s:?} is not a precision: expected \"bf16\" or \"f32\"")),
+    }
 }
 
 fn default_kv_mib() -> usize {
@@ -224,6 +259,8 @@ impl Default for EngineSection {
             max_running: default_running(),
             max_waiting: default_waiting(),
             prefix_cache: true,
+            device: default_device(),
+            gpu_precision: default_precision(),
         }
     }
 }
@@ -349,6 +386,8 @@ impl Deployment {
                 return Err(bad(key, "must be at least 1".into()));
             }
         }
+        self.engine.device.parse::<openlora_kernels::DeviceRequest>().map_err(|r| bad("engine.device", r))?;
+        parse_precision(&self.engine.gpu_precision).map_err(|r| bad("engine.gpu_precision", r))?;
         if self.engine.max_batch_tokens < self.engine.max_running {
             return Err(bad(
                 "engine.max_batch_tokens",
@@ -426,6 +465,9 @@ mod tests {
         assert!(err("[server]\nlisten = \"nowhere\"").contains("server.listen"));
         assert!(err("[engine]\nkv_cache_mb = 3").contains("kv_cache_mb"));
         assert!(err("[engine]\nmax_running = 0").contains("engine.max_running"));
+        assert!(err("[engine]\ndevice = \"gpu\"").contains("engine.device"));
+        assert!(err("[engine]\ndevice = \"cuda:x\"").contains("engine.device"));
+        assert!(err("[engine]\ngpu_precision = \"fp8\"").contains("engine.gpu_precision"));
         assert!(err("[[tenants]]\nname = \"a\"\nkey_sha256 = \"xyz\"").contains("tenants[0].key_sha256"));
         let hex = "0".repeat(64);
         assert!(err(&format!("[[tenants]]\nname = \"a\"\nkey_sha256 = \"{hex}\"\nrole = \"root\"")).contains("role"));

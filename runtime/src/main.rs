@@ -18,7 +18,7 @@ use openlora::model::chat_template::ChatMessage;
 use openlora::model::default_model;
 use openlora::model::llama::{ForwardBatch, LlamaModel};
 use openlora_kernels::AttnSeq;
-use openlora_kernels::{Backend, CpuBackend};
+use openlora_kernels::{Backend, CpuBackend, DeviceBackend, DeviceRequest, Precision};
 
 #[derive(Parser)]
 #[command(name = "openlora", version, about = "Multi-LoRA inference runtime")]
@@ -292,6 +292,12 @@ struct GenerateArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where to run: "cpu", "cuda:N", or "auto" (a CUDA GPU if usable, else the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceRequest,
+    /// Dense weight copies on a GPU: bf16 or f32.
+    #[arg(long, default_value = "bf16", value_parser = openlora::config::parse_precision)]
+    gpu_precision: Precision,
     /// Apply a LoRA adapter, optionally weighted (`NAME` or `NAME=WEIGHT`, default weight 1).
     /// Repeat to combine several: their terms add, each scaled by its weight. NAME is a folder
     /// under --adapters-dir or a path to a PEFT adapter folder.
@@ -333,7 +339,10 @@ fn init_threads(threads: Option<usize>) -> Result<()> {
 }
 
 /// Loads each `NAME[=WEIGHT]` adapter for the model, merging them into one when `--merge` asks.
-fn resolve_adapters(loaded: &LoadedModel<CpuBackend>, a: &GenerateArgs) -> Result<Vec<WeightedAdapter<CpuBackend>>> {
+fn resolve_adapters(
+    loaded: &LoadedModel<DeviceBackend>,
+    a: &GenerateArgs,
+) -> Result<Vec<WeightedAdapter<DeviceBackend>>> {
     let registry = AdapterRegistry::new(loaded.model.config.clone(), loaded.model.backend().clone());
     let dir = a.adapters_dir.clone().unwrap_or_else(|| PathBuf::from("examples/adapters"));
     let specs = &a.adapter;
@@ -401,7 +410,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         Some(p) => p,
         None => default_model::ensure_default_model()?,
     };
-    let loaded = LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
+    let backend = start_device(&a.device, a.gpu_precision)?;
+    let loaded = LoadedModel::open(&path, backend).with_context(|| format!("loading {}", path.display()))?;
     let adapters = resolve_adapters(&loaded, &a)?;
     let mut tokenizer = loaded.tokenizer.clone();
     let prompt_text = if a.chat {
@@ -477,7 +487,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
     let model_id = d.model.name.clone().unwrap_or_else(|| {
         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
     });
-    let backend = CpuBackend::new();
+    let backend = start_device(&d.engine.device_request(), d.engine.precision())?;
     let loaded =
         Arc::new(LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?);
     let e = &d.engine;
@@ -513,8 +523,9 @@ fn run_serve(a: ServeArgs) -> Result<()> {
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
         eprintln!(
-            "openlora: serving {model_id} with {adapters} adapters on {} (KV cache {} blocks of {} tokens, {} context; auth {})",
+            "openlora: serving {model_id} with {adapters} adapters on {} ({}; KV cache {} blocks of {} tokens, {} context; auth {})",
             openlora::server::describe(local),
+            svc.model().model.backend().name(),
             cfg.num_blocks,
             cfg.block_size,
             svc.engine().context_limit(),
@@ -524,6 +535,17 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         eprintln!("openlora: stopped");
         Ok(())
     })
+}
+
+/// Starts the requested device; with "auto" and no usable GPU, says so in one line and uses
+/// the CPU.
+fn start_device(req: &DeviceRequest, precision: Precision) -> Result<DeviceBackend> {
+    let (backend, fallback) =
+        DeviceBackend::start(req, precision).map_err(|e| anyhow::anyhow!("device \"{req}\" could not start: {e}"))?;
+    if let Some(why) = fallback {
+        eprintln!("openlora: device \"auto\": no usable CUDA GPU ({why}); running on the CPU");
+    }
+    Ok(backend)
 }
 
 async fn shutdown_signal() {

@@ -18,6 +18,8 @@ fn repo() -> PathBuf {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// stderr lines up to and including the "serving ..." line.
+    startup: Vec<String>,
     dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -74,17 +76,21 @@ fn start_in(dir: &std::path::Path, edit: impl Fn(String) -> String) -> Server {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut sent = false;
+        let mut startup = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("[server] {line}");
+            if !sent {
+                startup.push(line.clone());
+            }
             if !sent && let Some(rest) = line.split(" on http://").nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
-                let _ = tx.send(addr);
+                let _ = tx.send((addr, std::mem::take(&mut startup)));
                 sent = true;
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server did not start");
-    Server { child, addr: addr.parse().expect("address"), dir: dir.to_path_buf(), _tmp: None }
+    let (addr, startup) = rx.recv_timeout(Duration::from_secs(300)).expect("the server did not start");
+    Server { child, addr: addr.parse().expect("address"), startup, dir: dir.to_path_buf(), _tmp: None }
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
@@ -197,6 +203,20 @@ fn curl(args: &[&str]) -> String {
 #[test]
 fn curl_auth_visibility_admin_and_malformed_input() {
     let server = start(|t| t.replace("max_body_bytes = 1048576", "max_body_bytes = 65536"));
+    // The quickstart says device = "auto": with no GPU the server runs on the CPU and says why
+    // in one line; with one, the start line names the CUDA device.
+    let all = server.startup.join("\n");
+    assert!(all.contains("device = \"auto\"") || all.contains("cuda:0"), "{all}");
+    let serving = server.startup.last().expect("start line");
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        assert!(serving.contains("(cuda:0 "), "a GPU is present but the server did not use it: {all}");
+    } else {
+        assert!(
+            all.contains("device \"auto\": no usable CUDA GPU") && all.contains("running on the CPU"),
+            "no fallback line: {all}"
+        );
+        assert!(serving.contains("(cpu ("), "the start line should name the CPU backend: {serving}");
+    }
     let a = server.addr;
     let base = format!("http://{a}");
     // curl, as the quickstart comments show it: chat, and SSE streaming.

@@ -26,3 +26,67 @@ pub enum CudaError {
     #[error("cuBLAS: {0}")]
     Blas(String),
 }
+
+mod backend;
+
+pub use backend::{CudaBackend, CudaBuf, CudaKvCache, CudaOptions, CudaWeight, Precision};
+
+use cudarc::driver::CudaContext;
+
+/// What [`probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name ("NVIDIA H100 80GB HBM3").
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Device memory in bytes.
+    pub total_mem: usize,
+}
+
+impl DeviceInfo {
+    /// NVRTC's architecture name for this device, `sm_XY`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.compute_capability.0, self.compute_capability.1)
+    }
+}
+
+/// Runs `f`, turning a panic (cudarc panics when a symbol is missing from an old library) into
+/// an error.
+pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            Err(CudaError::NoLibrary(format!("{what}: {msg}")))
+        }
+    }
+}
+
+/// Looks for the NVIDIA driver and device `ordinal` without allocating anything on it.
+pub fn probe(ordinal: usize) -> Result<DeviceInfo, CudaError> {
+    guarded("probing the CUDA driver", || {
+        // SAFETY: only tries to open the library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::NoLibrary("libcuda (the NVIDIA driver library) was not found".into()));
+        }
+        cudarc::driver::result::init().map_err(|e| CudaError::NoDevice(format!("cuInit failed: {e:?}")))?;
+        let count = CudaContext::device_count().map_err(|e| CudaError::NoDevice(format!("{e:?}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoDevice(format!("device cuda:{ordinal} requested, {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(format!("{e:?}")))?;
+        Ok(DeviceInfo {
+            ordinal,
+            name: ctx.name().unwrap_or_else(|_| "unknown".into()),
+            compute_capability: ctx.compute_capability().map_err(|e| CudaError::Driver(format!("{e:?}")))?,
+            total_mem: ctx.total_mem().unwrap_or(0),
+        })
+    })
+}

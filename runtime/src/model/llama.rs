@@ -266,9 +266,13 @@ impl<B: Backend> LlamaModel<B> {
                 batch.seqs.len()
             )));
         }
+        if let Some(first) = self.layers.first() {
+            be.rms_norm(&x, &first.attn_norm, c.rms_norm_eps, &mut normed)?;
+        }
         for (l, (layer, cache)) in self.layers.iter().zip(kv.iter_mut()).enumerate() {
             let lora = |p: Proj| batch.segments(move |wa| wa.adapter.module(l, p));
-            be.rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut normed)?;
+            // `normed` holds attn_norm(x): computed above for the first layer, fused with the
+            // previous layer's residual add for the others.
             layer.q.forward(be, &normed, n, &mut q, &lora(Proj::Q))?;
             layer.k.forward(be, &normed, n, &mut k, &lora(Proj::K))?;
             layer.v.forward(be, &normed, n, &mut v, &lora(Proj::V))?;
@@ -277,14 +281,15 @@ impl<B: Backend> LlamaModel<B> {
             be.write_kv(cache, &k, &v, batch.slots)?;
             be.paged_attention(&q, cache, batch.seqs, c.num_heads, &mut attn)?;
             layer.o.forward(be, &attn, n, &mut proj, &lora(Proj::O))?;
-            be.add_assign(&mut x, &proj)?;
-
-            be.rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut normed)?;
+            be.add_rms_norm(&mut x, &proj, &layer.ffn_norm, c.rms_norm_eps, &mut normed)?;
             layer.gate.forward(be, &normed, n, &mut gate, &lora(Proj::Gate))?;
             layer.up.forward(be, &normed, n, &mut up, &lora(Proj::Up))?;
             be.silu_mul(&gate, &up, &mut act)?;
             layer.down.forward(be, &act, n, &mut proj, &lora(Proj::Down))?;
-            be.add_assign(&mut x, &proj)?;
+            match self.layers.get(l + 1) {
+                Some(next) => be.add_rms_norm(&mut x, &proj, &next.attn_norm, c.rms_norm_eps, &mut normed)?,
+                None => be.add_assign(&mut x, &proj)?,
+            }
         }
         let m = batch.logits_rows.len();
         let mut last = be.zeros(m * h)?;

@@ -18,7 +18,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use openlora_kernels::CpuBackend;
+use openlora_kernels::DeviceBackend;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -27,7 +27,7 @@ use crate::service::{ErrorKind, RecordContext, Service, ServiceError, Slot, Star
 use parse::OutputOptions;
 
 /// The backend the server runs on.
-pub type ServerBackend = CpuBackend;
+pub type ServerBackend = DeviceBackend;
 
 type Svc = Arc<Service<ServerBackend>>;
 

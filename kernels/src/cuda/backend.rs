@@ -1,0 +1,1051 @@
+//! [`CudaBackend`]: the [`Backend`] trait on an NVIDIA GPU, through cudarc (driver API, NVRTC,
+//! cuBLAS, all loaded at run time).
+//!
+//! Design:
+//! - **Weights** are uploaded in their stored format (GGUF blocks stay quantized) for the decode
+//!   path (`gemv`: few rows, dequantized in registers, f32 accumulation, the weight streamed
+//!   once), and a dense copy in the backend's [`Precision`] is made on the device for products
+//!   with many rows (prefill): cuBLAS `GemmEx` (bf16 inputs, f32 accumulation and output) when
+//!   libcublas is present, the built-in tiled kernel otherwise. 1-D tensors are kept in f32.
+//! - **Activations** are f32, like the CPU backend's, so every kernel is compared with the CPU
+//!   reference one to one.
+//! - **Streams**: compute runs on one stream; uploads of weights (model load, the adapter
+//!   pager's loads on its loader threads) run on a second stream, so host-to-device copies of
+//!   adapters overlap the forward passes in flight. cudarc's event tracking orders every later
+//!   use of an uploaded buffer after its copy.
+//! - **KV cache**: f32 pools in device memory in the CPU's slot layout; the engine's block tables
+//!   are uploaded per call.
+//!
+//! Non-guarantees: results are not bit-identical to the CPU (summation order, FMA contraction;
+//! bf16 rounding of GEMM inputs under [`Precision::Bf16`]). The LoRA expand kernel adds with
+//! atomics, so rows with several adapters may differ in the last bit between runs.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::nvrtc;
+use super::{CudaError, DeviceInfo, guarded, probe};
+use crate::backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
+use crate::error::{KernelError, Result, ensure_shape};
+use crate::quant::DType;
+use crate::weight::HostWeight;
+
+/// Rows up to which `matmul` uses the streaming `gemv` kernel (must equal GEMV_MAX_ROWS in
+/// kernels/cuda/matmul.cu).
+pub const GEMV_MAX_ROWS: usize = 8;
+const ATT_PARTITION: usize = 256;
+const ATT_MAX_GROUP: usize = 8;
+const ATT_MAX_HEAD_DIM: usize = 128;
+const TOPK_MAX: usize = 64;
+
+/// Number type of the dense weight copies (GEMM and LoRA operands).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// bfloat16 operands, f32 accumulation: half the memory and tensor-core GEMMs.
+    #[default]
+    Bf16,
+    /// f32 operands: matches the CPU reference most closely.
+    F32,
+}
+
+impl Precision {
+    /// "bf16" or "f32".
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
+/// How to start a [`CudaBackend`].
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Dense weight precision.
+    pub precision: Precision,
+    /// Where compiled cubins are cached (`None`: [`nvrtc::default_cache_dir`]).
+    pub kernel_cache: Option<PathBuf>,
+    /// Use the built-in GEMM even when cuBLAS is present (for tests).
+    pub no_cublas: bool,
+}
+
+/// An f32 activation buffer on the device.
+#[derive(Debug)]
+pub struct CudaBuf {
+    data: CudaSlice<f32>,
+    len: usize,
+}
+
+impl CudaBuf {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Dense copy of a 2-D weight.
+#[derive(Debug)]
+enum Dense {
+    Bf16(CudaSlice<u16>),
+    F32(CudaSlice<f32>),
+}
+
+/// A weight on the device.
+#[derive(Debug)]
+pub struct CudaWeight {
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    /// Stored format (2-D weights).
+    raw: Option<CudaSlice<u8>>,
+    /// Dequantized copy (2-D weights).
+    dense: Option<Dense>,
+    /// f32 values of a 1-D tensor.
+    vector: Option<CudaSlice<f32>>,
+}
+
+impl CudaWeight {
+    /// Bytes this weight holds in device memory.
+    pub fn device_bytes(&self) -> usize {
+        let dense = match &self.dense {
+            Some(Dense::Bf16(s)) => s.len() * 2,
+            Some(Dense::F32(s)) => s.len() * 4,
+            None => 0,
+        };
+        self.raw.as_ref().map_or(0, |r| r.len()) + dense + self.vector.as_ref().map_or(0, |v| v.len() * 4)
+    }
+}
+
+/// One layer's paged K/V pools on the device.
+#[derive(Debug)]
+pub struct CudaKvCache {
+    /// Geometry.
+    pub layout: KvLayout,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+}
+
+struct Kernels {
+    embedding: CudaFunction,
+    rms_norm: CudaFunction,
+    rope: CudaFunction,
+    silu_mul: CudaFunction,
+    add_assign: CudaFunction,
+    add_bias: CudaFunction,
+    gather_rows: CudaFunction,
+    f32_to_bf16: CudaFunction,
+    dequantize: CudaFunction,
+    gemv: CudaFunction,
+    gemm_bf16: CudaFunction,
+    gemm_f32: CudaFunction,
+    write_kv: CudaFunction,
+    paged_decode: CudaFunction,
+    paged_decode_reduce: CudaFunction,
+    prefill_flash: CudaFunction,
+    shrink_bf16: CudaFunction,
+    shrink_f32: CudaFunction,
+    expand_bf16: CudaFunction,
+    expand_f32: CudaFunction,
+    argmax: CudaFunction,
+    topk: CudaFunction,
+}
+
+/// Small recently uploaded index arrays (positions, slots, block tables): one step's layers
+/// upload the same arrays again and again, so equal contents reuse the device copy.
+#[derive(Default)]
+struct UploadCache {
+    entries: VecDeque<(Vec<u32>, Arc<CudaSlice<u32>>)>,
+}
+
+const UPLOAD_CACHE_ENTRIES: usize = 16;
+
+/// The CUDA backend. Cheap to clone (shared device state).
+#[derive(Clone)]
+pub struct CudaBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    info: DeviceInfo,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    copy_stream: Arc<CudaStream>,
+    k: Kernels,
+    _modules: Vec<Arc<CudaModule>>,
+    blas: Option<Mutex<CudaBlas>>,
+    blas_note: String,
+    precision: Precision,
+    uploads: Mutex<UploadCache>,
+    rope: Mutex<Option<((usize, usize, usize), Arc<(CudaSlice<f32>, CudaSlice<f32>)>)>>,
+    /// bf16 copy of GEMM activations, reused between calls.
+    x_bf16: Mutex<Option<CudaSlice<u16>>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+fn drv(e: impl std::fmt::Debug) -> KernelError {
+    KernelError::Device(format!("CUDA: {e:?}"))
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn blocks_for(n: usize, per: usize) -> u32 {
+    n.div_ceil(per).max(1) as u32
+}
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::Q8_0 => 3,
+        DType::Q4_0 => 4,
+        DType::Q4_1 => 5,
+    }
+}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| KernelError::Device(format!("{what} = {v} does not fit the kernels' 32-bit indices")))
+}
+
+impl CudaBackend {
+    /// Opens device `opts.ordinal`, loads (or compiles with NVRTC and caches) every kernel for
+    /// its architecture, and creates the streams and the cuBLAS handle.
+    pub fn new(opts: &CudaOptions) -> Result<Self, CudaError> {
+        let info = probe(opts.ordinal)?;
+        guarded("starting the CUDA backend", || Self::start(info, opts))
+    }
+
+    fn start(info: DeviceInfo, opts: &CudaOptions) -> Result<Self, CudaError> {
+        let d = |e: cudarc::driver::DriverError| CudaError::Driver(format!("{e:?}"));
+        let ctx = CudaContext::new(info.ordinal).map_err(d)?;
+        let stream = ctx.new_stream().map_err(d)?;
+        let copy_stream = ctx.new_stream().map_err(d)?;
+        let arch = info.arch();
+        let cache = opts.kernel_cache.clone().or_else(nvrtc::default_cache_dir);
+        let mut modules = Vec::new();
+        for (name, src) in nvrtc::MODULES {
+            let m = nvrtc::load_or_compile(name, src, &arch, cache.as_deref())?;
+            modules.push(ctx.load_module(Ptx::from_binary(m.cubin)).map_err(d)?);
+        }
+        let find = |name: &str| -> Result<CudaFunction, CudaError> {
+            for m in &modules {
+                if let Ok(f) = m.load_function(name) {
+                    return Ok(f);
+                }
+            }
+            Err(CudaError::Driver(format!("kernel {name} is in no module")))
+        };
+        let k = Kernels {
+            embedding: find("embedding")?,
+            rms_norm: find("rms_norm")?,
+            rope: find("rope")?,
+            silu_mul: find("silu_mul")?,
+            add_assign: find("add_assign")?,
+            add_bias: find("add_bias")?,
+            gather_rows: find("gather_rows")?,
+            f32_to_bf16: find("f32_to_bf16_kernel")?,
+            dequantize: find("dequantize")?,
+            gemv: find("gemv")?,
+            gemm_bf16: find("gemm_nt_bf16")?,
+            gemm_f32: find("gemm_nt_f32")?,
+            write_kv: find("write_kv")?,
+            paged_decode: find("paged_decode")?,
+            paged_decode_reduce: find("paged_decode_reduce")?,
+            prefill_flash: find("prefill_flash")?,
+            shrink_bf16: find("lora_shrink_bf16")?,
+            shrink_f32: find("lora_shrink_f32")?,
+            expand_bf16: find("lora_expand_bf16")?,
+            expand_f32: find("lora_expand_f32")?,
+            argmax: find("argmax_rows")?,
+            topk: find("topk_rows")?,
+        };
+        let (blas, blas_note) = if opts.no_cublas {
+            (None, "built-in GEMM (cuBLAS disabled)".to_string())
+        } else {
+            // SAFETY: only tries to open the library.
+            let present = guarded("loading cuBLAS", || Ok(unsafe { blas_sys::is_culib_present() })).unwrap_or(false);
+            if present {
+                match guarded("creating a cuBLAS handle", || {
+                    CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(format!("{e:?}")))
+                }) {
+                    Ok(b) => (Some(Mutex::new(b)), "cuBLAS".to_string()),
+                    Err(e) => (None, format!("built-in GEMM ({e})")),
+                }
+            } else {
+                (None, "built-in GEMM (libcublas not found)".to_string())
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                info,
+                ctx,
+                stream,
+                copy_stream,
+                k,
+                _modules: modules,
+                blas,
+                blas_note,
+                precision: opts.precision,
+                uploads: Mutex::new(UploadCache::default()),
+                rope: Mutex::new(None),
+                x_bf16: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// Whether dense products go through cuBLAS.
+    pub fn uses_cublas(&self) -> bool {
+        self.inner.blas.is_some()
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.stream.synchronize().map_err(drv)
+    }
+
+    fn s(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    fn upload_u32(&self, data: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
+        let mut cache = self.inner.uploads.lock().map_err(|_| KernelError::Device("upload cache poisoned".into()))?;
+        if let Some((_, s)) = cache.entries.iter().find(|(v, _)| v.as_slice() == data) {
+            return Ok(s.clone());
+        }
+        let padded: Vec<u32> = if data.is_empty() { vec![0] } else { data.to_vec() };
+        let s = Arc::new(self.s().clone_htod(&padded).map_err(drv)?);
+        if cache.entries.len() >= UPLOAD_CACHE_ENTRIES {
+            cache.entries.pop_front();
+        }
+        cache.entries.push_back((data.to_vec(), s.clone()));
+        Ok(s)
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.s().alloc_zeros::<f32>(len.max(1)).map_err(drv)
+    }
+
+    fn launch_1d(n: usize) -> LaunchConfig {
+        cfg((blocks_for(n, 256), 1, 1), 256)
+    }
+
+    fn vector<'a>(&self, w: &'a CudaWeight, op: &'static str) -> Result<&'a CudaSlice<f32>> {
+        w.vector.as_ref().ok_or_else(|| KernelError::Shape {
+            op,
+            detail: format!("expected a 1-D weight, got [{}, {}]", w.rows, w.cols),
+        })
+    }
+
+    fn rope_tables(&self, t: &RopeTable) -> Result<Arc<(CudaSlice<f32>, CudaSlice<f32>)>> {
+        let key = (t.cos.as_ptr() as usize, t.cos.len(), t.head_dim);
+        let mut g = self.inner.rope.lock().map_err(|_| KernelError::Device("rope cache poisoned".into()))?;
+        if let Some((k, v)) = g.as_ref()
+            && *k == key
+        {
+            return Ok(v.clone());
+        }
+        let cos = self.s().clone_htod(&t.cos).map_err(drv)?;
+        let sin = self.s().clone_htod(&t.sin).map_err(drv)?;
+        let v = Arc::new((cos, sin));
+        *g = Some((key, v.clone()));
+        Ok(v)
+    }
+
+    /// RMSNorm of `x` into `out`; with `delta`, `x += delta` first (the kernel writes x back).
+    fn norm_launch(
+        &self,
+        x: &CudaBuf,
+        delta: Option<&CudaBuf>,
+        weight: &CudaWeight,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let w = self.vector(weight, "rms_norm")?;
+        let d = weight.cols;
+        ensure_shape(d > 0 && x.len.is_multiple_of(d) && x.len == out.len, "rms_norm", || {
+            format!("x {} out {} width {d}", x.len, out.len)
+        })?;
+        if let Some(dl) = delta {
+            ensure_shape(dl.len == x.len, "add_rms_norm", || format!("x {} delta {}", x.len, dl.len))?;
+        }
+        let rows = x.len / d;
+        if rows == 0 {
+            return Ok(());
+        }
+        let width = u32_of(d, "width")?;
+        let null: u64 = 0;
+        let mut b = self.s().launch_builder(&self.inner.k.rms_norm);
+        b.arg(&x.data);
+        match delta {
+            Some(dl) => b.arg(&dl.data),
+            None => b.arg(&null),
+        };
+        b.arg(w).arg(&width).arg(&eps).arg(&mut out.data);
+        // SAFETY: shapes checked above; the kernel touches `rows * width` values of x, delta and
+        // out and `width` of w. All work is on one stream, so writing x through a shared
+        // handle is ordered with every other use of it.
+        unsafe { b.launch(cfg((u32_of(rows, "rows")?, 1, 1), 256)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Dense product through cuBLAS or the built-in tiled kernel.
+    fn gemm(&self, x: &CudaBuf, rows: usize, w: &CudaWeight, out: &mut CudaBuf) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        let dense = w.dense.as_ref().ok_or_else(|| KernelError::Device("weight has no dense copy".into()))?;
+        let (m32, n32, k32) = (u32_of(rows, "rows")?, u32_of(n, "n")?, u32_of(k, "k")?);
+        if let Some(blas) = &self.inner.blas {
+            let blas = blas.lock().map_err(|_| KernelError::Device("cuBLAS handle poisoned".into()))?;
+            let alpha: f32 = 1.0;
+            let beta: f32 = 0.0;
+            let mut xb_guard = None;
+            let (a_type, b_ptr_src): (blas_sys::cudaDataType, u64) = match dense {
+                Dense::Bf16(_) => {
+                    // bf16 copy of x.
+                    let mut g = self.inner.x_bf16.lock().map_err(|_| KernelError::Device("scratch poisoned".into()))?;
+                    if g.as_ref().is_none_or(|s| s.len() < rows * k) {
+                        *g = Some(self.s().alloc_zeros::<u16>((rows * k).max(1)).map_err(drv)?);
+                    }
+                    let scratch = g.as_mut().ok_or_else(|| KernelError::Device("scratch".into()))?;
+                    let total = (rows * k) as u64;
+                    let mut lb = self.s().launch_builder(&self.inner.k.f32_to_bf16);
+                    lb.arg(&x.data).arg(&mut *scratch).arg(&total);
+                    // SAFETY: scratch holds at least rows * k values; x holds rows * k.
+                    unsafe { lb.launch(Self::launch_1d(rows * k)) }.map_err(drv)?;
+                    let (p, _) = scratch.device_ptr(self.s());
+                    xb_guard = Some(g);
+                    (blas_sys::cudaDataType::CUDA_R_16BF, p)
+                }
+                Dense::F32(_) => {
+                    let (p, _) = x.data.device_ptr(self.s());
+                    (blas_sys::cudaDataType::CUDA_R_32F, p)
+                }
+            };
+            let a_ptr = match dense {
+                Dense::Bf16(s) => s.device_ptr(self.s()).0,
+                Dense::F32(s) => s.device_ptr(self.s()).0,
+            };
+            let (c_ptr, _gc) = out.data.device_ptr_mut(self.s());
+            // Row-major out[rows, n] = x[rows, k] · Wᵀ is column-major outᵀ[n, rows] =
+            // op(W)[n, k] · xᵀ[k, rows] with W seen column-major as [k, n] (lda = k), transposed.
+            // SAFETY: pointers are live device allocations of the sizes checked by `matmul`.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    rows as i32,
+                    k as i32,
+                    (&alpha as *const f32).cast(),
+                    a_ptr as *const std::ffi::c_void,
+                    a_type,
+                    k as i32,
+                    b_ptr_src as *const std::ffi::c_void,
+                    a_type,
+                    k as i32,
+                    (&beta as *const f32).cast(),
+                    c_ptr as *mut std::ffi::c_void,
+                    blas_sys::cudaDataType::CUDA_R_32F,
+                    n as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| KernelError::Device(format!("cublasGemmEx: {e:?}")))?;
+            drop(xb_guard);
+            return Ok(());
+        }
+        let grid = (blocks_for(n, 64), blocks_for(rows, 64), 1);
+        let f = match dense {
+            Dense::Bf16(_) => &self.inner.k.gemm_bf16,
+            Dense::F32(_) => &self.inner.k.gemm_f32,
+        };
+        let mut b = self.s().launch_builder(f);
+        b.arg(&x.data);
+        match dense {
+            Dense::Bf16(s) => b.arg(s),
+            Dense::F32(s) => b.arg(s),
+        };
+        b.arg(&mut out.data).arg(&m32).arg(&n32).arg(&k32);
+        // SAFETY: x is rows * k, w is n * k, out is rows * n (checked by `matmul`).
+        unsafe { b.launch(cfg(grid, 256)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Index of the largest logit per row (first on ties), computed on the device.
+    pub fn argmax_device(&self, logits: &CudaBuf, rows: usize, width: usize) -> Result<Vec<u32>> {
+        ensure_shape(width > 0 && logits.len == rows * width, "argmax_rows", || {
+            format!("{} values for {rows} rows of {width}", logits.len)
+        })?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = self.s().alloc_zeros::<u32>(rows).map_err(drv)?;
+        let w = u32_of(width, "width")?;
+        let mut b = self.s().launch_builder(&self.inner.k.argmax);
+        b.arg(&logits.data).arg(&w).arg(&mut out);
+        // SAFETY: logits hold rows * width values, out rows.
+        unsafe { b.launch(cfg((u32_of(rows, "rows")?, 1, 1), 256)) }.map_err(drv)?;
+        self.s().clone_dtoh(&out).map_err(drv)
+    }
+
+    /// The `k` largest logits per row, descending (ties: lower index first), computed on the
+    /// device; `k <= 64`.
+    pub fn top_k_device(&self, logits: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        ensure_shape(width > 0 && logits.len == rows * width && k > 0 && k <= TOPK_MAX, "top_k_rows", || {
+            format!("{} values for {rows} rows of {width}, k {k} (at most {TOPK_MAX})", logits.len)
+        })?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut ov = self.s().alloc_zeros::<f32>(rows * k).map_err(drv)?;
+        let mut oi = self.s().alloc_zeros::<u32>(rows * k).map_err(drv)?;
+        let (w, k32) = (u32_of(width, "width")?, u32_of(k, "k")?);
+        let mut b = self.s().launch_builder(&self.inner.k.topk);
+        b.arg(&logits.data).arg(&w).arg(&k32).arg(&mut ov).arg(&mut oi);
+        // SAFETY: logits hold rows * width values, outputs rows * k.
+        unsafe { b.launch(cfg((u32_of(rows, "rows")?, 1, 1), 256)) }.map_err(drv)?;
+        let v = self.s().clone_dtoh(&ov).map_err(drv)?;
+        let i = self.s().clone_dtoh(&oi).map_err(drv)?;
+        Ok((0..rows)
+            .map(|r| (0..k).filter(|&j| i[r * k + j] != u32::MAX).map(|j| (i[r * k + j], v[r * k + j])).collect())
+            .collect())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Weight = CudaWeight;
+    type KvCache = CudaKvCache;
+
+    fn name(&self) -> String {
+        let i = &self.inner.info;
+        format!(
+            "cuda:{} ({}, {}, {}, {} weights)",
+            i.ordinal,
+            i.name,
+            i.arch(),
+            self.inner.blas_note,
+            self.inner.precision.name()
+        )
+    }
+
+    fn execute<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // Kernel launches need the context current on the calling thread; cudarc binds it in
+        // most calls, this makes it explicit for the whole pass.
+        let _ = self.inner.ctx.bind_to_thread();
+        f()
+    }
+
+    fn prepare_weight(&self, w: HostWeight) -> Result<CudaWeight> {
+        let cs = &self.inner.copy_stream;
+        let (rows, cols, dtype) = (w.rows(), w.cols(), w.dtype());
+        if rows == 1 {
+            let v = cs.clone_htod(&w.to_f32()).map_err(drv)?;
+            cs.synchronize().map_err(drv)?;
+            return Ok(CudaWeight { dtype, rows, cols, raw: None, dense: None, vector: Some(v) });
+        }
+        let bytes = w.bytes();
+        let raw = cs.clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes }).map_err(drv)?;
+        let n = rows * cols;
+        let to_bf16 = i32::from(self.inner.precision == Precision::Bf16);
+        let (r32, c32, dt) = (u32_of(rows, "rows")?, u32_of(cols, "cols")?, dtype_code(dtype));
+        let dense = if n == 0 {
+            None
+        } else if to_bf16 == 1 {
+            let mut d = cs.alloc_zeros::<u16>(n).map_err(drv)?;
+            let mut b = cs.launch_builder(&self.inner.k.dequantize);
+            b.arg(&raw).arg(&dt).arg(&r32).arg(&c32).arg(&to_bf16).arg(&mut d);
+            // SAFETY: raw holds rows row_bytes(cols); d holds rows * cols values.
+            unsafe { b.launch(cfg((blocks_for(n, 256), 1, 1), 256)) }.map_err(drv)?;
+            Some(Dense::Bf16(d))
+        } else {
+            let mut d = cs.alloc_zeros::<f32>(n).map_err(drv)?;
+            let mut b = cs.launch_builder(&self.inner.k.dequantize);
+            b.arg(&raw).arg(&dt).arg(&r32).arg(&c32).arg(&to_bf16).arg(&mut d);
+            // SAFETY: as above, f32 output.
+            unsafe { b.launch(cfg((blocks_for(n, 256), 1, 1), 256)) }.map_err(drv)?;
+            Some(Dense::F32(d))
+        };
+        // The upload is done when the weight is handed out (the pager counts it resident).
+        cs.synchronize().map_err(drv)?;
+        Ok(CudaWeight { dtype, rows, cols, raw: Some(raw), dense, vector: None })
+    }
+
+    fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        Ok(CudaBuf { data: self.alloc(len)?, len })
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        let data_dev = if data.is_empty() { self.alloc(0)? } else { self.s().clone_htod(data).map_err(drv)? };
+        Ok(CudaBuf { data: data_dev, len: data.len() })
+    }
+
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let mut v = self.s().clone_dtoh(&buf.data).map_err(drv)?;
+        v.truncate(buf.len);
+        Ok(v)
+    }
+
+    fn buf_len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+        let raw = table
+            .raw
+            .as_ref()
+            .ok_or_else(|| KernelError::Shape { op: "embedding", detail: "the table is 1-D".into() })?;
+        ensure_shape(out.len == ids.len() * table.cols, "embedding", || {
+            format!("{} ids x {} cols vs out {}", ids.len(), table.cols, out.len)
+        })?;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.rows) {
+            return Err(KernelError::Shape {
+                op: "embedding",
+                detail: format!("token id {bad} >= vocabulary {}", table.rows),
+            });
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let idv = self.upload_u32(ids)?;
+        let (dt, cols) = (dtype_code(table.dtype), u32_of(table.cols, "cols")?);
+        let mut b = self.s().launch_builder(&self.inner.k.embedding);
+        b.arg(raw).arg(&dt).arg(&cols).arg(&*idv).arg(&mut out.data);
+        // SAFETY: ids are < rows; out holds ids * cols values.
+        unsafe { b.launch(cfg((u32_of(ids.len(), "ids")?, 1, 1), 256)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &CudaBuf, weight: &CudaWeight, eps: f32, out: &mut CudaBuf) -> Result<()> {
+        self.norm_launch(x, None, weight, eps, out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaBuf,
+        delta: &CudaBuf,
+        weight: &CudaWeight,
+        eps: f32,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        self.norm_launch(x, Some(delta), weight, eps, out)
+    }
+
+    fn matmul(&self, x: &CudaBuf, rows: usize, w: &CudaWeight, out: &mut CudaBuf) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        ensure_shape(x.len == rows * k && out.len == rows * n, "matmul", || {
+            format!("x {} ({rows} x {k}), w [{n}, {k}], out {}", x.len, out.len)
+        })?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let raw = w.raw.as_ref().ok_or_else(|| KernelError::Shape { op: "matmul", detail: "1-D weight".into() })?;
+        if rows <= GEMV_MAX_ROWS {
+            let (dt, n32, k32, r32) = (dtype_code(w.dtype), u32_of(n, "n")?, u32_of(k, "k")?, rows as u32);
+            let mut b = self.s().launch_builder(&self.inner.k.gemv);
+            b.arg(raw).arg(&dt).arg(&n32).arg(&k32).arg(&x.data).arg(&r32).arg(&mut out.data);
+            // SAFETY: w is [n, k] in its format, x rows * k, out rows * n, rows <= 8.
+            unsafe { b.launch(cfg((blocks_for(n, 4), 1, 1), 128)) }.map_err(drv)?;
+            return Ok(());
+        }
+        self.gemm(x, rows, w, out)
+    }
+
+    fn add_bias(&self, x: &mut CudaBuf, bias: &CudaWeight) -> Result<()> {
+        let b = self.vector(bias, "add_bias")?;
+        let w = bias.cols;
+        ensure_shape(w > 0 && x.len.is_multiple_of(w), "add_bias", || format!("x {} bias {w}", x.len))?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        let (w32, n) = (u32_of(w, "width")?, x.len as u64);
+        let mut lb = self.s().launch_builder(&self.inner.k.add_bias);
+        lb.arg(&mut x.data).arg(b).arg(&w32).arg(&n);
+        // SAFETY: n values in x, width in bias.
+        unsafe { lb.launch(Self::launch_1d(x.len)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn add_assign(&self, acc: &mut CudaBuf, x: &CudaBuf) -> Result<()> {
+        ensure_shape(acc.len == x.len, "add_assign", || format!("{} vs {}", acc.len, x.len))?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        let n = x.len as u64;
+        let mut b = self.s().launch_builder(&self.inner.k.add_assign);
+        b.arg(&mut acc.data).arg(&x.data).arg(&n);
+        // SAFETY: both hold n values.
+        unsafe { b.launch(Self::launch_1d(x.len)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CudaBuf, positions: &[u32], heads: usize, table: &RopeTable) -> Result<()> {
+        let hd = table.head_dim;
+        ensure_shape(x.len == positions.len() * heads * hd && hd.is_multiple_of(2), "rope", || {
+            format!("x {} for {} rows of {heads} x {hd}", x.len, positions.len())
+        })?;
+        if let Some(p) = positions.iter().find(|&&p| p as usize >= table.max_positions) {
+            return Err(KernelError::Shape {
+                op: "rope",
+                detail: format!("position {p} >= table size {}", table.max_positions),
+            });
+        }
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let t = self.rope_tables(table)?;
+        let pos = self.upload_u32(positions)?;
+        let (h32, hd32) = (u32_of(heads, "heads")?, u32_of(hd, "head_dim")?);
+        let mut b = self.s().launch_builder(&self.inner.k.rope);
+        b.arg(&mut x.data).arg(&*pos).arg(&h32).arg(&hd32).arg(&t.0).arg(&t.1);
+        // SAFETY: positions < max_positions; x holds rows * heads * hd values.
+        unsafe { b.launch(cfg((u32_of(positions.len(), "rows")?, 1, 1), 128)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        ensure_shape(gate.len == up.len && up.len == out.len, "silu_mul", || {
+            format!("gate {} up {} out {}", gate.len, up.len, out.len)
+        })?;
+        if out.len == 0 {
+            return Ok(());
+        }
+        let n = out.len as u64;
+        let mut b = self.s().launch_builder(&self.inner.k.silu_mul);
+        b.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
+        // SAFETY: all hold n values.
+        unsafe { b.launch(Self::launch_1d(out.len)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &CudaBuf, width: usize, rows: &[u32], out: &mut CudaBuf) -> Result<()> {
+        ensure_shape(width > 0 && out.len == rows.len() * width, "gather_rows", || {
+            format!("{} rows x {width} vs out {}", rows.len(), out.len)
+        })?;
+        let have = x.len / width;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= have) {
+            return Err(KernelError::Shape { op: "gather_rows", detail: format!("row {r} of {have}") });
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rv = self.upload_u32(rows)?;
+        let w32 = u32_of(width, "width")?;
+        let mut b = self.s().launch_builder(&self.inner.k.gather_rows);
+        b.arg(&x.data).arg(&w32).arg(&*rv).arg(&mut out.data);
+        // SAFETY: rows < have; out holds rows * width.
+        unsafe { b.launch(cfg((u32_of(rows.len(), "rows")?, 1, 1), 256)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn lora_sgmv(
+        &self,
+        x: &CudaBuf,
+        in_dim: usize,
+        out: &mut CudaBuf,
+        out_dim: usize,
+        segments: &[LoraSegment<'_, CudaWeight>],
+    ) -> Result<()> {
+        ensure_shape(in_dim > 0 && x.len.is_multiple_of(in_dim), "lora_sgmv", || {
+            format!("x {} is not rows of {in_dim}", x.len)
+        })?;
+        let rows = x.len / in_dim;
+        ensure_shape(out.len == rows * out_dim, "lora_sgmv", || {
+            format!("out {} for {rows} rows of {out_dim}", out.len)
+        })?;
+        if segments.is_empty() || rows == 0 {
+            return Ok(());
+        }
+        // Flatten: pointers, (first row, rank, tmp offset), scales, items.
+        let mut ptr_words: Vec<u32> = Vec::with_capacity(segments.len() * 4);
+        let mut meta: Vec<u32> = Vec::with_capacity(segments.len() * 3);
+        let mut scales: Vec<u32> = Vec::with_capacity(segments.len());
+        let mut items: Vec<u32> = Vec::new();
+        let mut tmp_len = 0usize;
+        let mut guards = Vec::with_capacity(segments.len() * 2);
+        let mut kind: Option<bool> = None; // Some(true) = bf16
+        for (si, seg) in segments.iter().enumerate() {
+            let r = seg.a.rows;
+            ensure_shape(seg.a.cols == in_dim && seg.b.rows == r && seg.b.cols == out_dim, "lora_sgmv", || {
+                format!(
+                    "segment {si}: A [{}, {}], Bᵀ [{}, {}] for in {in_dim}, out {out_dim}",
+                    seg.a.rows, seg.a.cols, seg.b.rows, seg.b.cols
+                )
+            })?;
+            ensure_shape(seg.rows.start <= seg.rows.end && seg.rows.end <= rows, "lora_sgmv", || {
+                format!("segment {si}: rows {:?} of {rows}", seg.rows)
+            })?;
+            if r == 0 || seg.rows.is_empty() {
+                continue;
+            }
+            let (ap, bp, is_bf16) = match (&seg.a.dense, &seg.b.dense) {
+                (Some(Dense::Bf16(a)), Some(Dense::Bf16(b))) => {
+                    let (pa, ga) = a.device_ptr(self.s());
+                    let (pb, gb) = b.device_ptr(self.s());
+                    guards.push(ga);
+                    guards.push(gb);
+                    (pa, pb, true)
+                }
+                (Some(Dense::F32(a)), Some(Dense::F32(b))) => {
+                    let (pa, ga) = a.device_ptr(self.s());
+                    let (pb, gb) = b.device_ptr(self.s());
+                    guards.push(ga);
+                    guards.push(gb);
+                    (pa, pb, false)
+                }
+                _ => {
+                    return Err(KernelError::Device(format!(
+                        "segment {si}: A and B must both be dense in the backend's precision"
+                    )));
+                }
+            };
+            if *kind.get_or_insert(is_bf16) != is_bf16 {
+                return Err(KernelError::Device("segments mix bf16 and f32 weights".into()));
+            }
+            let seg_idx = (meta.len() / 3) as u32;
+            ptr_words.extend([ap as u32, (ap >> 32) as u32, bp as u32, (bp >> 32) as u32]);
+            meta.extend([seg.rows.start as u32, u32_of(r, "rank")?, u32_of(tmp_len, "tmp")?]);
+            scales.push(seg.scale.to_bits());
+            for row in seg.rows.clone() {
+                items.extend([seg_idx, row as u32]);
+            }
+            tmp_len += seg.rows.len() * r;
+        }
+        let Some(is_bf16) = kind else { return Ok(()) };
+        let n_items = items.len() / 2;
+        // One upload: [ptrs (8-byte aligned, first) | meta | scales | items].
+        let mut blob = ptr_words;
+        let meta_off = blob.len();
+        blob.extend(&meta);
+        let scale_off = blob.len();
+        blob.extend(&scales);
+        let item_off = blob.len();
+        blob.extend(&items);
+        let dev = self.s().clone_htod(&blob).map_err(drv)?;
+        let seg_ptr = dev.slice(0..meta_off);
+        let seg_meta = dev.slice(meta_off..scale_off);
+        let seg_scale = dev.slice(scale_off..item_off);
+        let item = dev.slice(item_off..blob.len());
+        let mut tmp = self.alloc(tmp_len)?;
+        let in32 = u32_of(in_dim, "in_dim")?;
+        let out32 = u32_of(out_dim, "out_dim")?;
+        let (shrink, expand) = if is_bf16 {
+            (&self.inner.k.shrink_bf16, &self.inner.k.expand_bf16)
+        } else {
+            (&self.inner.k.shrink_f32, &self.inner.k.expand_f32)
+        };
+        let items32 = u32_of(n_items, "items")?;
+        let mut b = self.s().launch_builder(shrink);
+        b.arg(&x.data).arg(&in32).arg(&seg_ptr).arg(&seg_meta).arg(&item).arg(&mut tmp);
+        // SAFETY: every pointer in the table is a live dense weight of the checked shape; tmp
+        // holds the sum of rows * rank over segments.
+        unsafe { b.launch(cfg((items32, 1, 1), 128)) }.map_err(drv)?;
+        let mut b = self.s().launch_builder(expand);
+        b.arg(&tmp).arg(&seg_ptr).arg(&seg_meta).arg(&seg_scale).arg(&item).arg(&mut out.data).arg(&out32);
+        // SAFETY: as above; out holds rows * out_dim values.
+        unsafe { b.launch(cfg((items32, blocks_for(out_dim, 256), 1), 256)) }.map_err(drv)?;
+        drop(guards);
+        Ok(())
+    }
+
+    fn alloc_kv_cache(&self, layout: KvLayout) -> Result<CudaKvCache> {
+        let len = layout.num_blocks * layout.block_size * layout.token_width();
+        Ok(CudaKvCache { layout, k: self.alloc(len)?, v: self.alloc(len)? })
+    }
+
+    fn write_kv(&self, cache: &mut CudaKvCache, k: &CudaBuf, v: &CudaBuf, slots: &[u32]) -> Result<()> {
+        let w = cache.layout.token_width();
+        ensure_shape(k.len == slots.len() * w && v.len == k.len, "write_kv", || {
+            format!("{} slots of width {w}, k has {}, v has {}", slots.len(), k.len, v.len)
+        })?;
+        let capacity = cache.layout.num_blocks * cache.layout.block_size;
+        if let Some(&s) = slots.iter().find(|&&s| s as usize >= capacity) {
+            return Err(KernelError::KvCache(format!("slot {s} is outside the {capacity}-slot pool")));
+        }
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let sv = self.upload_u32(slots)?;
+        let w32 = u32_of(w, "width")?;
+        let mut b = self.s().launch_builder(&self.inner.k.write_kv);
+        b.arg(&mut cache.k).arg(&mut cache.v).arg(&k.data).arg(&v.data).arg(&*sv).arg(&w32);
+        // SAFETY: slots < capacity; k/v hold slots * width values.
+        unsafe { b.launch(cfg((u32_of(slots.len(), "slots")?, 1, 1), 128)) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &CudaBuf,
+        cache: &CudaKvCache,
+        seqs: &[AttnSeq<'_>],
+        heads: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        let l = cache.layout;
+        let hd = l.head_dim;
+        ensure_shape(heads > 0 && heads.is_multiple_of(l.kv_heads), "paged_attention", || {
+            format!("{heads} query heads is not a multiple of {} kv heads", l.kv_heads)
+        })?;
+        let group = heads / l.kv_heads;
+        if hd > ATT_MAX_HEAD_DIM || !hd.is_multiple_of(8) || group > ATT_MAX_GROUP {
+            return Err(KernelError::Device(format!(
+                "the CUDA attention kernels support head_dim <= {ATT_MAX_HEAD_DIM} (a multiple of 8) and up to \
+                 {ATT_MAX_GROUP} query heads per KV head; this model has head_dim {hd}, {group}"
+            )));
+        }
+        let width = heads * hd;
+        ensure_shape(q.len == out.len && q.len.is_multiple_of(width), "paged_attention", || {
+            format!("q has {} values, out {}, row width {width}", q.len, out.len)
+        })?;
+        let rows = q.len / width;
+        // Validate like the CPU and flatten the block tables.
+        let mut tables: Vec<u32> = Vec::new();
+        let mut decode_meta: Vec<u32> = Vec::new();
+        let mut prefill_meta: Vec<u32> = Vec::new();
+        let mut covered = 0usize;
+        let (mut max_keys, mut max_q) = (0usize, 0usize);
+        for (si, s) in seqs.iter().enumerate() {
+            ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
+                format!("sequence {si}: rows {}..{} of {rows}, ctx {}", s.q_start, s.q_start + s.q_len, s.ctx_len)
+            })?;
+            if s.block_table.len() * l.block_size < s.ctx_len {
+                return Err(KernelError::KvCache(format!(
+                    "sequence {si}: {} blocks cannot hold {} tokens",
+                    s.block_table.len(),
+                    s.ctx_len
+                )));
+            }
+            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
+                return Err(KernelError::KvCache(format!(
+                    "sequence {si}: block {b} is outside the pool of {}",
+                    l.num_blocks
+                )));
+            }
+            if s.q_len == 0 {
+                continue;
+            }
+            covered += s.q_len;
+            let off = u32_of(tables.len(), "block tables")?;
+            tables.extend_from_slice(&s.block_table[..s.ctx_len.div_ceil(l.block_size)]);
+            if s.q_len == 1 {
+                decode_meta.extend([s.q_start as u32, off, u32_of(s.ctx_len, "ctx_len")?]);
+                max_keys = max_keys.max(s.ctx_len);
+            } else {
+                prefill_meta.extend([s.q_start as u32, s.q_len as u32, u32_of(s.ctx_len, "ctx_len")?, off]);
+                max_q = max_q.max(s.q_len);
+            }
+        }
+        if covered < rows {
+            // Rows no sequence covers are zeros, like the CPU backend.
+            self.s().memset_zeros(&mut out.data).map_err(drv)?;
+        }
+        if covered == 0 {
+            return Ok(());
+        }
+        let tables_dev = self.upload_u32(&tables)?;
+        let (h32, kvh32, hd32, bs32) = (
+            u32_of(heads, "heads")?,
+            u32_of(l.kv_heads, "kv_heads")?,
+            u32_of(hd, "head_dim")?,
+            u32_of(l.block_size, "block_size")?,
+        );
+        let scale = 1.0 / (hd as f32).sqrt();
+        if !decode_meta.is_empty() {
+            let items = decode_meta.len() / 3;
+            let splits = max_keys.div_ceil(ATT_PARTITION).max(1);
+            let meta = self.upload_u32(&decode_meta)?;
+            let mut pm = self.alloc(items * heads * splits)?;
+            let mut pl = self.alloc(items * heads * splits)?;
+            let mut po = self.alloc(items * heads * splits * hd)?;
+            let mut b = self.s().launch_builder(&self.inner.k.paged_decode);
+            b.arg(&q.data)
+                .arg(&cache.k)
+                .arg(&cache.v)
+                .arg(&*tables_dev)
+                .arg(&*meta)
+                .arg(&h32)
+                .arg(&kvh32)
+                .arg(&hd32)
+                .arg(&bs32)
+                .arg(&scale)
+                .arg(&mut pm)
+                .arg(&mut pl)
+                .arg(&mut po);
+            let grid = (u32_of(items, "items")?, kvh32, u32_of(splits, "splits")?);
+            // SAFETY: block tables validated against the pool; partial buffers sized
+            // items * heads * splits (* head_dim).
+            unsafe { b.launch(cfg(grid, 128)) }.map_err(drv)?;
+            let sp32 = splits as u32;
+            let mut b = self.s().launch_builder(&self.inner.k.paged_decode_reduce);
+            b.arg(&pm).arg(&pl).arg(&po).arg(&*meta).arg(&h32).arg(&hd32).arg(&sp32).arg(&mut out.data);
+            // SAFETY: as above; out holds rows * heads * head_dim.
+            unsafe { b.launch(cfg((grid.0, h32, 1), 128)) }.map_err(drv)?;
+        }
+        if !prefill_meta.is_empty() {
+            let n_seqs = prefill_meta.len() / 4;
+            let meta = self.upload_u32(&prefill_meta)?;
+            let mut b = self.s().launch_builder(&self.inner.k.prefill_flash);
+            b.arg(&q.data)
+                .arg(&cache.k)
+                .arg(&cache.v)
+                .arg(&*tables_dev)
+                .arg(&*meta)
+                .arg(&h32)
+                .arg(&kvh32)
+                .arg(&hd32)
+                .arg(&bs32)
+                .arg(&scale)
+                .arg(&mut out.data);
+            let grid = (blocks_for(max_q, 16), h32, u32_of(n_seqs, "sequences")?);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg(grid, 128)) }.map_err(drv)?;
+        }
+        Ok(())
+    }
+
+    fn argmax_rows(&self, logits: &CudaBuf, rows: usize, width: usize) -> Result<Vec<u32>> {
+        self.argmax_device(logits, rows, width)
+    }
+
+    fn top_k_rows(&self, logits: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        if k > TOPK_MAX {
+            // Beyond the kernel's limit: the host does it.
+            let v = self.download(logits)?;
+            return Ok(crate::backend::top_k_host(&v, rows, width, k));
+        }
+        self.top_k_device(logits, rows, width, k)
+    }
+}

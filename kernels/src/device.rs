@@ -387,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn operands_of_another_backend_are_refused() {
+    fn the_cpu_variant_runs_the_cpu_kernels() {
         let b = DeviceBackend::Cpu(CpuBackend::new());
         let w = HostWeight::from_f32(2, 2, &[1.0, 0.0, 0.0, 1.0]).expect("w");
         let w = b.prepare_weight(w).expect("prepare");

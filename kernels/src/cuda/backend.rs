@@ -174,6 +174,11 @@ struct UploadCache {
 
 const UPLOAD_CACHE_ENTRIES: usize = 16;
 
+/// (address of the host cos table, its length, head_dim): identifies the model's table.
+type RopeKey = (usize, usize, usize);
+/// cos and sin tables on the device.
+type RopeDev = Arc<(CudaSlice<f32>, CudaSlice<f32>)>;
+
 /// The CUDA backend. Cheap to clone (shared device state).
 #[derive(Clone)]
 pub struct CudaBackend {
@@ -191,7 +196,7 @@ struct Inner {
     blas_note: String,
     precision: Precision,
     uploads: Mutex<UploadCache>,
-    rope: Mutex<Option<((usize, usize, usize), Arc<(CudaSlice<f32>, CudaSlice<f32>)>)>>,
+    rope: Mutex<Option<(RopeKey, RopeDev)>>,
     /// bf16 copy of GEMM activations, reused between calls.
     x_bf16: Mutex<Option<CudaSlice<u16>>>,
 }
@@ -363,7 +368,7 @@ impl CudaBackend {
         })
     }
 
-    fn rope_tables(&self, t: &RopeTable) -> Result<Arc<(CudaSlice<f32>, CudaSlice<f32>)>> {
+    fn rope_tables(&self, t: &RopeTable) -> Result<RopeDev> {
         let key = (t.cos.as_ptr() as usize, t.cos.len(), t.head_dim);
         let mut g = self.inner.rope.lock().map_err(|_| KernelError::Device("rope cache poisoned".into()))?;
         if let Some((k, v)) = g.as_ref()

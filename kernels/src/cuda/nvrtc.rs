@@ -105,10 +105,11 @@ fn nvrtc_candidates() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os(NVRTC_ENV) {
         v.push(PathBuf::from(p));
     }
-    let cache = std::env::var_os("OPENLORA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("openlora")));
-    if let Some(c) = cache {
+    let caches = [
+        std::env::var_os("OPENLORA_CACHE").map(PathBuf::from),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("openlora")),
+    ];
+    for c in caches.into_iter().flatten() {
         v.push(c.join("cuda-nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
     }
     v

@@ -36,9 +36,13 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef OPENLORA_EMU
+    return emu_f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 // Unaligned-safe 16-bit load (quant blocks of 18 and 34 bytes are only 2-byte aligned).

@@ -545,6 +545,147 @@ impl CudaBackend {
     }
 }
 
+/// One LoRA segment as the kernels see it: rows, rank, device addresses of A `[rank, in]` and
+/// Bᵀ `[rank, out]`, scale.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct LoraSegmentRef {
+    pub rows: std::ops::Range<usize>,
+    pub rank: usize,
+    pub a: u64,
+    pub b: u64,
+    pub scale: f32,
+}
+
+/// The flattened work of one `lora_sgmv` call, uploaded as one buffer:
+/// `[A/B addresses (u64 pairs) | (first row, rank, tmp offset) per segment | scale bits |
+/// (segment, row) per work item]` (the layout kernels/cuda/lora.cu reads).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPlan {
+    pub blob: Vec<u32>,
+    pub meta_off: usize,
+    pub scale_off: usize,
+    pub item_off: usize,
+    pub items: usize,
+    pub tmp_len: usize,
+}
+
+/// Builds the [`LoraPlan`] for segments over a batch of `rows` rows (segments of rank 0 or no
+/// rows are skipped).
+#[doc(hidden)]
+pub fn plan_lora(segs: &[LoraSegmentRef], rows: usize) -> Result<LoraPlan> {
+    let mut ptr_words: Vec<u32> = Vec::with_capacity(segs.len() * 4);
+    let mut meta: Vec<u32> = Vec::with_capacity(segs.len() * 3);
+    let mut scales: Vec<u32> = Vec::with_capacity(segs.len());
+    let mut items: Vec<u32> = Vec::new();
+    let mut tmp_len = 0usize;
+    for (si, seg) in segs.iter().enumerate() {
+        ensure_shape(seg.rows.start <= seg.rows.end && seg.rows.end <= rows, "lora_sgmv", || {
+            format!("segment {si}: rows {:?} of {rows}", seg.rows)
+        })?;
+        if seg.rank == 0 || seg.rows.is_empty() {
+            continue;
+        }
+        let seg_idx = u32_of(meta.len() / 3, "segments")?;
+        ptr_words.extend([seg.a as u32, (seg.a >> 32) as u32, seg.b as u32, (seg.b >> 32) as u32]);
+        meta.extend([u32_of(seg.rows.start, "row")?, u32_of(seg.rank, "rank")?, u32_of(tmp_len, "tmp")?]);
+        scales.push(seg.scale.to_bits());
+        for row in seg.rows.clone() {
+            items.extend([seg_idx, u32_of(row, "row")?]);
+        }
+        tmp_len += seg.rows.len() * seg.rank;
+    }
+    let mut blob = ptr_words;
+    let meta_off = blob.len();
+    blob.extend(&meta);
+    let scale_off = blob.len();
+    blob.extend(&scales);
+    let item_off = blob.len();
+    let n_items = items.len() / 2;
+    blob.extend(&items);
+    Ok(LoraPlan { blob, meta_off, scale_off, item_off, items: n_items, tmp_len })
+}
+
+/// The work lists of one `paged_attention` call (kernels/cuda/attention.cu's layouts):
+/// concatenated block tables, `(row, table offset, keys)` per decode row, `(q_start, q_len,
+/// ctx_len, table offset)` per prefill sequence, the split count of the decode kernel.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnPlan {
+    pub tables: Vec<u32>,
+    pub decode_meta: Vec<u32>,
+    pub prefill_meta: Vec<u32>,
+    pub rows: usize,
+    pub covered: usize,
+    pub splits: usize,
+    pub max_q: usize,
+}
+
+/// Validates a `paged_attention` call (like the CPU backend) and builds its [`AttnPlan`].
+#[doc(hidden)]
+pub fn plan_attention(q_values: usize, l: KvLayout, seqs: &[AttnSeq<'_>], heads: usize) -> Result<AttnPlan> {
+    let hd = l.head_dim;
+    ensure_shape(heads > 0 && l.kv_heads > 0 && heads.is_multiple_of(l.kv_heads), "paged_attention", || {
+        format!("{heads} query heads is not a multiple of {} kv heads", l.kv_heads)
+    })?;
+    let group = heads / l.kv_heads;
+    if hd > ATT_MAX_HEAD_DIM || hd == 0 || !hd.is_multiple_of(8) || group > ATT_MAX_GROUP {
+        return Err(KernelError::Device(format!(
+            "the CUDA attention kernels support head_dim <= {ATT_MAX_HEAD_DIM} (a multiple of 8) and up to \
+             {ATT_MAX_GROUP} query heads per KV head; this model has head_dim {hd}, {group}"
+        )));
+    }
+    let width = heads * hd;
+    ensure_shape(q_values.is_multiple_of(width), "paged_attention", || {
+        format!("q has {q_values} values, row width {width}")
+    })?;
+    let rows = q_values / width;
+    let mut tables: Vec<u32> = Vec::new();
+    let mut decode_meta: Vec<u32> = Vec::new();
+    let mut prefill_meta: Vec<u32> = Vec::new();
+    let mut covered = 0usize;
+    let (mut max_keys, mut max_q) = (0usize, 0usize);
+    for (si, s) in seqs.iter().enumerate() {
+        ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
+            format!("sequence {si}: rows {}..{} of {rows}, ctx {}", s.q_start, s.q_start + s.q_len, s.ctx_len)
+        })?;
+        if s.block_table.len() * l.block_size < s.ctx_len {
+            return Err(KernelError::KvCache(format!(
+                "sequence {si}: {} blocks cannot hold {} tokens",
+                s.block_table.len(),
+                s.ctx_len
+            )));
+        }
+        if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
+            return Err(KernelError::KvCache(format!(
+                "sequence {si}: block {b} is outside the pool of {}",
+                l.num_blocks
+            )));
+        }
+        if s.q_len == 0 {
+            continue;
+        }
+        covered += s.q_len;
+        let off = u32_of(tables.len(), "block tables")?;
+        tables.extend_from_slice(&s.block_table[..s.ctx_len.div_ceil(l.block_size)]);
+        if s.q_len == 1 {
+            decode_meta.extend([u32_of(s.q_start, "row")?, off, u32_of(s.ctx_len, "ctx_len")?]);
+            max_keys = max_keys.max(s.ctx_len);
+        } else {
+            prefill_meta.extend([
+                u32_of(s.q_start, "row")?,
+                u32_of(s.q_len, "q_len")?,
+                u32_of(s.ctx_len, "ctx_len")?,
+                off,
+            ]);
+            max_q = max_q.max(s.q_len);
+        }
+    }
+    let splits = max_keys.div_ceil(ATT_PARTITION).max(1);
+    Ok(AttnPlan { tables, decode_meta, prefill_meta, rows, covered, splits, max_q })
+}
+
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Weight = CudaWeight;
@@ -793,12 +934,7 @@ impl Backend for CudaBackend {
         if segments.is_empty() || rows == 0 {
             return Ok(());
         }
-        // Flatten: pointers, (first row, rank, tmp offset), scales, items.
-        let mut ptr_words: Vec<u32> = Vec::with_capacity(segments.len() * 4);
-        let mut meta: Vec<u32> = Vec::with_capacity(segments.len() * 3);
-        let mut scales: Vec<u32> = Vec::with_capacity(segments.len());
-        let mut items: Vec<u32> = Vec::new();
-        let mut tmp_len = 0usize;
+        let mut refs = Vec::with_capacity(segments.len());
         let mut guards = Vec::with_capacity(segments.len() * 2);
         let mut kind: Option<bool> = None; // Some(true) = bf16
         for (si, seg) in segments.iter().enumerate() {
@@ -809,12 +945,6 @@ impl Backend for CudaBackend {
                     seg.a.rows, seg.a.cols, seg.b.rows, seg.b.cols
                 )
             })?;
-            ensure_shape(seg.rows.start <= seg.rows.end && seg.rows.end <= rows, "lora_sgmv", || {
-                format!("segment {si}: rows {:?} of {rows}", seg.rows)
-            })?;
-            if r == 0 || seg.rows.is_empty() {
-                continue;
-            }
             let (ap, bp, is_bf16) = match (&seg.a.dense, &seg.b.dense) {
                 (Some(Dense::Bf16(a)), Some(Dense::Bf16(b))) => {
                     let (pa, ga) = a.device_ptr(self.s());
@@ -830,34 +960,24 @@ impl Backend for CudaBackend {
                     guards.push(gb);
                     (pa, pb, false)
                 }
+                _ if r == 0 => (0, 0, kind.unwrap_or(true)),
                 _ => {
                     return Err(KernelError::Device(format!(
                         "segment {si}: A and B must both be dense in the backend's precision"
                     )));
                 }
             };
-            if *kind.get_or_insert(is_bf16) != is_bf16 {
+            if r > 0 && *kind.get_or_insert(is_bf16) != is_bf16 {
                 return Err(KernelError::Device("segments mix bf16 and f32 weights".into()));
             }
-            let seg_idx = (meta.len() / 3) as u32;
-            ptr_words.extend([ap as u32, (ap >> 32) as u32, bp as u32, (bp >> 32) as u32]);
-            meta.extend([seg.rows.start as u32, u32_of(r, "rank")?, u32_of(tmp_len, "tmp")?]);
-            scales.push(seg.scale.to_bits());
-            for row in seg.rows.clone() {
-                items.extend([seg_idx, row as u32]);
-            }
-            tmp_len += seg.rows.len() * r;
+            refs.push(LoraSegmentRef { rows: seg.rows.clone(), rank: r, a: ap, b: bp, scale: seg.scale });
         }
+        let plan = plan_lora(&refs, rows)?;
         let Some(is_bf16) = kind else { return Ok(()) };
-        let n_items = items.len() / 2;
-        // One upload: [ptrs (8-byte aligned, first) | meta | scales | items].
-        let mut blob = ptr_words;
-        let meta_off = blob.len();
-        blob.extend(&meta);
-        let scale_off = blob.len();
-        blob.extend(&scales);
-        let item_off = blob.len();
-        blob.extend(&items);
+        if plan.items == 0 {
+            return Ok(());
+        }
+        let LoraPlan { blob, meta_off, scale_off, item_off, items: n_items, tmp_len } = plan;
         let dev = self.s().clone_htod(&blob).map_err(drv)?;
         let seg_ptr = dev.slice(0..meta_off);
         let seg_meta = dev.slice(meta_off..scale_off);
@@ -920,66 +1040,17 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<()> {
         let l = cache.layout;
-        let hd = l.head_dim;
-        ensure_shape(heads > 0 && heads.is_multiple_of(l.kv_heads), "paged_attention", || {
-            format!("{heads} query heads is not a multiple of {} kv heads", l.kv_heads)
-        })?;
-        let group = heads / l.kv_heads;
-        if hd > ATT_MAX_HEAD_DIM || !hd.is_multiple_of(8) || group > ATT_MAX_GROUP {
-            return Err(KernelError::Device(format!(
-                "the CUDA attention kernels support head_dim <= {ATT_MAX_HEAD_DIM} (a multiple of 8) and up to \
-                 {ATT_MAX_GROUP} query heads per KV head; this model has head_dim {hd}, {group}"
-            )));
-        }
-        let width = heads * hd;
-        ensure_shape(q.len == out.len && q.len.is_multiple_of(width), "paged_attention", || {
-            format!("q has {} values, out {}, row width {width}", q.len, out.len)
-        })?;
-        let rows = q.len / width;
-        // Validate like the CPU and flatten the block tables.
-        let mut tables: Vec<u32> = Vec::new();
-        let mut decode_meta: Vec<u32> = Vec::new();
-        let mut prefill_meta: Vec<u32> = Vec::new();
-        let mut covered = 0usize;
-        let (mut max_keys, mut max_q) = (0usize, 0usize);
-        for (si, s) in seqs.iter().enumerate() {
-            ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
-                format!("sequence {si}: rows {}..{} of {rows}, ctx {}", s.q_start, s.q_start + s.q_len, s.ctx_len)
-            })?;
-            if s.block_table.len() * l.block_size < s.ctx_len {
-                return Err(KernelError::KvCache(format!(
-                    "sequence {si}: {} blocks cannot hold {} tokens",
-                    s.block_table.len(),
-                    s.ctx_len
-                )));
-            }
-            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
-                return Err(KernelError::KvCache(format!(
-                    "sequence {si}: block {b} is outside the pool of {}",
-                    l.num_blocks
-                )));
-            }
-            if s.q_len == 0 {
-                continue;
-            }
-            covered += s.q_len;
-            let off = u32_of(tables.len(), "block tables")?;
-            tables.extend_from_slice(&s.block_table[..s.ctx_len.div_ceil(l.block_size)]);
-            if s.q_len == 1 {
-                decode_meta.extend([s.q_start as u32, off, u32_of(s.ctx_len, "ctx_len")?]);
-                max_keys = max_keys.max(s.ctx_len);
-            } else {
-                prefill_meta.extend([s.q_start as u32, s.q_len as u32, u32_of(s.ctx_len, "ctx_len")?, off]);
-                max_q = max_q.max(s.q_len);
-            }
-        }
-        if covered < rows {
+        ensure_shape(q.len == out.len, "paged_attention", || format!("q has {} values, out {}", q.len, out.len))?;
+        let plan = plan_attention(q.len, l, seqs, heads)?;
+        if plan.covered < plan.rows {
             // Rows no sequence covers are zeros, like the CPU backend.
             self.s().memset_zeros(&mut out.data).map_err(drv)?;
         }
-        if covered == 0 {
+        if plan.covered == 0 {
             return Ok(());
         }
+        let AttnPlan { tables, decode_meta, prefill_meta, splits, max_q, .. } = plan;
+        let hd = l.head_dim;
         let tables_dev = self.upload_u32(&tables)?;
         let (h32, kvh32, hd32, bs32) = (
             u32_of(heads, "heads")?,
@@ -990,7 +1061,6 @@ impl Backend for CudaBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         if !decode_meta.is_empty() {
             let items = decode_meta.len() / 3;
-            let splits = max_keys.div_ceil(ATT_PARTITION).max(1);
             let meta = self.upload_u32(&decode_meta)?;
             let mut pm = self.alloc(items * heads * splits)?;
             let mut pl = self.alloc(items * heads * splits)?;

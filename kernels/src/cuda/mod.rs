@@ -29,7 +29,9 @@ pub enum CudaError {
 
 mod backend;
 
-pub use backend::{CudaBackend, CudaBuf, CudaKvCache, CudaOptions, CudaWeight, Precision};
+#[doc(hidden)]
+pub use backend::{AttnPlan, LoraPlan, LoraSegmentRef, plan_attention, plan_lora};
+pub use backend::{CudaBackend, CudaBuf, CudaKvCache, CudaOptions, CudaWeight, GEMV_MAX_ROWS, Precision};
 
 use cudarc::driver::CudaContext;
 

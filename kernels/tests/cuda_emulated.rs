@@ -68,7 +68,7 @@ macro_rules! launch {
         // SAFETY: the symbol has exactly this signature (emu.cpp's EMU list) and every pointer
         // is a live buffer of the size the kernel reads.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn(u32, u32, u32, u32 $(, $ty)*)> =
+            let f: libloading::Symbol<'_, unsafe extern "C" fn(u32, u32, u32, u32 $(, $ty)*)> =
                 lib().get(concat!("emu_", $name, "\0").as_bytes()).expect($name);
             f($gx as u32, $gy as u32, $gz as u32, $threads as u32 $(, $arg)*);
         }

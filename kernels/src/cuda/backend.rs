@@ -119,7 +119,24 @@ pub struct CudaWeight {
     vector: Option<CudaSlice<f32>>,
 }
 
+/// What the row-reading kernels (gemv, embedding) read: the stored blocks of a quantized
+/// weight, else the dense copy.
+enum Stored<'a> {
+    Raw(&'a CudaSlice<u8>),
+    Bf16(&'a CudaSlice<u16>),
+    F32(&'a CudaSlice<f32>),
+}
+
 impl CudaWeight {
+    fn stored(&self, op: &'static str) -> Result<(Stored<'_>, i32)> {
+        match (&self.raw, &self.dense) {
+            (Some(r), _) => Ok((Stored::Raw(r), dtype_code(self.dtype))),
+            (None, Some(Dense::Bf16(d))) => Ok((Stored::Bf16(d), dtype_code(DType::BF16))),
+            (None, Some(Dense::F32(d))) => Ok((Stored::F32(d), dtype_code(DType::F32))),
+            (None, None) => Err(KernelError::Shape { op, detail: format!("[{}, {}] has no 2-D data", self.rows, self.cols) }),
+        }
+    }
+
     /// Bytes this weight holds in device memory.
     pub fn device_bytes(&self) -> usize {
         let dense = match &self.dense {
@@ -742,7 +759,11 @@ impl Backend for CudaBackend {
         };
         // The upload is done when the weight is handed out (the pager counts it resident).
         cs.synchronize().map_err(drv)?;
-        Ok(CudaWeight { dtype, rows, cols, raw: Some(raw), dense, vector: None })
+        // Block-quantized weights keep their stored bytes for the streaming gemv; f32/f16/bf16
+        // ones are read from the dense copy alone (so an f32 LoRA weight takes 2 bytes per value
+        // under bf16, 4 under f32: never more than the pager's f32 accounting).
+        let raw = dtype.is_quantized().then_some(raw);
+        Ok(CudaWeight { dtype, rows, cols, raw, dense, vector: None })
     }
 
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
@@ -769,10 +790,7 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
-        let raw = table
-            .raw
-            .as_ref()
-            .ok_or_else(|| KernelError::Shape { op: "embedding", detail: "the table is 1-D".into() })?;
+        let (stored, dt) = table.stored("embedding")?;
         ensure_shape(out.len == ids.len() * table.cols, "embedding", || {
             format!("{} ids x {} cols vs out {}", ids.len(), table.cols, out.len)
         })?;
@@ -786,9 +804,14 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let idv = self.upload_u32(ids)?;
-        let (dt, cols) = (dtype_code(table.dtype), u32_of(table.cols, "cols")?);
+        let cols = u32_of(table.cols, "cols")?;
         let mut b = self.s().launch_builder(&self.inner.k.embedding);
-        b.arg(raw).arg(&dt).arg(&cols).arg(&*idv).arg(&mut out.data);
+        match &stored {
+            Stored::Raw(s) => b.arg(*s),
+            Stored::Bf16(s) => b.arg(*s),
+            Stored::F32(s) => b.arg(*s),
+        };
+        b.arg(&dt).arg(&cols).arg(&*idv).arg(&mut out.data);
         // SAFETY: ids are < rows; out holds ids * cols values.
         unsafe { b.launch(cfg((u32_of(ids.len(), "ids")?, 1, 1), 256)) }.map_err(drv)?;
         Ok(())
@@ -817,11 +840,16 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        let raw = w.raw.as_ref().ok_or_else(|| KernelError::Shape { op: "matmul", detail: "1-D weight".into() })?;
         if rows <= GEMV_MAX_ROWS {
-            let (dt, n32, k32, r32) = (dtype_code(w.dtype), u32_of(n, "n")?, u32_of(k, "k")?, rows as u32);
+            let (stored, dt) = w.stored("matmul")?;
+            let (n32, k32, r32) = (u32_of(n, "n")?, u32_of(k, "k")?, rows as u32);
             let mut b = self.s().launch_builder(&self.inner.k.gemv);
-            b.arg(raw).arg(&dt).arg(&n32).arg(&k32).arg(&x.data).arg(&r32).arg(&mut out.data);
+            match &stored {
+                Stored::Raw(s) => b.arg(*s),
+                Stored::Bf16(s) => b.arg(*s),
+                Stored::F32(s) => b.arg(*s),
+            };
+            b.arg(&dt).arg(&n32).arg(&k32).arg(&x.data).arg(&r32).arg(&mut out.data);
             // SAFETY: w is [n, k] in its format, x rows * k, out rows * n, rows <= 8.
             unsafe { b.launch(cfg((blocks_for(n, 4), 1, 1), 128)) }.map_err(drv)?;
             return Ok(());

@@ -20,7 +20,7 @@
 //! bf16 rounding of GEMM inputs under [`Precision::Bf16`]). The LoRA expand kernel adds with
 //! atomics, so rows with several adapters may differ in the last bit between runs.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -133,7 +133,9 @@ impl CudaWeight {
             (Some(r), _) => Ok((Stored::Raw(r), dtype_code(self.dtype))),
             (None, Some(Dense::Bf16(d))) => Ok((Stored::Bf16(d), dtype_code(DType::BF16))),
             (None, Some(Dense::F32(d))) => Ok((Stored::F32(d), dtype_code(DType::F32))),
-            (None, None) => Err(KernelError::Shape { op, detail: format!("[{}, {}] has no 2-D data", self.rows, self.cols) }),
+            (None, None) => {
+                Err(KernelError::Shape { op, detail: format!("[{}, {}] has no 2-D data", self.rows, self.cols) })
+            }
         }
     }
 
@@ -182,14 +184,16 @@ struct Kernels {
     topk: CudaFunction,
 }
 
-/// Small recently uploaded index arrays (positions, slots, block tables): one step's layers
-/// upload the same arrays again and again, so equal contents reuse the device copy.
+/// Recently uploaded index arrays (positions, slots, block tables, LoRA work tables), keyed by
+/// content: every layer of a step uploads the same positions and tables, and in steady decoding
+/// consecutive steps repeat each layer's LoRA tables, so most uploads become a hash lookup.
+/// Content-addressed, so a hit is always the right data. Cleared when it grows past the cap.
 #[derive(Default)]
 struct UploadCache {
-    entries: VecDeque<(Vec<u32>, Arc<CudaSlice<u32>>)>,
+    entries: HashMap<Vec<u32>, Arc<CudaSlice<u32>>>,
 }
 
-const UPLOAD_CACHE_ENTRIES: usize = 16;
+const UPLOAD_CACHE_ENTRIES: usize = 2048;
 
 /// (address of the host cos table, its length, head_dim): identifies the model's table.
 type RopeKey = (usize, usize, usize);
@@ -358,15 +362,15 @@ impl CudaBackend {
 
     fn upload_u32(&self, data: &[u32]) -> Result<Arc<CudaSlice<u32>>> {
         let mut cache = self.inner.uploads.lock().map_err(|_| KernelError::Device("upload cache poisoned".into()))?;
-        if let Some((_, s)) = cache.entries.iter().find(|(v, _)| v.as_slice() == data) {
+        if let Some(s) = cache.entries.get(data) {
             return Ok(s.clone());
         }
         let padded: Vec<u32> = if data.is_empty() { vec![0] } else { data.to_vec() };
         let s = Arc::new(self.s().clone_htod(&padded).map_err(drv)?);
         if cache.entries.len() >= UPLOAD_CACHE_ENTRIES {
-            cache.entries.pop_front();
+            cache.entries.clear();
         }
-        cache.entries.push_back((data.to_vec(), s.clone()));
+        cache.entries.insert(data.to_vec(), s.clone());
         Ok(s)
     }
 
@@ -1006,7 +1010,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let LoraPlan { blob, meta_off, scale_off, item_off, items: n_items, tmp_len } = plan;
-        let dev = self.s().clone_htod(&blob).map_err(drv)?;
+        let dev = self.upload_u32(&blob)?;
         let seg_ptr = dev.slice(0..meta_off);
         let seg_meta = dev.slice(meta_off..scale_off);
         let seg_scale = dev.slice(scale_off..item_off);

@@ -206,7 +206,6 @@ fn curl_auth_visibility_admin_and_malformed_input() {
     // The quickstart says device = "auto": with no GPU the server runs on the CPU and says why
     // in one line; with one, the start line names the CUDA device.
     let all = server.startup.join("\n");
-    assert!(all.contains("device = \"auto\"") || all.contains("cuda:0"), "{all}");
     let serving = server.startup.last().expect("start line");
     if std::path::Path::new("/dev/nvidia0").exists() {
         assert!(serving.contains("(cuda:0 "), "a GPU is present but the server did not use it: {all}");

@@ -35,9 +35,9 @@ pack() {
   cp -r /tmp/openlora-pack/kernels .gpu/a/kernels
   strip -o .gpu/a/openlora target/release/openlora
   strip -o .gpu/a/cuda_vs_cpu "$test_bin"
-  zstd -q -f --rm .gpu/a/openlora .gpu/a/cuda_vs_cpu
+  gzip -9 -f .gpu/a/openlora .gpu/a/cuda_vs_cpu
   # The gguf reader for transformers (HF + PEFT peer), a pure-python wheel.
-  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/a gguf==0.17.1
+  python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/a gguf==0.19.0
   split -b "${PART_MB}m" -d "$model" /tmp/openlora-pack/model.part
   mv /tmp/openlora-pack/model.part00 .gpu/a/
   mv /tmp/openlora-pack/model.part01 .gpu/b/
@@ -59,9 +59,9 @@ run() {
   local out="${OUT:-/tmp/openlora-gpu-out}"
   mkdir -p "$out"
   local bin test_bin model
-  if [ -f "$STAGE/openlora.zst" ]; then
-    zstd -q -d -f "$STAGE/openlora.zst" -o "$STAGE/openlora" && chmod +x "$STAGE/openlora"
-    zstd -q -d -f "$STAGE/cuda_vs_cpu.zst" -o "$STAGE/cuda_vs_cpu" && chmod +x "$STAGE/cuda_vs_cpu"
+  if [ -f "$STAGE/openlora.gz" ]; then
+    gzip -d -c "$STAGE/openlora.gz" > "$STAGE/openlora" && chmod +x "$STAGE/openlora"
+    gzip -d -c "$STAGE/cuda_vs_cpu.gz" > "$STAGE/cuda_vs_cpu" && chmod +x "$STAGE/cuda_vs_cpu"
     cat "$STAGE"/model.part* > "$STAGE/model.gguf"
     if [ "$(sha256sum "$STAGE/model.gguf" | cut -d' ' -f1)" != "$(cat "$STAGE/model.sha256")" ]; then
       echo "the staged model is incomplete: run the three stage calls back to back" >&2
@@ -149,7 +149,7 @@ EOF
     --requests 512 --max-tokens 64 --extra-body "$extra" --out "$out/openlora_gpu_base.json" --label "openlora cuda base" \
     | tee "$out/openlora_gpu_base.line" || status=1
   kill "$pid"; wait "$pid" || true
-  if [ -f "$STAGE/gguf-0.17.1-py3-none-any.whl" ]; then
+  if [ -f "$STAGE/gguf-0.19.0-py3-none-any.whl" ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/openlora-site "$STAGE"/gguf-*.whl && export PYTHONPATH=/tmp/openlora-site
   fi
   python3 bench/gpu_peft.py --gguf "$model" --adapters-dir "$work/ad100" --adapters 100 --batch 128 --max-tokens 64 \

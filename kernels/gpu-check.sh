@@ -56,6 +56,8 @@ stage() {
 }
 
 run() {
+  # Every step runs even when an earlier one failed; the exit status says whether all passed.
+  set +e
   local out="${OUT:-/tmp/openlora-gpu-out}"
   mkdir -p "$out"
   local bin test_bin model
@@ -95,12 +97,13 @@ run() {
   grep -E "^\|" "$out/kernels.log" >> "$summary" || true
 
   echo "== 2. greedy outputs, GPU vs CPU"
+  gen() { "$bin" generate --model "$model" "$@" 2>>"$out/generate.err" || echo "<generate failed: see generate.err>"; }
   local prompts=("What is the capital of France?" "Write a haiku about the sea." "List three prime numbers.")
   for p in "${prompts[@]}"; do
     local cpu gpu32 gpu16
-    cpu=$("$bin" generate --model "$model" --device cpu --chat --prompt "$p" --max-tokens 48)
-    gpu32=$("$bin" generate --model "$model" --device cuda:0 --gpu-precision f32 --chat --prompt "$p" --max-tokens 48)
-    gpu16=$("$bin" generate --model "$model" --device cuda:0 --gpu-precision bf16 --chat --prompt "$p" --max-tokens 48)
+    cpu=$(gen --device cpu --chat --prompt "$p" --max-tokens 48)
+    gpu32=$(gen --device cuda:0 --gpu-precision f32 --chat --prompt "$p" --max-tokens 48)
+    gpu16=$(gen --device cuda:0 --gpu-precision bf16 --chat --prompt "$p" --max-tokens 48)
     if [ "$cpu" == "$gpu32" ]; then echo "- greedy f32 \"$p\": identical" >> "$summary"
     else echo "- greedy f32 \"$p\": DIFFERENT: cpu=[$cpu] gpu=[$gpu32]" >> "$summary"; status=1; fi
     if [ "$cpu" == "$gpu16" ]; then echo "- greedy bf16 \"$p\": identical" >> "$summary"
@@ -109,8 +112,8 @@ run() {
   local ad="examples/adapters"
   for a in pirate caps; do
     local cpu gpu
-    cpu=$("$bin" generate --model "$model" --device cpu --chat --adapter "$a" --adapters-dir "$ad" --prompt "Tell me about ships." --max-tokens 32)
-    gpu=$("$bin" generate --model "$model" --device cuda:0 --gpu-precision f32 --chat --adapter "$a" --adapters-dir "$ad" --prompt "Tell me about ships." --max-tokens 32)
+    cpu=$(gen --device cpu --chat --adapter "$a" --adapters-dir "$ad" --prompt "Tell me about ships." --max-tokens 32)
+    gpu=$(gen --device cuda:0 --gpu-precision f32 --chat --adapter "$a" --adapters-dir "$ad" --prompt "Tell me about ships." --max-tokens 32)
     if [ "$cpu" == "$gpu" ]; then echo "- greedy f32 with adapter $a: identical" >> "$summary"
     else echo "- greedy f32 with adapter $a: DIFFERENT: cpu=[$cpu] gpu=[$gpu]" >> "$summary"; status=1; fi
   done

@@ -14,7 +14,6 @@
 
 #define ATT_MAX_GROUP 8
 #define ATT_MAX_D 4       // head_dim / 32 rounded up, per lane
-#define ATT_PARTITION 256 // keys per split
 #define ATT_WARPS 4
 
 extern "C" __global__ void write_kv(float* __restrict__ kc, float* __restrict__ vc, const float* __restrict__ k,
@@ -32,13 +31,15 @@ __device__ __forceinline__ u64 slot_of(const u32* __restrict__ table, u32 t, u32
 
 // Work item i (one decode query row): row_meta[3 * i] = the row in q/out, row_meta[3 * i + 1] =
 // offset of its block table in `tables`, row_meta[3 * i + 2] = keys it attends to (position + 1).
+// Split s covers keys [s * partition, (s + 1) * partition).
 // grid = (items, kv_heads, splits), block = 32 * ATT_WARPS.
 // part_m/part_l: [items, heads, splits]; part_o: [items, heads, splits, head_dim].
 extern "C" __global__ void paged_decode(const float* __restrict__ q, const float* __restrict__ kc,
                                         const float* __restrict__ vc, const u32* __restrict__ tables,
                                         const u32* __restrict__ row_meta, u32 heads, u32 kv_heads,
-                                        u32 head_dim, u32 block_size, float scale, float* __restrict__ part_m,
-                                        float* __restrict__ part_l, float* __restrict__ part_o) {
+                                        u32 head_dim, u32 block_size, float scale, u32 partition,
+                                        float* __restrict__ part_m, float* __restrict__ part_l,
+                                        float* __restrict__ part_o) {
     __shared__ float sm_m[ATT_WARPS][ATT_MAX_GROUP];
     __shared__ float sm_l[ATT_WARPS][ATT_MAX_GROUP];
     __shared__ float sm_o[ATT_WARPS][ATT_MAX_GROUP][32 * ATT_MAX_D];
@@ -48,8 +49,8 @@ extern "C" __global__ void paged_decode(const float* __restrict__ q, const float
     u32 row = row_meta[3 * item];
     const u32* table = tables + row_meta[3 * item + 1];
     u32 n_keys = row_meta[3 * item + 2];
-    u32 start = split * ATT_PARTITION;
-    u32 end = min(n_keys, start + ATT_PARTITION);
+    u32 start = split * partition;
+    u32 end = min(n_keys, start + partition);
     u32 kv_width = kv_heads * head_dim;
 
     float qv[ATT_MAX_GROUP][ATT_MAX_D];

@@ -390,7 +390,7 @@ fn paged_attention_decode_and_prefill_match_the_cpu() {
         launch!("paged_decode", (items, kv_heads, plan.splits), 128; *const f32 = q.as_ptr(), *const f32 = kc.as_ptr(),
             *const f32 = vc.as_ptr(), *const u32 = plan.tables.as_ptr(), *const u32 = plan.decode_meta.as_ptr(),
             u32 = heads as u32, u32 = kv_heads as u32, u32 = hd as u32, u32 = layout.block_size as u32, f32 = scale,
-            *mut f32 = pm.as_mut_ptr(), *mut f32 = pl.as_mut_ptr(), *mut f32 = po.as_mut_ptr());
+            u32 = plan.partition as u32, *mut f32 = pm.as_mut_ptr(), *mut f32 = pl.as_mut_ptr(), *mut f32 = po.as_mut_ptr());
         launch!("paged_decode_reduce", (items, heads, 1), 128; *const f32 = pm.as_ptr(), *const f32 = pl.as_ptr(),
             *const f32 = po.as_ptr(), *const u32 = plan.decode_meta.as_ptr(), u32 = heads as u32, u32 = hd as u32,
             u32 = plan.splits as u32, *mut f32 = got.as_mut_ptr());

@@ -30,8 +30,8 @@ EMU(gemm_nt_f32, P(const float* x, const float* w, float* out, u32 m, u32 n, u32
 EMU(write_kv, P(float* kc, float* vc, const float* k, const float* v, const u32* slots, u32 w), (kc, vc, k, v, slots, w))
 EMU(paged_decode,
     P(const float* q, const float* kc, const float* vc, const u32* tables, const u32* meta, u32 heads, u32 kvh, u32 hd,
-      u32 bs, float scale, float* pm, float* pl, float* po),
-    (q, kc, vc, tables, meta, heads, kvh, hd, bs, scale, pm, pl, po))
+      u32 bs, float scale, u32 partition, float* pm, float* pl, float* po),
+    (q, kc, vc, tables, meta, heads, kvh, hd, bs, scale, partition, pm, pl, po))
 EMU(paged_decode_reduce,
     P(const float* pm, const float* pl, const float* po, const u32* meta, u32 heads, u32 hd, u32 splits, float* out),
     (pm, pl, po, meta, heads, hd, splits, out))

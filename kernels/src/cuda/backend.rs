@@ -11,8 +11,10 @@
 //!   reference one to one.
 //! - **Streams**: compute runs on one stream; uploads of weights (model load, the adapter
 //!   pager's loads on its loader threads) run on a second stream, so host-to-device copies of
-//!   adapters overlap the forward passes in flight. cudarc's event tracking orders every later
-//!   use of an uploaded buffer after its copy.
+//!   adapters overlap the forward passes in flight. A weight is handed out only after its copy
+//!   stream synchronized; dropping one first makes the copy stream wait for the compute work
+//!   queued so far, so its stream-ordered free never overtakes a kernel still reading it.
+//!   (cudarc's per-buffer event tracking is off: it would record an event per kernel argument.)
 //! - **KV cache**: f32 pools in device memory in the CPU's slot layout; the engine's block tables
 //!   are uploaded per call.
 //!
@@ -41,7 +43,10 @@ use crate::weight::HostWeight;
 /// Rows up to which `matmul` uses the streaming `gemv` kernel (must equal GEMV_MAX_ROWS in
 /// kernels/cuda/matmul.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Keys per split of the decode kernel, at least; longer contexts get longer splits so a call
+/// never has more than [`ATT_MAX_SPLITS`] (bounding its scratch buffers).
 const ATT_PARTITION: usize = 256;
+const ATT_MAX_SPLITS: usize = 32;
 const ATT_MAX_GROUP: usize = 8;
 const ATT_MAX_HEAD_DIM: usize = 128;
 const TOPK_MAX: usize = 64;
@@ -115,8 +120,22 @@ pub struct CudaWeight {
     raw: Option<CudaSlice<u8>>,
     /// Dequantized copy (2-D weights).
     dense: Option<Dense>,
-    /// f32 values of a 1-D tensor.
+    /// f32 values of a `[1, n]` tensor (norm weights, biases; also kept for rank-1 LoRA
+    /// factors, which are 2-D too).
     vector: Option<CudaSlice<f32>>,
+    /// (copy stream, compute stream): dropping the weight orders its frees (on the copy stream
+    /// that allocated it) after the compute work queued so far.
+    streams: (Arc<CudaStream>, Arc<CudaStream>),
+}
+
+impl Drop for CudaWeight {
+    fn drop(&mut self) {
+        // The slices are freed (stream-ordered, on the copy stream) right after this; make the
+        // copy stream wait for every kernel already queued on the compute stream, which may
+        // still read them. Nothing blocks on the host.
+        let (copy, compute) = &self.streams;
+        let _ = copy.join(compute);
+    }
 }
 
 /// What the row-reading kernels (gemv, embedding) read: the stored blocks of a quantized
@@ -195,8 +214,8 @@ struct UploadCache {
 
 const UPLOAD_CACHE_ENTRIES: usize = 2048;
 
-/// (address of the host cos table, its length, head_dim): identifies the model's table.
-type RopeKey = (usize, usize, usize);
+/// (address of the host cos table, its length, head_dim, bits of the last cos and sin).
+type RopeKey = (usize, usize, usize, u32, u32);
 /// cos and sin tables on the device.
 type RopeDev = Arc<(CudaSlice<f32>, CudaSlice<f32>)>;
 
@@ -272,6 +291,21 @@ impl CudaBackend {
         // event record per kernel argument.
         // SAFETY: called before any buffer or stream exists on this context.
         unsafe { ctx.disable_event_tracking() };
+        // Keep memory freed by one step in the pool for the next (the default threshold of 0
+        // hands it back to the driver at every synchronization). Best effort.
+        // SAFETY: plain driver calls on the current device with valid out-parameters.
+        unsafe {
+            use cudarc::driver::sys;
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS {
+                let mut threshold: u64 = u64::MAX;
+                let _ = sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                );
+            }
+        }
         let stream = ctx.new_stream().map_err(d)?;
         let copy_stream = ctx.new_stream().map_err(d)?;
         let arch = info.arch();
@@ -279,7 +313,23 @@ impl CudaBackend {
         let mut modules = Vec::new();
         for (name, src) in nvrtc::MODULES {
             let m = nvrtc::load_or_compile(name, src, &arch, cache.as_deref())?;
-            modules.push(ctx.load_module(Ptx::from_binary(m.cubin)).map_err(d)?);
+            let module = match ctx.load_module(Ptx::from_binary(m.cubin.clone())) {
+                Ok(module) => module,
+                // A cached cubin the driver refuses (corrupt, or from an incompatible build):
+                // compile afresh and replace it.
+                Err(_) if m.cached => {
+                    let fresh = nvrtc::compile(name, src, &arch)?;
+                    if let Some(dir) = &cache {
+                        let _ = std::fs::write(
+                            dir.join(format!("{}.cubin", nvrtc::cache_key(name, src, &arch))),
+                            &fresh.cubin,
+                        );
+                    }
+                    ctx.load_module(Ptx::from_binary(fresh.cubin)).map_err(d)?
+                }
+                Err(e) => return Err(d(e)),
+            };
+            modules.push(module);
         }
         let find = |name: &str| -> Result<CudaFunction, CudaError> {
             for m in &modules {
@@ -315,6 +365,9 @@ impl CudaBackend {
         };
         let (blas, blas_note) = if opts.no_cublas {
             (None, "built-in GEMM (cuBLAS disabled)".to_string())
+        } else if opts.precision == Precision::Bf16 && info.compute_capability.0 < 8 {
+            // cuBLAS bf16 GEMMs need sm_80+; the built-in kernel converts bf16 in software.
+            (None, format!("built-in GEMM (bf16 cuBLAS needs sm_80+, this is {arch})"))
         } else {
             // SAFETY: only tries to open the library.
             let present = guarded("loading cuBLAS", || Ok(unsafe { blas_sys::is_culib_present() })).unwrap_or(false);
@@ -384,6 +437,12 @@ impl CudaBackend {
         self.s().alloc_zeros::<f32>(len.max(1)).map_err(drv)
     }
 
+    /// A buffer the next kernel overwrites entirely.
+    fn alloc_uninit(&self, len: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: f32 has no invalid bit patterns, and callers only read what a kernel wrote.
+        unsafe { self.s().alloc::<f32>(len.max(1)) }.map_err(drv)
+    }
+
     fn launch_1d(n: usize) -> LaunchConfig {
         cfg((blocks_for(n, 256), 1, 1), 256)
     }
@@ -396,7 +455,10 @@ impl CudaBackend {
     }
 
     fn rope_tables(&self, t: &RopeTable) -> Result<RopeDev> {
-        let key = (t.cos.as_ptr() as usize, t.cos.len(), t.head_dim);
+        // The address identifies the model's table; its last values (which depend on theta
+        // and scaling at the largest position) guard against a new table at a reused address.
+        let last = |v: &[f32]| v.last().map_or(0, |x| x.to_bits());
+        let key = (t.cos.as_ptr() as usize, t.cos.len(), t.head_dim, last(&t.cos), last(&t.sin));
         let mut g = self.inner.rope.lock().map_err(|_| KernelError::Device("rope cache poisoned".into()))?;
         if let Some((k, v)) = g.as_ref()
             && *k == key
@@ -483,6 +545,8 @@ impl CudaBackend {
                 Dense::Bf16(s) => s.device_ptr(self.s()).0,
                 Dense::F32(s) => s.device_ptr(self.s()).0,
             };
+            // Event tracking is off (see `start`), so the pointer guards order nothing and
+            // may drop early.
             let (c_ptr, _gc) = out.data.device_ptr_mut(self.s());
             // Row-major out[rows, n] = x[rows, k] · Wᵀ is column-major outᵀ[n, rows] =
             // op(W)[n, k] · xᵀ[k, rows] with W seen column-major as [k, n] (lda = k), transposed.
@@ -646,6 +710,7 @@ pub struct AttnPlan {
     pub rows: usize,
     pub covered: usize,
     pub splits: usize,
+    pub partition: usize,
     pub max_q: usize,
 }
 
@@ -671,7 +736,7 @@ pub fn plan_attention(q_values: usize, l: KvLayout, seqs: &[AttnSeq<'_>], heads:
     let mut tables: Vec<u32> = Vec::new();
     let mut decode_meta: Vec<u32> = Vec::new();
     let mut prefill_meta: Vec<u32> = Vec::new();
-    let mut covered = 0usize;
+    let mut is_covered = vec![false; rows];
     let (mut max_keys, mut max_q) = (0usize, 0usize);
     for (si, s) in seqs.iter().enumerate() {
         ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
@@ -693,7 +758,7 @@ pub fn plan_attention(q_values: usize, l: KvLayout, seqs: &[AttnSeq<'_>], heads:
         if s.q_len == 0 {
             continue;
         }
-        covered += s.q_len;
+        is_covered[s.q_start..s.q_start + s.q_len].fill(true);
         let off = u32_of(tables.len(), "block tables")?;
         tables.extend_from_slice(&s.block_table[..s.ctx_len.div_ceil(l.block_size)]);
         if s.q_len == 1 {
@@ -709,8 +774,10 @@ pub fn plan_attention(q_values: usize, l: KvLayout, seqs: &[AttnSeq<'_>], heads:
             max_q = max_q.max(s.q_len);
         }
     }
-    let splits = max_keys.div_ceil(ATT_PARTITION).max(1);
-    Ok(AttnPlan { tables, decode_meta, prefill_meta, rows, covered, splits, max_q })
+    let covered = is_covered.iter().filter(|&&c| c).count();
+    let partition = ATT_PARTITION.max(max_keys.div_ceil(ATT_MAX_SPLITS).next_multiple_of(ATT_PARTITION));
+    let splits = max_keys.div_ceil(partition).max(1);
+    Ok(AttnPlan { tables, decode_meta, prefill_meta, rows, covered, splits, partition, max_q })
 }
 
 impl Backend for CudaBackend {
@@ -740,11 +807,10 @@ impl Backend for CudaBackend {
     fn prepare_weight(&self, w: HostWeight) -> Result<CudaWeight> {
         let cs = &self.inner.copy_stream;
         let (rows, cols, dtype) = (w.rows(), w.cols(), w.dtype());
-        if rows == 1 {
-            let v = cs.clone_htod(&w.to_f32()).map_err(drv)?;
-            cs.synchronize().map_err(drv)?;
-            return Ok(CudaWeight { dtype, rows, cols, raw: None, dense: None, vector: Some(v) });
-        }
+        let streams = (cs.clone(), self.inner.stream.clone());
+        // A `[1, n]` tensor may be a norm weight or bias (read as a vector) or a rank-1 LoRA
+        // factor (read as a matrix): keep both forms, as the CPU backend does.
+        let vector = if rows == 1 { Some(cs.clone_htod(&w.to_f32()).map_err(drv)?) } else { None };
         let bytes = w.bytes();
         let raw = cs.clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes }).map_err(drv)?;
         let n = rows * cols;
@@ -773,7 +839,7 @@ impl Backend for CudaBackend {
         // ones are read from the dense copy alone (so an f32 LoRA weight takes 2 bytes per value
         // under bf16, 4 under f32: never more than the pager's f32 accounting).
         let raw = dtype.is_quantized().then_some(raw);
-        Ok(CudaWeight { dtype, rows, cols, raw, dense, vector: None })
+        Ok(CudaWeight { dtype, rows, cols, raw, dense, vector, streams })
     }
 
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
@@ -1021,7 +1087,7 @@ impl Backend for CudaBackend {
         let seg_meta = dev.slice(meta_off..scale_off);
         let seg_scale = dev.slice(scale_off..item_off);
         let item = dev.slice(item_off..blob.len());
-        let mut tmp = self.alloc(tmp_len)?;
+        let mut tmp = self.alloc_uninit(tmp_len)?;
         let in32 = u32_of(in_dim, "in_dim")?;
         let out32 = u32_of(out_dim, "out_dim")?;
         let (shrink, expand) = if is_bf16 {
@@ -1087,7 +1153,7 @@ impl Backend for CudaBackend {
         if plan.covered == 0 {
             return Ok(());
         }
-        let AttnPlan { tables, decode_meta, prefill_meta, splits, max_q, .. } = plan;
+        let AttnPlan { tables, decode_meta, prefill_meta, splits, partition, max_q, .. } = plan;
         let hd = l.head_dim;
         let tables_dev = self.upload_u32(&tables)?;
         let (h32, kvh32, hd32, bs32) = (
@@ -1100,9 +1166,11 @@ impl Backend for CudaBackend {
         if !decode_meta.is_empty() {
             let items = decode_meta.len() / 3;
             let meta = self.upload_u32(&decode_meta)?;
-            let mut pm = self.alloc(items * heads * splits)?;
-            let mut pl = self.alloc(items * heads * splits)?;
-            let mut po = self.alloc(items * heads * splits * hd)?;
+            // Every partial is written by the kernel: no zero fill.
+            let mut pm = self.alloc_uninit(items * heads * splits)?;
+            let mut pl = self.alloc_uninit(items * heads * splits)?;
+            let mut po = self.alloc_uninit(items * heads * splits * hd)?;
+            let part32 = u32_of(partition, "partition")?;
             let mut b = self.s().launch_builder(&self.inner.k.paged_decode);
             b.arg(&q.data)
                 .arg(&cache.k)
@@ -1114,6 +1182,7 @@ impl Backend for CudaBackend {
                 .arg(&hd32)
                 .arg(&bs32)
                 .arg(&scale)
+                .arg(&part32)
                 .arg(&mut pm)
                 .arg(&mut pl)
                 .arg(&mut po);
@@ -1154,6 +1223,12 @@ impl Backend for CudaBackend {
     }
 
     fn top_k_rows(&self, logits: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        if k == 0 {
+            ensure_shape(width > 0 && logits.len == rows * width, "top_k_rows", || {
+                format!("{} values for {rows} rows of {width}", logits.len)
+            })?;
+            return Ok(vec![Vec::new(); rows]);
+        }
         if k > TOPK_MAX {
             // Beyond the kernel's limit: the host does it.
             let v = self.download(logits)?;

@@ -107,6 +107,7 @@ run() {
     if [ "$cpu" == "$gpu32" ]; then echo "- greedy f32 \"$p\": identical" >> "$summary"
     else echo "- greedy f32 \"$p\": DIFFERENT: cpu=[$cpu] gpu=[$gpu32]" >> "$summary"; status=1; fi
     if [ "$cpu" == "$gpu16" ]; then echo "- greedy bf16 \"$p\": identical" >> "$summary"
+    elif [[ "$gpu16" == "<generate failed"* ]]; then echo "- greedy bf16 \"$p\": FAILED to run" >> "$summary"; status=1
     else echo "- greedy bf16 \"$p\": differs (bf16 GEMM operands): gpu=[$gpu16]" >> "$summary"; fi
   done
   local ad="examples/adapters"

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -42,31 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from harness import git_commit, machine_info  # noqa: E402
 from serve_llamacpp import LlamaCppServer, cache_dir  # noqa: E402
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "kernel": platform.release()}
-
-
-def git_commit() -> str:
-    try:
-        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        if r.returncode != 0:
-            return "none"
-        s = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-        return r.stdout.strip() + ("+dirty" if s.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def proc_stat():

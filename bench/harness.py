@@ -154,6 +154,24 @@ class CpuMonitor:
                 "disturbed": share > 0.05 or steal > 0.05 * wall * ncpu}
 
 
+def wait_quiet(max_wait: float, quiet_s: float = 6.0, share: float = 0.10, window: float = 3.0) -> dict:
+    """Wait until the machine has been idle (< share busy) for quiet_s seconds in a row (in windows
+    of 3 s), at most max_wait seconds. Returns what was seen."""
+    ncpu, hz = len(os.sched_getaffinity(0)), os.sysconf("SC_CLK_TCK")
+    t_start, calm = time.time(), 0
+    while True:
+        b0 = _proc_stat()["busy"]
+        time.sleep(window)
+        b1 = _proc_stat()["busy"]
+        busy = (b1 - b0) / hz / (window * ncpu)
+        calm = calm + 1 if busy < share else 0
+        waited = time.time() - t_start
+        if calm * window >= quiet_s:
+            return {"quiet": True, "waited_s": round(waited, 1)}
+        if waited >= max_wait:
+            return {"quiet": False, "waited_s": round(waited, 1), "last_busy_share": round(busy, 3)}
+
+
 # ---------------------------------------------------------------- processes
 
 

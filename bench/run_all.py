@@ -138,7 +138,21 @@ def part_single(a, s, binary: Path, model: Path, res: dict) -> None:
     res["single_stream"] = out
 
 
+QUIET = {"max_wait": 0.0}
+
+
+def settle(rec: dict | None = None) -> dict | None:
+    """With --wait-quiet S: wait up to S seconds for the machine to be idle before a measurement."""
+    if QUIET["max_wait"] <= 0:
+        return None
+    q = H.wait_quiet(QUIET["max_wait"])
+    if not q["quiet"]:
+        H.log(f"  (the machine did not become idle within {QUIET['max_wait']:.0f} s; measuring anyway)")
+    return q
+
+
 def _measured_json(cmd: list[str], timeout: float) -> dict:
+    quiet = settle()
     mon = H.CpuMonitor()
     r = H.run_measured(cmd, timeout=timeout)
     load = mon.report()
@@ -146,7 +160,8 @@ def _measured_json(cmd: list[str], timeout: float) -> dict:
         return {"error": f"exit {r['rc']}: {r['stderr'][-2000:]}", "command": r["command"], "machine_load": load}
     d = H.last_json_line(r["stdout"])
     d.pop("runs", None)
-    d.update(command=r["command"], wall_s=r["wall_s"], peak_rss_mib=r["peak_rss_mib"], machine_load=load)
+    d.update(command=r["command"], wall_s=r["wall_s"], peak_rss_mib=r["peak_rss_mib"], machine_load=load,
+             quiet_wait=quiet)
     return d
 
 
@@ -158,8 +173,14 @@ def client(url: str, names: list[str], label: str, timeout: float, **kw) -> dict
             argv.append(flag)
         elif v is not False and v is not None:
             argv += [flag, str(v)]
-    summary, _ = mixed_adapters.run_client(argv)
-    summary["client_command"] = "python3 bench/mixed_adapters.py " + shlex.join(argv)
+    cmd = "python3 bench/mixed_adapters.py " + shlex.join(argv)
+    try:
+        summary, _ = mixed_adapters.run_client(argv)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - one failed workload should not end the run
+        H.log(f"  client failed: {e}")
+        return {"error": f"{type(e).__name__}: {e}", "client_command": cmd, "ttft_ms": {}, "itl_ms": {},
+                "tokens_per_s": None}
+    summary["client_command"] = cmd
     return summary
 
 
@@ -198,9 +219,11 @@ COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total", "openlor
 def run_workload(a, srv, key: str, spec: dict) -> dict:
     spec = dict(spec)
     ads = spec.pop("adapters")
+    quiet = settle()
     m0 = srv.metrics()
     mon = H.CpuMonitor([srv.proc.pid])
     r = client(srv.url, ads, srv.label, a.timeout, **spec)
+    r["quiet_wait"] = quiet
     m1 = srv.metrics()
     r["machine_load"] = mon.report()
     r["metrics_delta"] = {k: metric(m1, k) - metric(m0, k) for k in COUNTERS}
@@ -213,8 +236,8 @@ def run_workload(a, srv, key: str, spec: dict) -> dict:
 
 def part_openlora_servers(a, s, budget, skipped, binary: Path, names: dict, dirs: list[Path], res: dict) -> None:
     """Both servers (plugins + receipts on, and bare) run side by side, idle but for the one under
-    load; every workload runs on the plugins-on server, then at once on the bare one, so that the
-    pair sees the same conditions (page cache, other load)."""
+    load; every workload runs on one of the pair and at once on the other (which goes first
+    alternates), so that the pair sees the same conditions (page cache, other load)."""
     modes = [("openlora_on", False)] + ([("openlora_off", True)] if a.bare else [])
     with contextlib.ExitStack() as stack:
         srvs = {}
@@ -224,8 +247,11 @@ def part_openlora_servers(a, s, budget, skipped, binary: Path, names: dict, dirs
             srvs[key] = srv
             res["servers"][key] = {"engine": srv.label, "threads": a.threads, "startup_s": srv.startup_s,
                                    "deployment_toml": srv.config.read_text(), "workloads": {}}
-        for wkey, spec, on_only in workload_specs(a, s, names):
-            for key, srv in srvs.items():
+        for j, (wkey, spec, on_only) in enumerate(workload_specs(a, s, names)):
+            order = list(srvs.items())
+            if j % 2:  # alternate which of the pair goes first
+                order.reverse()
+            for key, srv in order:
                 if on_only and srv.bare:
                     continue
                 if not budget.ok(f"{srv.label} {wkey}", skipped):
@@ -251,11 +277,13 @@ def part_llamacpp_server(a, s, budget, skipped, model: Path, names: dict, adapte
         for n in s["llama_sets"]:
             if not budget.ok(f"llama.cpp c32/{n} adapters", skipped):
                 break
+            quiet = settle()
             mon = H.CpuMonitor([srv.proc.pid])
             t_start = time.time()
             r = client(srv.url, names["synth8"][:n], label, a.timeout, requests=s["llama_requests"], concurrency=32,
                        max_tokens=s["conc_max_tokens"])
             r["machine_load"] = mon.report()
+            r["quiet_wait"] = quiet
             loads = [x for x in srv.loads() if x["t"] >= r.get("started_unix", t_start)]
             r["model_reloads_timed"] = len(loads)
             r["model_reload_s_timed"] = round(sum(x["load_s"] for x in loads), 3)
@@ -318,12 +346,13 @@ def report(res: dict) -> str:
     L.append(f"Machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_total_gib']} GiB; commit `{res['commit']}`; "
              f"{res['date']}; mode `{res['mode']}`; total {res['wall_s']:.0f} s.")
     L.append(f"Command: `{cmd}` (every figure below comes from this one run; raw figures: "
-             "`bench/results/run_all.json`).")
+             f"`{res.get('json', 'bench/results/run_all.json')}`).")
     share = load.get("other_processes_share")
     if share is not None:
         L.append(f"Other processes took {share:.0%} of the machine during the run "
                  f"({load['other_processes_cpu_s']:.0f} CPU-s; {load['steal_cpu_s']:.0f} s stolen)"
-                 + (": **the machine was shared, the figures are noisy**." if load.get("disturbed") else "."))
+                 + (": **the machine was shared, the figures are noisy**; run again on a quiet machine "
+                    "(`--wait-quiet 300` waits for one before each measurement)." if load.get("disturbed") else "."))
     L.append("")
 
     bw, roof, ss = res.get("bandwidth"), res.get("roofline"), res.get("single_stream")
@@ -528,14 +557,27 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds for any one workload (default 300)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="stop starting new parts after this many minutes (default 20, --quick 6)")
+    ap.add_argument("--wait-quiet", type=float, default=0,
+                    help="before each measurement wait up to this many seconds for 6 s of idle machine "
+                         "(for shared machines; default 0: don't wait)")
     ap.add_argument("--no-build", dest="build", action="store_false",
-                    help="don't run `cargo build --release -p openlora` and `cargo xtask plugins` first")
+                    help="don't run `cargo build --release` and `cargo xtask plugins` first")
     ap.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "openlora")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "run_all.json")
     ap.add_argument("--md", type=Path, default=None, help="markdown report (default: --out with .md)")
     ap.add_argument("--write-benchmarks", action="store_true",
                     help=f"replace the '{SECTION[3:]}' section of BENCHMARKS.md with the report")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="run nothing: render the report of an earlier run's JSON (with --md / --write-benchmarks)")
     a = ap.parse_args()
+    if a.from_json:
+        md = report(json.loads(a.from_json.read_text()))
+        print(md)
+        if a.md:
+            a.md.write_text(md + "\n")
+        if a.write_benchmarks:
+            write_benchmarks(md)
+        return 0
     only = [x for x in a.only.split(",") if x]
     skip = [x for x in a.skip.split(",") if x]
     for x in only + skip:
@@ -545,6 +587,7 @@ def main() -> int:
     s = dict(QUICK if a.quick else FULL)
     budget = Budget(a.max_minutes if a.max_minutes is not None else (6 if a.quick else 20))
     command = "python3 bench/run_all.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
+    QUIET["max_wait"] = a.wait_quiet
     H.sigterm_as_interrupt()
     t0 = time.time()
     res: dict = {"benchmark": "run_all", "command": command, "mode": "quick" if a.quick else "full",
@@ -556,12 +599,14 @@ def main() -> int:
     skipped = res["skipped"]
 
     if a.build:
-        H.log("building: cargo build --release -p openlora && cargo xtask plugins")
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "openlora"], check=True, cwd=REPO)
+        # the whole workspace, like `cargo build --release` by hand: building `-p openlora` alone
+        # resolves other features and relinks the binary every time the two alternate
+        H.log("building: cargo build --release && cargo xtask plugins")
+        subprocess.run(["cargo", "build", "--release", "-q"], check=True, cwd=REPO)
         subprocess.run(["cargo", "xtask", "plugins"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     binary = a.binary
     if not binary.exists():
-        sys.exit(f"{binary} is missing: run `cargo build --release -p openlora` (or drop --no-build)")
+        sys.exit(f"{binary} is missing: run `cargo build --release` (or drop --no-build)")
     model = H.ensure_model(binary)
 
     # adapters (made once, cached)
@@ -601,6 +646,10 @@ def main() -> int:
         res["wall_s"] = round(time.time() - t0, 1)
         md = report(res)
         a.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            res["json"] = str(a.out.resolve().relative_to(REPO))
+        except ValueError:
+            res["json"] = str(a.out)
         a.out.write_text(json.dumps(res, indent=1) + "\n")
         md_path = a.md or a.out.with_suffix(".md")
         md_path.write_text(md + "\n")

@@ -413,7 +413,8 @@ def report(res: dict) -> str:
                      f"step (GGUF tensor bytes, tied embedding counted once"
                      + (f"; the `gguf` package sums {roof['gguf_package_tensor_bytes'] / 1e6:.1f} MB"
                         if roof.get("gguf_package_tensor_bytes") else "")
-                     + f") / {bw['gb_s']:.1f} GB/s measured read bandwidth ({bw['threads']} threads; 1 thread "
+                     + f") / {bw['gb_s']:.1f} GB/s measured read bandwidth (best of {bw['threads']}-thread passes "
+                     f"{min(bw['passes_gb_s']):.1f}-{max(bw['passes_gb_s']):.1f} GB/s; 1 thread "
                      f"{bw['gb_s_1_thread']:.1f} GB/s; bench/bandwidth.rs) = {roof['max_decode_tok_s']:,.0f} tok/s.")
             L.append("")
 

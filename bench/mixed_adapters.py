@@ -2,10 +2,17 @@
 """Mixed-adapter load test for any OpenAI-compatible chat server with streaming.
 
 Sends --requests streaming chat completions, at most --concurrency in flight, to
-`POST {url}/chat/completions`. Request i uses adapter i % len(adapters) as its `model` and chat
-prompt i % 16 of a fixed built-in list (one user message, no system message; the server applies
-its own chat template). Body: {"model", "messages", "max_tokens", "temperature": 0, "stream": true,
-"stream_options": {"include_usage": true}} plus --extra-body.
+`POST {url}/chat/completions`. Request i uses adapter i % len(adapters) as its `model` (or, with
+--adapter-dist zipf, an adapter drawn from Zipf(--zipf-s) over the list, seeded by --seed) and chat
+prompt i % 16 of a fixed built-in list (one user message, no system message unless
+--system-prompt-words; the server applies its own chat template). Body: {"model", "messages",
+"max_tokens", "temperature": 0, "stream": true, "stream_options": {"include_usage": true}} plus
+--extra-body.
+
+--system-prompt-words N puts the same long built-in system message (N words, ~1.4 tokens each) in
+front of every request, so a server with a prefix cache can reuse its KV; --unique-system starts
+that message with a per-request tag instead, so no two requests share more than the chat
+template's first few tokens (the control for the prefix-cache workload).
 
 Measures, per request (clock starts when the request is sent):
   - TTFT: time to the first SSE chunk with non-empty `choices[0].delta.content`;
@@ -29,7 +36,8 @@ it. Prints one JSON line (the summary); --out gets the summary plus every reques
 
     python3 bench/mixed_adapters.py --url http://127.0.0.1:8090/v1 --adapters a,b,c \
         [--api-key KEY] [--concurrency 32] [--requests 32] [--max-tokens 64] [--warmup 1] \
-        [--extra-body '{"ignore_eos": true}'] [--timeout 600] [--out results.json]
+        [--extra-body '{"ignore_eos": true}'] [--timeout 600] [--out results.json] \
+        [--adapter-dist zipf --zipf-s 1.1 --seed 0] [--system-prompt-words 800 [--unique-system]]
 """
 
 from __future__ import annotations
@@ -59,6 +67,39 @@ PROMPTS = [
     "What should I pack for a weekend camping trip?",
     "Summarize the story of Cinderella in two sentences.",
 ]
+
+
+TOPICS = ["the weather", "cooking", "gardening", "history", "astronomy", "music", "travel", "sports",
+          "mathematics", "biology", "painting", "architecture", "poetry", "chemistry", "geography",
+          "economics", "languages", "photography", "computers", "animals"]
+STYLES = ["briefly", "politely", "in plain words", "with one example", "step by step", "calmly",
+          "with a short summary first", "without jargon"]
+
+
+def system_prompt(words: int, tag: str = "") -> str:
+    """A deterministic long system message of about `words` words (rules for a helpful assistant);
+    `tag` goes first, so that different tags share no prefix."""
+    parts, k = [tag] if tag else [], 0
+    n = len(tag.split())
+    while n < words:
+        t, st = TOPICS[k % len(TOPICS)], STYLES[(k * 3) % len(STYLES)]
+        rule = (f"Rule {k + 1}: when the user asks about {t}, answer {st}, stay accurate, and suggest "
+                f"one further question about {TOPICS[(k * 7 + 3) % len(TOPICS)]}.")
+        parts.append(rule)
+        n += len(rule.split())
+        k += 1
+    return " ".join(parts)
+
+
+def zipf_indices(n_items: int, count: int, s: float, seed: int) -> list[int]:
+    """`count` draws of ranks 0..n_items-1 with P(k) proportional to 1/(k+1)^s."""
+    import bisect
+    import itertools
+    import random
+
+    cum = list(itertools.accumulate(1.0 / (k + 1) ** s for k in range(n_items)))
+    rng = random.Random(seed)
+    return [min(bisect.bisect_left(cum, rng.random() * cum[-1]), n_items - 1) for _ in range(count)]
 
 
 class HttpError(Exception):
@@ -202,8 +243,9 @@ def dist(xs: list[float], scale: float, nd: int = 2) -> dict:
             "mean": round(sum(xs) / len(xs) * scale, nd), "max": round(max(xs) * scale, nd)}
 
 
-def payload_for(model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
-    p = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+def payload_for(model: str, prompt: str, max_tokens: int, extra: dict, system: str | None = None) -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    p = {"model": model, "messages": msgs, "max_tokens": max_tokens,
          "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     p.update(extra)
     return p
@@ -230,18 +272,27 @@ async def run(a) -> tuple[dict, list[dict]]:
     except (OSError, HttpError, asyncio.TimeoutError, ValueError) as e:
         info["models_listed"] = f"error: {e}"
 
-    # untimed warm-up: one short request per adapter, one at a time
+    def system_for(tag: str) -> str | None:
+        if not a.system_prompt_words:
+            return None
+        return system_prompt(a.system_prompt_words, f"Session {tag}." if a.unique_system else "")
+
+    # untimed warm-up: one short request per adapter (the first --warmup-adapters), one at a time
     t_w = time.perf_counter()
     for _ in range(a.warmup):
-        for j, ad in enumerate(adapters):
+        for j, ad in enumerate(adapters[:a.warmup_adapters or None]):
             rec: dict = {}
             await asyncio.wait_for(
-                stream_chat(a.url, headers, payload_for(ad, PROMPTS[j % len(PROMPTS)], 4, extra), rec, t_w),
+                stream_chat(a.url, headers, payload_for(ad, PROMPTS[j % len(PROMPTS)], 4, extra,
+                                                        system_for(f"warmup-{j}")), rec, t_w),
                 a.timeout)
     info["warmup_s"] = round(time.perf_counter() - t_w, 2)
 
-    recs = [{"i": i, "adapter": adapters[i % len(adapters)], "prompt_idx": i % len(PROMPTS)}
-            for i in range(a.requests)]
+    if a.adapter_dist == "zipf":
+        picks = zipf_indices(len(adapters), a.requests, a.zipf_s, a.seed)
+    else:
+        picks = [i % len(adapters) for i in range(a.requests)]
+    recs = [{"i": i, "adapter": adapters[picks[i]], "prompt_idx": i % len(PROMPTS)} for i in range(a.requests)]
     sem = asyncio.Semaphore(a.concurrency)
     info["started_unix"] = round(time.time(), 4)
     t0 = time.perf_counter()
@@ -250,7 +301,8 @@ async def run(a) -> tuple[dict, list[dict]]:
         async with sem:
             try:
                 await stream_chat(a.url, headers,
-                                  payload_for(rec["adapter"], PROMPTS[rec["prompt_idx"]], a.max_tokens, extra),
+                                  payload_for(rec["adapter"], PROMPTS[rec["prompt_idx"]], a.max_tokens, extra,
+                                              system_for(f"{a.seed}-{rec['i']}")),
                                   rec, t0)
             except (OSError, HttpError, ValueError, asyncio.IncompleteReadError) as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
@@ -296,15 +348,24 @@ def summarize(a, adapters, recs, t_last, info, extra) -> dict:
         ends.append(r["t_end"])
     ok = len(e2e)
     wall = max(ends) if ends else t_last  # t0 is the first send
+    prompt_toks = [r["usage"]["prompt_tokens"] for r in recs
+                   if "error" not in r and r.get("usage", {}).get("prompt_tokens") is not None]
+    used = sorted({r["adapter"] for r in recs})
     per_adapter = {}
-    for ad in adapters:
+    for ad in (adapters if len(adapters) <= 16 else []):
         rs = [r for r in recs if r["adapter"] == ad and "error" not in r]
         per_adapter[ad] = {
             "requests": len(rs), "tokens": sum(r["completion_tokens"] for r in rs),
             "ttft_p50_ms": round(percentile([r["ttft_s"] for r in rs if "ttft_s" in r], 50) * 1e3, 1) if rs else None,
             "e2e_p50_s": round(percentile([r["e2e_s"] for r in rs], 50), 3) if rs else None}
     return {
-        "bench": "mixed_adapters", "url": a.url, "adapters": adapters, "requests": a.requests,
+        "bench": "mixed_adapters", "url": a.url,
+        "adapters": adapters if len(adapters) <= 16 else f"{len(adapters)} adapters: {adapters[0]} ... {adapters[-1]}",
+        "adapter_dist": a.adapter_dist if a.adapter_dist == "cycle" else f"zipf(s={a.zipf_s}, seed={a.seed})",
+        "distinct_adapters_used": len(used), "system_prompt_words": a.system_prompt_words,
+        "unique_system": a.unique_system,
+        "prompt_tokens_mean": round(sum(prompt_toks) / len(prompt_toks), 1) if prompt_toks else None,
+        "requests": a.requests,
         "concurrency": a.concurrency, "max_tokens": a.max_tokens, "temperature": 0, "extra_body": extra,
         "warmup_rounds": a.warmup, **info,
         "ok": ok, "errors": len(recs) - ok,
@@ -316,7 +377,7 @@ def summarize(a, adapters, recs, t_last, info, extra) -> dict:
     }
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="base URL of the OpenAI API, e.g. http://127.0.0.1:8090/v1")
     ap.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
@@ -325,13 +386,36 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32, help="total requests")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds of one request per adapter")
+    ap.add_argument("--warmup-adapters", type=int, default=0,
+                    help="warm up only the first N adapters (0: all)")
+    ap.add_argument("--adapter-dist", choices=["cycle", "zipf"], default="cycle",
+                    help="request i's adapter: i %% n (cycle) or a Zipf draw over the list (zipf)")
+    ap.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent for --adapter-dist zipf")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Zipf draws and of --unique-system tags")
+    ap.add_argument("--system-prompt-words", type=int, default=0,
+                    help="prepend a long built-in system message of about this many words (0: none)")
+    ap.add_argument("--unique-system", action="store_true",
+                    help="start each request's system message with its own tag (no shared prefix)")
     ap.add_argument("--extra-body", help="JSON object merged into every request body")
     ap.add_argument("--no-check-models", action="store_true",
                     help="go on when /models lists models but not all the adapters")
     ap.add_argument("--timeout", type=float, default=600, help="seconds for the whole timed run")
     ap.add_argument("--out", help="write the summary plus per-request details here")
     ap.add_argument("--label", help="free text stored in the JSON (e.g. the engine)")
-    a = ap.parse_args()
+    return ap
+
+
+def run_client(argv: list[str]) -> tuple[dict, list[dict]]:
+    """The same as the command line, in process: (summary, per-request records)."""
+    a = parser().parse_args(argv)
+    summary, recs = asyncio.run(run(a))
+    if a.label:
+        summary["label"] = a.label
+    return summary, recs
+
+
+def main() -> int:
+    a = parser().parse_args()
     summary, recs = asyncio.run(run(a))
     if a.label:
         summary["label"] = a.label

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -42,31 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from harness import git_commit, machine_info, wait_quiet  # noqa: E402
 from serve_llamacpp import LlamaCppServer, cache_dir  # noqa: E402
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model, "kernel": platform.release()}
-
-
-def git_commit() -> str:
-    try:
-        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        if r.returncode != 0:
-            return "none"
-        s = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-        return r.stdout.strip() + ("+dirty" if s.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def proc_stat():
@@ -80,24 +56,6 @@ def own_cpu() -> float:
 
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-
-def wait_quiet(max_wait: float, quiet_s: float = 6.0, share: float = 0.10, window: float = 3.0) -> dict:
-    """Wait until the machine has been idle (< share busy) for quiet_s seconds in a row (in windows
-    of 3 s), at most max_wait seconds. Returns what was seen."""
-    ncpu, hz = len(os.sched_getaffinity(0)), os.sysconf("SC_CLK_TCK")
-    t_start, calm = time.time(), 0
-    while True:
-        b0, _ = proc_stat()
-        time.sleep(window)
-        b1, _ = proc_stat()
-        busy = (b1 - b0) / hz / (window * ncpu)
-        calm = calm + 1 if busy < share else 0
-        waited = time.time() - t_start
-        if calm * window >= quiet_s:
-            return {"quiet": True, "waited_s": round(waited, 1)}
-        if waited >= max_wait:
-            return {"quiet": False, "waited_s": round(waited, 1), "last_busy_share": round(busy, 3)}
 
 
 def ensure_adapters(a) -> list[str]:

@@ -6,7 +6,8 @@ llama.cpp half; bench/engine_mixed.sh runs both and prints the ratio).
       (<cache>/bench-adapters/synth8, made by bench/make_synth_adapters.py if absent);
   (b) writes a deployment TOML (default model, those adapters, no API keys) with attribution and
       plugins on (the quickstart's four example plugins; receipts in a temp folder) or off
-      (--bare), and starts `target/release/openlora serve` on 127.0.0.1 with --threads threads;
+      (--bare), and starts `target/release/openlora serve` on 127.0.0.1 with --threads threads
+      (bench/harness.py's OpenloraServer, shared with bench/run_all.py);
   (c) runs bench/mixed_adapters.py with the same settings as the llama.cpp run: --requests (32)
       streaming chat requests, --concurrency (32) in flight, request i on adapter i % N,
       --max-tokens (64), greedy, one untimed warm-up request per adapter;
@@ -20,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OPENLORA_CACHE", Path.home() / ".cache" / "openlora"))
+sys.path.insert(0, str(HERE))
+from harness import OpenloraServer, cache_dir  # noqa: E402
 
 
 def main() -> int:
@@ -58,40 +55,14 @@ def main() -> int:
     if not all((a.adapters_dir / n / "adapter_config.json").exists() for n in names):
         subprocess.run([a.ref_python, str(HERE / "make_synth_adapters.py"), "--out", str(a.adapters_dir),
                         "--n", str(a.n_adapters)], check=True)
-    plugins_dir = REPO / "target" / "plugins" / "examples"
-    with tempfile.TemporaryDirectory() as tmp:
-        toml = [
-            "[model]", 'path = "default"', 'name = "SmolLM2-135M-Instruct"', f"threads = {a.threads}",
-            "[model.manifest]", 'owner = "base-owner"', "price_per_1k_tokens = 1000",
-            "[server]", f'listen = "127.0.0.1:{a.port}"',
-            "[engine]", "kv_cache_mib = 512",
-            "[adapters]", f'dirs = ["{a.adapters_dir}"]',
-            "[attribution]", f"enabled = {'false' if a.bare else 'true'}", f'state_dir = "{tmp}/state"',
-        ]
-        if not a.bare:
-            if not (plugins_dir / "prompt-guard.wasm").exists():
-                sys.exit("plugins are not built: run `cargo xtask plugins` first")
-            for name, kind in [("prompt-guard", "preprocessor"), ("keyword-router", "router"),
-                               ("recipe-merger", "merger"), ("revenue-split", "attributor")]:
-                toml += ["[[plugins]]", f'name = "{name}"', f'kind = "{kind}"', f'path = "{plugins_dir / (name + ".wasm")}"']
-        cfg = Path(tmp) / "deploy.toml"
-        cfg.write_text("\n".join(toml) + "\n")
-        log = open(Path(tmp) / "server.log", "w")
-        server = subprocess.Popen([str(a.binary), "serve", str(cfg)], stderr=log, stdout=log)
-        try:
-            deadline = time.time() + 300
-            while "serving" not in Path(tmp, "server.log").read_text():
-                if server.poll() is not None or time.time() > deadline:
-                    sys.exit("openlora did not start:\n" + Path(tmp, "server.log").read_text())
-                time.sleep(0.2)
-            client = [sys.executable, str(HERE / "mixed_adapters.py"), "--url", f"http://127.0.0.1:{a.port}/v1",
-                      "--adapters", ",".join(names), "--requests", str(a.requests), "--concurrency",
-                      str(a.concurrency), "--max-tokens", str(a.max_tokens), "--out", str(Path(tmp) / "client.json")]
-            subprocess.run(client, check=True, stdout=subprocess.DEVNULL)
-            result = json.loads((Path(tmp) / "client.json").read_text())
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with OpenloraServer(a.binary, [a.adapters_dir], bare=a.bare, threads=a.threads, port=a.port) as srv, \
+            tempfile.TemporaryDirectory() as tmp:
+        client = [sys.executable, str(HERE / "mixed_adapters.py"), "--url", srv.url,
+                  "--adapters", ",".join(names), "--requests", str(a.requests), "--concurrency",
+                  str(a.concurrency), "--max-tokens", str(a.max_tokens), "--out", str(Path(tmp) / "client.json")]
+        subprocess.run(client, check=True, stdout=subprocess.DEVNULL)
+        result = json.loads((Path(tmp) / "client.json").read_text())
+        result["server_peak_rss_mib"] = srv.peak_rss_mib()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result.pop("request_details", None)
     result.update({

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import struct
 import subprocess
@@ -26,20 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PIP_SPEC = "llama-cpp-python[server]"
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cache_dir():
-    if os.environ.get("OPENLORA_CACHE"):
-        return Path(os.environ["OPENLORA_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "openlora"
-    return Path.home() / ".cache" / "openlora"
+sys.path.insert(0, str(REPO / "bench"))
+from harness import MODEL_FILE, CpuMonitor, cache_dir, git_commit, last_json_line, log, machine_info  # noqa: E402
+from harness import ensure_venv_llamacpp as ensure_venv  # noqa: E402
 
 
 def resolve_binary(p):
@@ -62,22 +50,6 @@ def resolve_model(args, openlora):
         sys.exit(f"`{openlora} fetch` failed ({r.returncode}):\n{r.stderr}")
     lines = [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
     return Path(lines[-1]) if lines else path
-
-
-# ---------------------------------------------------------------- the llama-cpp-python venv
-
-
-def ensure_venv():
-    venv = cache_dir() / "venv-llamacpp"
-    py = venv / "bin" / "python"
-    if py.exists() and subprocess.run([str(py), "-c", "import llama_cpp, numpy"], capture_output=True).returncode == 0:
-        return py
-    log(f"creating {venv} and installing {PIP_SPEC} (CMAKE_ARGS=-DGGML_NATIVE=ON): compiles llama.cpp, takes ~10 minutes")
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON")
-    subprocess.run([str(venv / "bin" / "pip"), "install", PIP_SPEC], check=True, env=env)
-    return py
 
 
 # ---------------------------------------------------------------- GGUF tensor table (no deps)
@@ -202,14 +174,6 @@ def measure_bandwidth(py, threads):
 # ---------------------------------------------------------------- the two engines
 
 
-def last_json_line(text):
-    for ln in reversed(text.strip().splitlines()):
-        ln = ln.strip()
-        if ln.startswith("{"):
-            return json.loads(ln)
-    raise ValueError("no JSON line in output")
-
-
 def run_openlora(binary, model, a):
     cmd = [str(binary), "bench", "--prompt-tokens", str(a.prompt_tokens), "--gen-tokens", str(a.gen_tokens),
            "--repeat", str(a.repeat), "--threads", str(a.threads), "--model", str(model)]
@@ -236,78 +200,6 @@ def run_llamacpp(py, model, a):
     d = last_json_line(r.stdout)
     d.update(command=shlex.join(cmd), wall_s=round(time.time() - t0, 2))
     return d
-
-
-# ---------------------------------------------------------------- machine / git
-
-
-def machine_info():
-    model = "unknown"
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"nproc": usable, "cpu_count": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
-            "python": platform.python_version()}
-
-
-def git_commit():
-    try:
-        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        if r.returncode != 0:
-            return "none (no commits)"
-        c = r.stdout.strip()
-        s = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-        return c + ("+dirty" if s.stdout.strip() else "")
-    except OSError:
-        return "unknown (no git)"
-
-
-class CpuMonitor:
-    """CPU time other processes used while the benchmark ran (from /proc/stat minus this
-    process and its children), so that a run disturbed by a compile or test nearby is flagged."""
-
-    def __init__(self):
-        self.hz = os.sysconf("SC_CLK_TCK")
-        self.t0, self.stat0, self.own0 = time.time(), self._stat(), self._own()
-
-    @staticmethod
-    def _stat():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        v += [0] * (8 - len(v))
-        # user nice system idle iowait irq softirq steal
-        return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "steal": v[7]}
-
-    @staticmethod
-    def _own():
-        import resource
-
-        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
-
-    def report(self, ncpu):
-        s1 = self._stat()
-        if self.stat0 is None or s1 is None:
-            return {"error": "/proc/stat unreadable"}
-        wall = time.time() - self.t0
-        busy = (s1["busy"] - self.stat0["busy"]) / self.hz
-        steal = (s1["steal"] - self.stat0["steal"]) / self.hz
-        others = max(0.0, busy - (self._own() - self.own0))
-        return {"wall_s": round(wall, 2), "other_processes_cpu_s": round(others, 2),
-                "other_processes_share": round(others / (wall * ncpu), 3) if wall > 0 else None,
-                "steal_cpu_s": round(steal, 2), "loadavg_end": open("/proc/loadavg").read().split()[:3]}
 
 
 # ---------------------------------------------------------------- report
@@ -360,7 +252,7 @@ def main():
     log("running openlora ...")
     ours = run_openlora(binary, model, a)
 
-    noise = mon.report(machine["nproc"] or 1)
+    noise = mon.report()
     o_pre, o_dec = ours.get("prefill_tok_s"), ours.get("decode_tok_s")
     p_pre, p_dec = peer.get("prefill_tok_s"), peer.get("decode_tok_s")
     rows = [

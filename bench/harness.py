@@ -1,0 +1,465 @@
+"""Shared pieces of the benchmark scripts (standard library only).
+
+- where things live: `cache_dir()` (`$OPENLORA_CACHE`, else `$XDG_CACHE_HOME/openlora`, else
+  `~/.cache/openlora`), the default model, the two venvs;
+- the machine, the commit, and a monitor of the CPU time other processes take during a run;
+- the peers' environments, made when absent: `venv-llamacpp` (llama-cpp-python[server], compiled
+  with -DGGML_NATIVE=ON, ~10 min), `venv-ref` (torch, transformers, peft, gguf, numpy,
+  safetensors, tokenizers), `smollm2-hf` (the default model dequantized to an f32 HF folder);
+- synthetic adapters: `synth8` (bench/make_synth_adapters.py, PEFT, all seven projections), their
+  GGUF LoRA conversions for llama.cpp, and folders made by `openlora adapters synth`;
+- `OpenloraServer`: writes a deployment TOML (plugins + receipts on, or bare), starts
+  `openlora serve` on 127.0.0.1, reads /metrics and the peak RSS, stops it;
+- `run_measured`: a subprocess with a time limit and its own peak RSS (wait4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
+LLAMACPP_PIP_SPEC = "llama-cpp-python[server]"
+REF_PIP_SPECS = ["torch", "transformers", "peft", "gguf", "numpy", "safetensors", "tokenizers"]
+ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OPENLORA_CACHE"):
+        return Path(os.environ["OPENLORA_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "openlora"
+    return Path.home() / ".cache" / "openlora"
+
+
+def default_model() -> Path:
+    return cache_dir() / "models" / MODEL_FILE
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM raises KeyboardInterrupt, so `finally` blocks stop the servers on either signal."""
+
+    def on_term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+# ---------------------------------------------------------------- machine, commit, load
+
+
+def machine_info() -> dict:
+    model = "unknown"
+    try:
+        for ln in open("/proc/cpuinfo"):
+            if ln.startswith("model name"):
+                model = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for ln in open("/proc/meminfo"):
+            if ln.startswith("MemTotal:"):
+                mem_gib = round(int(ln.split()[1]) / (1 << 20), 1)
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"nproc": usable, "cpu_count": os.cpu_count(), "cpu_model": model, "mem_total_gib": mem_gib,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def git_commit() -> str:
+    try:
+        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        if r.returncode != 0:
+            return "none (no commits)"
+        s = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+        return r.stdout.strip() + ("+dirty" if s.stdout.strip() else "")
+    except OSError:
+        return "unknown (no git)"
+
+
+def _proc_stat():
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    v += [0] * (8 - len(v))
+    return {"busy": v[0] + v[1] + v[2] + v[5] + v[6], "steal": v[7]}  # user nice system irq softirq; steal
+
+
+def _own_cpu(extra_pids=()) -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    return t + sum(proc_cpu_seconds(p) or 0.0 for p in extra_pids)
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """user+system CPU time of a live process (from /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class CpuMonitor:
+    """CPU time that other processes (and the hypervisor, as steal) took while a benchmark ran:
+    /proc/stat's busy time minus this process, its finished children and the live servers
+    (`pids`), so that a run disturbed by a compile nearby is flagged."""
+
+    def __init__(self, pids=()):
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.pids = list(pids)
+        self.t0, self.stat0, self.own0 = time.time(), _proc_stat(), _own_cpu(self.pids)
+
+    def report(self) -> dict:
+        s1 = _proc_stat()
+        if self.stat0 is None or s1 is None:
+            return {"error": "/proc/stat unreadable"}
+        ncpu = machine_info()["nproc"] or 1
+        wall = time.time() - self.t0
+        busy = (s1["busy"] - self.stat0["busy"]) / self.hz
+        steal = (s1["steal"] - self.stat0["steal"]) / self.hz
+        others = max(0.0, busy - (_own_cpu(self.pids) - self.own0))
+        share = others / (wall * ncpu) if wall > 0 else 0.0
+        return {"wall_s": round(wall, 2), "other_processes_cpu_s": round(others, 2),
+                "other_processes_share": round(share, 3), "steal_cpu_s": round(steal, 2),
+                "disturbed": share > 0.05 or steal > 0.05 * wall * ncpu}
+
+
+def wait_quiet(max_wait: float, quiet_s: float = 6.0, share: float = 0.10, window: float = 3.0) -> dict:
+    """Wait until the machine has been idle (< share busy) for quiet_s seconds in a row (in windows
+    of 3 s), at most max_wait seconds. Returns what was seen."""
+    ncpu, hz = len(os.sched_getaffinity(0)), os.sysconf("SC_CLK_TCK")
+    t_start, calm = time.time(), 0
+    while True:
+        b0 = _proc_stat()["busy"]
+        time.sleep(window)
+        b1 = _proc_stat()["busy"]
+        busy = (b1 - b0) / hz / (window * ncpu)
+        calm = calm + 1 if busy < share else 0
+        waited = time.time() - t_start
+        if calm * window >= quiet_s:
+            return {"quiet": True, "waited_s": round(waited, 1)}
+        if waited >= max_wait:
+            return {"quiet": False, "waited_s": round(waited, 1), "last_busy_share": round(busy, 3)}
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM (the peak resident set) of a live process, in MiB."""
+    try:
+        for ln in open(f"/proc/{pid}/status"):
+            if ln.startswith("VmHWM:"):
+                return round(int(ln.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def run_measured(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run cmd to completion (killed after `timeout` s); returns rc, stdout, stderr, wall_s and the
+    child's own peak RSS (ru_maxrss from wait4, in MiB)."""
+    t0 = time.time()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
+        rusage, rc = None, None
+        try:
+            while True:
+                pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+                if pid == p.pid:
+                    rc, rusage = os.waitstatus_to_exitcode(status), ru
+                    p.returncode = rc
+                    break
+                if time.time() - t0 > timeout:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    _, status, rusage = os.wait4(p.pid, 0)
+                    rc = 124
+                    p.returncode = rc
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            if p.returncode is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    os.wait4(p.pid, 0)
+                except OSError:
+                    pass
+                p.returncode = -9
+            raise
+        out.seek(0)
+        err.seek(0)
+        return {"rc": rc, "stdout": out.read().decode("utf-8", "replace"),
+                "stderr": err.read().decode("utf-8", "replace"), "wall_s": round(time.time() - t0, 2),
+                "peak_rss_mib": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
+                "timed_out": rc == 124, "command": shlex.join(cmd)}
+
+
+def last_json_line(text: str) -> dict:
+    for ln in reversed(text.strip().splitlines()):
+        ln = ln.strip()
+        if ln.startswith("{"):
+            return json.loads(ln)
+    raise ValueError("no JSON line in output")
+
+
+# ---------------------------------------------------------------- environments
+
+
+def ensure_venv_llamacpp() -> Path:
+    venv = cache_dir() / "venv-llamacpp"
+    py = venv / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", "import llama_cpp, llama_cpp.server, numpy"],
+                                      capture_output=True).returncode == 0:
+        return py
+    log(f"creating {venv} and installing {LLAMACPP_PIP_SPEC} numpy (CMAKE_ARGS=-DGGML_NATIVE=ON): "
+        "compiles llama.cpp, takes ~10 minutes")
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON")
+    subprocess.run([str(venv / "bin" / "pip"), "install", LLAMACPP_PIP_SPEC, "numpy"], check=True, env=env)
+    return py
+
+
+def ensure_venv_ref() -> Path:
+    venv = cache_dir() / "venv-ref"
+    py = venv / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", "import torch, transformers, peft, gguf, numpy, safetensors"],
+                                      capture_output=True).returncode == 0:
+        return py
+    log(f"creating {venv} and installing {' '.join(REF_PIP_SPECS)} (several GB)")
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", *REF_PIP_SPECS], check=True)
+    return py
+
+
+HF_FOLDER_SNIPPET = r"""
+import os, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, out = sys.argv[1], sys.argv[2]
+d, f = os.path.split(gguf)
+tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+if hasattr(model.config, "quantization_config"):
+    del model.config.quantization_config
+model.hf_quantizer = None
+model.is_quantized = False
+model.save_pretrained(out, safe_serialization=True)
+tok.save_pretrained(out)
+print(out)
+"""
+
+
+def ensure_hf_model(ref_py: Path, model: Path) -> Path:
+    """<cache>/smollm2-hf: the GGUF dequantized to an f32 HF folder (tests/fixtures/make_fixtures.py
+    makes the same folder with more checks; this is the minimal version)."""
+    out = cache_dir() / "smollm2-hf"
+    if (out / "config.json").exists():
+        return out
+    log(f"writing {out} (the default model dequantized to f32, via transformers' GGUF loader)")
+    subprocess.run([str(ref_py), "-c", HF_FOLDER_SNIPPET, str(model), str(out)], check=True)
+    return out
+
+
+def ensure_model(binary: Path) -> Path:
+    path = default_model()
+    if path.exists():
+        return path
+    log(f"{path} missing: running `{binary} fetch`")
+    subprocess.run([str(binary), "fetch"], check=True, stdout=subprocess.DEVNULL)
+    if not path.exists():
+        sys.exit(f"`{binary} fetch` did not produce {path}")
+    return path
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def ensure_synth8(ref_py: Path, out: Path, n: int = 8, rank: int = 8, seed: int = 0) -> list[str]:
+    """N PEFT adapters synth00... made by bench/make_synth_adapters.py (all seven projections);
+    reused when their .params.json matches."""
+    names = [f"synth{i:02d}" for i in range(n)]
+    params = {"n": n, "rank": rank, "alpha": 2 * rank, "seed": seed, "b_std": 0.01}
+    stamp = out / ".params.json"
+    have = all((out / x / "adapter_model.safetensors").exists() for x in names)
+    if have and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return names
+    cmd = [str(ref_py), str(HERE / "make_synth_adapters.py"), "--out", str(out), "--n", str(n), "--rank", str(rank),
+           "--alpha", str(2 * rank), "--seed", str(seed)]
+    log("making adapters: " + shlex.join(cmd))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    stamp.write_text(json.dumps(params))
+    return names
+
+
+def ensure_gguf_loras(ref_py: Path, peft_dir: Path, names: list[str], gguf_dir: Path, model: Path) -> list[Path]:
+    """GGUF LoRA conversions (bench/peft_to_gguf_lora.py) for llama.cpp, redone when older than the PEFT file."""
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        src, dst = peft_dir / n / "adapter_model.safetensors", gguf_dir / f"{n}.gguf"
+        if not (dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime):
+            cmd = [str(ref_py), str(HERE / "peft_to_gguf_lora.py"), str(peft_dir / n), "--out", str(dst),
+                   "--model", str(model)]
+            log("converting: " + shlex.join(cmd))
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        out.append(dst)
+    return out
+
+
+def ensure_openlora_synth(binary: Path, out: Path, count: int, prefix: str, rank: int = 8,
+                          targets: str = "q_proj,v_proj", seed: int = 0) -> list[str]:
+    """`openlora adapters synth` into `out` (names PREFIX000...), reused when .params.json matches."""
+    params = {"count": count, "rank": rank, "targets": targets, "seed": seed, "prefix": prefix}
+    stamp = out / ".params.json"
+    width = len(str(count - 1))
+    names = [f"{prefix}{i:0{width}d}" for i in range(count)]
+    if stamp.exists() and json.loads(stamp.read_text()) == params and \
+            all((out / x / "adapter_model.safetensors").exists() for x in names):
+        return names
+    cmd = [str(binary), "adapters", "synth", "--count", str(count), "--rank", str(rank), "--targets", targets,
+           "--seed", str(seed), "--prefix", prefix, "--out", str(out)]
+    log("making adapters: " + shlex.join(cmd))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    stamp.write_text(json.dumps(params))
+    return names
+
+
+# ---------------------------------------------------------------- openlora's server
+
+PLUGINS = [("prompt-guard", "preprocessor"), ("keyword-router", "router"), ("recipe-merger", "merger"),
+           ("revenue-split", "attributor")]
+
+
+def plugins_dir() -> Path:
+    return REPO / "target" / "plugins" / "examples"
+
+
+def deployment_toml(port: int, threads: int, adapter_dirs: list[Path], bare: bool, state_dir: Path,
+                    kv_cache_mib: int = 512, prefix_cache: bool = True) -> str:
+    """The deployment: the default model, the adapter folders, no API keys; with `bare` no plugins
+    and no receipts, else the four example plugins (default configs) and signed receipts."""
+    dirs = ", ".join(json.dumps(str(d)) for d in adapter_dirs)
+    toml = [
+        "[model]", 'path = "default"', f'name = "{BASE_MODEL_NAME}"', f"threads = {threads}",
+        "[model.manifest]", 'owner = "base-owner"', "price_per_1k_tokens = 1000",
+        "[server]", f'listen = "127.0.0.1:{port}"',
+        "[engine]", f"kv_cache_mib = {kv_cache_mib}", f"prefix_cache = {'true' if prefix_cache else 'false'}",
+        "[adapters]", f"dirs = [{dirs}]",
+        "[attribution]", f"enabled = {'false' if bare else 'true'}", f"state_dir = {json.dumps(str(state_dir))}",
+    ]
+    if not bare:
+        for name, kind in PLUGINS:
+            toml += ["[[plugins]]", f'name = "{name}"', f'kind = "{kind}"',
+                     f"path = {json.dumps(str(plugins_dir() / (name + '.wasm')))}"]
+    return "\n".join(toml) + "\n"
+
+
+class OpenloraServer:
+    """`with OpenloraServer(...) as srv:` starts `openlora serve` on 127.0.0.1 and waits for it."""
+
+    def __init__(self, binary: Path, adapter_dirs: list[Path], bare: bool, threads: int = 2,
+                 port: int | None = None, kv_cache_mib: int = 512, ready_timeout: float = 300):
+        self.binary, self.bare = Path(binary), bare
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.tmp = tempfile.TemporaryDirectory(prefix="openlora-bench-")
+        self.dir = Path(self.tmp.name)
+        self.log = self.dir / "server.log"
+        self.config = self.dir / "deploy.toml"
+        self.config.write_text(deployment_toml(self.port, threads, adapter_dirs, bare, self.dir / "state",
+                                               kv_cache_mib))
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.label = "openlora serve (" + ("bare: no plugins, no receipts" if bare else
+                                           "4 example plugins + signed receipts") + ")"
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        if not self.binary.exists():
+            raise RuntimeError(f"{self.binary} is missing: run `cargo build --release` first")
+        if not self.bare and not (plugins_dir() / "prompt-guard.wasm").exists():
+            raise RuntimeError("plugins are not built: run `cargo xtask plugins` first")
+        self.logf = open(self.log, "w")
+        self.started = time.time()
+        self.proc = subprocess.Popen([str(self.binary), "serve", str(self.config)], stdout=self.logf,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.time() + self.ready_timeout
+        while "serving" not in self.log.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                text = self.log.read_text()
+                self.stop()
+                raise RuntimeError("openlora did not start:\n" + text[-3000:])
+            time.sleep(0.1)
+        self.startup_s = round(time.time() - self.started, 2)
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {series (with labels): value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for ln in text.splitlines():
+            if ln and not ln.startswith("#"):
+                k, _, v = ln.rpartition(" ")
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    pass
+        return out
+
+    def peak_rss_mib(self) -> float | None:
+        return peak_rss_mib(self.proc.pid) if self.proc else None
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "logf", None):
+            self.logf.close()
+            self.logf = None

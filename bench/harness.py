@@ -33,8 +33,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
-LLAMACPP_PIP_SPEC = "llama-cpp-python[server]"
-REF_PIP_SPECS = ["torch", "transformers", "peft", "gguf", "numpy", "safetensors", "tokenizers"]
+# Pinned to what the committed figures were measured with.
+LLAMACPP_PIP_SPEC = "llama-cpp-python[server]==0.3.36"
+REF_PIP_SPECS = ["torch==2.15.0", "transformers==5.24.0", "peft==0.21.2", "gguf==0.19.0", "numpy==2.4.6",
+                 "safetensors==0.8.0", "tokenizers==0.23.3"]
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 

@@ -1237,3 +1237,61 @@ impl Backend for CudaBackend {
         self.top_k_device(logits, rows, width, k)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_stay_bounded_and_cover_every_key() {
+        let l = KvLayout { num_blocks: 4096, block_size: 16, kv_heads: 2, head_dim: 64 };
+        for ctx in [1usize, 255, 256, 257, 8191, 8192, 8193, 32768, 65000] {
+            let table: Vec<u32> = (0..ctx.div_ceil(16) as u32).collect();
+            let seqs = [AttnSeq { q_start: 0, q_len: 1, ctx_len: ctx, block_table: &table }];
+            let p = plan_attention(6 * 64, l, &seqs, 6).expect("plan");
+            assert!(p.splits <= ATT_MAX_SPLITS, "ctx {ctx}: {} splits", p.splits);
+            assert!(p.partition.is_multiple_of(ATT_PARTITION), "ctx {ctx}: partition {}", p.partition);
+            assert!(p.splits * p.partition >= ctx, "ctx {ctx}: keys left out");
+            assert!((p.splits - 1) * p.partition < ctx, "ctx {ctx}: an empty split");
+            assert_eq!(p.decode_meta, vec![0, 0, ctx as u32]);
+        }
+    }
+
+    #[test]
+    fn coverage_counts_distinct_rows_and_tables_hold_only_needed_blocks() {
+        let l = KvLayout { num_blocks: 16, block_size: 16, kv_heads: 1, head_dim: 8 };
+        let (t0, t1) = ([3u32, 7, 9], [1u32, 2]);
+        // Two sequences claiming the same row: one row covered, not two; row 2 uncovered.
+        let seqs = [
+            AttnSeq { q_start: 0, q_len: 1, ctx_len: 20, block_table: &t0 },
+            AttnSeq { q_start: 0, q_len: 1, ctx_len: 5, block_table: &t1 },
+            AttnSeq { q_start: 1, q_len: 0, ctx_len: 0, block_table: &[] },
+        ];
+        let p = plan_attention(3 * 8, l, &seqs, 1).expect("plan");
+        assert_eq!((p.rows, p.covered), (3, 1));
+        assert_eq!(p.tables, vec![3, 7, 1], "only ceil(ctx / block) blocks per sequence");
+        // Out-of-pool blocks and short tables are refused like the CPU backend does.
+        let bad = [AttnSeq { q_start: 0, q_len: 1, ctx_len: 20, block_table: &[3, 99] }];
+        assert!(matches!(plan_attention(8, l, &bad, 1), Err(KernelError::KvCache(_))));
+        let short = [AttnSeq { q_start: 0, q_len: 1, ctx_len: 40, block_table: &[3, 4] }];
+        assert!(matches!(plan_attention(8, l, &short, 1), Err(KernelError::KvCache(_))));
+    }
+
+    #[test]
+    fn lora_plan_layout_matches_the_kernels() {
+        let segs = [
+            LoraSegmentRef { rows: 0..2, rank: 4, a: 0x1_0000_0010, b: 0x2_0000_0020, scale: 0.5 },
+            LoraSegmentRef { rows: 1..1, rank: 8, a: 1, b: 2, scale: 1.0 },
+            LoraSegmentRef { rows: 3..4, rank: 0, a: 1, b: 2, scale: 1.0 },
+            LoraSegmentRef { rows: 2..3, rank: 2, a: 0x30, b: 0x40, scale: 2.0 },
+        ];
+        let p = plan_lora(&segs, 4).expect("plan");
+        // Two real segments: addresses as (lo, hi) u32 pairs first.
+        assert_eq!(&p.blob[..p.meta_off], &[0x10, 1, 0x20, 2, 0x30, 0, 0x40, 0]);
+        // (first row, rank, tmp offset): the second segment's rows start after 2 rows x rank 4.
+        assert_eq!(&p.blob[p.meta_off..p.scale_off], &[0, 4, 0, 2, 2, 8]);
+        assert_eq!(&p.blob[p.scale_off..p.item_off], &[0.5f32.to_bits(), 2.0f32.to_bits()]);
+        assert_eq!(&p.blob[p.item_off..], &[0, 0, 0, 1, 1, 2]);
+        assert_eq!((p.items, p.tmp_len), (3, 10));
+    }
+}

@@ -21,8 +21,9 @@ Parts (--only / --skip take these names):
               (bench/peft_mixed_batch.py) vs `openlora bench --batch 8`
 
 Every server listens on 127.0.0.1 only and is stopped on exit (also on Ctrl-C / SIGTERM); every
-request loop is bounded in count and in time (--timeout per workload, --max-minutes overall: parts
-that would start later are skipped and listed as such). Peak RSS: VmHWM of each server process
+request loop is bounded in count and in time (--timeout per workload, --max-minutes over the
+measurements, counted after the build and the setup of missing environments: parts that would start
+later are skipped and listed as such). Peak RSS: VmHWM of each server process
 just before it stops (covering every workload it served), ru_maxrss of the in-process peers.
 
 Output: a markdown report on stdout and in bench/results/run_all.md (tables of figures and ratios,
@@ -592,7 +593,7 @@ def main() -> int:
     ap.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default 1.1)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds for any one workload (default 300)")
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="stop starting new parts after this many minutes (default 20, --quick 6)")
+                    help="stop starting new parts this many minutes after the first measurement (default 20, --quick 6)")
     ap.add_argument("--wait-quiet", type=float, default=0,
                     help="before each measurement wait up to this many seconds for 6 s of idle machine "
                          "(for shared machines; default 0: don't wait)")
@@ -660,6 +661,13 @@ def main() -> int:
         names["synth1k"] = H.ensure_openlora_synth(binary, cache / "synth1k", 1000, "z1k-")
         dirs = [cache / "synth8", cache / "synth100-all7", cache / "synth1k"]
 
+    # The peers' environments are made before the clock starts (on a fresh machine llama.cpp's
+    # compile alone takes ~10 min): --max-minutes bounds the measurements, not the setup.
+    if a.peers and any(p in a.parts for p in ("single", "concurrent")):
+        H.ensure_venv_llamacpp()
+    if a.peers and "peft" in a.parts:
+        H.ensure_hf_model(H.ensure_venv_ref(), model)
+    budget.t0 = time.time()
     whole = H.CpuMonitor()
     try:
         if "bandwidth" in a.parts and budget.ok("bandwidth", skipped):

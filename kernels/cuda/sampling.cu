@@ -12,6 +12,22 @@ __device__ __forceinline__ bool better(float v, u32 i, float bv, u32 bi) {
     return v > bv || (v == bv && i < bi);
 }
 
+// Reduces the block's (value, index) candidates in sv/si (256 each, written and synchronized by
+// the caller) to the best one in sv[0]/si[0]; index 0xffffffff means none.
+__device__ __forceinline__ void block_best(float* sv, u32* si) {
+    for (u32 stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            float ov = sv[threadIdx.x + stride];
+            u32 oi = si[threadIdx.x + stride];
+            if (oi != 0xffffffffu && (si[threadIdx.x] == 0xffffffffu || better(ov, oi, sv[threadIdx.x], si[threadIdx.x]))) {
+                sv[threadIdx.x] = ov;
+                si[threadIdx.x] = oi;
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // grid = rows, block = 256.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32 width, u32* __restrict__ out) {
     __shared__ float sv[256];
@@ -29,17 +45,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32 wid
     sv[threadIdx.x] = bv;
     si[threadIdx.x] = bi;
     __syncthreads();
-    for (u32 stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if (threadIdx.x < stride) {
-            float ov = sv[threadIdx.x + stride];
-            u32 oi = si[threadIdx.x + stride];
-            if (oi != 0xffffffffu && (si[threadIdx.x] == 0xffffffffu || better(ov, oi, sv[threadIdx.x], si[threadIdx.x]))) {
-                sv[threadIdx.x] = ov;
-                si[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
-    }
+    block_best(sv, si);
     if (threadIdx.x == 0) out[blockIdx.x] = si[0];
 }
 
@@ -68,18 +74,7 @@ extern "C" __global__ void topk_rows(const float* __restrict__ logits, u32 width
         sv[threadIdx.x] = bv;
         si[threadIdx.x] = bi;
         __syncthreads();
-        for (u32 stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-            if (threadIdx.x < stride) {
-                float ov = sv[threadIdx.x + stride];
-                u32 oi = si[threadIdx.x + stride];
-                if (oi != 0xffffffffu &&
-                    (si[threadIdx.x] == 0xffffffffu || better(ov, oi, sv[threadIdx.x], si[threadIdx.x]))) {
-                    sv[threadIdx.x] = ov;
-                    si[threadIdx.x] = oi;
-                }
-            }
-            __syncthreads();
-        }
+        block_best(sv, si);
         pv = sv[0];
         pi = si[0];
         __syncthreads();

@@ -14,15 +14,12 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use openlora_kernels::cuda::{GEMV_MAX_ROWS, LoraSegmentRef, plan_attention, plan_lora};
-use openlora_kernels::quant::quantize_row;
 use openlora_kernels::{AttnSeq, Backend, CpuBackend, DType, HostWeight, KvLayout, LoraSegment, RopeTable};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const EXACT: f32 = 1e-6;
-const ELEMENTWISE: f32 = 1e-5;
-const REDUCTION: f32 = 2e-4;
-const BF16: f32 = 2e-2;
+mod common;
+use common::*;
 
 fn lib() -> &'static libloading::Library {
     static LIB: OnceLock<libloading::Library> = OnceLock::new();
@@ -74,29 +71,6 @@ macro_rules! launch {
         }
     }};
 }
-
-fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.r#gen::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-fn check(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let e = if got.iter().any(|v| v.is_nan()) { f32::INFINITY } else { diff / scale };
-    println!("{what:<56} rel err {e:>10.3e} (limit {tol:.0e})");
-    assert!(e <= tol, "{what}: relative error {e} > {tol}");
-}
-
-fn weight(dtype: DType, rows: usize, cols: usize, values: &[f32]) -> HostWeight {
-    let bytes: Vec<u8> = match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        _ => values.chunks_exact(cols).flat_map(|r| quantize_row(dtype, r)).collect(),
-    };
-    HostWeight::from_bytes(dtype, rows, cols, bytes).expect("weight")
-}
-
-const DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
 fn code(d: DType) -> i32 {
     match d {

@@ -12,46 +12,17 @@
 use std::time::Instant;
 
 use openlora_kernels::cuda::{CudaBackend, CudaOptions, Precision};
-use openlora_kernels::quant::quantize_row;
 use openlora_kernels::{AttnSeq, Backend, CpuBackend, DType, HostWeight, KvLayout, LoraSegment, RopeTable};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const ELEMENTWISE: f32 = 1e-5;
-const REDUCTION: f32 = 2e-4;
-const BF16: f32 = 2e-2;
+mod common;
+use common::*;
 
 fn gpu(precision: Precision, no_cublas: bool) -> CudaBackend {
     CudaBackend::new(&CudaOptions { precision, no_cublas, ..Default::default() })
         .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
 }
-
-fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.r#gen::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let diff = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    if got.iter().any(|v| v.is_nan()) { f32::INFINITY } else { diff / scale }
-}
-
-fn check(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    let e = rel_err(got, want);
-    println!("{what:<58} rel err {e:>10.3e} (limit {tol:.0e})");
-    assert!(e <= tol, "{what}: relative error {e} > {tol}");
-}
-
-fn weight(dtype: DType, rows: usize, cols: usize, values: &[f32]) -> HostWeight {
-    let bytes: Vec<u8> = match dtype {
-        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        _ => values.chunks_exact(cols).flat_map(|r| quantize_row(dtype, r)).collect(),
-    };
-    HostWeight::from_bytes(dtype, rows, cols, bytes).expect("weight")
-}
-
-const DTYPES: [DType; 6] = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1];
 
 /// Runs `f` on both backends and compares.
 fn both<F1, F2>(what: &str, tol: f32, cpu: F1, cuda: F2)

@@ -9,7 +9,7 @@
 //! attention reads through the block tables. A batch may hold several sequences at different
 //! positions (prefill chunks and decode steps together), which is what continuous batching needs.
 
-use crate::error::{Result, ensure_shape};
+use crate::error::{KernelError, Result, ensure_shape};
 use crate::weight::HostWeight;
 
 /// Precomputed rotary-embedding tables, rotate-half (HF/NeoX) layout: for position `p` and
@@ -63,6 +63,32 @@ pub struct AttnSeq<'a> {
     pub ctx_len: usize,
     /// Cache blocks holding positions `0..ctx_len` in order.
     pub block_table: &'a [u32],
+}
+
+impl AttnSeq<'_> {
+    /// Checks sequence `si` of a call with `rows` query rows against the cache geometry: its
+    /// rows lie in the batch, its context covers its new rows, its block table is long enough
+    /// and names only blocks of the pool. Every backend validates with this before reading.
+    pub fn check(&self, si: usize, rows: usize, l: KvLayout) -> Result<()> {
+        let s = self;
+        ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
+            format!("sequence {si}: rows {}..{} of {rows}, ctx {}", s.q_start, s.q_start + s.q_len, s.ctx_len)
+        })?;
+        if s.block_table.len() * l.block_size < s.ctx_len {
+            return Err(KernelError::KvCache(format!(
+                "sequence {si}: {} blocks cannot hold {} tokens",
+                s.block_table.len(),
+                s.ctx_len
+            )));
+        }
+        if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
+            return Err(KernelError::KvCache(format!(
+                "sequence {si}: block {b} is outside the pool of {}",
+                l.num_blocks
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Geometry of a paged KV cache.

@@ -88,22 +88,7 @@ pub fn paged_attention(
     // Map every query row to (its sequence, its position) and check the block tables.
     let mut row_info = vec![None; rows];
     for (si, s) in seqs.iter().enumerate() {
-        ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
-            format!("sequence {si}: rows {}..{} of {rows}, ctx {}", s.q_start, s.q_start + s.q_len, s.ctx_len)
-        })?;
-        if s.block_table.len() * l.block_size < s.ctx_len {
-            return Err(KernelError::KvCache(format!(
-                "sequence {si}: {} blocks cannot hold {} tokens",
-                s.block_table.len(),
-                s.ctx_len
-            )));
-        }
-        if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
-            return Err(KernelError::KvCache(format!(
-                "sequence {si}: block {b} is outside the pool of {}",
-                l.num_blocks
-            )));
-        }
+        s.check(si, rows, l)?;
         for i in 0..s.q_len {
             row_info[s.q_start + i] = Some((si, s.ctx_len - s.q_len + i));
         }

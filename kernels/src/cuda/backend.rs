@@ -739,22 +739,7 @@ pub fn plan_attention(q_values: usize, l: KvLayout, seqs: &[AttnSeq<'_>], heads:
     let mut is_covered = vec![false; rows];
     let (mut max_keys, mut max_q) = (0usize, 0usize);
     for (si, s) in seqs.iter().enumerate() {
-        ensure_shape(s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows, "paged_attention", || {
-            format!("sequence {si}: rows {}..{} of {rows}, ctx {}", s.q_start, s.q_start + s.q_len, s.ctx_len)
-        })?;
-        if s.block_table.len() * l.block_size < s.ctx_len {
-            return Err(KernelError::KvCache(format!(
-                "sequence {si}: {} blocks cannot hold {} tokens",
-                s.block_table.len(),
-                s.ctx_len
-            )));
-        }
-        if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= l.num_blocks) {
-            return Err(KernelError::KvCache(format!(
-                "sequence {si}: block {b} is outside the pool of {}",
-                l.num_blocks
-            )));
-        }
+        s.check(si, rows, l)?;
         if s.q_len == 0 {
             continue;
         }

@@ -104,7 +104,7 @@ pub struct ModelSection {
     /// Compute threads (default: all cores).
     pub threads: Option<usize>,
     /// Owner, license and price of the base model (receipts credit it); unpriced when absent.
-    pub manifest: Option<crate::attribution::Manifest>,
+    pub manifest: Option<crate::adapters::manifest::Manifest>,
 }
 
 fn default_model_path() -> String {

@@ -20,6 +20,8 @@ pub mod adapters;
 pub mod attribution;
 pub mod config;
 pub mod engine;
+pub mod lora;
+pub mod metrics;
 pub mod model;
 pub mod plugins;
 pub mod server;

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use openlora::adapters::manifest::{Contributor, Dataset};
 use openlora::attribution::ledger::{Ledger, load_or_create_key, verify_bytes, verify_file};
-use openlora::attribution::manifest::{Contributor, Dataset};
 use openlora::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, builtin_attribution};
 use openlora::attribution::totals;
 

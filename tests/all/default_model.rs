@@ -2,12 +2,14 @@
 //! transformers' logits on the same weights dequantized, HF's tokenizer and chat template, and
 //! the known greedy outputs in MODEL.md.
 
-use openlora::engine::generate::{FinishReason, GenerateRequest, generate};
+use std::sync::OnceLock;
+
 use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
 use openlora::engine::sampler::SamplingParams;
+use openlora::engine::{EngineConfig, EngineHandle, Event, FinishReason, Request};
 use openlora::model::chat_template::ChatMessage;
 use openlora::model::llama::ForwardBatch;
-use openlora_kernels::AttnSeq;
+use openlora_kernels::{AttnSeq, CpuBackend};
 use openlora_tests::{default_model, json_fixture};
 
 /// Logits at every position of `tokens`, prefilled in one forward call.
@@ -85,23 +87,44 @@ fn chat_template_renders_byte_for_byte_as_transformers() {
     }
 }
 
+/// One request through the engine (the only decode loop): its text as streamed, its tokens
+/// and why it ended.
+fn run(req: Request<CpuBackend>) -> (String, Vec<u32>, FinishReason) {
+    static ENGINE: OnceLock<EngineHandle<CpuBackend>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let cfg = EngineConfig { prefix_cache: false, ..EngineConfig::default() }
+            .with_kv_bytes(&default_model().model.config, 32 << 20);
+        EngineHandle::spawn(default_model().clone(), cfg).expect("engine")
+    });
+    let mut s = engine.submit(req).expect("submit");
+    let (mut text, mut tokens) = (String::new(), Vec::new());
+    while let Some(e) = s.blocking_next() {
+        match e {
+            Event::Token { id, text: piece, .. } => {
+                tokens.push(id);
+                text.push_str(&piece);
+            }
+            Event::Finished { text: rest, reason, .. } => {
+                text.push_str(&rest);
+                return (text, tokens, reason);
+            }
+            Event::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+    panic!("the stream ended without finishing")
+}
+
 fn greedy(prompt: &str, max_tokens: usize) -> (String, FinishReason) {
     let lm = default_model();
-    let mut tok = lm.tokenizer.clone();
-    if let Some(id) = tok.token_to_id("<|im_end|>") {
-        tok.add_eos_id(id);
-    }
-    let req = GenerateRequest {
-        prompt: tok.encode(prompt, true).expect("encode"),
-        sampling: SamplingParams::greedy(),
-        max_tokens,
-        stop: vec![],
-        stop_at_eos: true,
-    };
-    let mut streamed = String::new();
-    let g = generate(&lm.model, &tok, &[], &req, |s| streamed.push_str(s)).expect("generate");
-    assert_eq!(streamed, g.text, "streamed text equals the final text");
-    (g.text, g.finish_reason)
+    let tok = &lm.tokenizer;
+    let mut req = Request::greedy(tok.encode(prompt, true).expect("encode"), max_tokens);
+    req.stop_token_ids = tok.token_to_id("<|im_end|>").into_iter().collect();
+    let (text, tokens, finish) = run(req);
+    // The streamed pieces add up to the decoded tokens (without the final stop token).
+    let shown: Vec<u32> =
+        tokens.iter().copied().filter(|t| !tok.is_eos(*t) && tok.token_to_id("<|im_end|>") != Some(*t)).collect();
+    assert_eq!(text, tok.decode(&shown, true).expect("decode"), "streamed text equals the decoded tokens");
+    (text, finish)
 }
 
 fn chat(q: &str) -> String {
@@ -125,23 +148,18 @@ fn stop_strings_cut_the_text_and_seeds_repeat() {
     let lm = default_model();
     let tok = &lm.tokenizer;
     let prompt = tok.encode("Once upon a time, there was a little dog named", true).expect("encode");
-    let mut req = GenerateRequest {
-        prompt,
-        sampling: SamplingParams::greedy(),
-        max_tokens: 16,
-        stop: vec![" toy".into()],
-        stop_at_eos: true,
-    };
-    let g = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
-    assert_eq!(g.text, " Max who loved to play with his");
-    assert_eq!(g.finish_reason, FinishReason::Stop);
+    let mut req = Request::greedy(prompt.clone(), 16);
+    req.stop = vec![" toy".into()];
+    let (text, _, finish) = run(req);
+    assert_eq!(text, " Max who loved to play with his");
+    assert_eq!(finish, FinishReason::Stop);
 
-    req.stop.clear();
-    req.sampling = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(1234), ..Default::default() };
-    let a = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
-    let b = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
-    assert_eq!(a.tokens, b.tokens, "same seed, same tokens");
-    req.sampling.seed = Some(99);
-    let c = generate(&lm.model, tok, &[], &req, |_| {}).expect("generate");
-    assert_ne!(a.tokens, c.tokens, "another seed gives another sample");
+    let sampled = |seed: u64| {
+        let mut req = Request::greedy(prompt.clone(), 16);
+        req.sampling = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(seed), ..Default::default() };
+        run(req).1
+    };
+    let (a, b) = (sampled(1234), sampled(1234));
+    assert_eq!(a, b, "same seed, same tokens");
+    assert_ne!(a, sampled(99), "another seed gives another sample");
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openlora::plugins::{
-    AdapterChoice, AdapterFacts, AdapterUse, Catalog, Contributor, Dataset, FailurePolicy, HostOptions,
+    AdapterChoice, AdapterFacts, AdapterUse, CatalogView, Contributor, Dataset, FailurePolicy, HostOptions,
     InferenceRecord, LogLevel, LogRecord, LogSink, MajoritySign, MergeMethod, MergeOutcome, MergeRequest, Message,
     ModelUse, PayeeRole, PluginError, PluginHost, PluginKind, PluginSpec, PreprocessOutcome, PreprocessRequest,
     RouteDecision, RouteRequest,
@@ -77,8 +77,8 @@ fn facts(name: &str, owner: &str, price: u64, tags: &[&str], datasets: Vec<Datas
     }
 }
 
-fn catalog() -> Catalog {
-    Catalog::new([
+fn catalog() -> CatalogView {
+    CatalogView::new([
         facts(
             "pirate",
             "alice",

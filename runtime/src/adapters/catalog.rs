@@ -25,7 +25,7 @@
 //!   [`Catalog::rescan`]; loads stay correct regardless, because the generation is computed
 //!   from the bytes actually read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -38,8 +38,8 @@ use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 
 use super::Proj;
+use super::manifest::{MANIFEST_FILE, Manifest, ManifestError};
 use super::peft::{AdapterError, LoraHost, MAX_RANK, proj_dims};
-use crate::attribution::manifest::{MANIFEST_FILE, Manifest, ManifestError};
 use crate::model::config::LlamaConfig;
 
 /// The PEFT config file every adapter folder has.
@@ -177,6 +177,17 @@ pub struct CatalogEntry {
     pub modules: usize,
     /// How it was registered.
     pub origin: Origin,
+    /// The tenants that may see and use it (`None`: every tenant). Set from the catalog's
+    /// visibility rules whenever the entry is registered, so a reload or a rescan of a private
+    /// adapter keeps it private.
+    pub visible_to: Option<Vec<String>>,
+}
+
+impl CatalogEntry {
+    /// Whether `tenant` may see and use this adapter (admins are checked by the caller).
+    pub fn visible_to(&self, tenant: &str) -> bool {
+        self.visible_to.as_ref().is_none_or(|v| v.iter().any(|t| t == tenant))
+    }
 }
 
 /// What a scan or rescan did.
@@ -199,6 +210,8 @@ pub struct ScanReport {
 pub struct Catalog {
     base: LlamaConfig,
     roots: Vec<PathBuf>,
+    /// Adapter name -> the tenants that may use it; names not listed are public.
+    visibility: BTreeMap<String, Vec<String>>,
     entries: RwLock<HashMap<String, Arc<CatalogEntry>>>,
     next_revision: AtomicU64,
 }
@@ -206,7 +219,37 @@ pub struct Catalog {
 impl Catalog {
     /// An empty catalog for adapters of `base`, scanning `roots` on [`Catalog::rescan`].
     pub fn new(base: LlamaConfig, roots: Vec<PathBuf>) -> Self {
-        Self { base, roots, entries: RwLock::new(HashMap::new()), next_revision: AtomicU64::new(1) }
+        Self {
+            base,
+            roots,
+            visibility: BTreeMap::new(),
+            entries: RwLock::new(HashMap::new()),
+            next_revision: AtomicU64::new(1),
+        }
+    }
+
+    /// Restricts the named adapters to the listed tenants (a deployment's
+    /// `[adapters.visibility]`). The rule belongs to the name: every registration under it
+    /// (scan, rescan, [`Catalog::add`]) carries it.
+    pub fn with_visibility(mut self, visibility: BTreeMap<String, Vec<String>>) -> Self {
+        self.visibility = visibility;
+        self
+    }
+
+    /// [`Catalog::scan`] with visibility rules.
+    pub fn scan_with_visibility(
+        base: LlamaConfig,
+        roots: Vec<PathBuf>,
+        visibility: BTreeMap<String, Vec<String>>,
+    ) -> (Self, ScanReport) {
+        let catalog = Self::new(base, roots).with_visibility(visibility);
+        let report = catalog.rescan();
+        (catalog, report)
+    }
+
+    /// The visibility rules.
+    pub fn visibility(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.visibility
     }
 
     /// A catalog of every adapter folder directly under `roots`, registered in parallel. Bad
@@ -411,6 +454,7 @@ impl Catalog {
             max_rank: shape.max_rank,
             modules: shape.modules,
             origin,
+            visible_to: self.visibility.get(name).cloned(),
         })
     }
 }

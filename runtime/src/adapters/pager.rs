@@ -62,7 +62,7 @@ use openlora_kernels::Backend;
 use super::catalog::{Catalog, CatalogEntry, CatalogError, ScanReport};
 use super::peft::{AdapterError, LoraHost};
 use super::{Generation, LoraAdapter};
-use crate::service::Histogram;
+use crate::metrics::Histogram;
 
 /// Load-latency histogram buckets (seconds): finer than request latencies, since the goal for a
 /// rank-8 adapter is a few milliseconds.
@@ -207,6 +207,16 @@ pub struct PagerMetrics {
     pub joined: u64,
     /// Loads whose content was already resident under another name or revision.
     pub deduplicated: u64,
+    /// Derived adapters (merges) built.
+    pub derived_built: u64,
+    /// Derived acquires that joined a build in flight instead of starting one.
+    pub derived_joined: u64,
+    /// Derived acquires answered by a resident build.
+    pub derived_hits: u64,
+    /// Derived builds that failed.
+    pub derived_errors: u64,
+    /// Derived adapters resident in the device tier, and their bytes (included in `device`).
+    pub derived_resident: (usize, usize),
     /// Read + prepare time of each load: `(upper bound s, cumulative count)`, sum s, count.
     pub load_seconds: (Vec<(f64, u64)>, f64, u64),
 }
@@ -226,6 +236,8 @@ pub struct ResidentAdapter {
     pub on_host: bool,
     /// In use by a request.
     pub pinned: bool,
+    /// Built from other adapters (a merge), not read from a folder.
+    pub derived: bool,
 }
 
 /// What [`Pager::unload`] released.
@@ -238,13 +250,13 @@ pub struct Unloaded {
 }
 
 /// Waiters on one load.
-struct LoadSlot<B: Backend> {
+struct PendingLoad<B: Backend> {
     done: Mutex<Option<Result<Arc<LoraAdapter<B>>, PagerError>>>,
     cv: Condvar,
     notify: tokio::sync::Notify,
 }
 
-impl<B: Backend> LoadSlot<B> {
+impl<B: Backend> PendingLoad<B> {
     fn new() -> Self {
         Self { done: Mutex::new(None), cv: Condvar::new(), notify: tokio::sync::Notify::new() }
     }
@@ -284,6 +296,8 @@ struct Resident<B: Backend> {
     device: Option<Arc<LoraAdapter<B>>>,
     bytes: usize,
     last_used: u64,
+    /// Built from other adapters ([`Pager::acquire_derived`]) rather than read from a folder.
+    derived: bool,
 }
 
 /// An unloaded adapter some request still holds.
@@ -313,6 +327,10 @@ struct Counters {
     prepares: u64,
     joined: u64,
     deduplicated: u64,
+    derived_built: u64,
+    derived_joined: u64,
+    derived_hits: u64,
+    derived_errors: u64,
 }
 
 struct State<B: Backend> {
@@ -322,7 +340,9 @@ struct State<B: Backend> {
     /// Prepared forms no longer resident but still held by requests. Weak, so the last
     /// holder's drop frees the memory at once; the bytes are un-counted at the next sweep.
     draining: Vec<Draining<B>>,
-    loading: HashMap<(String, u64), Arc<LoadSlot<B>>>,
+    loading: HashMap<(String, u64), Arc<PendingLoad<B>>>,
+    /// Derived adapters being built, by their key.
+    building: HashMap<Generation, Arc<PendingLoad<B>>>,
     host_used: usize,
     /// Resident + draining + reserved device bytes.
     device_used: usize,
@@ -435,7 +455,7 @@ struct Job<B: Backend> {
     entry: Arc<CatalogEntry>,
     /// The host copy to prepare from, when the host tier has it.
     host: Option<Arc<LoraHost>>,
-    slot: Arc<LoadSlot<B>>,
+    slot: Arc<PendingLoad<B>>,
 }
 
 /// A device reservation held by a load; released on drop unless committed.
@@ -570,7 +590,13 @@ impl<B: Backend> Shared<B> {
         if keep_host {
             st.host_used += bytes;
         }
-        let r = st.resident.entry(g).or_insert_with(|| Resident { host: None, device: None, bytes, last_used: tick });
+        let r = st.resident.entry(g).or_insert_with(|| Resident {
+            host: None,
+            device: None,
+            bytes,
+            last_used: tick,
+            derived: false,
+        });
         r.last_used = tick;
         if keep_host {
             r.host = Some(host.clone());
@@ -611,7 +637,7 @@ fn loader_loop<B: Backend>(shared: Arc<Shared<B>>, jobs: Arc<Mutex<Receiver<Job<
 
 enum Start<B: Backend> {
     Ready(Arc<LoraAdapter<B>>),
-    Wait(Arc<LoadSlot<B>>),
+    Wait(Arc<PendingLoad<B>>),
 }
 
 /// Pages adapters from a [`Catalog`] into host and device memory under byte budgets. Share it
@@ -637,6 +663,7 @@ impl<B: Backend + 'static> Pager<B> {
                 resident: HashMap::new(),
                 draining: Vec::new(),
                 loading: HashMap::new(),
+                building: HashMap::new(),
                 host_used: 0,
                 device_used: 0,
                 reserved: 0,
@@ -710,7 +737,7 @@ impl<B: Backend + 'static> Pager<B> {
         } else {
             st.counters.host_misses += 1;
         }
-        let slot = Arc::new(LoadSlot::new());
+        let slot = Arc::new(PendingLoad::new());
         st.loading.insert(key.clone(), slot.clone());
         drop(st);
         let job = Job { name: name.to_owned(), entry, host, slot: slot.clone() };
@@ -847,6 +874,7 @@ impl<B: Backend + 'static> Pager<B> {
                     on_device: r.device.is_some(),
                     on_host: r.host.is_some(),
                     pinned: r.device.as_ref().is_some_and(in_use),
+                    derived: r.derived,
                 }
             })
             .collect();
@@ -857,6 +885,7 @@ impl<B: Backend + 'static> Pager<B> {
             on_device: true,
             on_host: false,
             pinned: true,
+            derived: false,
         }));
         out.sort_by(|a, b| a.names.cmp(&b.names).then(a.generation.cmp(&b.generation)));
         out
@@ -895,8 +924,101 @@ impl<B: Backend + 'static> Pager<B> {
             prepares: c.prepares,
             joined: c.joined,
             deduplicated: c.deduplicated,
+            derived_built: c.derived_built,
+            derived_joined: c.derived_joined,
+            derived_hits: c.derived_hits,
+            derived_errors: c.derived_errors,
+            derived_resident: st
+                .resident
+                .values()
+                .filter(|r| r.derived && r.device.is_some())
+                .fold((0, 0), |(n, b), r| (n + 1, b + r.bytes)),
             load_seconds: self.shared.load_seconds.snapshot(),
         }
+    }
+
+    /// A *derived* adapter: one built from others (a merge), identified by `key`, the hash of
+    /// its recipe and its inputs' generations. It lives in the device tier like any loaded
+    /// adapter: its bytes count against the budget, it is pinned while a request holds it and
+    /// evicted by LRU when not; an evicted one is built again on its next acquire. Concurrent
+    /// acquires of one key share a single build (single flight): the first caller runs `build`
+    /// on its own thread (a blocking thread: merges are CPU work) while the others wait.
+    /// A failed or panicking build fails every waiter of that build and is not cached.
+    pub fn acquire_derived(
+        &self,
+        key: Generation,
+        label: &str,
+        build: impl FnOnce() -> Result<LoraHost, PagerError>,
+    ) -> Result<Arc<LoraAdapter<B>>, PagerError> {
+        let slot = {
+            let mut st = self.shared.lock();
+            let tick = st.touch();
+            if let Some(d) = st.resident.get_mut(&key).and_then(|r| {
+                r.last_used = tick;
+                r.device.clone()
+            }) {
+                st.counters.derived_hits += 1;
+                return Ok(d);
+            }
+            if let Some(slot) = st.building.get(&key) {
+                let slot = slot.clone();
+                st.counters.derived_joined += 1;
+                drop(st);
+                return slot.wait_blocking();
+            }
+            let slot = Arc::new(PendingLoad::new());
+            st.building.insert(key, slot.clone());
+            slot
+        };
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_derived(key, label, build)))
+            .unwrap_or_else(|_| {
+                Err(PagerError::Load(Arc::new(AdapterError::Invalid {
+                    adapter: label.to_owned(),
+                    tensor: String::new(),
+                    reason: "building the derived adapter panicked".into(),
+                })))
+            });
+        {
+            let mut st = self.shared.lock();
+            st.building.remove(&key);
+            if built.is_err() {
+                st.counters.derived_errors += 1;
+            }
+        }
+        self.shared.room.notify_all();
+        slot.finish(built.clone());
+        built
+    }
+
+    fn build_derived(
+        &self,
+        key: Generation,
+        label: &str,
+        build: impl FnOnce() -> Result<LoraHost, PagerError>,
+    ) -> Result<Arc<LoraAdapter<B>>, PagerError> {
+        let host = build()?;
+        let bytes = host.bytes();
+        let mut reservation = self.shared.reserve(label, bytes)?;
+        let prepared = Arc::new(LoraAdapter::prepare(&host, &self.shared.backend)?);
+        let mut st = self.shared.lock();
+        // The reservation becomes the resident entry's bytes (prepare reports host.bytes()).
+        st.reserved -= reservation.bytes;
+        st.device_used -= reservation.bytes;
+        reservation.bytes = 0;
+        st.device_used += prepared.bytes;
+        st.counters.derived_built += 1;
+        let tick = st.touch();
+        st.resident.insert(
+            key,
+            Resident {
+                host: None,
+                device: Some(prepared.clone()),
+                bytes: prepared.bytes,
+                last_used: tick,
+                derived: true,
+            },
+        );
+        Ok(prepared)
     }
 
     /// The folder `name` is read from (from the catalog).

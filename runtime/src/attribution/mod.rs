@@ -1,13 +1,12 @@
-//! Attribution: adapter manifests, an inference record for every finished request, receipts
+//! Attribution: an inference record for every finished request, receipts
 //! that add the split of its price, signed with the node's Ed25519 key and chained by hash, in
-//! a durable, tamper-evident ledger.
+//! a durable, tamper-evident ledger. The manifests that say who owns an adapter and
+//! what it was trained on live beside the adapters (`adapters::manifest`).
 
 pub mod ledger;
-pub mod manifest;
 pub mod receipt;
 
 pub use ledger::{Ledger, LedgerError, load_or_create_key, verify_file};
-pub use manifest::Manifest;
 pub use receipt::{Attribution, InferenceRecord, Payment, Receipt, builtin_attribution};
 
 /// Per-party totals over receipts: `(party, role) -> micro-units`, sorted.

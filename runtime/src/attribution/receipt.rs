@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Dataset, Manifest};
+use crate::adapters::manifest::{Dataset, Manifest};
 
 /// The base model as a receipt names it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,7 +284,10 @@ mod tests {
                 sha256: "0".repeat(64),
                 license: String::new(),
                 contributors: (0..rng.gen_range(1..5))
-                    .map(|j| super::super::manifest::Contributor { name: format!("c{j}"), share: rng.gen_range(1..10) })
+                    .map(|j| crate::adapters::manifest::Contributor {
+                        name: format!("c{j}"),
+                        share: rng.gen_range(1..10),
+                    })
                     .collect(),
             };
             let adapters = (0..rng.gen_range(0..4))

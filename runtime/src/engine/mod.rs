@@ -1,5 +1,6 @@
 //! Running sequences: the paged KV cache, the continuous-batching scheduler, sampling, and the
-//! engine thread that the async world talks to through channels.
+//! engine thread that the async world talks to through channels. It is the only decode loop:
+//! the server, `openlora generate` and `openlora bench` all submit [`Request`]s here.
 //!
 //! [`EngineHandle::spawn`] starts one engine thread that owns the KV cache and runs
 //! [`scheduler::EngineCore::step`] in a loop. [`EngineHandle::submit`] validates a request,
@@ -7,11 +8,11 @@
 //! the finish). Dropping the stream cancels the request and frees its KV blocks at the next
 //! step. A failure in one request's computation fails that request only.
 
-pub mod generate;
 pub mod kv_cache;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
+pub mod stop;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -20,8 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use openlora_kernels::Backend;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-pub use generate::FinishReason;
-pub use request::{EngineError, Event, Request, TokenLogprob, Usage};
+pub use request::{EngineError, Event, FinishReason, Request, TokenLogprob, Usage};
 use scheduler::EngineCore;
 pub use scheduler::{EngineConfig, EngineStats};
 
@@ -212,6 +212,30 @@ impl RequestStream {
         }
         let e = self.rx.recv().await;
         self.seen(e)
+    }
+
+    /// Polls for the next event (for callers that wait on several streams at once).
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(e) => std::task::Poll::Ready(self.seen(e)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// An event already produced, without waiting (None when there is none yet, or after the
+    /// last).
+    pub fn try_next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        match self.rx.try_recv() {
+            Ok(e) => self.seen(Some(e)),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => None,
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => self.seen(None),
+        }
     }
 
     /// The next event, blocking the thread (not for use inside an async runtime).

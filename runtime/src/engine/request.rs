@@ -3,9 +3,8 @@
 use openlora_kernels::Backend;
 use sha2::{Digest, Sha256};
 
-use crate::adapters::WeightedAdapter;
+use crate::lora::WeightedAdapter;
 
-use super::generate::FinishReason;
 use super::sampler::SamplingParams;
 
 /// One generation request, with its adapters already resolved.
@@ -132,4 +131,26 @@ pub enum EngineError {
     /// The engine has stopped.
     #[error("the engine has shut down")]
     ShutDown,
+}
+
+/// Why generation ended (OpenAI's `finish_reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The client cancelled the request (or went away).
+    Cancelled,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
 }

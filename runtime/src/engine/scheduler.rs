@@ -37,10 +37,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use openlora_kernels::{AttnSeq, Backend};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::generate::{FinishReason, StopChecker};
 use super::kv_cache::{BlockAllocator, SequenceBlocks};
-use super::request::{EngineError, Event, Request, TokenLogprob, Usage};
+use super::request::{EngineError, Event, FinishReason, Request, TokenLogprob, Usage};
 use super::sampler::Sampler;
+use super::stop::StopChecker;
 use crate::model::LoadedModel;
 use crate::model::error::ModelError;
 use crate::model::llama::ForwardBatch;

@@ -7,7 +7,7 @@
 
 use openlora_kernels::{AttnSeq, Backend, HostWeight, KvLayout, LoraSegment, RopeTable};
 
-use crate::adapters::{LoraModule, Proj, WeightedAdapter};
+use crate::lora::{LoraModule, Proj, WeightedAdapter};
 
 use super::config::LlamaConfig;
 use super::error::{ModelError, Result};

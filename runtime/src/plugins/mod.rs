@@ -108,7 +108,7 @@ struct Loaded {
 }
 
 /// A named plugin: its current version, health and counters (which survive reloads).
-struct Slot {
+struct PluginEntry {
     current: ArcSwap<Loaded>,
     consecutive_failures: AtomicU32,
     quarantined: AtomicBool,
@@ -124,8 +124,8 @@ struct Slot {
 pub struct PluginHost {
     engine: Engine,
     linkers: HashMap<PluginKind, Linker<CallState>>,
-    slots: RwLock<HashMap<String, Arc<Slot>>>,
-    catalog: ArcSwap<Catalog>,
+    slots: RwLock<HashMap<String, Arc<PluginEntry>>>,
+    catalog: ArcSwap<CatalogView>,
     options: HostOptions,
     _ticker: EpochTicker,
 }
@@ -160,23 +160,23 @@ impl PluginHost {
             engine,
             linkers,
             slots: RwLock::new(HashMap::new()),
-            catalog: ArcSwap::from_pointee(Catalog::default()),
+            catalog: ArcSwap::from_pointee(CatalogView::default()),
             options,
             _ticker: ticker,
         })
     }
 
     /// Replaces the catalog snapshot plugins see (calls in flight keep the old one).
-    pub fn set_catalog(&self, catalog: Catalog) {
+    pub fn set_catalog(&self, catalog: CatalogView) {
         self.catalog.store(Arc::new(catalog));
     }
 
-    fn slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Slot>>> {
+    fn slots(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<PluginEntry>>> {
         // The map is only ever replaced entry by entry, so a poisoned lock is still consistent.
         self.slots.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+    fn slot(&self, name: &str) -> Option<Arc<PluginEntry>> {
         self.slots().get(name).cloned()
     }
 
@@ -204,7 +204,7 @@ impl PluginHost {
         }
         slots.insert(
             name,
-            Arc::new(Slot {
+            Arc::new(PluginEntry {
                 current: ArcSwap::new(loaded),
                 consecutive_failures: AtomicU32::new(0),
                 quarantined: AtomicBool::new(false),
@@ -447,7 +447,7 @@ impl PluginHost {
         }
     }
 
-    fn note_failure(&self, slot: &Slot, loaded: &Loaded, error: &PluginError) {
+    fn note_failure(&self, slot: &PluginEntry, loaded: &Loaded, error: &PluginError) {
         let log = |level, message: &str| self.options.log.log(&LogRecord { plugin: &loaded.name, level, message });
         if !error.is_call_failure() {
             return;

@@ -21,7 +21,7 @@ use wasmtime::{
 
 use super::config::PluginSpec;
 use super::error::PluginError;
-use super::types::Catalog;
+use super::types::CatalogView;
 
 /// How often the epoch ticks: the granularity of time limits.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -204,7 +204,7 @@ impl ResourceLimiter for MemoryCap {
 pub(crate) struct CallState {
     pub(crate) plugin: Arc<str>,
     pub(crate) config: Arc<ConfigView>,
-    pub(crate) catalog: Arc<Catalog>,
+    pub(crate) catalog: Arc<CatalogView>,
     pub(crate) log: Arc<dyn LogSink>,
     pub(crate) memory: MemoryCap,
     log_lines: u32,
@@ -261,7 +261,7 @@ pub(crate) fn store(
     limits: CallLimits,
     plugin: Arc<str>,
     config: Arc<ConfigView>,
-    catalog: Arc<Catalog>,
+    catalog: Arc<CatalogView>,
     log: Arc<dyn LogSink>,
 ) -> wasmtime::Result<Store<CallState>> {
     let memory = MemoryCap {

@@ -250,7 +250,7 @@ pub struct Dataset {
     pub contributors: Vec<Contributor>,
 }
 
-/// Catalog facts about one adapter: its manifest and identity (never weights).
+/// CatalogView facts about one adapter: its manifest and identity (never weights).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AdapterFacts {
     /// The name requests use.
@@ -274,11 +274,11 @@ pub struct AdapterFacts {
 /// A read-only snapshot of the adapter catalog, as plugins see it. The host swaps the whole
 /// snapshot when adapters change; a call sees one snapshot throughout.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Catalog {
+pub struct CatalogView {
     adapters: BTreeMap<String, AdapterFacts>,
 }
 
-impl Catalog {
+impl CatalogView {
     /// A catalog of `adapters` (a later duplicate name replaces an earlier one).
     pub fn new(adapters: impl IntoIterator<Item = AdapterFacts>) -> Self {
         Self { adapters: adapters.into_iter().map(|a| (a.name.clone(), a)).collect() }

@@ -1,10 +1,11 @@
 //! HTTP: the OpenAI-compatible API, vLLM-compatible adapter admin and metrics, health.
 //!
 //! Handlers only translate: they read the body (bounded), authenticate, call
-//! [`Service`](crate::service::Service), and write JSON or server-sent events. Every error uses
-//! the OpenAI error shape `{"error": {"message", "type", "param", "code"}}`.
+//! [`Service`](crate::service::Service) (for generations, [`Service::generate`] and the
+//! [`Journey`] it returns), and write JSON or server-sent events. Every error uses the OpenAI
+//! error shape `{"error": {"message", "type", "param", "code"}}`. Nothing here knows the engine:
+//! receipts, metrics and cancellation belong to the journey, which a dropped response drops.
 
-mod metrics;
 mod parse;
 
 use std::convert::Infallible;
@@ -18,18 +19,12 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use openlora_kernels::DeviceBackend;
 use serde_json::{Value, json};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::engine::{EngineError, Event, FinishReason, RequestStream, TokenLogprob, Usage};
-use crate::service::{ErrorKind, RecordContext, Service, ServiceError, Slot, Started, Tenant};
+use crate::service::{ErrorKind, Journey, Service, ServiceError, ServiceEvent, ServingBackend, Tenant, TokenLogprob};
 use parse::OutputOptions;
 
-/// The backend the server runs on.
-pub type ServerBackend = DeviceBackend;
-
-type Svc = Arc<Service<ServerBackend>>;
+type Svc = Arc<Service<ServingBackend>>;
 
 /// Writes an error in the OpenAI shape.
 pub fn error_response(e: &ServiceError) -> Response {
@@ -64,7 +59,7 @@ pub fn router(svc: Svc) -> Router {
         .route("/v1/admin/plugins/reload", post(reload_plugin))
         .route("/v1/admin/adapters/rescan", post(rescan_adapters))
         .route("/v1/unload_lora_adapter", post(unload_lora))
-        .route("/metrics", get(metrics::render))
+        .route("/metrics", get(metrics))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/version", get(|| async { json_response(&json!({"version": env!("CARGO_PKG_VERSION")})) }))
         .fallback(|req: Request<Body>| async move {
@@ -74,6 +69,10 @@ pub fn router(svc: Svc) -> Router {
             ))
         })
         .with_state(svc)
+}
+
+async fn metrics(State(svc): State<Svc>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], svc.prometheus_text()).into_response()
 }
 
 fn tenant(svc: &Svc, headers: &HeaderMap) -> Result<Arc<Tenant>, ServiceError> {
@@ -112,7 +111,7 @@ async fn models(State(svc): State<Svc>, headers: HeaderMap) -> Response {
 fn model_json(svc: &Svc, m: &crate::service::ModelCard) -> Value {
     json!({
         "id": m.id, "object": "model", "created": svc.created, "owned_by": "openlora",
-        "root": m.root, "parent": m.parent, "max_model_len": svc.engine().context_limit(),
+        "root": m.root, "parent": m.parent, "max_model_len": svc.context_limit(),
     })
 }
 
@@ -228,18 +227,12 @@ async fn completions(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> 
     let r = async {
         let (t, body) = prologue(&svc, &headers, body).await?;
         let obj = parse::Fields::parse(&body)?;
-        let (params, out) = parse::completions(&obj)?;
-        let svc2 = svc.clone();
-        let started = tokio::task::spawn_blocking(move || {
-            params.into_iter().map(|p| svc2.start(&t, p)).collect::<Result<Vec<Started>, ServiceError>>()
-        })
-        .await
-        .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))??;
-        Ok::<_, ServiceError>((started, out))
+        let (req, out) = parse::completions(&obj)?;
+        Ok::<_, ServiceError>((start(&svc, t, req).await?, out))
     }
     .await;
     match r {
-        Ok((started, out)) => respond(svc, Api::Completions, started, out).await,
+        Ok((journey, out)) => respond(svc, Api::Completions, journey, out).await,
         Err(e) => error_response(&e),
     }
 }
@@ -248,118 +241,33 @@ async fn chat_completions(State(svc): State<Svc>, headers: HeaderMap, body: Body
     let r = async {
         let (t, body) = prologue(&svc, &headers, body).await?;
         let obj = parse::Fields::parse(&body)?;
-        let (params, out) = parse::chat(&obj)?;
-        let svc2 = svc.clone();
-        let started = tokio::task::spawn_blocking(move || svc2.start(&t, params))
-            .await
-            .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))??;
-        Ok::<_, ServiceError>((vec![started], out))
+        let (req, out) = parse::chat(&obj)?;
+        Ok::<_, ServiceError>((start(&svc, t, req).await?, out))
     }
     .await;
     match r {
-        Ok((started, out)) => respond(svc, Api::Chat, started, out).await,
+        Ok((journey, out)) => respond(svc, Api::Chat, journey, out).await,
         Err(e) => error_response(&e),
     }
 }
 
-/// The events of every choice of a request, tagged with the choice index, in one channel.
-/// Forwarding tasks end (dropping, hence cancelling, their streams) when the receiver goes.
-struct Merged {
-    rx: UnboundedReceiver<(usize, Event)>,
-    choices: usize,
-    prompt_tokens: usize,
-    model: String,
-    started: std::time::Instant,
-    recorder: Recorder,
-    _slots: Vec<Slot>,
+/// Starts the journey on a blocking thread (plugins run, adapters may load, merges build).
+async fn start(
+    svc: &Svc,
+    t: Arc<Tenant>,
+    req: crate::service::GenerateRequest,
+) -> Result<Journey<ServingBackend>, ServiceError> {
+    let svc = svc.clone();
+    tokio::task::spawn_blocking(move || svc.generate(&t, req))
+        .await
+        .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))?
 }
 
-/// Writes the request's receipt once: when it finishes, or (on drop) as cancelled when the
-/// client went away first.
-struct Recorder {
-    svc: Svc,
-    request_id: String,
-    ctx: Option<RecordContext>,
-    texts: Vec<String>,
-    completion: usize,
-}
-
-impl Recorder {
-    #[allow(clippy::type_complexity)]
-    fn finish(
-        &mut self,
-        reason: &str,
-    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<String, String>>>, ServiceError> {
-        let Some(ctx) = self.ctx.take() else { return Ok(None) };
-        let outs: Vec<&str> = self.texts.iter().map(String::as_str).collect();
-        self.svc.record(&ctx, self.completion, reason, &outs)
-    }
-
-    /// Waits for the receipt id (None when attribution is off).
-    async fn finish_and_wait(&mut self, reason: &str) -> Result<Option<String>, ServiceError> {
-        match self.finish(reason)? {
-            None => Ok(None),
-            Some(rx) => match rx.await {
-                Ok(Ok(id)) => Ok(Some(id)),
-                Ok(Err(e)) => {
-                    Err(ServiceError::new(ErrorKind::Internal, format!("the receipt could not be written: {e}")))
-                }
-                Err(_) => Err(ServiceError::new(ErrorKind::Internal, "the ledger writer stopped")),
-            },
-        }
-    }
-}
-
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        let _ = self.finish("cancelled");
-    }
-}
-
-fn merge_streams(svc: &Svc, started: Vec<Started>) -> Merged {
-    let (tx, rx) = unbounded_channel();
-    let mut index = 0;
-    let mut slots = Vec::new();
-    let prompt_tokens = started.iter().map(|s| s.prompt_tokens).sum();
-    let model = started.first().map(|s| s.model.clone()).unwrap_or_default();
-    let t0 = started.first().map_or_else(std::time::Instant::now, |s| s.started);
-    let ctx = RecordContext::combine(started.iter().map(|s| s.record.clone()).collect());
-    for s in started {
-        slots.extend(s.slot);
-        for stream in s.streams {
-            let tx = tx.clone();
-            let i = index;
-            index += 1;
-            tokio::spawn(forward(stream, i, tx));
-        }
-    }
-    let request_id = ctx.as_ref().map_or_else(|| crate::service::new_request_id("cmpl"), |c| c.request_id.clone());
-    let recorder = Recorder { svc: svc.clone(), request_id, ctx, texts: vec![String::new(); index], completion: 0 };
-    Merged { rx, choices: index, prompt_tokens, model, started: t0, recorder, _slots: slots }
-}
-
-async fn forward(mut stream: RequestStream, i: usize, tx: tokio::sync::mpsc::UnboundedSender<(usize, Event)>) {
-    while let Some(e) = stream.next().await {
-        if tx.send((i, e)).is_err() {
-            return; // the client is gone: dropping the stream cancels the request
-        }
-    }
-}
-
-#[derive(Default)]
-struct Choice {
-    text: String,
-    finish: Option<FinishReason>,
-    usage: Usage,
-    tokens: Vec<u32>,
-    logprobs: Vec<TokenLogprob>,
-}
-
-fn usage_json(prompt_tokens: usize, completion: usize, cached: usize) -> Value {
+fn usage_json(u: &crate::service::TokenUsage) -> Value {
     json!({
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 
@@ -407,68 +315,27 @@ fn logprobs_json(svc: &Svc, api: Api, tokens: &[u32], lps: &[TokenLogprob], text
     }
 }
 
-fn engine_error(e: EngineError) -> ServiceError {
-    ServiceError::from(e)
+async fn respond(svc: Svc, api: Api, journey: Journey<ServingBackend>, out: OutputOptions) -> Response {
+    if out.stream { stream_response(svc, api, journey, out) } else { whole_response(svc, api, journey).await }
 }
 
-async fn respond(svc: Svc, api: Api, started: Vec<Started>, out: OutputOptions) -> Response {
-    let merged = merge_streams(&svc, started);
-    if out.stream { stream_response(svc, api, merged, out) } else { whole_response(svc, api, merged).await }
-}
-
-async fn whole_response(svc: Svc, api: Api, mut m: Merged) -> Response {
-    let mut choices: Vec<Choice> = (0..m.choices).map(|_| Choice::default()).collect();
-    let mut done = 0;
-    let mut first = true;
-    while done < m.choices {
-        let Some((i, e)) = m.rx.recv().await else { break };
-        match e {
-            Event::Token { id, text, logprob } => {
-                if first {
-                    svc.metrics.ttft.observe(m.started.elapsed().as_secs_f64());
-                    first = false;
-                }
-                let c = &mut choices[i];
-                c.text.push_str(&text);
-                c.tokens.push(id);
-                c.logprobs.extend(logprob);
-            }
-            Event::Finished { text, reason, usage } => {
-                choices[i].text.push_str(&text);
-                choices[i].finish = Some(reason);
-                choices[i].usage = usage;
-                svc.metrics.finished(reason.as_str());
-                done += 1;
-            }
-            Event::Failed(e) => {
-                let _ = m.recorder.finish_and_wait("error").await;
-                return error_response(&engine_error(e));
-            }
-        }
-    }
-    svc.metrics.e2e.observe(m.started.elapsed().as_secs_f64());
-    let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
-    m.recorder.texts = choices.iter().map(|c| c.text.clone()).collect();
-    m.recorder.completion = completion;
-    let reason = choices.first().and_then(|c| c.finish).map_or("stop", FinishReason::as_str);
-    let receipt = match m.recorder.finish_and_wait(reason).await {
-        Ok(r) => r,
+async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>) -> Response {
+    let id = journey.id().to_owned();
+    let model = journey.model().to_owned();
+    let c = match journey.collect().await {
+        Ok(c) => c,
         Err(e) => return error_response(&e),
     };
-    let cached: usize = choices.iter().map(|c| c.usage.cached_tokens).max().unwrap_or(0);
-    let prompt_tokens = m.prompt_tokens;
-    let items: Vec<Value> = choices
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let finish = c.finish.map(FinishReason::as_str);
-            let lp = logprobs_json(&svc, api, &c.tokens, &c.logprobs, 0);
+    let items: Vec<Value> = (0..c.texts.len())
+        .map(|i| {
+            let finish = c.finish[i].as_str();
+            let lp = logprobs_json(&svc, api, &c.tokens[i], &c.logprobs[i], 0);
             match api {
                 Api::Chat => json!({
-                    "index": i, "message": {"role": "assistant", "content": c.text},
+                    "index": i, "message": {"role": "assistant", "content": c.texts[i]},
                     "logprobs": lp, "finish_reason": finish,
                 }),
-                Api::Completions => json!({"index": i, "text": c.text, "logprobs": lp, "finish_reason": finish}),
+                Api::Completions => json!({"index": i, "text": c.texts[i], "logprobs": lp, "finish_reason": finish}),
             }
         })
         .collect();
@@ -476,19 +343,15 @@ async fn whole_response(svc: Svc, api: Api, mut m: Merged) -> Response {
         Api::Chat => "chat.completion",
         Api::Completions => "text_completion",
     };
-    let id = m.recorder.request_id.clone();
     let mut body = json!({
-        "id": id, "object": object, "created": now(), "model": m.model,
-        "choices": items, "usage": usage_json(prompt_tokens, completion, cached),
+        "id": id, "object": object, "created": now(), "model": model,
+        "choices": items, "usage": usage_json(&c.usage),
     });
-    let mut resp = match &receipt {
-        Some(r) => {
-            body["receipt"] = json!(r);
-            json_response(&body)
-        }
-        None => json_response(&body),
-    };
-    if let Some(r) = receipt.and_then(|r| HeaderValue::from_str(&r).ok()) {
+    if let Some(r) = &c.receipt {
+        body["receipt"] = json!(r);
+    }
+    let mut resp = json_response(&body);
+    if let Some(r) = c.receipt.and_then(|r| HeaderValue::from_str(&r).ok()) {
         resp.headers_mut().insert("openlora-receipt", r);
     }
     resp
@@ -498,20 +361,18 @@ fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// A streamed response's state. Dropping it (the client went away) drops the journey, which
+/// cancels the sequences and writes the receipt for the tokens produced.
 struct SseState {
     svc: Svc,
     api: Api,
-    m: Merged,
+    journey: Journey<ServingBackend>,
     out: OutputOptions,
     id: String,
+    model: String,
     created: u64,
-    done: usize,
-    completion: usize,
-    cached: usize,
-    first: bool,
     sent_role: bool,
     finished: bool,
-    first_reason: Option<&'static str>,
     queue: std::collections::VecDeque<Bytes>,
 }
 
@@ -522,7 +383,7 @@ impl SseState {
             Api::Completions => "text_completion",
         };
         sse(
-            &json!({"id": self.id, "object": object, "created": self.created, "model": self.m.model, "choices": [choice]}),
+            &json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]}),
         )
     }
 
@@ -537,6 +398,10 @@ impl SseState {
         }
     }
 
+    fn error_chunk(e: &ServiceError) -> Bytes {
+        sse(&json!({"error": {"message": e.message, "type": "internal_error", "param": null, "code": 500}}))
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if let Some(b) = self.queue.pop_front() {
@@ -547,79 +412,48 @@ impl SseState {
             }
             if !self.sent_role && self.api == Api::Chat {
                 self.sent_role = true;
-                for i in 0..self.m.choices {
+                for i in 0..self.journey.choices() {
                     let c = self.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
                     self.queue.push_back(c);
                 }
                 continue;
             }
-            if self.done == self.m.choices {
+            let Some(event) = self.journey.next().await else {
                 self.finished = true;
-                self.svc.metrics.e2e.observe(self.m.started.elapsed().as_secs_f64());
-                self.m.recorder.completion = self.completion;
-                let reason = self.first_reason.unwrap_or("stop");
-                let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
-                match self.m.recorder.finish_and_wait(reason).await {
-                    Ok(receipt) => {
-                        if self.out.include_usage || receipt.is_some() {
-                            let mut last = json!({
-                                "id": self.id, "object": object, "created": self.created, "model": self.m.model,
-                                "choices": [],
-                            });
-                            if self.out.include_usage {
-                                last["usage"] = usage_json(self.m.prompt_tokens, self.completion, self.cached);
-                            }
-                            if let Some(r) = receipt {
-                                last["receipt"] = json!(r);
-                            }
-                            self.queue.push_back(sse(&last));
-                        }
-                    }
-                    Err(e) => self.queue.push_back(sse(
-                        &json!({"error": {"message": e.message, "type": "internal_error", "param": null, "code": 500}}),
-                    )),
-                }
-                self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
-                continue;
-            }
-            let Some((i, e)) = self.m.rx.recv().await else {
-                self.done = self.m.choices;
                 continue;
             };
-            match e {
-                Event::Token { id, text, logprob } => {
-                    if self.first {
-                        self.svc.metrics.ttft.observe(self.m.started.elapsed().as_secs_f64());
-                        self.first = false;
-                    }
+            match event {
+                ServiceEvent::Token { choice, id, text, logprob } => {
                     let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
-                    if let Some(t) = self.m.recorder.texts.get_mut(i) {
-                        t.push_str(&text);
-                    }
                     if !text.is_empty() || !lps.is_empty() {
-                        let b = self.piece(i, &text, &[id], &lps, None);
+                        let b = self.piece(choice, &text, &[id], &lps, None);
                         self.queue.push_back(b);
                     }
                 }
-                Event::Finished { text, reason, usage } => {
-                    self.done += 1;
-                    if let Some(t) = self.m.recorder.texts.get_mut(i) {
-                        t.push_str(&text);
-                    }
-                    if i == 0 {
-                        self.first_reason = Some(reason.as_str());
-                    }
-                    self.completion += usage.completion_tokens;
-                    self.cached = self.cached.max(usage.cached_tokens);
-                    self.svc.metrics.finished(reason.as_str());
-                    let b = self.piece(i, &text, &[], &[], Some(reason.as_str()));
+                ServiceEvent::ChoiceFinished { choice, text, reason, .. } => {
+                    let b = self.piece(choice, &text, &[], &[], Some(reason.as_str()));
                     self.queue.push_back(b);
                 }
-                Event::Failed(e) => {
-                    let se = engine_error(e);
-                    self.svc.metrics.refused(se.kind);
-                    let _ = self.m.recorder.finish_and_wait("error").await;
-                    self.queue.push_back(sse(&json!({"error": {"message": se.message, "type": "internal_error", "param": null, "code": 500}})));
+                ServiceEvent::Done { receipt, usage, .. } => {
+                    if self.out.include_usage || receipt.is_some() {
+                        let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+                        let mut last = json!({
+                            "id": self.id, "object": object, "created": self.created, "model": self.model,
+                            "choices": [],
+                        });
+                        if self.out.include_usage {
+                            last["usage"] = usage_json(&usage);
+                        }
+                        if let Some(r) = receipt {
+                            last["receipt"] = json!(r);
+                        }
+                        self.queue.push_back(sse(&last));
+                    }
+                    self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.finished = true;
+                }
+                ServiceEvent::Failed(e) => {
+                    self.queue.push_back(Self::error_chunk(&e));
                     self.queue.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                     self.finished = true;
                 }
@@ -628,22 +462,17 @@ impl SseState {
     }
 }
 
-fn stream_response(svc: Svc, api: Api, m: Merged, out: OutputOptions) -> Response {
-    let id = m.recorder.request_id.clone();
+fn stream_response(svc: Svc, api: Api, journey: Journey<ServingBackend>, out: OutputOptions) -> Response {
     let state = SseState {
         svc,
         api,
-        m,
+        id: journey.id().to_owned(),
+        model: journey.model().to_owned(),
+        journey,
         out,
-        id,
         created: now(),
-        done: 0,
-        completion: 0,
-        cached: 0,
-        first: true,
         sent_role: false,
         finished: false,
-        first_reason: None,
         queue: Default::default(),
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
@@ -672,12 +501,11 @@ pub async fn serve(
         let _ = stop_tx.send(());
     };
     let server = axum::serve(listener, app).with_graceful_shutdown(signalled);
-    let engine = svc.engine().clone();
     tokio::select! {
         r = server => r,
         _ = async {
             let _ = stop_rx.await;
-            engine.stop_accepting();
+            svc.stop_accepting();
             tokio::time::sleep(grace).await;
         } => {
             eprintln!("openlora: shutdown grace period ({grace:?}) over; closing remaining connections");

@@ -3,9 +3,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::engine::sampler::SamplingParams;
 use crate::model::chat_template::ChatMessage;
-use crate::service::{AdapterChoice, GenerationParams, MergeSpec, PromptInput, ServiceError};
+use crate::service::{AdapterChoice, GenerateRequest, MergeSpec, PromptInput, SamplingParams, ServiceError};
 
 /// A parsed JSON object with typed, field-naming accessors.
 pub struct Fields<'a>(pub &'a Map<String, Value>);
@@ -188,7 +187,7 @@ fn metadata(f: &Fields<'_>) -> Result<Vec<(String, String)>, ServiceError> {
     }
 }
 
-fn common(f: &Fields<'_>, prompt: PromptInput, max_tokens_key: &[&str]) -> Result<GenerationParams, ServiceError> {
+fn common(f: &Fields<'_>, prompts: Vec<PromptInput>, max_tokens_key: &[&str]) -> Result<GenerateRequest, ServiceError> {
     let model = f.str("model")?.ok_or_else(|| ServiceError::bad("model", "`model` is required"))?.to_owned();
     let mut max_tokens = None;
     for k in max_tokens_key {
@@ -200,11 +199,11 @@ fn common(f: &Fields<'_>, prompt: PromptInput, max_tokens_key: &[&str]) -> Resul
         }
     }
     let (adapters, merge) = adapters_ext(f)?;
-    Ok(GenerationParams {
+    Ok(GenerateRequest {
         model,
         adapters,
         merge,
-        prompt,
+        prompts,
         max_tokens,
         sampling: sampling(f)?,
         stop: stop_list(f)?,
@@ -215,8 +214,8 @@ fn common(f: &Fields<'_>, prompt: PromptInput, max_tokens_key: &[&str]) -> Resul
     })
 }
 
-/// `POST /v1/completions`: one parameter set per prompt (a list of prompts gives several).
-pub fn completions(body: &Map<String, Value>) -> Result<(Vec<GenerationParams>, OutputOptions), ServiceError> {
+/// `POST /v1/completions` (a list of prompts is one request with a choice per prompt).
+pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
     let f = Fields(body);
     if f.bool("echo")?.unwrap_or(false) {
         return Err(ServiceError::bad("echo", "`echo` is not supported"));
@@ -255,19 +254,13 @@ pub fn completions(body: &Map<String, Value>) -> Result<(Vec<GenerationParams>, 
     }
     let logprobs = f.usize("logprobs")?;
     let out = output(&f)?;
-    let params = prompts
-        .into_iter()
-        .map(|p| {
-            let mut g = common(&f, p, &["max_tokens"])?;
-            g.logprobs = logprobs;
-            Ok(g)
-        })
-        .collect::<Result<Vec<_>, ServiceError>>()?;
-    Ok((params, out))
+    let mut g = common(&f, prompts, &["max_tokens"])?;
+    g.logprobs = logprobs;
+    Ok((g, out))
 }
 
 /// `POST /v1/chat/completions`.
-pub fn chat(body: &Map<String, Value>) -> Result<(GenerationParams, OutputOptions), ServiceError> {
+pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
     let f = Fields(body);
     let Some(Value::Array(list)) = f.get("messages") else {
         return Err(ServiceError::bad("messages", "`messages` is required and must be a list"));
@@ -302,7 +295,7 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerationParams, OutputOption
         };
         messages.push(ChatMessage { role: role.to_owned(), content });
     }
-    let mut g = common(&f, PromptInput::Chat(messages), &["max_tokens", "max_completion_tokens"])?;
+    let mut g = common(&f, vec![PromptInput::Chat(messages)], &["max_tokens", "max_completion_tokens"])?;
     if f.bool("logprobs")?.unwrap_or(false) {
         g.logprobs = Some(f.usize("top_logprobs")?.unwrap_or(0));
     }

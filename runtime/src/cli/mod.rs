@@ -1,0 +1,66 @@
+//! The subcommands, one room each, and the start-up steps they share (thread pool, device,
+//! model, service).
+
+pub mod adapters;
+pub mod bench;
+pub mod cuda;
+pub mod generate;
+pub mod ledger;
+pub mod serve;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use openlora::config::Deployment;
+use openlora::model::{LoadedModel, default_model};
+use openlora::service::{Service, ServingBackend};
+use openlora_kernels::{DeviceBackend, DeviceRequest, Precision};
+
+/// Sizes the global thread pool (all cores when `None`).
+pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+    }
+    Ok(())
+}
+
+/// Starts the requested device; with "auto" and no usable GPU, says so in one line and uses
+/// the CPU.
+pub fn start_device(req: &DeviceRequest, precision: Precision) -> Result<DeviceBackend> {
+    let (backend, fallback) =
+        DeviceBackend::start(req, precision).map_err(|e| anyhow::anyhow!("device \"{req}\" could not start: {e}"))?;
+    if let Some(why) = fallback {
+        eprintln!("openlora: device \"auto\": no usable CUDA GPU ({why}); running on the CPU");
+    }
+    Ok(backend)
+}
+
+/// The model file a deployment names (`"default"`: the default model, fetched if missing).
+pub fn model_path(d: &Deployment) -> Result<PathBuf> {
+    if d.model.path == "default" {
+        Ok(default_model::ensure_default_model()?)
+    } else {
+        Ok(PathBuf::from(&d.model.path))
+    }
+}
+
+/// Loads `d`'s model on its device and starts the service (engine, pager, plugins, ledger).
+pub fn start_service(d: &Deployment) -> Result<Arc<Service<ServingBackend>>> {
+    init_threads(d.model.threads)?;
+    let path = model_path(d)?;
+    let model_id = d.model.name.clone().unwrap_or_else(|| model_id_of(&path));
+    let backend = start_device(&d.engine.device_request(), d.engine.precision())?;
+    let loaded =
+        Arc::new(LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?);
+    let sha = openlora::service::weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
+    Ok(Service::start(d, loaded, model_id, backend, sha)?)
+}
+
+/// A model's default id: its file (or folder) name without the extension.
+pub fn model_id_of(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}

@@ -1,0 +1,181 @@
+//! The plugin chain of a request: preprocessors (in order) edit or refuse the prompt, the
+//! router picks adapters for requests that name the base model and no adapters, the merger
+//! picks a recipe for requests that ask for a merge. Plugins see names, indices and manifests,
+//! never weights. The attributor, the last plugin of the journey, runs in `receipts`.
+
+use openlora_kernels::Backend;
+
+use super::Service;
+use super::api::{AdapterChoice, ErrorKind, GenerateRequest, MergeSpec, PromptInput, ServiceError};
+use super::tenancy::Tenant;
+use crate::adapters::manifest::{Dataset, Manifest};
+use crate::adapters::merge::MajoritySign;
+use crate::attribution::receipt::PluginUse;
+use crate::model::chat_template::ChatMessage;
+use crate::plugins::{self as pl, PluginKind};
+
+/// A manifest dataset as plugins see it.
+pub(super) fn plugin_dataset(d: &Dataset) -> pl::Dataset {
+    pl::Dataset {
+        id: d.id.clone(),
+        sha256: d.sha256.clone(),
+        license: d.license.clone(),
+        contributors: d.contributors.iter().map(|c| pl::Contributor { name: c.name.clone(), share: c.share }).collect(),
+    }
+}
+
+impl<B: Backend + Clone + 'static> Service<B> {
+    /// Hands plugins a fresh snapshot of the adapter catalog (names, generations, manifests).
+    pub(super) fn refresh_plugin_catalog(&self) {
+        let Some(host) = &self.plugins else { return };
+        let catalog = self.pager.catalog();
+        let entries: Vec<_> = catalog.names().into_iter().filter_map(|n| catalog.get(&n)).collect();
+        let unpriced = Manifest::unpriced();
+        let facts = entries.iter().map(|e| {
+            let m = e.manifest.as_ref().unwrap_or(&unpriced);
+            pl::AdapterFacts {
+                name: e.name.clone(),
+                generation: self.pager.generation(&e.name).map(|g| g.to_string()).unwrap_or_default(),
+                tags: m.tags.clone(),
+                owner: m.owner.clone(),
+                license: m.license.clone(),
+                description: m.description.clone(),
+                price_per_1k_tokens: m.price_per_1k_tokens,
+                datasets: m.datasets.iter().map(plugin_dataset).collect(),
+            }
+        });
+        host.set_catalog(pl::CatalogView::new(facts.collect::<Vec<_>>()));
+    }
+
+    /// The plugin host, when plugins are configured.
+    pub fn plugins(&self) -> Option<&std::sync::Arc<pl::PluginHost>> {
+        self.plugins.as_ref()
+    }
+
+    pub(super) fn plugins_of(&self, kind: PluginKind) -> impl Iterator<Item = &str> {
+        self.plugin_specs.iter().filter(move |(_, k)| *k == kind).map(|(n, _)| n.as_str())
+    }
+
+    pub(super) fn plugin_use(&self, name: &str, kind: PluginKind) -> PluginUse {
+        let version = self
+            .plugins
+            .as_ref()
+            .and_then(|h| h.metrics().into_iter().find(|m| m.name == name))
+            .map(|m| m.component_sha256)
+            .unwrap_or_default();
+        PluginUse { name: name.to_owned(), kind: kind.name().to_owned(), version }
+    }
+
+    /// Runs the preprocessors, the router and the merger on `p` (the plugin part of the
+    /// journey); returns the plugins that acted.
+    pub(super) fn run_plugins(&self, tenant: &Tenant, p: &mut GenerateRequest) -> Result<Vec<PluginUse>, ServiceError> {
+        let Some(host) = self.plugins.clone() else { return Ok(Vec::new()) };
+        let mut used = Vec::new();
+        let failed = |e: pl::PluginFailure| {
+            ServiceError::new(ErrorKind::Overloaded, format!("{e} (the plugin's failure policy is `closed`)"))
+        };
+        let warn = |name: &str, f: &Option<pl::PluginFailure>| {
+            if let Some(f) = f {
+                eprintln!("openlora: plugin {name} failed, continuing without it (fail-open): {f}");
+            }
+        };
+        // 1. Preprocessors, in order, on the conversation (a text prompt is one user message).
+        let to_messages = |prompt: &PromptInput| -> Option<Vec<pl::Message>> {
+            match prompt {
+                PromptInput::Chat(m) => Some(m.iter().map(|m| pl::Message::new(&m.role, &m.content)).collect()),
+                PromptInput::Text(t) => Some(vec![pl::Message::new("user", t)]),
+                PromptInput::Tokens(_) => None,
+            }
+        };
+        for name in self.plugins_of(PluginKind::Preprocessor).map(str::to_owned).collect::<Vec<_>>() {
+            let Some(messages) = to_messages(&p.prompts[0]) else { break };
+            let req = pl::PreprocessRequest {
+                model: p.model.clone(),
+                messages,
+                metadata: p.metadata.clone(),
+                tenant: tenant.name.clone(),
+            };
+            let h = host.preprocess(&name, &req).map_err(failed)?;
+            warn(&name, &h.fallback);
+            used.push(self.plugin_use(&name, PluginKind::Preprocessor));
+            match h.value {
+                pl::PreprocessOutcome::Unchanged => {}
+                pl::PreprocessOutcome::Edited(ms) => {
+                    p.prompts[0] = match &p.prompts[0] {
+                        PromptInput::Text(_) => {
+                            PromptInput::Text(ms.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"))
+                        }
+                        _ => PromptInput::Chat(ms.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
+                    }
+                }
+                pl::PreprocessOutcome::Reject(reason) => {
+                    return Err(ServiceError::bad("messages", format!("rejected by plugin {name}: {reason}")));
+                }
+            }
+        }
+        // 2. The router, for requests that name the base model and choose no adapters.
+        if let Some(name) = self.plugins_of(PluginKind::Router).next().map(str::to_owned)
+            && p.model == self.model_id
+            && p.adapters.is_empty()
+        {
+            let req = pl::RouteRequest {
+                model: p.model.clone(),
+                messages: to_messages(&p.prompts[0]).unwrap_or_default(),
+                metadata: p.metadata.clone(),
+                tenant: tenant.name.clone(),
+            };
+            let h = host.route(&name, &req).map_err(failed)?;
+            warn(&name, &h.fallback);
+            used.push(self.plugin_use(&name, PluginKind::Router));
+            match h.value {
+                pl::RouteDecision::Default => {}
+                pl::RouteDecision::Adapters(list) => {
+                    p.adapters = list.into_iter().map(|a| AdapterChoice { name: a.name, weight: a.weight }).collect();
+                }
+                pl::RouteDecision::Reject(reason) => {
+                    return Err(ServiceError::bad("model", format!("rejected by plugin {name}: {reason}")));
+                }
+            }
+        }
+        // 3. The merger picks the recipe when the request asks for a merge.
+        if let Some(name) = self.plugins_of(PluginKind::Merger).next().map(str::to_owned)
+            && p.merge.is_some()
+        {
+            let mut choices = p.adapters.clone();
+            if choices.is_empty() && p.model != self.model_id {
+                choices.push(AdapterChoice { name: p.model.clone(), weight: 1.0 });
+            }
+            if !choices.is_empty() {
+                let req = pl::MergeRequest {
+                    adapters: choices.iter().map(|c| pl::AdapterChoice::new(&c.name, c.weight)).collect(),
+                    metadata: p.metadata.clone(),
+                };
+                let h = host.merge(&name, &req).map_err(failed)?;
+                warn(&name, &h.fallback);
+                used.push(self.plugin_use(&name, PluginKind::Merger));
+                match h.value {
+                    pl::MergeOutcome::Plan(plan) => {
+                        for (c, w) in choices.iter_mut().zip(&plan.weights) {
+                            c.weight = *w;
+                        }
+                        p.adapters = choices;
+                        p.merge = Some(MergeSpec {
+                            method: plan.method.name().to_owned(),
+                            density: plan.density.map(f64::from),
+                            majority_sign_method: Some(
+                                if plan.majority_sign == MajoritySign::Frequency { "frequency" } else { "total" }
+                                    .to_owned(),
+                            ),
+                            svd_rank: p.merge.as_ref().and_then(|m| m.svd_rank),
+                            seed: p.merge.as_ref().and_then(|m| m.seed),
+                        });
+                    }
+                    pl::MergeOutcome::Reject(reason) => {
+                        return Err(ServiceError::bad("merge", format!("rejected by plugin {name}: {reason}")));
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+}

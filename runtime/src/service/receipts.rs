@@ -1,0 +1,179 @@
+//! Receipts: the inference record of every request, written by the service from the tokens
+//! actually produced, whatever the outcome (finished, stopped, cancelled, failed); the
+//! attributor plugin (or the built-in split) divides its price; the ledger signs, chains and
+//! makes it durable.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openlora_kernels::Backend;
+
+use super::Service;
+use super::api::{ErrorKind, ServiceError};
+use super::plugin_chain::plugin_dataset;
+use super::tenancy::Tenant;
+use crate::attribution::receipt::{AdapterUse, Attribution, InferenceRecord, Payment, PluginUse, text_sha256};
+use crate::attribution::{Receipt, builtin_attribution};
+use crate::plugins::{self as pl, PluginKind};
+
+/// The parts of an inference record known when a request starts.
+#[derive(Clone, Debug)]
+pub struct RecordContext {
+    /// The response id.
+    pub request_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// Adapters with their manifests, in request order.
+    pub adapters: Vec<AdapterUse>,
+    /// The merge recipe, if merged.
+    pub merge: Option<String>,
+    /// SHA-256 of the prompt token ids.
+    pub prompt_sha256: String,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Plugins that acted on the request so far.
+    pub plugins: Vec<PluginUse>,
+}
+
+impl RecordContext {
+    /// Combines the contexts of several prompts of one request (a completions list).
+    /// The adapters and plugins of every part appear once each (a router may pick different
+    /// adapters for different prompts).
+    pub fn combine(mut parts: Vec<RecordContext>) -> Option<RecordContext> {
+        if parts.len() <= 1 {
+            return parts.pop();
+        }
+        let joined: String = parts.iter().map(|p| p.prompt_sha256.as_str()).collect();
+        let mut first = parts[0].clone();
+        first.prompt_tokens = parts.iter().map(|p| p.prompt_tokens).sum();
+        first.prompt_sha256 = text_sha256(&joined);
+        for p in &parts[1..] {
+            for a in &p.adapters {
+                if !first
+                    .adapters
+                    .iter()
+                    .any(|b| b.name == a.name && b.generation == a.generation && b.weight == a.weight)
+                {
+                    first.adapters.push(a.clone());
+                }
+            }
+            for u in &p.plugins {
+                if !first.plugins.contains(u) {
+                    first.plugins.push(u.clone());
+                }
+            }
+            if first.merge.is_none() {
+                first.merge = p.merge.clone();
+            }
+        }
+        Some(first)
+    }
+}
+
+impl<B: Backend + Clone + 'static> Service<B> {
+    /// Writes the receipt of a finished (or cancelled) request; the channel yields its id once
+    /// it is durable. `None` when attribution is off.
+    pub(super) fn record(
+        &self,
+        ctx: &RecordContext,
+        completion_tokens: usize,
+        finish_reason: &str,
+        outputs: &[&str],
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<String, String>>>, ServiceError> {
+        let Some(ledger) = self.ledger.as_ref() else { return Ok(None) };
+        let mut record = InferenceRecord {
+            request_id: ctx.request_id.clone(),
+            tenant: ctx.tenant.clone(),
+            time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            base_model: self.base_use.clone(),
+            adapters: ctx.adapters.clone(),
+            merge: ctx.merge.clone(),
+            prompt_tokens: ctx.prompt_tokens as u64,
+            completion_tokens: completion_tokens as u64,
+            finish_reason: finish_reason.to_owned(),
+            plugins: ctx.plugins.clone(),
+            prompt_sha256: ctx.prompt_sha256.clone(),
+            output_sha256: text_sha256(&outputs.join("\0")),
+        };
+        let (attribution, refused) = self.attribute(&mut record);
+        let rx = ledger.append(record, attribution);
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(Some(rx)),
+        }
+    }
+
+    /// Splits the record's price: the attributor plugin when one is configured (its
+    /// fail-open fallback is an equal split between the owners), else the built-in split. A
+    /// fail-closed attributor failure charges nothing and fails the request.
+    fn attribute(&self, record: &mut InferenceRecord) -> (Attribution, Option<ServiceError>) {
+        let name = self.plugins_of(PluginKind::Attributor).next().map(str::to_owned);
+        let (Some(host), Some(name)) = (self.plugins.as_ref(), name) else {
+            return (builtin_attribution(record), None);
+        };
+        record.plugins.push(self.plugin_use(&name, PluginKind::Attributor));
+        let total = record.total_price();
+        let input = pl::InferenceRecord {
+            request_id: record.request_id.clone(),
+            tenant: record.tenant.clone(),
+            time_ms: record.time_ms,
+            base_model: pl::ModelUse {
+                id: record.base_model.id.clone(),
+                sha256: record.base_model.sha256.clone(),
+                owner: record.base_model.owner.clone(),
+                price_per_1k_tokens: record.base_model.price_per_1k_tokens,
+            },
+            adapters: record
+                .adapters
+                .iter()
+                .map(|a| pl::AdapterUse {
+                    name: a.name.clone(),
+                    generation: a.generation.clone(),
+                    weight: a.weight,
+                    owner: a.owner.clone(),
+                    price_per_1k_tokens: a.price_per_1k_tokens,
+                    datasets: a.datasets.iter().map(plugin_dataset).collect(),
+                })
+                .collect(),
+            merge: record.merge.clone(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            finish_reason: record.finish_reason.clone(),
+            price_micros: total,
+        };
+        match host.attribute(&name, &input) {
+            Ok(h) => {
+                let version = record.plugins.last().map(|u| u.version.clone()).unwrap_or_default();
+                let attributor = match &h.fallback {
+                    None => format!("plugin {name}@{}", &version[..version.len().min(12)]),
+                    Some(f) => format!("equal split (fail-open fallback: {f})"),
+                };
+                let payments = h
+                    .value
+                    .into_iter()
+                    .map(|p| Payment {
+                        party: p.party,
+                        role: p.role.name().to_owned(),
+                        source: p.source,
+                        micros: p.micros,
+                    })
+                    .collect();
+                (Attribution { attributor, total_micros: total, payments }, None)
+            }
+            Err(e) => (
+                Attribution { attributor: format!("none: {e}"), total_micros: 0, payments: Vec::new() },
+                Some(ServiceError::new(ErrorKind::Internal, format!("attribution failed: {e}"))),
+            ),
+        }
+    }
+
+    /// A receipt by id, if `tenant` may read it (its own; admins any).
+    pub fn receipt(&self, tenant: &Tenant, id: &str) -> Result<Receipt, ServiceError> {
+        let nf = || ServiceError::new(ErrorKind::NotFound, format!("no receipt {id}"));
+        let ledger =
+            self.ledger.as_ref().ok_or_else(|| ServiceError::new(ErrorKind::NotFound, "attribution is off"))?;
+        match ledger.get(id).map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))? {
+            Some((r, owner)) if tenant.is_admin() || owner == tenant.name => Ok(r),
+            _ => Err(nf()),
+        }
+    }
+}

@@ -757,3 +757,193 @@ fn a_rescan_serves_new_adapter_folders_and_drops_removed_ones() {
         "after removal",
     );
 }
+
+/// Every receipt in `ledger`, parsed, in order.
+fn ledger_entries(ledger: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(ledger)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("ledger line ({e}): {l}")))
+        .collect()
+}
+
+/// `openlora ledger verify` on `ledger`; returns its stdout.
+fn verify_ledger(ledger: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(["ledger", "verify", ledger.to_str().expect("path")])
+        .output()
+        .expect("verify");
+    assert!(out.status.success(), "ledger verify: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Regression: the HTTP layer used to learn the token count only when every choice finished,
+/// so a stream the client closed early was recorded with `completion_tokens: 0` and billed
+/// for the prompt alone.
+#[test]
+fn a_cancelled_stream_is_billed_for_every_token_it_received() {
+    let server = start(|t| t);
+    let body = serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+        "max_tokens": 200, "temperature": 0, "ignore_eos": true, "stream": true,
+    })
+    .to_string();
+    let mut s = TcpStream::connect(server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer sk-demo-user\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        server.addr,
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    // Read until N content chunks have arrived, then hang up.
+    const N: usize = 40;
+    let mut reader = BufReader::new(s);
+    let (mut chunks, mut id) = (0usize, String::new());
+    let mut line = String::new();
+    while chunks < N {
+        line.clear();
+        assert!(reader.read_line(&mut line).expect("read") > 0, "the stream ended after {chunks} chunks");
+        if let Some(data) = line.trim().strip_prefix("data: ")
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(data)
+        {
+            id = v["id"].as_str().unwrap_or_default().to_owned();
+            if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+                chunks += 1;
+            }
+        }
+    }
+    drop(reader);
+    let ledger = server.dir.join("state/ledger.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let rec = loop {
+        if let Some(r) = ledger_entries(&ledger).into_iter().find(|r| r["body"]["record"]["request_id"] == id.as_str()) {
+            break r["body"]["record"].clone();
+        }
+        assert!(Instant::now() < deadline, "no receipt for the cancelled request {id}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(rec["finish_reason"], "cancelled", "{rec}");
+    let billed = rec["completion_tokens"].as_u64().expect("completion_tokens");
+    assert!(billed >= N as u64, "billed {billed} completion tokens for a stream that delivered {N} chunks: {rec}");
+    assert!(billed < 200, "the request was cancelled, not run to the end: {rec}");
+    assert!(verify_ledger(&ledger).starts_with("ok: 1 receipts"));
+}
+
+/// Regression: reloading a private adapter through `POST /v1/load_lora_adapter` used to drop
+/// its visibility rule, so every tenant saw and could use it.
+#[test]
+fn a_reloaded_private_adapter_stays_private() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let sees_pirate = |key: &str| {
+        let (st, body) = http(a, "GET", "/v1/models", Some(key), b"");
+        assert_eq!(st, 200, "{body}");
+        json(&body)["data"].as_array().expect("data").iter().any(|m| m["id"] == "pirate")
+    };
+    let ask = |key: &str| http(a, "POST", "/v1/chat/completions", Some(key), &chat_body("pirate", "Hello?", 4));
+    for round in ["before the reload", "after the reload"] {
+        assert!(!sees_pirate("sk-demo-user"), "{round}: demo must not see pirate");
+        assert!(sees_pirate("sk-demo-partner"), "{round}: partner sees pirate");
+        assert_error(ask("sk-demo-user"), 404, round);
+        assert_eq!(ask("sk-demo-partner").0, 200, "{round}");
+        if round == "before the reload" {
+            let path = repo().join("examples/adapters/pirate");
+            let body = serde_json::json!({"lora_name": "pirate", "lora_path": path}).to_string();
+            let (st, msg) = http(a, "POST", "/v1/load_lora_adapter", Some("sk-demo-admin"), body.as_bytes());
+            assert_eq!(st, 200, "{msg}");
+        }
+    }
+    // Loaded under a name the deployment does not restrict, the same files are public.
+    let path = repo().join("examples/adapters/pirate");
+    let body = serde_json::json!({"lora_name": "pirate-public", "lora_path": path}).to_string();
+    assert_eq!(http(a, "POST", "/v1/load_lora_adapter", Some("sk-demo-admin"), body.as_bytes()).0, 200);
+    let (st, models) = http(a, "GET", "/v1/models", Some("sk-demo-user"), b"");
+    assert_eq!(st, 200);
+    assert!(json(&models)["data"].as_array().expect("data").iter().any(|m| m["id"] == "pirate-public"));
+}
+
+/// `openlora generate --deployment` walks the HTTP path: same plugins, same greedy text, and a
+/// receipt appended to the deployment's ledger that verifies with the server's.
+#[test]
+fn generate_with_a_deployment_matches_the_http_api_and_appends_a_verified_receipt() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let prompt = "The best thing about the sea is";
+    let http_text = {
+        let server = start_in(tmp.path(), |t| t);
+        let body =
+            serde_json::json!({"model": "signature", "prompt": prompt, "max_tokens": 24, "temperature": 0}).to_string();
+        let (st, resp) = http(server.addr, "POST", "/v1/completions", Some("sk-demo-user"), body.as_bytes());
+        assert_eq!(st, 200, "{resp}");
+        json(&resp)["choices"][0]["text"].as_str().expect("text").to_owned()
+    }; // the server stops here: one writer per ledger at a time
+    let cfg = tmp.path().join("deploy.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(["generate", "--deployment", cfg.to_str().expect("path"), "--prompt", prompt])
+        .args(["--adapter", "signature", "--max-tokens", "24", "--temperature", "0"])
+        .output()
+        .expect("generate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{http_text}\n"), "CLI and HTTP agree");
+    assert!(stderr.contains("openlora: receipt "), "{stderr}");
+    let ledger = tmp.path().join("state/ledger.jsonl");
+    let entries = ledger_entries(&ledger);
+    assert_eq!(entries.len(), 2, "one receipt from the server, one from the CLI");
+    let cli = &entries[1]["body"]["record"];
+    assert_eq!(cli["tenant"], "cli");
+    assert_eq!(cli["adapters"][0]["name"], "signature");
+    assert_eq!(cli["adapters"][0]["generation"], entries[0]["body"]["record"]["adapters"][0]["generation"]);
+    assert!(cli["plugins"].as_array().expect("plugins").iter().any(|p| p["name"] == "revenue-split"), "{cli}");
+    assert!(verify_ledger(&ledger).starts_with("ok: 2 receipts"));
+}
+
+/// The value of an unlabelled sample (or the sum over its labelled samples) in `/metrics`.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Eight requests for one merge recipe at the same time build it once; the merged adapter is
+/// resident in the device tier and counted in its bytes.
+#[test]
+fn concurrent_requests_for_one_merge_build_it_once_inside_the_device_budget() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let body = serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 4,
+        "temperature": 0, "adapters": [{"name": "caps", "weight": 1.0}, {"name": "signature", "weight": 0.7}],
+        "merge": {"method": "linear"},
+    })
+    .to_string();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), body.as_bytes()))
+        })
+        .collect();
+    for t in threads {
+        let (st, resp) = t.join().expect("thread");
+        assert_eq!(st, 200, "{resp}");
+    }
+    let (_, m) = http(a, "GET", "/metrics", None, b"");
+    assert_eq!(metric(&m, "openlora_adapter_merges_total"), 1.0, "built once:\n{m}");
+    assert_eq!(
+        metric(&m, "openlora_adapter_merge_joins_total") + metric(&m, "openlora_adapter_merge_hits_total"),
+        7.0,
+        "the other seven shared it"
+    );
+    assert_eq!(metric(&m, "openlora_adapters_merged_resident"), 1.0);
+    let merged = metric(&m, "openlora_adapters_merged_bytes");
+    assert!(merged > 0.0);
+    let device = m
+        .lines()
+        .find(|l| l.starts_with("openlora_adapter_tier_bytes{") && l.contains("tier=\"device\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .expect("device tier bytes");
+    assert!(device >= merged, "the device tier counts the merged adapter: {device} < {merged}");
+}

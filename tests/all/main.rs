@@ -1,6 +1,7 @@
 //! openlora's end-to-end tests, one binary.
 
 mod adapters;
+mod architecture;
 mod attribution;
 mod default_model;
 mod engine;

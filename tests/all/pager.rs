@@ -387,3 +387,72 @@ fn registration_reads_headers_only_and_a_bad_adapter_does_not_stop_the_scan() {
         "{err}"
     );
 }
+
+/// Merged adapters are derived entries of the pager: concurrent acquires of one recipe build it
+/// once, it counts against the device budget, and once unpinned it is evicted by LRU like any
+/// loaded adapter (and built again on its next acquire).
+#[test]
+fn a_derived_adapter_is_built_once_counted_in_the_budget_and_evicted_by_lru() {
+    use openlora::adapters::merge::{MergeMethod, MergeRecipe, merge};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_adapters(tmp.path(), &cfg, 4, 7);
+    let probe = pager_for(tmp.path(), &cfg, PagerConfig::new(0, usize::MAX)).1;
+    // Room for three adapters of this size (a merge of two rank-2 inputs under `linear` keeps
+    // rank 2, the same size).
+    let (pager, per) = pager_for(tmp.path(), &cfg, PagerConfig::new(0, 3 * probe));
+    let pager = Arc::new(pager);
+    let inputs: Vec<LoraHost> = (0..2)
+        .map(|i| LoraHost::load(&name(i), &tmp.path().join(name(i)), &cfg).expect("load"))
+        .collect();
+    let inputs = Arc::new(inputs);
+    let recipe = MergeRecipe::new(MergeMethod::parse("linear").expect("method"), vec![1.0, 0.5]);
+    let key = recipe.generation_of(&inputs.iter().map(|h| h.generation).collect::<Vec<_>>());
+    let builds = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(8));
+    let build = {
+        let (inputs, recipe, builds) = (inputs.clone(), recipe.clone(), builds.clone());
+        move || {
+            builds.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            let refs: Vec<&LoraHost> = inputs.iter().collect();
+            Ok(merge("merged", &refs, &recipe)?)
+        }
+    };
+    let held: Vec<Arc<LoraAdapter<B>>> = (0..8)
+        .map(|_| {
+            let (pager, barrier, build) = (pager.clone(), barrier.clone(), build.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                pager.acquire_derived(key, "merged", build).expect("derived")
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    assert_eq!(builds.load(Ordering::SeqCst), 1, "eight concurrent acquires, one build");
+    assert!(held.iter().all(|a| Arc::ptr_eq(a, &held[0]) && a.generation == key));
+    let m = pager.metrics();
+    assert_eq!((m.derived_built, m.derived_joined + m.derived_hits), (1, 7));
+    assert_eq!(m.derived_resident, (1, held[0].bytes));
+    assert_eq!(m.device.bytes, held[0].bytes, "the merge counts against the device budget");
+    assert!(held[0].bytes <= per.max(probe));
+    // Pinned, it survives pressure: fill the rest of the budget with loaded adapters.
+    let a0 = pager.acquire_blocking(&name(2)).expect("a2");
+    let a1 = pager.acquire_blocking(&name(3)).expect("a3");
+    assert_eq!(pager.metrics().derived_resident.0, 1);
+    drop((a0, a1));
+    // Unpinned and least recently used, it is the one evicted for a new load.
+    drop(held);
+    let _ = pager.acquire_blocking(&name(2)).expect("touch a2");
+    let _ = pager.acquire_blocking(&name(3)).expect("touch a3");
+    let _a = pager.acquire_blocking(&name(0)).expect("a0");
+    let m = pager.metrics();
+    assert_eq!(m.derived_resident.0, 0, "the unpinned merge was evicted by LRU");
+    assert!(m.device.bytes <= 3 * probe);
+    let again = pager.acquire_derived(key, "merged", build).expect("rebuilt");
+    assert_eq!(again.generation, key);
+    assert_eq!(builds.load(Ordering::SeqCst), 2, "an evicted merge is built again");
+}

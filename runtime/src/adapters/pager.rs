@@ -37,6 +37,15 @@
 //! [`PagerConfig::wait_for_room`], then fails the load with [`PagerError::NoRoom`]; callers
 //! waiting on it get that error and nothing else is disturbed.
 //!
+//! # Derived adapters
+//!
+//! A merge of several adapters is a *derived* entry ([`Pager::acquire_derived`]), keyed by the
+//! hash of its recipe and its inputs' generations rather than by a name. It lives in the device
+//! tier under the same rules: its bytes are counted, it is pinned while a request holds it and
+//! evicted by LRU when not, and concurrent acquires of one key share a single build, run on the
+//! first caller's thread. An evicted one is built again on its next acquire (it keeps no host
+//! copy: its inputs are the host-tier entries).
+//!
 //! # Identity
 //!
 //! Every cache entry is keyed by [`Generation`]; names are bound to the generation read under a

@@ -113,8 +113,6 @@ fn deployment(a: &GenerateArgs) -> Result<Deployment> {
     d.engine.gpu_precision = a.gpu_precision.clone().unwrap_or_else(|| "bf16".to_owned());
     let dir = a.adapters_dir.clone().unwrap_or_else(|| PathBuf::from("examples/adapters"));
     d.adapters.dirs = if dir.is_dir() { vec![dir] } else { Vec::new() };
-    // One prompt at a time: a small pool is plenty, and cheap to allocate.
-    d.engine.kv_cache_mib = d.engine.kv_cache_mib.min(64);
     Ok(d)
 }
 

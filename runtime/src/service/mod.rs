@@ -43,7 +43,7 @@ use crate::adapters::manifest::Manifest;
 use crate::adapters::pager::{Pager, PagerConfig};
 use crate::attribution::Ledger;
 use crate::attribution::receipt::ModelUse;
-use crate::config::{Deployment, Role};
+use crate::config::Deployment;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::ServiceMetrics;
 use crate::model::LoadedModel;
@@ -171,8 +171,8 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 }))
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        let mut anonymous = Tenant::local_admin("anonymous");
-        anonymous.role = Role::Admin;
+        // Open mode (no tenants): the anonymous caller is an admin, as the start line says.
+        let anonymous = Tenant::local_admin("anonymous");
         let tok = &model.tokenizer;
         let chat_stop_ids = ["<|im_end|>", "<|eot_id|>", "<|end|>"].iter().filter_map(|t| tok.token_to_id(t)).collect();
         let base_manifest = deployment.model.manifest.clone().unwrap_or_else(Manifest::unpriced);

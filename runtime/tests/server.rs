@@ -818,7 +818,8 @@ fn a_cancelled_stream_is_billed_for_every_token_it_received() {
     let ledger = server.dir.join("state/ledger.jsonl");
     let deadline = Instant::now() + Duration::from_secs(60);
     let rec = loop {
-        if let Some(r) = ledger_entries(&ledger).into_iter().find(|r| r["body"]["record"]["request_id"] == id.as_str()) {
+        if let Some(r) = ledger_entries(&ledger).into_iter().find(|r| r["body"]["record"]["request_id"] == id.as_str())
+        {
             break r["body"]["record"].clone();
         }
         assert!(Instant::now() < deadline, "no receipt for the cancelled request {id}");

@@ -403,9 +403,8 @@ fn a_derived_adapter_is_built_once_counted_in_the_budget_and_evicted_by_lru() {
     // rank 2, the same size).
     let (pager, per) = pager_for(tmp.path(), &cfg, PagerConfig::new(0, 3 * probe));
     let pager = Arc::new(pager);
-    let inputs: Vec<LoraHost> = (0..2)
-        .map(|i| LoraHost::load(&name(i), &tmp.path().join(name(i)), &cfg).expect("load"))
-        .collect();
+    let inputs: Vec<LoraHost> =
+        (0..2).map(|i| LoraHost::load(&name(i), &tmp.path().join(name(i)), &cfg).expect("load")).collect();
     let inputs = Arc::new(inputs);
     let recipe = MergeRecipe::new(MergeMethod::parse("linear").expect("method"), vec![1.0, 0.5]);
     let key = recipe.generation_of(&inputs.iter().map(|h| h.generation).collect::<Vec<_>>());

@@ -3,13 +3,20 @@
 //! A multi-LoRA inference runtime: one base model stays resident, many fine-tuned adapters are
 //! paged in and out, and requests for different adapters share each batched forward pass.
 //!
-//! This crate is the host. Its rooms, following `ARCHITECTURE.md`:
+//! This crate is the host. Its rooms, following `ARCHITECTURE.md` at the repository root:
+//! - [`service`]: one request's journey from tenant to receipt; every transport calls
+//!   [`service::Service::generate`];
+//! - [`server`]: HTTP only (OpenAI-compatible routes, adapter admin, metrics, SSE);
 //! - [`model`]: weight formats (GGUF, safetensors), the Llama-family forward pass written once
 //!   against `openlora_kernels::Backend`, the tokenizer and chat templates, and the default
 //!   model's fetcher;
-//! - [`adapters`]: PEFT LoRA adapters, their content-hash identity, per-request composition;
-//! - [`engine`]: the paged KV cache's bookkeeping, sampling and the generation loop;
-//! - [`plugins`]: the sandboxed wasm plugin host (preprocess, route, merge, attribute).
+//! - [`lora`]: the LoRA vocabulary `model` and `adapters` share (a leaf);
+//! - [`adapters`]: PEFT LoRA adapters, manifests, the catalog and the pager (the one registry),
+//!   merges;
+//! - [`engine`]: the paged KV cache, the scheduler and the one decode loop, sampling;
+//! - [`plugins`]: the sandboxed wasm plugin host (preprocess, route, merge, attribute);
+//! - [`attribution`]: inference records, receipts, the ledger;
+//! - [`metrics`]: counters and histograms (a leaf); [`config`]: the deployment file.
 //!
 //! Library code returns typed errors ([`model::error::ModelError`]); the `openlora` binary
 //! reports them with their context (file, tensor, key).

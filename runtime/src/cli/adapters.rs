@@ -15,13 +15,12 @@ use clap::{Args, Subcommand};
 use openlora::adapters::catalog::{Catalog, SaveDtype, write_peft};
 use openlora::adapters::pager::{Pager, PagerConfig};
 use openlora::adapters::{Generation, LoraHost, Proj, WeightedAdapter};
-use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
+use openlora::engine::{EngineConfig, EngineHandle, Request};
 use openlora::model::LoadedModel;
 use openlora::model::config::LlamaConfig;
 use openlora::model::default_model;
 use openlora::model::gguf::GgufFile;
-use openlora::model::llama::ForwardBatch;
-use openlora_kernels::{AttnSeq, CpuBackend};
+use openlora_kernels::CpuBackend;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
 use rayon::prelude::*;
 
@@ -395,8 +394,9 @@ fn bench(a: BenchArgs) -> Result<()> {
 
     // 4. Batched decode through the pager.
     if !a.decode.is_empty() {
-        let loaded =
-            LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?;
+        let loaded = Arc::new(
+            LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?,
+        );
         let mut runs = Vec::new();
         // Warm-up (thread pool, page faults), not reported.
         let warm =
@@ -431,117 +431,69 @@ fn bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One simulated request in the decode measurement.
-struct Seq {
-    adapter: Vec<WeightedAdapter<CpuBackend>>,
-    blocks: SequenceBlocks,
-    /// Tokens to feed next step (the prompt, then the last sampled token).
-    feed: Vec<u32>,
-    generated: usize,
-}
-
-/// A miniature continuous-batching loop: `decode_batch` sequences run at once; each request
-/// draws its adapter from Zipf over `active`, waits (without blocking the others) until the
-/// pager has it resident, prefills a 16-token prompt, and decodes `decode_tokens` greedy
-/// tokens. Returns generated tokens per second over the whole run and `idle_steps`: polls where no sequence could run because every
-/// admissible request was waiting for a load (the stalls loading off the hot path avoids).
+/// Batched decode through the pager and the engine (the scheduler `serve` uses): at most
+/// `decode_batch` sequences run at once; each of `decode_requests` requests draws its adapter
+/// from Zipf over `active`, acquires it from the pager (a cold one loads on a loader thread
+/// while that request waits and the engine keeps decoding the others, as in the server),
+/// prefills a 16-token prompt and decodes `decode_tokens` greedy tokens. Returns generated
+/// tokens per second over the whole run, the engine's steps, and the seconds requests spent
+/// waiting for adapters in all.
 fn decode_run(
-    loaded: &LoadedModel<CpuBackend>,
+    loaded: &Arc<LoadedModel<CpuBackend>>,
     pager: &Pager<CpuBackend>,
     active: &[String],
     a: &BenchArgs,
 ) -> Result<serde_json::Value> {
     const PROMPT: usize = 16;
-    const BLOCK: usize = 16;
-    let model = &loaded.model;
-    let per_seq = (PROMPT + a.decode_tokens + 1).div_ceil(BLOCK);
-    let mut alloc = BlockAllocator::new(a.decode_batch * per_seq, BLOCK);
-    let mut kv = model.alloc_kv(model.kv_layout(a.decode_batch * per_seq, BLOCK))?;
+    let block = EngineConfig::default().block_size;
+    let batch = a.decode_batch.max(1);
+    let cfg = EngineConfig {
+        max_running: batch,
+        max_waiting: a.decode_requests.max(1),
+        max_batch_tokens: EngineConfig::default().max_batch_tokens.max(batch * PROMPT),
+        prefix_cache: false,
+        num_blocks: batch * (PROMPT + a.decode_tokens + 1).div_ceil(block) + batch + 1,
+        ..EngineConfig::default()
+    };
+    let engine = EngineHandle::spawn(loaded.clone(), cfg)?;
     let zipf = Zipf::new(active.len(), a.zipf_s);
     let mut rng = StdRng::seed_from_u64(a.seed);
-    let mut pending: std::collections::VecDeque<usize> = (0..a.decode_requests).collect();
     let picks: Vec<usize> = (0..a.decode_requests).map(|_| zipf.sample(&mut rng)).collect();
-    let mut running: Vec<Seq> = Vec::new();
-    let (mut tokens_out, mut steps, mut waited_steps) = (0usize, 0usize, 0usize);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let t = Instant::now();
-    while !pending.is_empty() || !running.is_empty() {
-        // Admit requests whose adapters are resident; the others keep waiting in order.
-        let mut still = std::collections::VecDeque::new();
-        while let Some(i) = pending.pop_front() {
-            if running.len() >= a.decode_batch {
-                still.push_back(i);
-                continue;
-            }
-            match pager.try_acquire(&active[picks[i]])? {
-                Some(adapter) => {
-                    let prompt: Vec<u32> = (0..PROMPT).map(|j| 100 + (((i + j) * 7919) % 40000) as u32).collect();
-                    running.push(Seq {
-                        adapter: vec![WeightedAdapter { adapter, weight: 1.0 }],
-                        blocks: SequenceBlocks::default(),
-                        feed: prompt,
-                        generated: 0,
-                    });
-                }
-                None => still.push_back(i),
-            }
-        }
-        pending = still;
-        if running.is_empty() {
-            waited_steps += 1;
-            std::thread::sleep(std::time::Duration::from_micros(200));
-            continue;
-        }
-        let (mut toks, mut positions, mut slots, mut spans) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for s in running.iter_mut() {
-            let start = s.blocks.len();
-            spans.push((toks.len(), s.feed.len()));
-            slots.extend(s.blocks.append(&mut alloc, s.feed.len())?);
-            toks.extend_from_slice(&s.feed);
-            positions.extend((start..start + s.feed.len()).map(|p| p as u32));
-        }
-        let attn: Vec<AttnSeq<'_>> = spans
-            .iter()
-            .zip(running.iter())
-            .map(|(&(q_start, q_len), s)| AttnSeq {
-                q_start,
-                q_len,
-                ctx_len: s.blocks.len(),
-                block_table: s.blocks.table(),
+    // Twice as many clients as rows, so the queue stays full while some wait for loads.
+    let per_client: Vec<Result<(usize, f64)>> = std::thread::scope(|sc| {
+        let clients: Vec<_> = (0..2 * batch)
+            .map(|_| {
+                sc.spawn(|| -> Result<(usize, f64)> {
+                    let (mut tokens, mut waited) = (0usize, 0f64);
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&pick) = picks.get(i) else { return Ok((tokens, waited)) };
+                        let w = Instant::now();
+                        let adapter = pager.acquire_blocking(&active[pick])?;
+                        waited += w.elapsed().as_secs_f64();
+                        let prompt: Vec<u32> = (0..PROMPT).map(|j| 100 + (((i + j) * 7919) % 40000) as u32).collect();
+                        let mut req = Request::greedy(prompt, a.decode_tokens);
+                        req.stop_at_eos = false;
+                        req.adapters = vec![WeightedAdapter { adapter, weight: 1.0 }];
+                        tokens += engine.submit(req)?.collect_blocking()?.tokens.len();
+                        // The engine dropped the sequence and with it the adapter's pin.
+                        pager.notify_released();
+                    }
+                })
             })
             .collect();
-        let last: Vec<u32> = spans.iter().map(|&(s, l)| (s + l - 1) as u32).collect();
-        let lists: Vec<&[WeightedAdapter<CpuBackend>]> = running.iter().map(|s| s.adapter.as_slice()).collect();
-        let batch = ForwardBatch {
-            tokens: &toks,
-            positions: &positions,
-            slots: &slots,
-            seqs: &attn,
-            logits_rows: &last,
-            adapters: &lists,
-        };
-        let logits = model.forward(&mut kv, &batch)?;
-        steps += 1;
-        let v = model.config.vocab_size;
-        for (s, l) in running.iter_mut().zip(logits.chunks(v)) {
-            let next = openlora_kernels::cpu::ops::argmax(l).unwrap_or(0) as u32;
-            s.feed = vec![next];
-            s.generated += 1;
-            tokens_out += 1;
-        }
-        let mut i = 0;
-        while i < running.len() {
-            if running[i].generated >= a.decode_tokens {
-                let mut s = running.swap_remove(i);
-                s.blocks.free(&mut alloc);
-                // Dropping the adapter releases its pin.
-                drop(s);
-                pager.notify_released();
-            } else {
-                i += 1;
-            }
-        }
-    }
+        clients.into_iter().map(|c| c.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a client panicked")))).collect()
+    });
     let secs = t.elapsed().as_secs_f64();
+    let (mut tokens_out, mut waited) = (0usize, 0f64);
+    for r in per_client {
+        let (t, w) = r?;
+        tokens_out += t;
+        waited += w;
+    }
+    let steps = engine.stats().steps;
     Ok(serde_json::json!({"tokens": tokens_out, "seconds": secs, "tok_s": tokens_out as f64 / secs, "steps": steps,
-        "idle_steps": waited_steps}))
+        "adapter_wait_seconds": waited}))
 }

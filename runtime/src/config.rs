@@ -194,6 +194,11 @@ pub struct EngineSection {
     /// Reuse KV blocks of repeated prefixes.
     #[serde(default = "default_true")]
     pub prefix_cache: bool,
+    /// Who shares cached prefixes: `"tenant"` (the default: each tenant's blocks are salted
+    /// with its name, so no tenant can learn from cache hits what another sent) or `"shared"`
+    /// (all tenants share, for deployments whose tenants trust each other).
+    #[serde(default = "default_prefix_scope")]
+    pub prefix_cache_scope: String,
     /// Where the model runs: "auto" (a GPU if one is usable, else the CPU, said in one log
     /// line), "cpu", or "cuda:N".
     #[serde(default = "default_device")]
@@ -246,6 +251,10 @@ fn default_running() -> usize {
 fn default_waiting() -> usize {
     1024
 }
+fn default_prefix_scope() -> String {
+    "tenant".into()
+}
+
 fn default_true() -> bool {
     true
 }
@@ -259,6 +268,7 @@ impl Default for EngineSection {
             max_running: default_running(),
             max_waiting: default_waiting(),
             prefix_cache: true,
+            prefix_cache_scope: default_prefix_scope(),
             device: default_device(),
             gpu_precision: default_precision(),
         }
@@ -388,6 +398,12 @@ impl Deployment {
         }
         self.engine.device.parse::<openlora_kernels::DeviceRequest>().map_err(|r| bad("engine.device", r))?;
         parse_precision(&self.engine.gpu_precision).map_err(|r| bad("engine.gpu_precision", r))?;
+        if !matches!(self.engine.prefix_cache_scope.as_str(), "tenant" | "shared") {
+            return Err(bad(
+                "engine.prefix_cache_scope",
+                format!("{:?} is not \"tenant\" or \"shared\"", self.engine.prefix_cache_scope),
+            ));
+        }
         if self.engine.max_batch_tokens < self.engine.max_running {
             return Err(bad(
                 "engine.max_batch_tokens",
@@ -468,6 +484,7 @@ mod tests {
         assert!(err("[engine]\ndevice = \"gpu\"").contains("engine.device"));
         assert!(err("[engine]\ndevice = \"cuda:x\"").contains("engine.device"));
         assert!(err("[engine]\ngpu_precision = \"fp8\"").contains("engine.gpu_precision"));
+        assert!(err("[engine]\nprefix_cache_scope = \"global\"").contains("engine.prefix_cache_scope"));
         assert!(err("[[tenants]]\nname = \"a\"\nkey_sha256 = \"xyz\"").contains("tenants[0].key_sha256"));
         let hex = "0".repeat(64);
         assert!(err(&format!("[[tenants]]\nname = \"a\"\nkey_sha256 = \"{hex}\"\nrole = \"root\"")).contains("role"));

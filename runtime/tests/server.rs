@@ -948,3 +948,80 @@ fn concurrent_requests_for_one_merge_build_it_once_inside_the_device_budget() {
         .expect("device tier bytes");
     assert!(device >= merged, "the device tier counts the merged adapter: {device} < {merged}");
 }
+
+/// Regression (multi-tenant trust, hole 1): tenant `demo` sending the prompt tenant `partner`
+/// sent used to get `cached_tokens > 0`, so anyone could probe, a block at a time, what another
+/// tenant had sent. Cached blocks are now salted with the tenant (and a request's `cache_salt`)
+/// unless the deployment shares them.
+#[test]
+fn the_prefix_cache_does_not_leak_prompts_across_tenants() {
+    let secret = "Confidential memo for the partner team only: the quarterly figures for the northern \
+                  region are attached below, together with the plan for the coming year and the list of \
+                  suppliers we intend to renegotiate with before the end of the month. Summary:";
+    let cached = |a: SocketAddr, key: &str, salt: Option<&str>| {
+        let mut body = serde_json::json!({"model": MODEL, "prompt": secret, "max_tokens": 1, "temperature": 0});
+        if let Some(s) = salt {
+            body["cache_salt"] = serde_json::json!(s);
+        }
+        let (st, resp) = http(a, "POST", "/v1/completions", Some(key), body.to_string().as_bytes());
+        assert_eq!(st, 200, "{resp}");
+        json(&resp)["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached_tokens")
+    };
+    let server = start(|t| t);
+    let a = server.addr;
+    assert_eq!(cached(a, "sk-demo-partner", None), 0, "first time: nothing cached");
+    assert!(cached(a, "sk-demo-partner", None) >= 32, "the same tenant reuses its own prefix");
+    assert_eq!(cached(a, "sk-demo-user", None), 0, "another tenant learns nothing from the cache");
+    assert_eq!(cached(a, "sk-demo-partner", Some("session-2")), 0, "a different cache_salt does not share");
+    assert!(cached(a, "sk-demo-partner", Some("session-2")) >= 32, "the same salt does");
+    let (st, resp) = http(
+        a,
+        "POST",
+        "/v1/completions",
+        Some("sk-demo-user"),
+        serde_json::json!({"model": MODEL, "prompt": "hi", "max_tokens": 1, "cache_salt": ""}).to_string().as_bytes(),
+    );
+    assert_eq!(st, 400, "{resp}");
+    assert_eq!(json(&resp)["error"]["param"], "cache_salt");
+    drop(server);
+    // A deployment whose tenants trust each other may share.
+    let shared = start(|t| t.replace("prefix_cache_scope = \"tenant\"", "prefix_cache_scope = \"shared\""));
+    assert_eq!(cached(shared.addr, "sk-demo-partner", None), 0);
+    assert!(cached(shared.addr, "sk-demo-user", None) >= 32, "shared scope: tenants share prefixes");
+}
+
+/// Regression (multi-tenant trust, hole 10): `/v1/models` showed every user the server's
+/// absolute paths, and a router choosing an adapter the caller may not see got a 404 naming it.
+#[test]
+fn what_a_tenant_may_not_see_does_not_leak_by_name_or_path() {
+    let server = start(|t| t.replace("signed = \"signature\"", "signed = \"signature\"\nparrot = \"pirate\""));
+    let a = server.addr;
+    let roots = |key: &str| -> Vec<String> {
+        let (st, body) = http(a, "GET", "/v1/models", Some(key), b"");
+        assert_eq!(st, 200, "{body}");
+        json(&body)["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|m| m["root"].as_str().expect("root").to_owned())
+            .collect()
+    };
+    let user = roots("sk-demo-user");
+    assert!(user.len() >= 3, "{user:?}");
+    assert!(user.iter().all(|r| !r.contains('/')), "a user sees no server paths: {user:?}");
+    let admin = roots("sk-demo-admin");
+    assert!(admin.iter().any(|r| r.contains("examples/adapters")), "admins see where adapters live: {admin:?}");
+    // The router picks `pirate` (visible to `partner` only) for prompts mentioning a parrot.
+    let (st, body) =
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body(MODEL, "Tell me about a parrot.", 4));
+    assert_eq!(st, 404, "{body}");
+    assert!(!body.contains("pirate"), "the error must not name the invisible adapter: {body}");
+    let (st, body) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some("sk-demo-partner"),
+        &chat_body(MODEL, "Tell me about a parrot.", 4),
+    );
+    assert_eq!(st, 200, "the tenant that may use it is routed to it: {body}");
+}

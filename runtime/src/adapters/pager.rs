@@ -160,6 +160,10 @@ pub enum PagerError {
         /// How long the load waited.
         waited: Duration,
     },
+    /// A derived adapter's recipe cannot be applied to its inputs (the caller's mistake, not a
+    /// failure of the pager: e.g. an unsupported combination of ranks).
+    #[error("{0}")]
+    Recipe(Arc<AdapterError>),
     /// The pager was dropped while the load was pending.
     #[error("adapter `{0}`: the pager shut down before the load finished")]
     ShutDown(String),

@@ -27,6 +27,10 @@ pub struct Request<B: Backend> {
     pub stop_token_ids: Vec<u32>,
     /// Report each chosen token's log-probability and this many alternatives (None: off).
     pub logprobs: Option<usize>,
+    /// Salts the prefix-cache block hashes: only requests with the same salt (and adapters)
+    /// share cached blocks. The service puts the tenant in it, so one tenant cannot probe
+    /// another's prompts; empty means no salt.
+    pub cache_salt: String,
 }
 
 impl<B: Backend> Request<B> {
@@ -42,6 +46,7 @@ impl<B: Backend> Request<B> {
             stop_at_eos: true,
             stop_token_ids: Vec::new(),
             logprobs: None,
+            cache_salt: String::new(),
         }
     }
 
@@ -49,6 +54,20 @@ impl<B: Backend> Request<B> {
     /// hash of each adapter's generation and weight, in order. The base model is all zeros.
     pub fn adapter_key(&self) -> [u8; 32] {
         adapter_key(&self.adapters)
+    }
+
+    /// The key prefix-cache blocks are hashed under: the adapter key, salted with
+    /// [`Request::cache_salt`] when it is set.
+    pub fn prefix_key(&self) -> [u8; 32] {
+        let key = self.adapter_key();
+        if self.cache_salt.is_empty() {
+            return key;
+        }
+        let mut h = Sha256::new();
+        h.update(key);
+        h.update(b"cache_salt\0");
+        h.update(self.cache_salt.as_bytes());
+        h.finalize().into()
     }
 }
 

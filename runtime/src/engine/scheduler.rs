@@ -148,6 +148,8 @@ struct Sequence<B: Backend> {
     arrival: u64,
     req: Request<B>,
     adapter_key: [u8; 32],
+    /// The adapter key salted with the request's cache salt: what prefix blocks hash under.
+    prefix_key: [u8; 32],
     tokens: Vec<u32>,
     prompt_len: usize,
     max_tokens: usize,
@@ -306,6 +308,7 @@ impl<B: Backend> EngineCore<B> {
             id,
             arrival: self.next_arrival,
             adapter_key: req.adapter_key(),
+            prefix_key: req.prefix_key(),
             tokens: req.prompt.clone(),
             prompt_len: req.prompt.len(),
             max_tokens,
@@ -487,7 +490,7 @@ impl<B: Backend> EngineCore<B> {
             let Some(w) = self.pick_waiting() else { break };
             let s = &mut self.waiting[w];
             if self.cfg.prefix_cache && s.blocks.is_empty() {
-                let hit = s.blocks.match_prefix(&mut self.alloc, &s.adapter_key, &s.tokens);
+                let hit = s.blocks.match_prefix(&mut self.alloc, &s.prefix_key, &s.tokens);
                 if s.queued_new {
                     s.cached_tokens = hit.min(s.prompt_len);
                 }
@@ -619,7 +622,7 @@ impl<B: Backend> EngineCore<B> {
         for (&(i, p), out) in entries.iter().zip(outcome.iter_mut()) {
             let s = &mut self.running[i];
             if self.cfg.prefix_cache && out.is_ok() {
-                s.blocks.register_full_blocks(&mut self.alloc, &s.adapter_key, &s.tokens);
+                s.blocks.register_full_blocks(&mut self.alloc, &s.prefix_key, &s.tokens);
             }
             if p.n > 1 || s.tokens.len() - s.prompt_len == 0 {
                 self.stats.prefill_tokens_computed += p.n as u64;

@@ -211,6 +211,7 @@ fn common(f: &Fields<'_>, prompts: Vec<PromptInput>, max_tokens_key: &[&str]) ->
         logprobs: None,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         metadata: metadata(f)?,
+        cache_salt: f.str("cache_salt")?.map(str::to_owned),
     })
 }
 

@@ -159,6 +159,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Request metadata (OpenAI `metadata`), handed to plugins.
     pub metadata: Vec<(String, String)>,
+    /// vLLM's `cache_salt`: only requests with the same salt share prefix-cache blocks (on top
+    /// of the deployment's tenant isolation).
+    pub cache_salt: Option<String>,
 }
 
 impl GenerateRequest {
@@ -176,6 +179,7 @@ impl GenerateRequest {
             logprobs: None,
             ignore_eos: false,
             metadata: Vec::new(),
+            cache_salt: None,
         }
     }
 }

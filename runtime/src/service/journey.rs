@@ -98,6 +98,15 @@ impl<B: Backend + Clone + 'static> Service<B> {
         {
             return Err(ServiceError::bad("logprobs", "at most 20 alternatives per token"));
         }
+        // Prefix-cache isolation: a tenant's blocks are salted with its name unless the
+        // deployment shares them; a request's own salt narrows it further.
+        let cache_salt = match (&req.cache_salt, self.shared_prefix_cache) {
+            (Some(s), _) if s.is_empty() || s.len() > 256 => {
+                return Err(ServiceError::bad("cache_salt", "`cache_salt` must be 1 to 256 bytes"));
+            }
+            (salt, true) => salt.clone().unwrap_or_default(),
+            (salt, false) => format!("tenant:{}\0{}", tenant.name, salt.as_deref().unwrap_or_default()),
+        };
         let chat = req.prompts[0].is_chat();
         let id = new_request_id(if chat { "chatcmpl" } else { "cmpl" });
         // Each prompt is one leg: its own plugin chain, resolution and tokens.
@@ -145,6 +154,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     stop_at_eos: !req.ignore_eos,
                     stop_token_ids: if chat && !req.ignore_eos { self.chat_stop_ids.clone() } else { Vec::new() },
                     logprobs: req.logprobs,
+                    cache_salt: cache_salt.clone(),
                 };
                 // On error the streams already queued are dropped, which cancels them.
                 streams.push(self.engine.submit(er)?);
@@ -307,10 +317,12 @@ impl<B: Backend + Clone + 'static> Journey<B> {
         self.phase = Phase::Ended;
         self.svc.metrics.refused.add(e.kind.label());
         self.drain();
+        // Cancel the other choices now, not after the ledger's fsync.
+        self.streams.clear();
+        self.svc.metrics.e2e.observe(self.started.elapsed().as_secs_f64());
         if let Ok(Some(rx)) = self.write_receipt("error") {
             let _ = rx.await;
         }
-        self.streams.clear();
         ServiceEvent::Failed(e)
     }
 
@@ -387,7 +399,7 @@ pub struct Collected {
 
 impl<B: Backend + Clone + 'static> Drop for Journey<B> {
     fn drop(&mut self) {
-        if !matches!(self.phase, Phase::Running) || self.record.is_none() {
+        if !matches!(self.phase, Phase::Running) {
             return;
         }
         self.drain();
@@ -396,6 +408,7 @@ impl<B: Backend + Clone + 'static> Drop for Journey<B> {
         if !finished {
             self.svc.metrics.finished.add(FinishReason::Cancelled.as_str());
         }
+        self.svc.metrics.e2e.observe(self.started.elapsed().as_secs_f64());
         // The ledger's writer makes it durable on its own; nobody is left to tell.
         let _ = self.write_receipt(reason);
     }

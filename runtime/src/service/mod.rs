@@ -68,6 +68,8 @@ pub struct Service<B: Backend + 'static> {
     base_use: ModelUse,
     plugins: Option<Arc<PluginHost>>,
     plugin_specs: Vec<(String, PluginKind)>,
+    /// Whether tenants share prefix-cache blocks (`[engine] prefix_cache_scope = "shared"`).
+    shared_prefix_cache: bool,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
@@ -229,6 +231,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             base_use,
             plugins,
             plugin_specs,
+            shared_prefix_cache: deployment.engine.prefix_cache_scope == "shared",
             pager,
             model_root: model.path.display().to_string(),
             engine,

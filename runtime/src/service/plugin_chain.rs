@@ -130,6 +130,18 @@ impl<B: Backend + Clone + 'static> Service<B> {
             match h.value {
                 pl::RouteDecision::Default => {}
                 pl::RouteDecision::Adapters(list) => {
+                    // The router sees every adapter; the tenant may not. Refuse without naming
+                    // what it chose, so a router cannot reveal an adapter the caller may not see.
+                    let catalog = self.pager.catalog();
+                    if list.iter().any(|a| !catalog.get(&a.name).is_some_and(|e| tenant.may_use(&e))) {
+                        return Err(ServiceError {
+                            kind: ErrorKind::NotFound,
+                            message: format!(
+                                "the router plugin {name} chose an adapter that does not exist for this tenant"
+                            ),
+                            param: Some("model".into()),
+                        });
+                    }
                     p.adapters = list.into_iter().map(|a| AdapterChoice { name: a.name, weight: a.weight }).collect();
                 }
                 pl::RouteDecision::Reject(reason) => {

@@ -34,6 +34,7 @@ fn pager_error(e: PagerError, missing: impl FnOnce() -> ServiceError) -> Service
             ServiceError::new(ErrorKind::Overloaded, e.to_string())
         }
         PagerError::Load(_) => ServiceError::internal(e.to_string()),
+        PagerError::Recipe(_) => ServiceError::bad("merge", e.to_string()),
     }
 }
 
@@ -159,11 +160,18 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 hosts.push(host);
             }
             let refs: Vec<&LoraHost> = hosts.iter().collect();
-            Ok(merge(&label, &refs, &recipe)?)
+            merge(&label, &refs, &recipe).map_err(|e| PagerError::Recipe(Arc::new(e)))
         };
-        self.pager.acquire_derived(key, &label, build).map_err(|e| match e {
-            PagerError::Load(_) => bad(e.to_string()),
-            other => pager_error(other, || self.not_found(&label)),
+        self.pager.acquire_derived(key, &label, build).map_err(|e| {
+            let missing = match &e {
+                PagerError::NotFound(name) => Some(name.clone()),
+                _ => None,
+            };
+            pager_error(e, || ServiceError {
+                kind: ErrorKind::NotFound,
+                message: format!("the adapter `{}` does not exist", missing.unwrap_or_default()),
+                param: Some("adapters".into()),
+            })
         })
     }
 

@@ -131,17 +131,21 @@ impl<B: Backend + Clone + 'static> Service<B> {
         Ok(Some(permit))
     }
 
-    /// The models `tenant` may see: the base and every visible adapter.
+    /// The models `tenant` may see: the base and every visible adapter. `root` is where each
+    /// came from on the server's disk for admins; other tenants see the model's id there (the
+    /// server's paths are not theirs to know).
     pub fn list_models(&self, tenant: &Tenant) -> Vec<ModelCard> {
-        let mut out = vec![ModelCard { id: self.model_id.clone(), root: self.model_root.clone(), parent: None }];
+        let root = |path: String, id: &str| if tenant.is_admin() { path } else { id.to_owned() };
+        let mut out = vec![ModelCard {
+            id: self.model_id.clone(),
+            root: root(self.model_root.clone(), &self.model_id),
+            parent: None,
+        }];
         let catalog = self.pager.catalog();
         for name in catalog.names() {
             if let Some(e) = catalog.get(&name).filter(|e| tenant.may_use(e)) {
-                out.push(ModelCard {
-                    id: name,
-                    root: e.dir.display().to_string(),
-                    parent: Some(self.model_id.clone()),
-                });
+                let root = root(e.dir.display().to_string(), &name);
+                out.push(ModelCard { id: name, root, parent: Some(self.model_id.clone()) });
             }
         }
         out

@@ -333,3 +333,30 @@ fn a_request_whose_computation_fails_fails_alone() {
     // The engine keeps serving.
     assert!(h.submit(request(5, &ads, 2)).expect("submit").collect_blocking().is_ok());
 }
+
+/// Regression (multi-tenant trust, hole 9): finite but huge adapter weights (|w| ~ 1e30 passes
+/// the NaN check) gave NaN logits, and the sampler silently picked token 0. Such a request now
+/// fails with an error naming the adapter; the others in its batch are unaffected.
+#[test]
+fn huge_adapter_weights_fail_the_request_naming_the_adapter() {
+    let ads = adapters();
+    let mut host = random_lora("overflow", &default_model().model.config, 8, 99);
+    for m in host.layers.iter_mut().flat_map(|l| l.iter_mut().flatten()) {
+        m.a.iter_mut().chain(m.b.iter_mut()).for_each(|w| *w *= 1e30);
+    }
+    assert!(host.layers[0][0].as_ref().expect("q").a.iter().all(|w| w.is_finite()));
+    let huge = AdapterRegistry::new(default_model().model.config.clone(), CpuBackend::new())
+        .insert("overflow", &host)
+        .expect("finite weights load");
+    let h = handle(EngineConfig { num_blocks: 128, ..EngineConfig::default() });
+    let good: Vec<_> = (0..3).map(|i| h.submit(request(i + 1, &ads, 6)).expect("submit")).collect();
+    let mut bad = request(0, &ads, 6);
+    bad.adapters = vec![WeightedAdapter { adapter: huge, weight: 1.0 }];
+    match h.submit(bad).expect("submit").collect_blocking() {
+        Err(EngineError::Failed(m)) => assert!(m.contains("overflow") && m.contains("non-finite"), "{m}"),
+        other => panic!("the overflowing request should fail: {other:?}"),
+    }
+    for (i, s) in good.into_iter().enumerate() {
+        assert_eq!(s.collect_blocking().expect("others complete").tokens, solo(request(i + 1, &ads, 6)));
+    }
+}

@@ -669,6 +669,19 @@ enum End {
 
 /// Samples a sequence's next token from `logits`, streams it, and says whether it is done.
 fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> Result<Option<End>, String> {
+    // Finite but huge adapter weights pass every load check and overflow in the forward pass;
+    // sampling NaN logits would silently pick token 0. Fail this request, naming the adapters.
+    if logits.iter().any(|v| !v.is_finite()) {
+        let names: Vec<&str> = s.req.adapters.iter().map(|w| w.adapter.name.as_str()).collect();
+        return Err(if names.is_empty() {
+            "the model produced non-finite logits".to_owned()
+        } else {
+            format!(
+                "the model produced non-finite logits with adapter(s) {}: their weights overflow in the forward pass",
+                names.join(", ")
+            )
+        });
+    }
     let raw = s.req.logprobs.map(|_| logits.to_vec());
     let t = s.sampler.sample(logits);
     let logprob = raw.map(|raw| log_softmax_top(&raw, t, s.req.logprobs.unwrap_or(0).min(20)));

@@ -1025,3 +1025,39 @@ fn what_a_tenant_may_not_see_does_not_leak_by_name_or_path() {
     );
     assert_eq!(st, 200, "the tenant that may use it is routed to it: {body}");
 }
+
+/// Regression (hole 7): a second server started on the same state directory appended to the
+/// same ledger. It now exits at start, naming the process that holds the ledger; so does
+/// `openlora generate --deployment` while the server runs.
+#[test]
+fn a_second_writer_on_the_same_ledger_exits_naming_the_holder() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start_in(tmp.path(), |t| t);
+    let cfg = tmp.path().join("deploy.toml");
+    let holder = format!("pid {}", server.child.id());
+    let run = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_openlora"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?} did not exit while another process holds the ledger");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().expect("output");
+        assert!(!out.status.success(), "{args:?} must refuse to start");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("in use by") && err.contains(&holder), "{err}");
+    let err = run(&["generate", "--deployment", cfg.to_str().expect("path"), "--prompt", "hi", "--max-tokens", "2"]);
+    assert!(err.contains("in use by") && err.contains(&holder), "{err}");
+    // The first server is unaffected.
+    assert_eq!(http(server.addr, "GET", "/health", None, b"").0, 200);
+}

@@ -155,6 +155,7 @@ fn a_torn_last_line_is_cut_on_reopen_and_the_key_is_private() {
     let second_line = data.iter().position(|&b| b == b'\n').expect("nl") + 10;
     data[second_line] ^= 1;
     std::fs::write(&path, &data).expect("write");
+    drop(l);
     let key = load_or_create_key(&tmp.path().join("node.key")).expect("key");
     match Ledger::open(&path, key) {
         Err(e) => assert!(e.to_string().contains("entry 1"), "{e}"),
@@ -165,5 +166,59 @@ fn a_torn_last_line_is_cut_on_reopen_and_the_key_is_private() {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(tmp.path().join("node.key")).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+/// Regression (multi-tenant trust, hole 7): two processes could append to one ledger and
+/// interleave their chains (the node then refused to start). The second writer is refused,
+/// naming the holder; the lock goes with the first.
+#[test]
+fn a_second_writer_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let first = ledger_in(tmp.path());
+    let key = load_or_create_key(&tmp.path().join("node.key")).expect("key");
+    match Ledger::open(&tmp.path().join("ledger.jsonl"), key) {
+        Err(e) => {
+            let m = e.to_string();
+            assert!(m.contains("in use by") && m.contains(&format!("pid {}", std::process::id())), "{m}");
+        }
+        Ok(_) => panic!("a second writer opened the ledger"),
+    }
+    let r = record(1);
+    let a = builtin_attribution(&r);
+    first.append_blocking(r, a).expect("the first writer keeps writing");
+    drop(first);
+    let again = ledger_in(tmp.path());
+    assert_eq!(again.len(), 1, "reopened once the first writer is gone");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("ledger.jsonl")).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the ledger is private to its owner");
+    }
+}
+
+/// Regression (hole 7): a replaced `node.key` was accepted until the second restart bricked the
+/// ledger. A key that did not sign the existing receipts is refused at open, naming both keys.
+#[test]
+fn a_replaced_node_key_is_refused_naming_both_keys() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let l = ledger_in(tmp.path());
+    let r = record(1);
+    let a = builtin_attribution(&r);
+    l.append_blocking(r, a).expect("append");
+    let signer = l.public_key().to_owned();
+    drop(l);
+    std::fs::remove_file(tmp.path().join("node.key")).expect("remove key");
+    let elsewhere = tempfile::tempdir().expect("tmp");
+    let new_key = || load_or_create_key(&tmp.path().join("node.key")).expect("new key");
+    let other_hex = Ledger::open(&elsewhere.path().join("l.jsonl"), new_key()).expect("open").public_key().to_owned();
+    assert_ne!(other_hex, signer);
+    match Ledger::open(&tmp.path().join("ledger.jsonl"), new_key()) {
+        Err(e) => {
+            let m = e.to_string();
+            assert!(m.contains(&signer) && m.contains(&other_hex), "names both keys: {m}");
+        }
+        Ok(_) => panic!("a ledger opened with a key that did not sign it"),
     }
 }

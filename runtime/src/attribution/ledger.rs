@@ -41,6 +41,28 @@ pub enum LedgerError {
         /// Why.
         reason: String,
     },
+    /// Another process (or another `Ledger` in this one) is appending to this ledger.
+    #[error(
+        "the ledger {path} is in use by {holder}: one ledger has one writer (stop the other server or `openlora generate --deployment` first)"
+    )]
+    Locked {
+        /// The ledger.
+        path: PathBuf,
+        /// What the lock file says about the holder (`pid N`).
+        holder: String,
+    },
+    /// The node key is not the one that signed the ledger.
+    #[error(
+        "the ledger {path} is signed by {ledger_key}, but this node's key is {node_key}: restore the node.key that signed it, or start a new ledger"
+    )]
+    WrongKey {
+        /// The ledger.
+        path: PathBuf,
+        /// The key its receipts are signed with.
+        ledger_key: String,
+        /// The key given.
+        node_key: String,
+    },
     /// An entry failed verification.
     #[error("ledger entry {index} (line {line}): {reason}")]
     Bad {
@@ -184,10 +206,13 @@ struct Index {
     count: u64,
 }
 
-/// A handle to the ledger (cloneable; one writer thread behind it).
-#[derive(Clone)]
+/// The ledger, open for appending: one writer thread behind it and the ledger's lock held
+/// until it is dropped (share it behind an `Arc`).
 pub struct Ledger {
-    tx: Sender<Append>,
+    /// `None` once dropping.
+    tx: Option<Sender<Append>>,
+    /// The writer thread; joined on drop, so the lock is released when the `Ledger` is gone.
+    writer: Option<std::thread::JoinHandle<()>>,
     index: Arc<Mutex<Index>>,
     path: PathBuf,
     public_key: String,
@@ -195,12 +220,22 @@ pub struct Ledger {
 
 impl Ledger {
     /// Opens (or creates) the ledger at `path`, signing with `key`. A torn last line is cut
-    /// off; any other damage is an error naming the entry.
+    /// off; any other damage is an error naming the entry. The ledger is locked for as long as
+    /// the `Ledger` lives (an exclusive lock on `PATH.lock`, which names the holder): a second
+    /// writer is refused with [`LedgerError::Locked`]. A key other than the one that signed the
+    /// existing receipts is refused with [`LedgerError::WrongKey`], naming both. The ledger and
+    /// its lock file are readable by their owner only.
     pub fn open(path: &Path, key: Ed25519KeyPair) -> Result<Self, LedgerError> {
-        if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
+            private(dir, 0o700).map_err(io(dir))?;
         }
+        let lock = take_lock(path)?;
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io(path))?;
+        private(path, 0o600).map_err(io(path))?;
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io(path))?;
         let v = verify_bytes(&data, None);
@@ -226,6 +261,15 @@ impl Ledger {
         index.count = v.receipts.len() as u64;
         let prev = v.receipts.last().map_or_else(|| "0".repeat(64), |r| r.hash.clone());
         let public_key = hex::encode(key.public_key().as_ref());
+        if let Some(last) = v.receipts.last()
+            && last.body.node_key != public_key
+        {
+            return Err(LedgerError::WrongKey {
+                path: path.to_path_buf(),
+                ledger_key: last.body.node_key.clone(),
+                node_key: public_key,
+            });
+        }
         let index = Arc::new(Mutex::new(index));
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = Writer {
@@ -237,9 +281,13 @@ impl Ledger {
             seq: v.receipts.len() as u64,
             offset,
             index: index.clone(),
+            _lock: lock,
         };
-        std::thread::Builder::new().name("openlora-ledger".into()).spawn(move || writer.run(rx)).map_err(io(path))?;
-        Ok(Self { tx, index, path: path.to_path_buf(), public_key })
+        let writer = std::thread::Builder::new()
+            .name("openlora-ledger".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io(path))?;
+        Ok(Self { tx: Some(tx), writer: Some(writer), index, path: path.to_path_buf(), public_key })
     }
 
     /// The node's public key, hex.
@@ -269,8 +317,12 @@ impl Ledger {
         attribution: Attribution,
     ) -> tokio::sync::oneshot::Receiver<Result<String, String>> {
         let (ack, rx) = tokio::sync::oneshot::channel();
-        if let Err(e) = self.tx.send(Append { record, attribution, ack }) {
-            let _ = e.0.ack.send(Err(LedgerError::Closed.to_string()));
+        let sent = match &self.tx {
+            Some(tx) => tx.send(Append { record, attribution, ack }).map_err(|e| e.0),
+            None => Err(Append { record, attribution, ack }),
+        };
+        if let Err(e) = sent {
+            let _ = e.ack.send(Err(LedgerError::Closed.to_string()));
         }
         rx
     }
@@ -309,6 +361,68 @@ struct Writer {
     seq: u64,
     offset: u64,
     index: Arc<Mutex<Index>>,
+    /// Held (locked) while the writer runs.
+    _lock: File,
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued; joining it releases the
+        // lock before the next `open` of this ledger can look.
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Takes the exclusive lock on `PATH.lock` and writes our pid in it; a held lock is
+/// [`LedgerError::Locked`] naming its holder. The lock is the OS's (released when the process
+/// dies, SIGKILL included), so a stale lock file never blocks a restart.
+fn take_lock(path: &Path) -> Result<File, LedgerError> {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    private(&lock_path, 0o600).map_err(io(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(LedgerError::Locked {
+                path: path.to_path_buf(),
+                holder: if holder.is_empty() { "another process".to_owned() } else { holder.to_owned() },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+    }
+    lock.set_len(0).map_err(io(&lock_path))?;
+    lock.seek(SeekFrom::Start(0)).map_err(io(&lock_path))?;
+    lock.write_all(format!("pid {}\n", std::process::id()).as_bytes()).map_err(io(&lock_path))?;
+    lock.sync_all().map_err(io(&lock_path))?;
+    Ok(lock)
+}
+
+/// Restricts `path` to its owner (`mode` 0o600 for files, 0o700 for folders) on Unix.
+fn private(path: &Path, mode: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, mode);
+        Ok(())
+    }
 }
 
 impl Writer {

@@ -140,6 +140,28 @@ pub struct ServerSection {
     /// Seconds to let in-flight requests finish on shutdown.
     #[serde(default = "default_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Most adapters one request may compose (the `adapters` list, or a router's choice).
+    #[serde(default = "default_max_adapters")]
+    pub max_adapters_per_request: usize,
+    /// Largest rank a merge may produce (`cat` adds its inputs' ranks; SVD methods take
+    /// `svd_rank`): bounds the work and memory one request's merge costs.
+    #[serde(default = "default_max_merged_rank")]
+    pub max_merged_rank: usize,
+    /// Longest stop string, in bytes.
+    #[serde(default = "default_max_stop_bytes")]
+    pub max_stop_bytes: usize,
+}
+
+fn default_max_adapters() -> usize {
+    8
+}
+
+fn default_max_merged_rank() -> usize {
+    128
+}
+
+fn default_max_stop_bytes() -> usize {
+    256
 }
 
 fn default_listen() -> String {
@@ -168,6 +190,9 @@ impl Default for ServerSection {
             default_max_tokens: default_max_tokens(),
             max_n: default_max_n(),
             shutdown_grace_seconds: default_grace(),
+            max_adapters_per_request: default_max_adapters(),
+            max_merged_rank: default_max_merged_rank(),
+            max_stop_bytes: default_max_stop_bytes(),
         }
     }
 }

@@ -1061,3 +1061,50 @@ fn a_second_writer_on_the_same_ledger_exits_naming_the_holder() {
     // The first server is unaffected.
     assert_eq!(http(server.addr, "GET", "/health", None, b"").0, 200);
 }
+
+/// Regression (hole 3): 2,000 duplicate `adapters` entries were accepted (200 OK, seconds of
+/// engine time for 8 tokens), stop strings had no length cap and `cat` merges no rank cap.
+/// Each is refused with a 400 naming the limit, before any work is done.
+#[test]
+fn oversized_requests_are_refused_naming_the_limit() {
+    // Without the recipe-merger plugin, so the request's own merge method applies.
+    let server = start(|t| {
+        let t = t.replace("max_merged_rank = 128", "max_merged_rank = 12");
+        let start = t.find("[[plugins]]\nname = \"recipe-merger\"").expect("the merger plugin block");
+        let end = start + 1 + t[start + 1..].find("[[plugins]]").expect("the next plugin");
+        format!("{}{}", &t[..start], &t[end..])
+    });
+    let a = server.addr;
+    let post = |extra: serde_json::Value| {
+        let mut body =
+            serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), body.to_string().as_bytes())
+    };
+    let dupes: Vec<_> = (0..2000).map(|_| serde_json::json!({"name": "caps", "weight": 0.001})).collect();
+    let (st, body) = post(serde_json::json!({"adapters": dupes}));
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("limit is 8") && body.contains("max_adapters_per_request"), "{body}");
+    let (st, body) = post(serde_json::json!({"adapters": [{"name": "caps"}, {"name": "signature"}, {"name": "caps"}]}));
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("listed twice"), "{body}");
+    let (st, body) = post(serde_json::json!({"stop": ["x".repeat(300)]}));
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(json(&body)["error"]["param"], "stop");
+    // Two rank-8 adapters concatenated are rank 16 > 12; an SVD merge to rank 64 likewise.
+    let two = serde_json::json!([{"name": "caps"}, {"name": "signature"}]);
+    for (merge, rank) in
+        [(serde_json::json!({"method": "cat"}), 16), (serde_json::json!({"method": "svd", "svd_rank": 64}), 64)]
+    {
+        let (st, body) = post(serde_json::json!({"adapters": two, "merge": merge}));
+        assert_eq!(st, 400, "{body}");
+        assert!(body.contains(&format!("rank {rank}")) && body.contains("max_merged_rank"), "{body}");
+    }
+    let (st, body) = post(serde_json::json!({"adapters": two, "merge": {"method": "linear"}}));
+    assert_eq!(st, 200, "a merge within the limit is served: {body}");
+    // Within the limits, the same request shape is served.
+    let (st, body) = post(serde_json::json!({"adapters": [{"name": "caps"}, {"name": "signature", "weight": 0.5}]}));
+    assert_eq!(st, 200, "{body}");
+}

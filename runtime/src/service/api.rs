@@ -259,6 +259,12 @@ pub struct Limits {
     pub default_max_tokens: usize,
     /// Largest `n`.
     pub max_n: usize,
+    /// Most adapters per request.
+    pub max_adapters: usize,
+    /// Largest rank a merge may produce.
+    pub max_merged_rank: usize,
+    /// Longest stop string in bytes.
+    pub max_stop_bytes: usize,
 }
 
 /// A fresh response id.

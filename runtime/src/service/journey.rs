@@ -98,6 +98,14 @@ impl<B: Backend + Clone + 'static> Service<B> {
         {
             return Err(ServiceError::bad("logprobs", "at most 20 alternatives per token"));
         }
+        if let Some(s) = req.stop.iter().find(|s| s.len() > l.max_stop_bytes) {
+            return Err(ServiceError::bad(
+                "stop",
+                format!("a stop string has {} bytes; the limit is {}", s.len(), l.max_stop_bytes),
+            ));
+        }
+        // Before any plugin runs: the list the client sent (the router's is checked again).
+        self.check_adapter_list(&req.adapters)?;
         // Prefix-cache isolation: a tenant's blocks are salted with its name unless the
         // deployment shares them; a request's own salt narrows it further.
         let cache_salt = match (&req.cache_salt, self.shared_prefix_cache) {

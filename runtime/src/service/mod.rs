@@ -156,6 +156,9 @@ impl<B: Backend + Clone + 'static> Service<B> {
             max_tokens_limit: s.max_tokens_limit.unwrap_or(ctx),
             default_max_tokens: s.default_max_tokens,
             max_n: s.max_n,
+            max_adapters: s.max_adapters_per_request,
+            max_merged_rank: s.max_merged_rank,
+            max_stop_bytes: s.max_stop_bytes,
         };
         let tenants = deployment
             .tenants

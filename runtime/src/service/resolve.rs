@@ -47,6 +47,27 @@ impl<B: Backend + Clone + 'static> Service<B> {
         }
     }
 
+    /// Refuses an adapter list longer than the deployment allows, or naming an adapter twice
+    /// (each entry is a LoRA term on the shared engine thread).
+    pub(super) fn check_adapter_list(&self, list: &[AdapterChoice]) -> Result<(), ServiceError> {
+        let max = self.limits.max_adapters;
+        if list.len() > max {
+            return Err(ServiceError::bad(
+                "adapters",
+                format!("{} adapters in one request; the limit is {max} (server.max_adapters_per_request)", list.len()),
+            ));
+        }
+        for (i, c) in list.iter().enumerate() {
+            if list[..i].iter().any(|d| d.name == c.name) {
+                return Err(ServiceError::bad(
+                    "adapters",
+                    format!("the adapter `{}` is listed twice; give it one entry with the sum of the weights", c.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves the model field and the adapters extension to weighted adapters. Blocks while a
     /// cold adapter loads (other requests keep decoding) or a merge is built.
     pub(super) fn resolve(&self, tenant: &Tenant, p: &GenerateRequest) -> Result<Resolved<B>, ServiceError> {
@@ -68,6 +89,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 ));
             }
         }
+        self.check_adapter_list(&choices)?;
         let mut out = Vec::with_capacity(choices.len());
         let mut uses = Vec::with_capacity(choices.len());
         for c in &choices {
@@ -140,6 +162,23 @@ impl<B: Backend + Clone + 'static> Service<B> {
         };
         recipe.svd_rank = spec.svd_rank;
         recipe.seed = spec.seed.unwrap_or(0);
+        // The rank the merge produces: `cat` concatenates, SVD methods truncate to `svd_rank`
+        // (default: the largest input rank), the others keep the inputs' rank.
+        let max_rank = self.limits.max_merged_rank;
+        let ranks: Vec<usize> =
+            choices.iter().map(|c| self.pager.catalog().get(&c.name).map_or(0, |e| e.max_rank)).collect();
+        let produced = if spec.method == "cat" {
+            ranks.iter().sum()
+        } else if spec.method.contains("svd") {
+            spec.svd_rank.unwrap_or_else(|| ranks.iter().copied().max().unwrap_or(0))
+        } else {
+            ranks.iter().copied().max().unwrap_or(0)
+        };
+        if produced > max_rank {
+            return Err(bad(format!(
+                "this merge would produce rank {produced}; the limit is {max_rank} (server.max_merged_rank)"
+            )));
+        }
         let gens: Vec<Generation> = inputs.iter().map(|w| w.adapter.generation).collect();
         let key = recipe.generation_of(&gens);
         let label = format!("merge-{}", &key.to_string()[..12]);

@@ -409,6 +409,9 @@ impl Deployment {
             ("server.max_body_bytes", self.server.max_body_bytes),
             ("server.default_max_tokens", self.server.default_max_tokens),
             ("server.max_n", self.server.max_n),
+            ("server.max_adapters_per_request", self.server.max_adapters_per_request),
+            ("server.max_merged_rank", self.server.max_merged_rank),
+            ("server.max_stop_bytes", self.server.max_stop_bytes),
             ("engine.kv_cache_mib", self.engine.kv_cache_mib),
             ("engine.block_size", self.engine.block_size),
             ("engine.max_batch_tokens", self.engine.max_batch_tokens),
@@ -510,6 +513,8 @@ mod tests {
         assert!(err("[engine]\ndevice = \"cuda:x\"").contains("engine.device"));
         assert!(err("[engine]\ngpu_precision = \"fp8\"").contains("engine.gpu_precision"));
         assert!(err("[engine]\nprefix_cache_scope = \"global\"").contains("engine.prefix_cache_scope"));
+        assert!(err("[server]\nmax_adapters_per_request = 0").contains("server.max_adapters_per_request"));
+        assert!(err("[server]\nmax_merged_rank = 0").contains("server.max_merged_rank"));
         assert!(err("[[tenants]]\nname = \"a\"\nkey_sha256 = \"xyz\"").contains("tenants[0].key_sha256"));
         let hex = "0".repeat(64);
         assert!(err(&format!("[[tenants]]\nname = \"a\"\nkey_sha256 = \"{hex}\"\nrole = \"root\"")).contains("role"));

@@ -239,6 +239,17 @@ impl Ledger {
         let mut data = Vec::new();
         file.read_to_end(&mut data).map_err(io(path))?;
         let v = verify_bytes(&data, None);
+        // Refuse a foreign key before touching the file (even to cut a torn tail).
+        let public_key = hex::encode(key.public_key().as_ref());
+        if let Some(last) = v.receipts.last()
+            && last.body.node_key != public_key
+        {
+            return Err(LedgerError::WrongKey {
+                path: path.to_path_buf(),
+                ledger_key: last.body.node_key.clone(),
+                node_key: public_key,
+            });
+        }
         if let Some(e) = v.error {
             if !v.torn_tail {
                 return Err(e);
@@ -260,16 +271,6 @@ impl Ledger {
         }
         index.count = v.receipts.len() as u64;
         let prev = v.receipts.last().map_or_else(|| "0".repeat(64), |r| r.hash.clone());
-        let public_key = hex::encode(key.public_key().as_ref());
-        if let Some(last) = v.receipts.last()
-            && last.body.node_key != public_key
-        {
-            return Err(LedgerError::WrongKey {
-                path: path.to_path_buf(),
-                ledger_key: last.body.node_key.clone(),
-                node_key: public_key,
-            });
-        }
         let index = Arc::new(Mutex::new(index));
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = Writer {

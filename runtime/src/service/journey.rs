@@ -113,7 +113,10 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 return Err(ServiceError::bad("cache_salt", "`cache_salt` must be 1 to 256 bytes"));
             }
             (salt, true) => salt.clone().unwrap_or_default(),
-            (salt, false) => format!("tenant:{}\0{}", tenant.name, salt.as_deref().unwrap_or_default()),
+            // Length-prefixed, so no tenant name and salt pair can spell another tenant's.
+            (salt, false) => {
+                format!("tenant:{}:{}\0{}", tenant.name.len(), tenant.name, salt.as_deref().unwrap_or_default())
+            }
         };
         let chat = req.prompts[0].is_chat();
         let id = new_request_id(if chat { "chatcmpl" } else { "cmpl" });

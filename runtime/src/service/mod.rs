@@ -121,9 +121,6 @@ impl<B: Backend + Clone + 'static> Service<B> {
         backend: B,
         model_sha256: String,
     ) -> Result<Arc<Self>, ServiceError> {
-        let cfg = engine_config(deployment, &model.model.config);
-        let engine = EngineHandle::spawn(model.clone(), cfg)
-            .map_err(|e| ServiceError::internal(format!("starting the engine: {e}")))?;
         let ledger = if deployment.attribution.enabled {
             let dir = &deployment.attribution.state_dir;
             let key = crate::attribution::load_or_create_key(&dir.join("node.key"))
@@ -135,6 +132,10 @@ impl<B: Backend + Clone + 'static> Service<B> {
         } else {
             None
         };
+        // The ledger first: a second writer is refused before it allocates the KV pool.
+        let cfg = engine_config(deployment, &model.model.config);
+        let engine = EngineHandle::spawn(model.clone(), cfg)
+            .map_err(|e| ServiceError::internal(format!("starting the engine: {e}")))?;
         Self::new(deployment, model, model_id, engine, backend, ledger, model_sha256).map(Arc::new)
     }
 

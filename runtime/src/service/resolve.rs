@@ -33,7 +33,11 @@ fn pager_error(e: PagerError, missing: impl FnOnce() -> ServiceError) -> Service
         PagerError::TooLarge { .. } | PagerError::NoRoom { .. } | PagerError::ShutDown(_) => {
             ServiceError::new(ErrorKind::Overloaded, e.to_string())
         }
-        PagerError::Load(_) => ServiceError::internal(e.to_string()),
+        PagerError::Load(_) => {
+            // The full error names files on the server; it goes to the log, not to the client.
+            eprintln!("openlora: {e}");
+            ServiceError::internal("an adapter could not be loaded (the server log has the reason)")
+        }
         PagerError::Recipe(_) => ServiceError::bad("merge", e.to_string()),
     }
 }
@@ -178,6 +182,10 @@ impl<B: Backend + Clone + 'static> Service<B> {
             return Err(bad(format!(
                 "this merge would produce rank {produced}; the limit is {max_rank} (server.max_merged_rank)"
             )));
+        }
+        if spec.method.contains("svd") {
+            // The rank checked is the rank built (the merge's own default reads the configs).
+            recipe.svd_rank = Some(produced);
         }
         let gens: Vec<Generation> = inputs.iter().map(|w| w.adapter.generation).collect();
         let key = recipe.generation_of(&gens);

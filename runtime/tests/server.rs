@@ -1108,3 +1108,35 @@ fn oversized_requests_are_refused_naming_the_limit() {
     let (st, body) = post(serde_json::json!({"adapters": [{"name": "caps"}, {"name": "signature", "weight": 0.5}]}));
     assert_eq!(st, 200, "{body}");
 }
+
+/// Regression (hole 2): a prompt sent as token ids skipped every preprocessor, including the
+/// quickstart's fail-closed `prompt-guard`, so the model read the e-mail address that the same
+/// prompt sent as text had redacted. Token prompts are now shown to preprocessors as their text
+/// and an edit replaces them, so both forms reach the model identically.
+#[test]
+fn token_id_prompts_pass_through_the_preprocessors() {
+    let text = "Please forward this to alice.smith@example.com before noon. Reply:";
+    let model_path = openlora::model::default_model::ensure_default_model().expect("default model");
+    let tok = openlora::model::LoadedModel::open(&model_path, openlora_kernels::CpuBackend::new())
+        .expect("model")
+        .tokenizer
+        .clone();
+    let ids = tok.encode(text, true).expect("encode");
+    let server = start(|t| t);
+    let complete = |prompt: serde_json::Value| {
+        let body = serde_json::json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0});
+        let (st, resp) =
+            http(server.addr, "POST", "/v1/completions", Some("sk-demo-user"), body.to_string().as_bytes());
+        assert_eq!(st, 200, "{resp}");
+        let v = json(&resp);
+        (
+            v["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens"),
+            v["choices"][0]["text"].as_str().expect("text").to_owned(),
+        )
+    };
+    let (as_text, out_text) = complete(serde_json::json!(text));
+    assert_ne!(as_text, ids.len() as u64, "the guard redacted the text prompt");
+    let (as_ids, out_ids) = complete(serde_json::json!(ids));
+    assert_eq!(as_ids, as_text, "the token-id prompt was redacted too");
+    assert_eq!(out_ids, out_text, "so the model read the same prompt");
+}

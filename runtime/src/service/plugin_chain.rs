@@ -80,15 +80,22 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
         };
         // 1. Preprocessors, in order, on the conversation (a text prompt is one user message).
-        let to_messages = |prompt: &PromptInput| -> Option<Vec<pl::Message>> {
-            match prompt {
-                PromptInput::Chat(m) => Some(m.iter().map(|m| pl::Message::new(&m.role, &m.content)).collect()),
-                PromptInput::Text(t) => Some(vec![pl::Message::new("user", t)]),
-                PromptInput::Tokens(_) => None,
-            }
+        // Token-id prompts are shown to plugins as their text, so a preprocessor sees (and may
+        // redact) exactly what the model would read; an edit replaces the ids with the edited
+        // text, tokenized like any text prompt.
+        let tokenizer = &self.model.tokenizer;
+        let to_messages = |prompt: &PromptInput| -> Result<Vec<pl::Message>, ServiceError> {
+            Ok(match prompt {
+                PromptInput::Chat(m) => m.iter().map(|m| pl::Message::new(&m.role, &m.content)).collect(),
+                PromptInput::Text(t) => vec![pl::Message::new("user", t)],
+                PromptInput::Tokens(ids) => {
+                    let text = tokenizer.decode(ids, false).map_err(|e| ServiceError::bad("prompt", e.to_string()))?;
+                    vec![pl::Message::new("user", &text)]
+                }
+            })
         };
         for name in self.plugins_of(PluginKind::Preprocessor).map(str::to_owned).collect::<Vec<_>>() {
-            let Some(messages) = to_messages(&p.prompts[0]) else { break };
+            let messages = to_messages(&p.prompts[0])?;
             let req = pl::PreprocessRequest {
                 model: p.model.clone(),
                 messages,
@@ -102,7 +109,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 pl::PreprocessOutcome::Unchanged => {}
                 pl::PreprocessOutcome::Edited(ms) => {
                     p.prompts[0] = match &p.prompts[0] {
-                        PromptInput::Text(_) => {
+                        PromptInput::Text(_) | PromptInput::Tokens(_) => {
                             PromptInput::Text(ms.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"))
                         }
                         _ => PromptInput::Chat(ms.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
@@ -120,7 +127,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         {
             let req = pl::RouteRequest {
                 model: p.model.clone(),
-                messages: to_messages(&p.prompts[0]).unwrap_or_default(),
+                messages: to_messages(&p.prompts[0])?,
                 metadata: p.metadata.clone(),
                 tenant: tenant.name.clone(),
             };

@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use openlora::adapters::catalog::{Catalog, SaveDtype, write_peft};
 use openlora::adapters::pager::{Pager, PagerConfig};
 use openlora::adapters::{Generation, LoraHost, Proj, WeightedAdapter};
-use openlora::engine::{EngineConfig, EngineHandle, Request};
+use openlora::engine::Request;
 use openlora::model::LoadedModel;
 use openlora::model::config::LlamaConfig;
 use openlora::model::default_model;
@@ -445,17 +445,8 @@ fn decode_run(
     a: &BenchArgs,
 ) -> Result<serde_json::Value> {
     const PROMPT: usize = 16;
-    let block = EngineConfig::default().block_size;
     let batch = a.decode_batch.max(1);
-    let cfg = EngineConfig {
-        max_running: batch,
-        max_waiting: a.decode_requests.max(1),
-        max_batch_tokens: EngineConfig::default().max_batch_tokens.max(batch * PROMPT),
-        prefix_cache: false,
-        num_blocks: batch * (PROMPT + a.decode_tokens + 1).div_ceil(block) + batch + 1,
-        ..EngineConfig::default()
-    };
-    let engine = EngineHandle::spawn(loaded.clone(), cfg)?;
+    let engine = super::bench::engine(loaded, batch, a.decode_requests, PROMPT + a.decode_tokens + 1)?;
     let zipf = Zipf::new(active.len(), a.zipf_s);
     let mut rng = StdRng::seed_from_u64(a.seed);
     let picks: Vec<usize> = (0..a.decode_requests).map(|_| zipf.sample(&mut rng)).collect();

@@ -57,13 +57,18 @@ fn raw(prompt: Vec<u32>, max_tokens: usize, adapters: Vec<WeightedAdapter<CpuBac
     r
 }
 
-/// The engine for `rows` concurrent sequences of up to `tokens` tokens, prefix cache off (a
-/// repeated run must compute again).
-fn engine(loaded: &Arc<LoadedModel<CpuBackend>>, rows: usize, tokens: usize) -> Result<EngineHandle<CpuBackend>> {
+/// The engine for `rows` concurrent sequences of up to `tokens` tokens with `waiting` more
+/// queued, prefix cache off (a repeated run must compute again). Both benchmarks use it.
+pub(super) fn engine(
+    loaded: &Arc<LoadedModel<CpuBackend>>,
+    rows: usize,
+    waiting: usize,
+    tokens: usize,
+) -> Result<EngineHandle<CpuBackend>> {
     let block = EngineConfig::default().block_size;
     let cfg = EngineConfig {
         max_running: rows.max(1),
-        max_waiting: rows.max(1),
+        max_waiting: waiting.max(1),
         max_batch_tokens: EngineConfig::default().max_batch_tokens.max(rows * 64),
         prefix_cache: false,
         num_blocks: rows * tokens.div_ceil(block) + rows + 1,
@@ -86,7 +91,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         return batch(&a, n, &path, &loaded);
     }
-    let e = engine(&loaded, 1, a.prompt_tokens.max(8 + a.gen_tokens) + 1)?;
+    let e = engine(&loaded, 1, 1, a.prompt_tokens.max(8 + a.gen_tokens) + 1)?;
     let (mut prefill, mut decode) = (0f64, 0f64);
     for _ in 0..a.repeat.max(1) {
         // Prefill: the whole prompt and the first token.
@@ -182,7 +187,7 @@ fn batch(a: &BenchArgs, n: usize, path: &Path, loaded: &Arc<LoadedModel<CpuBacke
     let base: Vec<Vec<WeightedAdapter<CpuBackend>>> = vec![vec![]; n];
     let same: Vec<Vec<WeightedAdapter<CpuBackend>>> = vec![vec![synth[0].clone()]; n];
     let distinct: Vec<Vec<WeightedAdapter<CpuBackend>>> = synth.iter().map(|w| vec![w.clone()]).collect();
-    let e = engine(loaded, n, 32 + n + a.steps + 2)?;
+    let e = engine(loaded, n, n, 32 + n + a.steps + 2)?;
     let (mut b, mut s, mut d) = (0f64, 0f64, 0f64);
     for _ in 0..a.repeat.max(1) {
         b = b.max(batched_decode(&e, n, a.steps, &base)?);

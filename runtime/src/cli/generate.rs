@@ -156,14 +156,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let (name, weight) = adapter_spec(spec)?;
         // A path to a PEFT folder that is not a registered name: register it under its folder name.
         let as_path = Path::new(&name);
-        let name = if svc.pager().catalog().get(&name).is_none() && as_path.join("adapter_config.json").exists() {
+        let registered = svc.pager().catalog().get(&name).is_some();
+        let name = if !registered && as_path.join("adapter_config.json").exists() {
             let folder = as_path
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .with_context(|| format!("--adapter {name}: not a folder name"))?;
             svc.load_adapter(&operator, &folder, as_path).with_context(|| format!("--adapter {name}"))?;
             folder
-        } else if svc.pager().catalog().get(&name).is_none() {
+        } else if !registered {
             let dirs: Vec<String> = d.adapters.dirs.iter().map(|p| p.display().to_string()).collect();
             bail!(
                 "--adapter {name}: no PEFT adapter (adapter_config.json) named {name} in [{}] or at that path",

@@ -36,6 +36,23 @@ struct ChoiceState {
     finished: Option<(FinishReason, usize, usize)>,
 }
 
+impl ChoiceState {
+    /// Accounts a token or a finish (what the receipt will count), whether or not anyone reads it.
+    fn absorb(&mut self, e: &Event) {
+        match e {
+            Event::Token { text, .. } => {
+                self.tokens += 1;
+                self.text.push_str(text);
+            }
+            Event::Finished { text, reason, usage } => {
+                self.text.push_str(text);
+                self.finished = Some((*reason, usage.completion_tokens, usage.cached_tokens));
+            }
+            Event::Failed(_) => {}
+        }
+    }
+}
+
 enum Phase {
     Running,
     /// Every choice finished; waiting for the receipt to be durable.
@@ -290,21 +307,18 @@ impl<B: Backend + Clone + 'static> Journey<B> {
                 Poll::Pending
             })
             .await;
+            if let Some(e) = &event {
+                self.choices[i].absorb(e);
+            }
             match event {
                 Some(Event::Token { id, text, logprob }) => {
                     if self.first_token {
                         self.first_token = false;
                         self.svc.metrics.ttft.observe(self.started.elapsed().as_secs_f64());
                     }
-                    let c = &mut self.choices[i];
-                    c.tokens += 1;
-                    c.text.push_str(&text);
                     return Some(ServiceEvent::Token { choice: i, id, text, logprob });
                 }
                 Some(Event::Finished { text, reason, usage }) => {
-                    let c = &mut self.choices[i];
-                    c.text.push_str(&text);
-                    c.finished = Some((reason, usage.completion_tokens, usage.cached_tokens));
                     self.svc.metrics.finished.add(reason.as_str());
                     let usage = TokenUsage {
                         prompt_tokens: usage.prompt_tokens,
@@ -344,16 +358,9 @@ impl<B: Backend + Clone + 'static> Journey<B> {
                 continue;
             }
             while let Some(e) = s.try_next() {
-                match e {
-                    Event::Token { text, .. } => {
-                        c.tokens += 1;
-                        c.text.push_str(&text);
-                    }
-                    Event::Finished { text, reason, usage } => {
-                        c.text.push_str(&text);
-                        c.finished = Some((reason, usage.completion_tokens, usage.cached_tokens));
-                    }
-                    Event::Failed(_) => break,
+                c.absorb(&e);
+                if matches!(e, Event::Failed(_)) {
+                    break;
                 }
             }
         }

@@ -94,3 +94,45 @@ fn example_adapters_change_behaviour_on_held_out_prompts() {
         assert!(pirate(&out), "pirate: {out:?}");
     }
 }
+
+/// Runs `openlora ARGS`, failing the test if it has not exited within `secs` seconds.
+fn bounded(args: &[&str], secs: u64) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openlora");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("openlora {args:?} did not finish within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// `openlora bench` runs through the engine (single stream and `--batch`), finishes, and
+/// reports positive speeds.
+#[test]
+fn bench_runs_through_the_engine_and_reports_speeds() {
+    for (args, keys) in [
+        (
+            vec!["bench", "--prompt-tokens", "32", "--gen-tokens", "8", "--repeat", "1"],
+            vec!["prefill_tok_s", "decode_tok_s"],
+        ),
+        (
+            vec!["bench", "--batch", "2", "--steps", "4", "--repeat", "1", "--lora-rank", "2"],
+            vec!["base_tok_s", "one_adapter_tok_s", "distinct_adapters_tok_s"],
+        ),
+    ] {
+        let out = bounded(&args, 300);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+        for k in keys {
+            assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{args:?}: {k} in {v}");
+        }
+    }
+}

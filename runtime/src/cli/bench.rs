@@ -145,13 +145,13 @@ fn batched_decode(
         .map(|i| e.submit(raw(bench_prompt(prompt_len + i)[i..].to_vec(), steps + 1, adapters[i].clone())))
         .collect::<Result<Vec<_>, _>>()?;
     let mut seen = vec![0usize; n];
-    let mut open = n;
+    let mut done = vec![false; n];
     let mut t0 = None;
     let mut decoded = 0usize;
     // The engine advances every row by one token per step, so reading round-robin keeps pace.
-    while open > 0 {
+    while done.iter().any(|d| !d) {
         for (i, s) in streams.iter_mut().enumerate() {
-            if seen[i] > steps {
+            if done[i] {
                 continue;
             }
             match s.blocking_next() {
@@ -164,10 +164,7 @@ fn batched_decode(
                         t0 = Some(Instant::now());
                     }
                 }
-                Some(Event::Finished { .. }) | None => {
-                    seen[i] = steps + 1;
-                    open -= 1;
-                }
+                Some(Event::Finished { .. }) | None => done[i] = true,
                 Some(Event::Failed(err)) => return Err(err.into()),
             }
         }

@@ -150,6 +150,10 @@ pub struct ServerSection {
     /// Longest stop string, in bytes.
     #[serde(default = "default_max_stop_bytes")]
     pub max_stop_bytes: usize,
+    /// Listen beyond loopback with no `[[tenants]]` (anyone who reaches the port may generate).
+    /// Off by default: such a deployment is refused at start.
+    #[serde(default)]
+    pub allow_open_network: bool,
 }
 
 fn default_max_adapters() -> usize {
@@ -193,6 +197,7 @@ impl Default for ServerSection {
             max_adapters_per_request: default_max_adapters(),
             max_merged_rank: default_max_merged_rank(),
             max_stop_bytes: default_max_stop_bytes(),
+            allow_open_network: false,
         }
     }
 }
@@ -484,6 +489,29 @@ impl Deployment {
                 }
             }
         }
+        self.check_exposure(path)?;
+        Ok(())
+    }
+
+    /// Refuses to serve a non-loopback address with no API keys unless
+    /// `server.allow_open_network` says so (call it again after overriding `server.listen`).
+    pub fn check_exposure(&self, path: &Path) -> Result<(), ConfigError> {
+        let addr = self.server.listen.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: "server.listen".into(),
+            reason: format!("{:?} is not an address like 127.0.0.1:8000 ({e})", self.server.listen),
+        })?;
+        if !addr.ip().is_loopback() && self.tenants.is_empty() && !self.server.allow_open_network {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "server.listen".into(),
+                reason: format!(
+                    "{addr} is reachable beyond this machine and no [[tenants]] are configured, so anyone who \
+                     reaches the port could use the server; add [[tenants]] with API keys, listen on 127.0.0.1, \
+                     or set server.allow_open_network = true"
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -499,6 +527,17 @@ mod tests {
 
     fn err(text: &str) -> String {
         Deployment::parse(text, Path::new("d.toml")).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn open_mode_beyond_loopback_is_refused_unless_allowed() {
+        let e = err("[server]\nlisten = \"0.0.0.0:8000\"");
+        assert!(e.contains("server.listen") && e.contains("allow_open_network"), "{e}");
+        let ok = |t: &str| Deployment::parse(t, Path::new("d.toml")).is_ok();
+        assert!(ok("[server]\nlisten = \"0.0.0.0:8000\"\nallow_open_network = true"));
+        assert!(ok("[server]\nlisten = \"[::1]:8000\""));
+        let hex = "0".repeat(64);
+        assert!(ok(&format!("[server]\nlisten = \"0.0.0.0:8000\"\n[[tenants]]\nname = \"a\"\nkey_sha256 = \"{hex}\"")));
     }
 
     #[test]

@@ -110,12 +110,26 @@ pub struct PagerConfig {
     pub loader_threads: usize,
     /// How long a load waits for pinned adapters to be released before failing.
     pub wait_for_room: Duration,
+    /// How long a caller waits for a load (queued, waiting for room, reading, preparing) before
+    /// it gives up with [`PagerError::TimedOut`]; the load itself goes on for later callers.
+    /// Also how long a merge waits for a build slot before [`PagerError::Busy`].
+    pub load_timeout: Duration,
+    /// Derived adapters (merges) built at once; more wait for a slot. Merges are CPU work on
+    /// the caller's (blocking) thread, so this bounds how many cores requests' merges take.
+    pub max_concurrent_builds: usize,
 }
 
 impl PagerConfig {
-    /// Budgets with two loader threads and a 30 s wait for room.
+    /// Budgets with two loader threads, a 30 s wait for room and a 120 s load timeout.
     pub fn new(host_bytes: usize, device_bytes: usize) -> Self {
-        Self { host_bytes, device_bytes, loader_threads: 2, wait_for_room: Duration::from_secs(30) }
+        Self {
+            host_bytes,
+            device_bytes,
+            loader_threads: 2,
+            wait_for_room: Duration::from_secs(30),
+            load_timeout: Duration::from_secs(120),
+            max_concurrent_builds: 1,
+        }
     }
 }
 
@@ -164,6 +178,34 @@ pub enum PagerError {
     /// failure of the pager: e.g. an unsupported combination of ranks).
     #[error("{0}")]
     Recipe(Arc<AdapterError>),
+    /// Loading the adapter panicked (a bug, or a file that trips one); the loader went on.
+    #[error("adapter `{name}`: its load panicked ({message}); it is not served until it loads cleanly")]
+    Panicked {
+        /// The adapter.
+        name: String,
+        /// The panic's message.
+        message: String,
+    },
+    /// The caller waited [`PagerConfig::load_timeout`] for the load.
+    #[error("adapter `{name}`: its load did not finish within {waited:?}")]
+    TimedOut {
+        /// The adapter.
+        name: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// Every build slot stayed taken for [`PagerConfig::load_timeout`].
+    #[error(
+        "merge `{label}`: every merge slot ({slots}) stayed busy for {waited:?}; the server is building other merges"
+    )]
+    Busy {
+        /// The derived adapter's label.
+        label: String,
+        /// Build slots in all.
+        slots: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// The pager was dropped while the load was pending.
     #[error("adapter `{0}`: the pager shut down before the load finished")]
     ShutDown(String),
@@ -280,15 +322,18 @@ impl<B: Backend> PendingLoad<B> {
         self.notify.notify_waiters();
     }
 
-    fn wait_blocking(&self) -> Result<Arc<LoraAdapter<B>>, PagerError> {
+    fn wait_blocking(&self, name: &str, timeout: Duration) -> Result<Arc<LoraAdapter<B>>, PagerError> {
         let guard = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-        let guard = self.cv.wait_while(guard, |d| d.is_none()).unwrap_or_else(PoisonError::into_inner);
+        let (guard, _) =
+            self.cv.wait_timeout_while(guard, timeout, |d| d.is_none()).unwrap_or_else(PoisonError::into_inner);
         match &*guard {
             Some(r) => r.clone(),
-            None => unreachable!("wait_while returns once the slot is filled"),
+            None => Err(PagerError::TimedOut { name: name.to_owned(), waited: timeout }),
         }
     }
 
+    /// Waits for the load (no timeout: this works on any executor, so callers that need one
+    /// wrap it in their executor's timer).
     async fn wait(&self) -> Result<Arc<LoraAdapter<B>>, PagerError> {
         loop {
             let notified = self.notify.notified();
@@ -461,6 +506,11 @@ struct Shared<B: Backend> {
     room: Condvar,
     load_seconds: Histogram,
     shutdown: AtomicBool,
+    /// A fault injected by tests: the next load panics.
+    inject_panic: AtomicBool,
+    /// Derived builds running now (at most `config.max_concurrent_builds`).
+    builds: Mutex<usize>,
+    build_done: Condvar,
 }
 
 struct Job<B: Backend> {
@@ -469,6 +519,19 @@ struct Job<B: Backend> {
     /// The host copy to prepare from, when the host tier has it.
     host: Option<Arc<LoraHost>>,
     slot: Arc<PendingLoad<B>>,
+}
+
+impl<B: Backend> Drop for Job<B> {
+    /// A job dropped unfinished (its loader thread died) still answers its waiters.
+    fn drop(&mut self) {
+        let mut done = self.slot.done.lock().unwrap_or_else(PoisonError::into_inner);
+        if done.is_none() {
+            *done = Some(Err(PagerError::ShutDown(self.name.clone())));
+            drop(done);
+            self.slot.cv.notify_all();
+            self.slot.notify.notify_waiters();
+        }
+    }
 }
 
 /// A device reservation held by a load; released on drop unless committed.
@@ -525,6 +588,9 @@ impl<B: Backend> Shared<B> {
     fn run(&self, job: &Job<B>) -> Result<Arc<LoraAdapter<B>>, PagerError> {
         if self.shutdown.load(Ordering::Relaxed) {
             return Err(PagerError::ShutDown(job.name.clone()));
+        }
+        if self.inject_panic.swap(false, Ordering::SeqCst) {
+            panic!("a fault injected by a test");
         }
         let started = Instant::now();
         let expected = job.host.as_ref().map_or(job.entry.loaded_bytes, |h| h.bytes());
@@ -635,7 +701,20 @@ fn loader_loop<B: Backend>(shared: Arc<Shared<B>>, jobs: Arc<Mutex<Receiver<Job<
             Ok(j) => j,
             Err(_) => return,
         };
-        let result = shared.run(&job);
+        // A panic while loading fails this load only: its waiters get the message, and the
+        // loader goes on with the next job.
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.run(&job))) {
+            Ok(r) => r,
+            Err(p) => {
+                let message = p
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".to_owned());
+                eprintln!("openlora: loading adapter `{}` panicked: {message}", job.name);
+                Err(PagerError::Panicked { name: job.name.clone(), message })
+            }
+        };
         {
             let mut st = shared.lock();
             st.loading.remove(&(job.name.clone(), job.entry.revision));
@@ -645,6 +724,16 @@ fn loader_loop<B: Backend>(shared: Arc<Shared<B>>, jobs: Arc<Mutex<Receiver<Job<
         }
         shared.room.notify_all();
         job.slot.finish(result);
+    }
+}
+
+/// One derived build's slot (see [`PagerConfig::max_concurrent_builds`]).
+struct BuildSlot<'a, B: Backend>(&'a Shared<B>);
+
+impl<B: Backend> Drop for BuildSlot<'_, B> {
+    fn drop(&mut self) {
+        *self.0.builds.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        self.0.build_done.notify_one();
     }
 }
 
@@ -685,6 +774,9 @@ impl<B: Backend + 'static> Pager<B> {
             room: Condvar::new(),
             load_seconds: Histogram::new(LOAD_LATENCY_BUCKETS),
             shutdown: AtomicBool::new(false),
+            inject_panic: AtomicBool::new(false),
+            builds: Mutex::new(0),
+            build_done: Condvar::new(),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
@@ -695,6 +787,17 @@ impl<B: Backend + 'static> Pager<B> {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self { shared, jobs: Some(tx), loaders })
+    }
+
+    /// Makes the next load panic, to test that the loader survives it.
+    #[doc(hidden)]
+    pub fn inject_load_panic(&self) {
+        self.shared.inject_panic.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether every loader thread is running (false if one has exited; `/health` reports it).
+    pub fn loaders_alive(&self) -> bool {
+        self.loaders.iter().all(|h| !h.is_finished())
     }
 
     /// The catalog adapters are paged from.
@@ -777,7 +880,7 @@ impl<B: Backend + 'static> Pager<B> {
     pub fn acquire_blocking(&self, name: &str) -> Result<Arc<LoraAdapter<B>>, PagerError> {
         match self.start(name, true)? {
             Start::Ready(a) => Ok(a),
-            Start::Wait(slot) => slot.wait_blocking(),
+            Start::Wait(slot) => slot.wait_blocking(name, self.shared.config.load_timeout),
         }
     }
 
@@ -977,20 +1080,25 @@ impl<B: Backend + 'static> Pager<B> {
                 let slot = slot.clone();
                 st.counters.derived_joined += 1;
                 drop(st);
-                return slot.wait_blocking();
+                return slot.wait_blocking(label, self.shared.config.load_timeout);
             }
             let slot = Arc::new(PendingLoad::new());
             st.building.insert(key, slot.clone());
             slot
         };
-        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_derived(key, label, build)))
-            .unwrap_or_else(|_| {
-                Err(PagerError::Load(Arc::new(AdapterError::Invalid {
-                    adapter: label.to_owned(),
-                    tensor: String::new(),
-                    reason: "building the derived adapter panicked".into(),
-                })))
-            });
+        let built = match self.build_slot(label) {
+            Err(e) => Err(e),
+            Ok(_slot) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_derived(key, label, build)))
+                    .unwrap_or_else(|_| {
+                        Err(PagerError::Load(Arc::new(AdapterError::Invalid {
+                            adapter: label.to_owned(),
+                            tensor: String::new(),
+                            reason: "building the derived adapter panicked".into(),
+                        })))
+                    })
+            }
+        };
         {
             let mut st = self.shared.lock();
             st.building.remove(&key);
@@ -1001,6 +1109,23 @@ impl<B: Backend + 'static> Pager<B> {
         self.shared.room.notify_all();
         slot.finish(built.clone());
         built
+    }
+
+    /// Waits (bounded) for one of the build slots; released when the guard drops.
+    fn build_slot(&self, label: &str) -> Result<BuildSlot<'_, B>, PagerError> {
+        let cfg = &self.shared.config;
+        let slots = cfg.max_concurrent_builds.max(1);
+        let n = self.shared.builds.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut n, _) = self
+            .shared
+            .build_done
+            .wait_timeout_while(n, cfg.load_timeout, |n| *n >= slots)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *n >= slots {
+            return Err(PagerError::Busy { label: label.to_owned(), slots, waited: cfg.load_timeout });
+        }
+        *n += 1;
+        Ok(BuildSlot(&self.shared))
     }
 
     fn build_derived(

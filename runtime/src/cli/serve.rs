@@ -21,6 +21,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         l.parse::<std::net::SocketAddr>()
             .with_context(|| format!("--listen {l:?} is not an address like 127.0.0.1:8000"))?;
         d.server.listen = l;
+        d.check_exposure(&a.config)?;
     }
     let svc = super::start_service(&d)?;
     let adapters = svc.list_models(&Tenant::local_admin("")).len() - 1;
@@ -42,7 +43,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             openlora::server::describe(local),
             svc.backend_name(),
             svc.context_limit(),
-            if svc.auth_required() { "on" } else { "OFF: no [[tenants]] configured" },
+            if svc.auth_required() { "on" } else { "OFF: no [[tenants]], so callers need no key and admin endpoints are closed" },
         );
         openlora::server::serve(svc, listener, shutdown_signal(), grace).await?;
         eprintln!("openlora: stopped");

@@ -14,7 +14,8 @@ pub mod sampler;
 pub mod scheduler;
 pub mod stop;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -38,6 +39,10 @@ struct Shared {
     queued: Arc<AtomicUsize>,
     next_id: AtomicU64,
     stopping: AtomicBool,
+    /// False once the engine thread has exited (it should only on shutdown).
+    alive: AtomicBool,
+    /// A fault injected by tests ([`Fault`] as u8; 0: none).
+    inject: AtomicU8,
 }
 
 /// A cloneable handle to the engine thread.
@@ -64,6 +69,8 @@ impl<B: Backend + 'static> EngineHandle<B> {
             queued,
             next_id: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
+            inject: AtomicU8::new(0),
         });
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_shared = shared.clone();
@@ -124,6 +131,17 @@ impl<B: Backend + 'static> EngineHandle<B> {
         scheduler::context_limit(&self.model.model.config, &self.cfg)
     }
 
+    /// Whether the engine thread is running (false after it exited; `/health` reports it).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Injects `fault` into the engine's next step (for tests of its supervision).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        self.shared.inject.store(fault as u8, Ordering::SeqCst);
+    }
+
     /// Stops accepting requests; the engine thread finishes the ones it has and exits once
     /// every handle is dropped.
     pub fn stop_accepting(&self) {
@@ -131,7 +149,31 @@ impl<B: Backend + 'static> EngineHandle<B> {
     }
 }
 
+/// A fault a test injects into the engine thread.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// The next step panics outside every per-sequence guard (the engine recovers).
+    StepPanic = 1,
+    /// The thread exits at its next step, as if supervision itself had failed.
+    ThreadExit = 2,
+}
+
+/// Marks the engine down when its thread ends, however it ends.
+struct AliveGuard(Arc<Shared>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The engine thread. A panic in a step outside the per-sequence guards (scheduling, the KV
+/// allocator, bookkeeping) is caught here: the requests of that step fail with the panic's
+/// message, the KV pool is reset (its state may be half-updated), and the loop goes on.
 fn run<B: Backend>(mut core: EngineCore<B>, rx: Receiver<Command<B>>, shared: Arc<Shared>) {
+    let _alive = AliveGuard(shared.clone());
     let publish = |core: &EngineCore<B>| {
         *shared.stats.lock().unwrap_or_else(PoisonError::into_inner) = core.stats();
     };
@@ -140,27 +182,51 @@ fn run<B: Backend>(mut core: EngineCore<B>, rx: Receiver<Command<B>>, shared: Ar
         if !core.has_work() {
             publish(&core);
             match rx.recv() {
-                Ok(cmd) => apply(&mut core, cmd),
+                Ok(cmd) => apply(&mut core, cmd, &shared),
                 Err(_) => return,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(cmd) => apply(&mut core, cmd),
+                Ok(cmd) => apply(&mut core, cmd, &shared),
                 Err(TryRecvError::Empty) => break,
                 // Every handle is gone; streams may still be open, so finish the work.
                 Err(TryRecvError::Disconnected) => break,
             }
         }
-        core.step();
+        let fault = shared.inject.swap(0, Ordering::SeqCst);
+        if fault == Fault::ThreadExit as u8 {
+            return;
+        }
+        let stepped = catch_unwind(AssertUnwindSafe(|| {
+            if fault == Fault::StepPanic as u8 {
+                panic!("a fault injected by a test");
+            }
+            core.step()
+        }));
+        if let Err(p) = stepped {
+            let msg = scheduler::panic_message(p.as_ref());
+            eprintln!("openlora: the engine step panicked ({msg}); failing its requests and going on");
+            core.recover(&msg);
+        }
         publish(&core);
     }
 }
 
-fn apply<B: Backend>(core: &mut EngineCore<B>, cmd: Command<B>) {
+fn apply<B: Backend>(core: &mut EngineCore<B>, cmd: Command<B>, shared: &Shared) {
     match cmd {
-        Command::Add(id, req, events) => core.add(id, *req, events),
-        Command::Cancel(id) => core.cancel(id),
+        Command::Add(id, req, events) => {
+            // A panic while queueing drops the request's event sender (its stream ends with an
+            // error) before it was counted out of the queue.
+            if catch_unwind(AssertUnwindSafe(|| core.add(id, *req, events))).is_err() {
+                shared.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        Command::Cancel(id) => {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| core.cancel(id))) {
+                core.recover(&scheduler::panic_message(p.as_ref()));
+            }
+        }
     }
 }
 

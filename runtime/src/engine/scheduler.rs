@@ -141,6 +141,8 @@ pub struct EngineStats {
     pub requests_failed: u64,
     /// Forward passes run.
     pub steps: u64,
+    /// Steps that panicked outside the per-sequence guards (the engine recovered).
+    pub step_panics: u64,
 }
 
 struct Sequence<B: Backend> {
@@ -229,7 +231,7 @@ pub fn validate_request<B: Backend>(
     Ok(req.max_tokens.min(ctx - req.prompt.len()))
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -334,6 +336,28 @@ impl<B: Backend> EngineCore<B> {
         } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
             let s = self.running.remove(i);
             self.end(s, End::Cancelled);
+        }
+    }
+
+    /// Recovers from a panic that interrupted a step (or a cancel) with `msg`: every running
+    /// sequence fails (the step was theirs), and when none was running the waiting ones fail
+    /// too (the panic came from admitting them), so each panic retires at least one request and
+    /// a deterministic fault cannot loop. The block allocator may be half-updated, so it starts
+    /// afresh: the prefix cache is dropped and waiting sequences recompute from their tokens.
+    pub fn recover(&mut self, msg: &str) {
+        self.stats.step_panics += 1;
+        let failed = std::mem::take(&mut self.running);
+        let failed = if failed.is_empty() { std::mem::take(&mut self.waiting) } else { failed };
+        for s in failed {
+            if s.queued_new {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            self.stats.requests_failed += 1;
+            let _ = s.events.send(Event::Failed(EngineError::Failed(format!("internal error in the engine: {msg}"))));
+        }
+        self.alloc = BlockAllocator::new(self.cfg.num_blocks, self.cfg.block_size);
+        for s in &mut self.waiting {
+            s.blocks = SequenceBlocks::default();
         }
     }
 

@@ -8,6 +8,9 @@
 
 mod parse;
 
+#[doc(hidden)]
+pub use parse::request_from_body;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,8 +49,77 @@ fn json_response(v: &Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
 }
 
-/// The router over `svc`.
-pub fn router(svc: Svc) -> Router {
+/// Where a server listens, which decides what the request guard checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exposure {
+    /// A loopback address: the `Host` header must name loopback too, so a web page whose name
+    /// was re-bound to 127.0.0.1 (DNS rebinding) cannot reach the API from the operator's
+    /// browser.
+    Loopback,
+    /// Any other address: the operator's network decides who reaches it.
+    Network,
+}
+
+impl Exposure {
+    /// The exposure of a listener bound to `addr`.
+    pub fn of(addr: SocketAddr) -> Self {
+        if addr.ip().is_loopback() { Self::Loopback } else { Self::Network }
+    }
+}
+
+fn refuse(status: StatusCode, kind: &str, message: String) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": status.as_u16()}});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// Whether `host` (a `Host` header value, port optional) names the loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(h, _)| h),
+        None => host
+            .rsplit_once(':')
+            .map_or(host, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Checks every request before its handler: a loopback listener answers only requests whose
+/// `Host` names loopback (403), and a POST must say its body is JSON (415), so an HTML form
+/// or a `text/plain` fetch from another site cannot act on the API.
+async fn guard(State(exposure): State<Exposure>, req: Request<Body>, next: axum::middleware::Next) -> Response {
+    if exposure == Exposure::Loopback
+        && let Some(host) = req.headers().get(header::HOST)
+    {
+        let host = host.to_str().unwrap_or("");
+        if !is_loopback_host(host) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                format!(
+                    "the Host header {host:?} does not name this machine; a server listening on loopback \
+                     answers only localhost, 127.0.0.1 and [::1]"
+                ),
+            );
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            let got = if ct.is_empty() { "no Content-Type".to_owned() } else { format!("Content-Type {ct:?}") };
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                format!("a POST body must be JSON, sent with `Content-Type: application/json` (got {got})"),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// The router over `svc`, guarded for a listener of `exposure`.
+pub fn router(svc: Svc, exposure: Exposure) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -60,7 +132,7 @@ pub fn router(svc: Svc) -> Router {
         .route("/v1/admin/adapters/rescan", post(rescan_adapters))
         .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/metrics", get(metrics))
-        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/health", get(health))
         .route("/version", get(|| async { json_response(&json!({"version": env!("CARGO_PKG_VERSION")})) }))
         .fallback(|req: Request<Body>| async move {
             error_response(&ServiceError::new(
@@ -69,6 +141,16 @@ pub fn router(svc: Svc) -> Router {
             ))
         })
         .with_state(svc)
+        .layer(axum::middleware::from_fn_with_state(exposure, guard))
+}
+
+/// 200 while the engine and the adapter loaders run; 503 naming what stopped otherwise (so a
+/// load balancer stops sending to a node whose threads died).
+async fn health(State(svc): State<Svc>) -> Response {
+    match svc.health() {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(why) => refuse(StatusCode::SERVICE_UNAVAILABLE, "overloaded_error", why),
+    }
 }
 
 async fn metrics(State(svc): State<Svc>) -> Response {
@@ -494,7 +576,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let app = router(svc.clone());
+    let app = router(svc.clone(), Exposure::of(listener.local_addr()?));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signalled = async move {
         shutdown.await;

@@ -177,8 +177,8 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 }))
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        // Open mode (no tenants): the anonymous caller is an admin, as the start line says.
-        let anonymous = Tenant::local_admin("anonymous");
+        // Open mode (no tenants): the anonymous caller is a user; admin endpoints need a key.
+        let anonymous = Tenant::anonymous();
         let tok = &model.tokenizer;
         let chat_stop_ids = ["<|im_end|>", "<|eot_id|>", "<|end|>"].iter().filter_map(|t| tok.token_to_id(t)).collect();
         let base_manifest = deployment.model.manifest.clone().unwrap_or_else(Manifest::unpriced);
@@ -286,6 +286,24 @@ impl<B: Backend + Clone + 'static> Service<B> {
     /// Stops accepting requests (shutdown); running ones finish.
     pub fn stop_accepting(&self) {
         self.engine.stop_accepting();
+    }
+
+    /// What is down, if anything: the engine thread or an adapter loader thread that exited.
+    /// `/health` answers 503 with it.
+    pub fn health(&self) -> Result<(), String> {
+        if !self.engine.is_alive() {
+            return Err("the engine thread has stopped".into());
+        }
+        if !self.pager.loaders_alive() {
+            return Err("an adapter loader thread has stopped".into());
+        }
+        Ok(())
+    }
+
+    /// The engine (for tests that inject faults into it).
+    #[doc(hidden)]
+    pub fn engine(&self) -> &EngineHandle<B> {
+        &self.engine
     }
 
     /// The adapter registry: catalog, tiers and their figures.

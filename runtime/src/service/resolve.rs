@@ -30,10 +30,12 @@ pub(super) struct Resolved<B: Backend> {
 fn pager_error(e: PagerError, missing: impl FnOnce() -> ServiceError) -> ServiceError {
     match e {
         PagerError::NotFound(_) => missing(),
-        PagerError::TooLarge { .. } | PagerError::NoRoom { .. } | PagerError::ShutDown(_) => {
-            ServiceError::new(ErrorKind::Overloaded, e.to_string())
-        }
-        PagerError::Load(_) => {
+        PagerError::TooLarge { .. }
+        | PagerError::NoRoom { .. }
+        | PagerError::ShutDown(_)
+        | PagerError::TimedOut { .. }
+        | PagerError::Busy { .. } => ServiceError::new(ErrorKind::Overloaded, e.to_string()),
+        PagerError::Load(_) | PagerError::Panicked { .. } => {
             // The full error names files on the server; it goes to the log, not to the client.
             eprintln!("openlora: {e}");
             ServiceError::internal("an adapter could not be loaded (the server log has the reason)")

@@ -45,6 +45,11 @@ impl Tenant {
         }
     }
 
+    /// The caller of an open deployment (no `[[tenants]]`): a user with no concurrency limit.
+    pub fn anonymous() -> Self {
+        Self { role: Role::User, ..Self::local_admin("anonymous") }
+    }
+
     /// Whether it may use admin endpoints.
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
@@ -106,6 +111,12 @@ impl<B: Backend + Clone + 'static> Service<B> {
     pub fn require_admin(&self, tenant: &Tenant) -> Result<(), ServiceError> {
         if tenant.is_admin() {
             Ok(())
+        } else if !self.auth_required() {
+            Err(ServiceError::new(
+                ErrorKind::Forbidden,
+                "admin endpoints need an admin API key, and this deployment has none: add a [[tenants]] entry \
+                 with role = \"admin\"",
+            ))
         } else {
             Err(ServiceError::new(ErrorKind::Forbidden, format!("tenant {:?} is not an admin", tenant.name)))
         }

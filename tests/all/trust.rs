@@ -1,0 +1,326 @@
+//! Trust under faults and hostile callers, in process (the service and its HTTP router on
+//! 127.0.0.1, the default model on the CPU): a panicking engine step or adapter load fails
+//! only its own requests and the node goes on; a dead engine thread makes `/health` say 503;
+//! clients that hang up stop costing (queued and running, streamed or not) and are billed for
+//! what they got; an open deployment is a user, not an admin, and a web page cannot drive it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use openlora::config::Deployment;
+use openlora::engine::Fault;
+use openlora::model::{LoadedModel, default_model};
+use openlora::service::{ErrorKind, GenerateRequest, PromptInput, Service, ServiceEvent, ServingBackend, Tenant};
+use openlora_kernels::{CpuBackend, DeviceBackend};
+use serde_json::{Value, json};
+
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+fn model() -> &'static Arc<LoadedModel<ServingBackend>> {
+    static M: OnceLock<Arc<LoadedModel<ServingBackend>>> = OnceLock::new();
+    M.get_or_init(|| {
+        let path = default_model::ensure_default_model().expect("default model");
+        Arc::new(LoadedModel::open(&path, DeviceBackend::Cpu(CpuBackend::new())).expect("load"))
+    })
+}
+
+/// A service and its HTTP server, on a runtime of its own.
+struct Node {
+    svc: Arc<Service<ServingBackend>>,
+    addr: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// A node for the deployment `toml` (attribution on, its state in a temp dir).
+    fn start(toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let adapters = openlora_tests::example("adapters");
+        let text = format!(
+            "{toml}\n[adapters]\ndirs = [{:?}]\n[attribution]\nenabled = true\nstate_dir = {:?}\n",
+            adapters.display().to_string(),
+            dir.path().join("state").display().to_string()
+        );
+        let d = Deployment::parse(&text, &dir.path().join("deploy.toml")).expect("deployment");
+        let svc = Service::start(&d, model().clone(), MODEL.into(), DeviceBackend::Cpu(CpuBackend::new()), "0".into())
+            .expect("service");
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let s = svc.clone();
+        rt.spawn(async move {
+            let _ = openlora::server::serve(s, listener, std::future::pending(), Duration::from_secs(1)).await;
+        });
+        Self { svc, addr, rt, dir }
+    }
+
+    fn ledger(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("state/ledger.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str::<Value>(l).expect("ledger line")["body"]["record"].clone())
+            .collect()
+    }
+
+    /// Waits until the ledger holds `n` receipts.
+    fn receipts(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let l = self.ledger();
+            if l.len() >= n {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "{} receipts after 60 s, expected {n}: {l:?}", l.len());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the engine has `running` sequences running and `waiting` queued.
+    fn engine_reaches(&self, running: usize, waiting: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = self.svc.engine().stats();
+            if st.running == running && st.waiting == waiting {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: engine has {} running, {} waiting", st.running, st.waiting);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends one request on a fresh connection and returns the open stream (for tests that hang up).
+fn send(addr: SocketAddr, head_extra: &str, path: &str, body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{head_extra}Content-Length: {}\r\n\r\n{body}",
+        addr.port(),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    s
+}
+
+/// One request; returns (status, body).
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let head =
+        format!("{method} {path} HTTP/1.1\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).expect("write");
+    s.write_all(body.as_bytes()).expect("write body");
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, raw.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned()))
+}
+
+fn host(addr: SocketAddr) -> String {
+    format!("Host: 127.0.0.1:{}\r\n", addr.port())
+}
+
+const JSON: &str = "Content-Type: application/json\r\n";
+
+fn chat(max_tokens: usize, stream: bool) -> String {
+    json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story about the sea."}],
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true, "stream": stream,
+    })
+    .to_string()
+}
+
+fn request(max_tokens: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::new(MODEL, PromptInput::Text("The capital of France is".into()));
+    r.max_tokens = Some(max_tokens);
+    r.ignore_eos = true;
+    r
+}
+
+fn text_of(svc: &Arc<Service<ServingBackend>>, max_tokens: usize) -> String {
+    let t = Arc::new(Tenant::anonymous());
+    let j = svc.generate(&t, request(max_tokens)).expect("generate");
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    rt.block_on(j.collect()).expect("collect").texts.remove(0)
+}
+
+/// Regression (hole 8): a panic in the engine step outside the per-sequence guards ended the
+/// engine thread; every later request got 503 while `/health` said 200.
+#[test]
+fn an_engine_step_panic_fails_its_requests_and_the_engine_goes_on() {
+    let node = Node::start("");
+    let svc = &node.svc;
+    let before = text_of(svc, 8);
+    let t = Arc::new(Tenant::anonymous());
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    let mut j = svc.generate(&t, request(200)).expect("generate");
+    // Let it run, then break the next step.
+    assert!(matches!(rt.block_on(j.next()), Some(ServiceEvent::Token { .. })));
+    svc.engine().inject_fault(Fault::StepPanic);
+    let err = loop {
+        match rt.block_on(j.next()) {
+            Some(ServiceEvent::Failed(e)) => break e,
+            Some(ServiceEvent::Token { .. }) => {}
+            other => panic!("the request should fail, got {other:?}"),
+        }
+    };
+    assert!(err.message.contains("internal error in the engine") && err.message.contains("injected"), "{err:?}");
+    drop(j);
+    assert_eq!(svc.engine().stats().step_panics, 1);
+    // The engine goes on, with the same outputs, and the node reports healthy.
+    assert_eq!(text_of(svc, 8), before);
+    assert!(svc.health().is_ok());
+    let (st, _) = http(node.addr, "GET", "/health", &host(node.addr), "");
+    assert_eq!(st, 200);
+    let rec = node.receipts(3);
+    assert_eq!(rec[1]["finish_reason"], "error", "{rec:?}");
+    assert!(rec[1]["completion_tokens"].as_u64().expect("tokens") >= 1, "billed for what it produced: {rec:?}");
+}
+
+/// Regression (hole 8): a dead engine thread left `/health` at 200.
+#[test]
+fn a_dead_engine_thread_makes_health_report_503() {
+    let node = Node::start("");
+    let svc = &node.svc;
+    assert!(svc.health().is_ok());
+    svc.engine().inject_fault(Fault::ThreadExit);
+    // The thread reaches the fault at its next step: wake it with a request, which fails.
+    let t = Arc::new(Tenant::anonymous());
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    if let Ok(j) = svc.generate(&t, request(4)) {
+        assert!(rt.block_on(j.collect()).is_err(), "a request to a dead engine fails");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while svc.health().is_ok() {
+        assert!(Instant::now() < deadline, "health still ok after the engine thread exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, body) = http(node.addr, "GET", "/health", &host(node.addr), "");
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("engine"), "{body}");
+    let e = svc.generate(&t, request(4)).err().expect("refused");
+    assert_eq!(e.kind, ErrorKind::Overloaded, "{e:?}");
+}
+
+/// Regression (hole 8): a panicking adapter load left its waiters hanging forever.
+#[test]
+fn a_panicking_adapter_load_fails_its_waiters_and_the_loader_goes_on() {
+    let node = Node::start("");
+    let svc = &node.svc;
+    svc.pager().inject_load_panic();
+    let started = Instant::now();
+    let mut r = request(4);
+    r.model = "caps".into();
+    let t = Arc::new(Tenant::anonymous());
+    let e = svc.generate(&t, r.clone()).err().expect("the load panics");
+    assert!(started.elapsed() < Duration::from_secs(30), "the waiter returned");
+    assert_eq!(e.kind, ErrorKind::Internal, "{e:?}");
+    assert!(!e.message.contains('/'), "no server path reaches the client: {e:?}");
+    // The loader goes on: the next request loads the adapter.
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    let j = svc.generate(&t, r).expect("the adapter loads now");
+    assert!(rt.block_on(j.collect()).is_ok());
+    assert!(svc.health().is_ok());
+}
+
+/// Regression (hole 4): a request whose client hung up while it was queued kept its place, so
+/// connect-and-drop loops filled `max_waiting`. Queued and running, streamed and not: each
+/// hang-up cancels its request, frees its place and KV blocks, and bills what it produced.
+#[test]
+fn clients_that_hang_up_are_cancelled_in_every_state() {
+    let node = Node::start("[engine]\nmax_running = 1\nmax_waiting = 4\n");
+    let a = node.addr;
+    let svc = &node.svc;
+    // One long stream holds the only running slot.
+    let running = send(a, JSON, "/v1/chat/completions", &chat(400, true));
+    let mut line = String::new();
+    let mut r = BufReader::new(running.try_clone().expect("clone"));
+    while !line.contains("content\":\"") || line.contains("content\":\"\"") {
+        line.clear();
+        assert!(r.read_line(&mut line).expect("read") > 0);
+    }
+    // Queue two non-streaming requests and two streaming ones, then hang up on them.
+    let queued: Vec<TcpStream> = (0..4).map(|i| send(a, JSON, "/v1/chat/completions", &chat(50, i % 2 == 0))).collect();
+    node.engine_reaches(1, 4, "four queued behind one running");
+    drop(queued);
+    node.engine_reaches(1, 0, "hung-up queued requests leave the queue");
+    // The queue takes new work again (it was full of the departed).
+    let more: Vec<TcpStream> = (0..4).map(|_| send(a, JSON, "/v1/chat/completions", &chat(50, false))).collect();
+    node.engine_reaches(1, 4, "the queue has room again");
+    drop(more);
+    node.engine_reaches(1, 0, "hung-up queued requests leave the queue again");
+    // Now the running one, which had streamed tokens.
+    running.shutdown(std::net::Shutdown::Both).expect("shutdown");
+    drop(r);
+    node.engine_reaches(0, 0, "the hung-up running request is cancelled");
+    assert_eq!(svc.engine().stats().kv_blocks_used, 0, "its KV blocks are free");
+    let rec = node.receipts(9);
+    assert!(rec.iter().all(|r| r["finish_reason"] == "cancelled"), "{rec:?}");
+    let produced: Vec<u64> = rec.iter().map(|r| r["completion_tokens"].as_u64().expect("tokens")).collect();
+    assert_eq!(produced.iter().filter(|&&n| n == 0).count(), 8, "queued ones produced nothing: {produced:?}");
+    assert!(produced.iter().any(|&n| n >= 1 && n < 400), "the running one is billed what it produced: {produced:?}");
+    // A non-streaming request hung up while running is cancelled too.
+    let s = send(a, JSON, "/v1/chat/completions", &chat(400, false));
+    node.engine_reaches(1, 0, "a whole-response request runs");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    node.engine_reaches(0, 0, "the hung-up whole-response request is cancelled");
+    let rec = node.receipts(10);
+    assert_eq!(rec[9]["finish_reason"], "cancelled", "{:?}", rec[9]);
+    assert!(rec[9]["completion_tokens"].as_u64().expect("tokens") < 400);
+}
+
+/// Regression (hole 6): with no `[[tenants]]` the anonymous caller was an admin, bodies were
+/// parsed as JSON whatever their type, and any Host was answered, so a web page in the
+/// operator's browser could load adapters and reload plugins (CSRF, DNS rebinding).
+#[test]
+fn an_open_deployment_is_a_user_and_a_web_page_cannot_drive_it() {
+    let node = Node::start("");
+    let a = node.addr;
+    let h = host(a);
+    let load = json!({"lora_name": "evil", "lora_path": openlora_tests::example("adapters/caps")}).to_string();
+    // Anonymous is not an admin.
+    for (path, body) in [
+        ("/v1/load_lora_adapter", load.as_str()),
+        ("/v1/unload_lora_adapter", r#"{"lora_name": "caps"}"#),
+        ("/v1/admin/plugins/reload", r#"{"name": "x"}"#),
+        ("/v1/admin/adapters/rescan", "{}"),
+    ] {
+        let (st, body) = http(a, "POST", path, &format!("{h}{JSON}"), body);
+        assert_eq!(st, 403, "{path}: {body}");
+        assert!(body.contains("admin API key"), "{path}: {body}");
+    }
+    // A form or text/plain POST (what a cross-site page can send without a preflight): 415.
+    for ct in ["text/plain", "application/x-www-form-urlencoded", ""] {
+        let hdr = if ct.is_empty() { h.clone() } else { format!("{h}Content-Type: {ct}\r\n") };
+        let (st, body) = http(a, "POST", "/v1/chat/completions", &hdr, &chat(2, false));
+        assert_eq!(st, 415, "{ct:?}: {body}");
+        assert!(body.contains("application/json"), "{body}");
+    }
+    // A name re-bound to 127.0.0.1 (DNS rebinding): the Host is not loopback, so 403.
+    let (st, body) = http(a, "GET", "/v1/models", "Host: attacker.example\r\n", "");
+    assert_eq!(st, 403, "{body}");
+    assert!(body.contains("Host"), "{body}");
+    // Loopback names are answered; the model list shows no server paths to a user.
+    for name in ["localhost", "127.0.0.1", "[::1]", "LOCALHOST."] {
+        let (st, body) = http(a, "GET", "/v1/models", &format!("Host: {name}:{}\r\n", a.port()), "");
+        assert_eq!(st, 200, "{name}: {body}");
+        assert!(!body.contains(&*openlora_tests::example("adapters").display().to_string()), "{body}");
+    }
+    let (st, _) = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        &format!("{h}Content-Type: application/json; charset=utf-8\r\n"),
+        &chat(2, false),
+    );
+    assert_eq!(st, 200);
+    assert!(node.svc.list_models(&Tenant::anonymous()).iter().all(|m| m.id != "evil"));
+    assert!(Path::new(&node.dir.path().join("state")).exists());
+    let _ = &node.rt;
+}

@@ -10,3 +10,4 @@ mod malformed;
 mod pager;
 mod plugins;
 mod reference_logits;
+mod trust;

@@ -154,6 +154,10 @@ pub struct ServerSection {
     /// Off by default: such a deployment is refused at start.
     #[serde(default)]
     pub allow_open_network: bool,
+    /// Serve `/metrics` to anyone (default: with `[[tenants]]`, admins only: the metrics name
+    /// adapters and count every tenant's requests). For a scraper that cannot send a key.
+    #[serde(default)]
+    pub metrics_public: bool,
 }
 
 fn default_max_adapters() -> usize {
@@ -198,6 +202,7 @@ impl Default for ServerSection {
             max_merged_rank: default_max_merged_rank(),
             max_stop_bytes: default_max_stop_bytes(),
             allow_open_network: false,
+            metrics_public: false,
         }
     }
 }

@@ -368,7 +368,7 @@ fn a_tenant_over_its_concurrency_limit_gets_429_and_shutdown_drains_in_flight_re
     // Wait until it runs, then a second request of the same tenant is refused.
     let start = Instant::now();
     loop {
-        let m = http(a, "GET", "/metrics", None, b"").1;
+        let m = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
         if m.contains("vllm:num_requests_running{model_name=\"SmolLM2-135M-Instruct\"} 1") {
             break;
         }
@@ -609,7 +609,7 @@ fn the_quickstart_plugins_redact_route_merge_and_split_through_http() {
     assert_eq!(st, 200, "{merged}");
     let r = receipt_of(a, "sk-demo-user", &merged);
     assert!(r["body"]["record"]["merge"].as_str().is_some_and(|m| m.starts_with("ties ")), "{}", r["body"]["record"]);
-    let metrics = http(a, "GET", "/metrics", None, b"").1;
+    let metrics = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
     assert!(metrics.contains("openlora_plugin_calls_total{model_name=\"SmolLM2-135M-Instruct\",plugin=\"prompt-guard\",kind=\"preprocessor\"}"), "{metrics}");
 }
 
@@ -641,7 +641,7 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
     assert_eq!(st, 503, "{resp}");
     assert!(resp.contains("quarantine"), "{resp}");
-    let metrics = http(a, "GET", "/metrics", None, b"").1;
+    let metrics = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
     assert!(
         metrics.contains(
             "openlora_plugin_quarantined{model_name=\"SmolLM2-135M-Instruct\",plugin=\"chaos\",kind=\"router\"} 1"
@@ -684,7 +684,7 @@ fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs()
             assert_eq!(ask(m, k), first[i], "round {round}: {m} after being paged out and back in");
         }
     }
-    let metrics = http(a, "GET", "/metrics", None, b"").1;
+    let metrics = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
     let value = |name: &str| -> f64 {
         metrics
             .lines()
@@ -931,7 +931,7 @@ fn concurrent_requests_for_one_merge_build_it_once_inside_the_device_budget() {
         let (st, resp) = t.join().expect("thread");
         assert_eq!(st, 200, "{resp}");
     }
-    let (_, m) = http(a, "GET", "/metrics", None, b"");
+    let (_, m) = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"");
     assert_eq!(metric(&m, "openlora_adapter_merges_total"), 1.0, "built once:\n{m}");
     assert_eq!(
         metric(&m, "openlora_adapter_merge_joins_total") + metric(&m, "openlora_adapter_merge_hits_total"),

@@ -16,7 +16,7 @@ use openlora::plugins::{
 
 /// Built components: (examples, fixtures). Built once per test binary; the build itself is
 /// skipped when the sources are unchanged (content-hash stamp).
-fn components() -> &'static (xtask::BuiltPlugins, xtask::BuiltPlugins) {
+pub(crate) fn components() -> &'static (xtask::BuiltPlugins, xtask::BuiltPlugins) {
     static BUILT: OnceLock<(xtask::BuiltPlugins, xtask::BuiltPlugins)> = OnceLock::new();
     BUILT.get_or_init(|| {
         let examples = xtask::build_workspace(&xtask::examples_workspace(), &xtask::output_dir("examples"))

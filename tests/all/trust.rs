@@ -50,6 +50,33 @@ impl Node {
             adapters.display().to_string(),
             dir.path().join("state").display().to_string()
         );
+        Self::from_text(&text, dir)
+    }
+
+    /// The quickstart deployment (tenants, visibility, every example plugin), with `edit`
+    /// applied to its text.
+    fn quickstart(edit: impl Fn(String) -> String) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plugins = crate::plugins::components();
+        let plugin =
+            |name: &str| plugins.0.get(name).unwrap_or_else(|| panic!("no plugin {name}")).display().to_string();
+        let mut text = std::fs::read_to_string(openlora_tests::example("quickstart.toml"))
+            .expect("quickstart")
+            .replace(
+                "dirs = [\"adapters\"]",
+                &format!("dirs = [{:?}]", openlora_tests::example("adapters").display().to_string()),
+            )
+            .replace(
+                "state_dir = \"../.openlora-state\"",
+                &format!("state_dir = {:?}", dir.path().join("state").display().to_string()),
+            );
+        for name in ["prompt-guard", "keyword-router", "recipe-merger", "revenue-split"] {
+            text = text.replace(&format!("\"../target/plugins/examples/{name}.wasm\""), &format!("{:?}", plugin(name)));
+        }
+        Self::from_text(&edit(text), dir)
+    }
+
+    fn from_text(text: &str, dir: tempfile::TempDir) -> Self {
         let d = Deployment::parse(&text, &dir.path().join("deploy.toml")).expect("deployment");
         let svc = Service::start(&d, model().clone(), MODEL.into(), DeviceBackend::Cpu(CpuBackend::new()), "0".into())
             .expect("service");
@@ -465,4 +492,105 @@ fn adapter_churn_under_load_never_misroutes() {
         &mismatches[..mismatches.len().min(5)]
     );
     assert!(served >= 20 && churns >= 100, "too little happened to prove anything: {served} served, {churns} reloads");
+}
+
+/// The tenant-isolation suite (issue 16): for every endpoint and extension, tenant `demo`
+/// learns nothing about what only `partner` may see (the adapter `pirate`, partner's prompts
+/// and receipts). "Learns nothing" is checked as: the answer about the hidden thing is the
+/// answer about a thing that does not exist, byte for byte once the names are swapped.
+#[test]
+fn a_tenant_learns_nothing_it_may_not_see() {
+    // The router sends prompts mentioning "arr" to the private adapter.
+    let node = Node::quickstart(|t| t.replace("signed = \"signature\"", "signed = \"signature\"\narr = \"pirate\""));
+    let a = node.addr;
+    let key = |k: &str| format!("{}Authorization: Bearer {k}\r\n{JSON}", host(a));
+    let (demo, partner, admin) = (key("sk-demo-user"), key("sk-demo-partner"), key("sk-demo-admin"));
+    let same = |what: &str, hidden: (u16, String), absent: (u16, String), absent_name: &str| {
+        let hidden_body = hidden.1.replace("pirate", absent_name);
+        // (Echoing the name the caller sent itself is fine; answering differently is the leak.)
+        assert_eq!((hidden.0, hidden_body), absent, "{what}: the hidden adapter answers unlike an absent one");
+    };
+    // Models.
+    let (st, body) = http(a, "GET", "/v1/models", &demo, "");
+    assert_eq!(st, 200);
+    assert!(!body.contains("pirate"), "{body}");
+    assert!(http(a, "GET", "/v1/models", &partner, "").1.contains("pirate"), "partner sees it");
+    same(
+        "GET /v1/models/{id}",
+        http(a, "GET", "/v1/models/pirate", &demo, ""),
+        http(a, "GET", "/v1/models/nosuch", &demo, ""),
+        "nosuch",
+    );
+    // Completions and chat, by model and by the `adapters` and `merge` extensions.
+    let bodies = |name: &str| {
+        vec![
+            ("completions model", "/v1/completions", json!({"model": name, "prompt": "Hi", "max_tokens": 2})),
+            (
+                "chat model",
+                "/v1/chat/completions",
+                json!({"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+            ),
+            (
+                "adapters",
+                "/v1/chat/completions",
+                json!({"model": MODEL, "adapters": [{"name": "caps", "weight": 1.0}, {"name": name, "weight": 1.0}], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+            ),
+            (
+                "merge",
+                "/v1/chat/completions",
+                json!({"model": MODEL, "adapters": [{"name": "caps", "weight": 1.0}, {"name": name, "weight": 1.0}], "merge": {"method": "linear"}, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+            ),
+            (
+                "merger plugin",
+                "/v1/chat/completions",
+                json!({"model": MODEL, "adapters": [{"name": "caps", "weight": 1.0}, {"name": name, "weight": 1.0}], "merge": {}, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+            ),
+        ]
+    };
+    for ((what, path, hidden), (_, _, absent)) in bodies("pirate").into_iter().zip(bodies("nosuch")) {
+        let h = http(a, "POST", path, &demo, &hidden.to_string());
+        let n = http(a, "POST", path, &demo, &absent.to_string());
+        assert_eq!(n.0, 404, "{what}: {}", n.1);
+        same(what, h, n, "nosuch");
+        assert_eq!(http(a, "POST", path, &partner, &hidden.to_string()).0, 200, "{what}: partner may use it");
+    }
+    // The router picks the private adapter for demo: a 404 that names nothing.
+    let routed =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "arr, matey"}], "max_tokens": 2}).to_string();
+    let (st, body) = http(a, "POST", "/v1/chat/completions", &demo, &routed);
+    assert_eq!(st, 404, "{body}");
+    assert!(!body.contains("pirate") && !body.contains("adapters"), "{body}");
+    assert_eq!(http(a, "POST", "/v1/chat/completions", &partner, &routed).0, 200);
+    // Receipts: partner's receipt is, to demo, a receipt that does not exist.
+    let secret = "My account number is 4242-4242 and my secret plan is to buy the moon on Tuesday at noon.";
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": secret.repeat(3)}], "max_tokens": 2})
+        .to_string();
+    let (st, body) = http(a, "POST", "/v1/chat/completions", &partner, &long);
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    let id = v["receipt"].as_str().expect("receipt id").to_owned();
+    let fake = "0".repeat(id.len());
+    let (st, mine) = http(a, "GET", &format!("/v1/receipts/{id}"), &demo, "");
+    assert_eq!(st, 404, "{mine}");
+    assert_eq!(mine.replace(&id, &fake), http(a, "GET", &format!("/v1/receipts/{fake}"), &demo, "").1);
+    assert_eq!(http(a, "GET", &format!("/v1/receipts/{id}"), &partner, "").0, 200, "its owner reads it");
+    assert_eq!(http(a, "GET", &format!("/v1/receipts/{id}"), &admin, "").0, 200, "an admin reads it");
+    // The prefix cache: demo sending partner's prompt finds nothing cached; partner does.
+    let cached = |k: &str| -> u64 {
+        let (st, body) = http(a, "POST", "/v1/chat/completions", k, &long);
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str::<Value>(&body).expect("json")["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens")
+    };
+    assert_eq!(cached(&demo), 0, "demo learns nothing about partner's prompt from the cache");
+    assert!(cached(&partner) > 0, "the cache works for its owner");
+    // Metrics name adapters and count everyone's requests: operators only.
+    let (st, body) = http(a, "GET", "/metrics", &demo, "");
+    assert_eq!(st, 403, "{body}");
+    let (st, body) = http(a, "GET", "/metrics", &host(a), "");
+    assert_eq!(st, 401, "{body}");
+    let (st, body) = http(a, "GET", "/metrics", &admin, "");
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("vllm:num_requests_running"));
 }

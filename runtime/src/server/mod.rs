@@ -153,7 +153,10 @@ async fn health(State(svc): State<Svc>) -> Response {
     }
 }
 
-async fn metrics(State(svc): State<Svc>) -> Response {
+async fn metrics(State(svc): State<Svc>, headers: HeaderMap) -> Response {
+    if let Err(e) = tenant(&svc, &headers).and_then(|t| svc.may_read_metrics(&t)) {
+        return error_response(&e);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], svc.prometheus_text()).into_response()
 }
 

@@ -70,6 +70,8 @@ pub struct Service<B: Backend + 'static> {
     plugin_specs: Vec<(String, PluginKind)>,
     /// Whether tenants share prefix-cache blocks (`[engine] prefix_cache_scope = "shared"`).
     shared_prefix_cache: bool,
+    /// Whether `/metrics` is served without an admin key when tenants are configured.
+    metrics_public: bool,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
@@ -236,6 +238,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             plugins,
             plugin_specs,
             shared_prefix_cache: deployment.engine.prefix_cache_scope == "shared",
+            metrics_public: deployment.server.metrics_public,
             pager,
             model_root: model.path.display().to_string(),
             engine,
@@ -298,6 +301,15 @@ impl<B: Backend + Clone + 'static> Service<B> {
             return Err("an adapter loader thread has stopped".into());
         }
         Ok(())
+    }
+
+    /// Whether `tenant` may read `/metrics`: they name adapters and count every tenant's
+    /// requests, so with tenants configured only admins may, unless `[server] metrics_public`.
+    pub fn may_read_metrics(&self, tenant: &Tenant) -> Result<(), ServiceError> {
+        if self.metrics_public || !self.auth_required() {
+            return Ok(());
+        }
+        self.require_admin(tenant)
     }
 
     /// The engine (for tests that inject faults into it).

@@ -150,6 +150,10 @@ pub struct ServerSection {
     /// Longest stop string, in bytes.
     #[serde(default = "default_max_stop_bytes")]
     pub max_stop_bytes: usize,
+    /// Most sequences one request may start: its prompts (a completions list) times `n`.
+    /// Each is a queue place and a decode row, all under one concurrency permit.
+    #[serde(default = "default_max_choices")]
+    pub max_choices_per_request: usize,
     /// Listen beyond loopback with no `[[tenants]]` (anyone who reaches the port may generate).
     /// Off by default: such a deployment is refused at start.
     #[serde(default)]
@@ -166,6 +170,10 @@ fn default_max_adapters() -> usize {
 
 fn default_max_merged_rank() -> usize {
     128
+}
+
+fn default_max_choices() -> usize {
+    16
 }
 
 fn default_max_stop_bytes() -> usize {
@@ -201,6 +209,7 @@ impl Default for ServerSection {
             max_adapters_per_request: default_max_adapters(),
             max_merged_rank: default_max_merged_rank(),
             max_stop_bytes: default_max_stop_bytes(),
+            max_choices_per_request: default_max_choices(),
             allow_open_network: false,
             metrics_public: false,
         }
@@ -422,6 +431,7 @@ impl Deployment {
             ("server.max_adapters_per_request", self.server.max_adapters_per_request),
             ("server.max_merged_rank", self.server.max_merged_rank),
             ("server.max_stop_bytes", self.server.max_stop_bytes),
+            ("server.max_choices_per_request", self.server.max_choices_per_request),
             ("engine.kv_cache_mib", self.engine.kv_cache_mib),
             ("engine.block_size", self.engine.block_size),
             ("engine.max_batch_tokens", self.engine.max_batch_tokens),

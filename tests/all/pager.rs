@@ -455,3 +455,59 @@ fn a_derived_adapter_is_built_once_counted_in_the_budget_and_evicted_by_lru() {
     assert_eq!(again.generation, key);
     assert_eq!(builds.load(Ordering::SeqCst), 2, "an evicted merge is built again");
 }
+
+/// Regression (hole 3): merges ran on whatever blocking thread asked, as many at once as
+/// requests asked for, so distinct recipes could take every core. Builds now take one of
+/// `max_concurrent_builds` slots; a caller that cannot get one within `load_timeout` gets
+/// `Busy` (a 503), and nothing is built twice at once.
+#[test]
+fn merges_build_on_a_bounded_pool_and_a_busy_pool_answers_busy() {
+    use openlora::adapters::merge::{MergeMethod, MergeRecipe, merge};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_adapters(tmp.path(), &cfg, 2, 11);
+    let config = PagerConfig { load_timeout: Duration::from_millis(300), ..PagerConfig::new(0, usize::MAX) };
+    let pager = Arc::new(pager_for(tmp.path(), &cfg, config).0);
+    let inputs: Arc<Vec<LoraHost>> =
+        Arc::new((0..2).map(|i| LoraHost::load(&name(i), &tmp.path().join(name(i)), &cfg).expect("load")).collect());
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let build = |weight: f32, ms: u64| {
+        let (inputs, now, most) = (inputs.clone(), now.clone(), most.clone());
+        let recipe = MergeRecipe::new(MergeMethod::parse("linear").expect("method"), vec![1.0, weight]);
+        let key = recipe.generation_of(&inputs.iter().map(|h| h.generation).collect::<Vec<_>>());
+        let f = move || {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(ms));
+            let refs: Vec<&LoraHost> = inputs.iter().collect();
+            let out = merge("merged", &refs, &recipe);
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(out?)
+        };
+        (key, f)
+    };
+    // A slow build holds the only slot; a second recipe waits 300 ms, then is told so.
+    let (k1, slow) = build(0.5, 1500);
+    let p = pager.clone();
+    let first = std::thread::spawn(move || p.acquire_derived(k1, "slow", slow));
+    std::thread::sleep(Duration::from_millis(200));
+    let (k2, quick) = build(0.25, 0);
+    let started = std::time::Instant::now();
+    match pager.acquire_derived(k2, "quick", quick) {
+        Err(PagerError::Busy { slots: 1, .. }) => {}
+        other => panic!("expected Busy, got {:?}", other.map(|a| a.name.clone())),
+    }
+    assert!(started.elapsed() < Duration::from_millis(1200), "it waited its timeout, not the build");
+    assert!(first.join().expect("thread").is_ok());
+    // Several recipes at once: all built, never two at a time (the waits fit the timeout).
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let (k, f) = build(0.1 * (i + 1) as f32, 50);
+            let p = pager.clone();
+            std::thread::spawn(move || p.acquire_derived(k, "m", f).is_ok())
+        })
+        .collect();
+    assert!(handles.into_iter().all(|h| h.join().expect("thread")));
+    assert_eq!(most.load(Ordering::SeqCst), 1, "builds never overlapped");
+}

@@ -594,3 +594,22 @@ fn a_tenant_learns_nothing_it_may_not_see() {
     assert_eq!(st, 200, "{body}");
     assert!(body.contains("vllm:num_requests_running"));
 }
+
+/// Regression: 64 prompts × `n` = 8 started 512 sequences under one concurrency permit, a
+/// queue's worth from one request. `server.max_choices_per_request` bounds prompts × n.
+#[test]
+fn one_request_cannot_start_more_sequences_than_the_limit() {
+    let node = Node::start("[server]\nmax_choices_per_request = 4\n");
+    let t = Arc::new(Tenant::anonymous());
+    let mut r = request(2);
+    r.prompts =
+        vec![PromptInput::Text("One".into()), PromptInput::Text("Two".into()), PromptInput::Text("Three".into())];
+    r.n = 2;
+    let e = node.svc.generate(&t, r.clone()).err().expect("6 sequences > 4");
+    assert_eq!((e.kind, e.param.as_deref()), (ErrorKind::BadRequest, Some("prompt")), "{e:?}");
+    assert!(e.message.contains("max_choices_per_request") && e.message.contains("6 sequences"), "{e:?}");
+    r.prompts.pop();
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+    let c = rt.block_on(node.svc.generate(&t, r).expect("4 sequences").collect()).expect("collect");
+    assert_eq!(c.texts.len(), 4);
+}

@@ -265,6 +265,8 @@ pub struct Limits {
     pub max_merged_rank: usize,
     /// Longest stop string in bytes.
     pub max_stop_bytes: usize,
+    /// Most sequences (prompts × `n`) one request may start.
+    pub max_choices: usize,
 }
 
 /// A fresh response id.

@@ -102,6 +102,18 @@ impl<B: Backend + Clone + 'static> Service<B> {
         if req.n == 0 || req.n > l.max_n {
             return Err(ServiceError::bad("n", format!("n must be between 1 and {}", l.max_n)));
         }
+        let choices = req.prompts.len().saturating_mul(req.n);
+        if choices > l.max_choices {
+            return Err(ServiceError::bad(
+                if req.prompts.len() > 1 { "prompt" } else { "n" },
+                format!(
+                    "{} prompts × n = {} asks for {choices} sequences; the limit is {} (server.max_choices_per_request)",
+                    req.prompts.len(),
+                    req.n,
+                    l.max_choices
+                ),
+            ));
+        }
         let max_tokens = req.max_tokens.unwrap_or(l.default_max_tokens);
         if max_tokens == 0 || max_tokens > l.max_tokens_limit {
             return Err(ServiceError::bad(

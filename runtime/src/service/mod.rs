@@ -162,6 +162,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             max_adapters: s.max_adapters_per_request,
             max_merged_rank: s.max_merged_rank,
             max_stop_bytes: s.max_stop_bytes,
+            max_choices: s.max_choices_per_request,
         };
         let tenants = deployment
             .tenants

@@ -22,7 +22,7 @@ def client(key):
 
 
 def metrics():
-    text = httpx.get(BASE + "/metrics").text
+    text = httpx.get(BASE + "/metrics", headers={"Authorization": "Bearer " + ADMIN}).text
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

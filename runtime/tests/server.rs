@@ -237,6 +237,8 @@ fn curl_auth_visibility_admin_and_malformed_input() {
         &format!("{base}/v1/completions"),
         "-H",
         "Authorization: Bearer sk-demo-user",
+        "-H",
+        "Content-Type: application/json",
         "-d",
         &format!(r#"{{"model": "{MODEL}", "prompt": "Once upon a time", "max_tokens": 4, "stream": true}}"#),
     ]);
@@ -473,7 +475,7 @@ fn sigkill_under_load_loses_no_acknowledged_receipt() {
                     };
                     let b = body.to_string();
                     let req = format!(
-                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-demo-user\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                        "POST /v1/completions HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer sk-demo-user\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
                         b.len()
                     );
                     if s.write_all(req.as_bytes()).is_err() {

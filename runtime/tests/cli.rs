@@ -136,3 +136,97 @@ fn bench_runs_through_the_engine_and_reports_speeds() {
         }
     }
 }
+
+/// Regression (multi-tenant trust, hole 7): `ledger verify` without `--public-key` accepted a
+/// ledger re-signed with another key and said nothing about it. It still cannot tell (the
+/// ledger names its own key), so it says the signer was not pinned and how to pin it; with
+/// the node's key pinned, the re-signed ledger is refused naming both keys.
+#[test]
+fn ledger_verify_with_pinned_key_rejects_resigned_ledger() {
+    use openlora::attribution::ledger::{Ledger, load_or_create_key};
+    use openlora::attribution::receipt::{InferenceRecord, ModelUse, Receipt, builtin_attribution};
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("ledger.jsonl");
+    let record = |i: u64| InferenceRecord {
+        request_id: format!("req-{i}"),
+        tenant: "demo".into(),
+        time_ms: 1_700_000_000_000 + i,
+        base_model: ModelUse {
+            id: "m".into(),
+            sha256: "ab".repeat(32),
+            owner: "base-co".into(),
+            price_per_1k_tokens: 100,
+        },
+        adapters: Vec::new(),
+        merge: None,
+        prompt_tokens: 40 + i,
+        completion_tokens: 10,
+        finish_reason: "stop".into(),
+        plugins: Vec::new(),
+        prompt_sha256: "00".repeat(32),
+        output_sha256: "11".repeat(32),
+    };
+    let node_key = {
+        let l = Ledger::open(&path, load_or_create_key(&tmp.path().join("node.key")).expect("key")).expect("open");
+        for i in 0..2 {
+            let r = record(i);
+            let a = builtin_attribution(&r);
+            l.append_blocking(r, a).expect("append");
+        }
+        l.public_key().to_owned()
+    };
+    // The forger's key, and the whole ledger re-signed with it after moving the money.
+    let forger = tmp.path().join("forger");
+    let forger_key = Ledger::open(&forger.join("l.jsonl"), load_or_create_key(&forger.join("node.key")).expect("key"))
+        .expect("open")
+        .public_key()
+        .to_owned();
+    let signer = load_or_create_key(&forger.join("node.key")).expect("key");
+    let hex_of = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut prev = "0".repeat(64);
+    let mut forged = String::new();
+    for line in std::fs::read_to_string(&path).expect("read").lines() {
+        let mut r: Receipt = serde_json::from_str(line).expect("receipt");
+        r.body.attribution.payments[0].party = "mallory".into();
+        r.body.node_key.clone_from(&forger_key);
+        r.body.prev.clone_from(&prev);
+        let hash = r.body.hash();
+        r.hash = hex_of(&hash);
+        r.sig = hex_of(signer.sign(&hash).as_ref());
+        prev.clone_from(&r.hash);
+        forged.push_str(&serde_json::to_string(&r).expect("json"));
+        forged.push('\n');
+    }
+    std::fs::write(&path, forged).expect("write");
+    let ledger = path.to_str().expect("path");
+
+    // Unpinned: the forgery is self-consistent, so it passes, and the output says why that
+    // proves nothing about the signer and how to pin it.
+    let out = openlora(&["ledger", "verify", ledger]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("ok: 2 receipts") && stdout.contains(&forger_key), "{stdout}");
+    for needle in ["not pinned", "--public-key", "GET /v1/attribution/key"] {
+        assert!(stderr.contains(needle), "the unpinned warning lacks `{needle}`: {stderr}");
+    }
+
+    // Pinned to the node's key: refused at the first entry, naming both keys.
+    let out = openlora(&["ledger", "verify", "--public-key", &node_key, ledger]);
+    assert!(!out.status.success(), "a ledger re-signed with another key verified against the node's key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("entry 0") && stderr.contains(&node_key) && stderr.contains(&forger_key), "{stderr}");
+
+    // Pinned to the key that did sign it: ok, and no warning. Upper-case hex is the same key.
+    let out = openlora(&["ledger", "verify", "--public-key", &forger_key.to_uppercase(), ledger]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the pinned key"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not pinned"));
+
+    // A malformed key is refused naming the flag; --help shows pinning as the way to verify.
+    let out = openlora(&["ledger", "verify", "--public-key", "abc", ledger]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--public-key must be"), "{out:?}");
+    let help = String::from_utf8_lossy(&openlora(&["ledger", "verify", "--help"]).stdout).into_owned();
+    assert!(help.contains("--public-key") && help.contains("/v1/attribution/key"), "{help}");
+}

@@ -636,9 +636,17 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("panic").as_bytes());
     assert_eq!(st, 503, "{resp}");
     assert!(resp.contains("chaos monkey says no"), "the guest panic message reaches the client: {resp}");
-    let (st, resp) = http(a, "POST", "/v1/completions", k, body("loop").as_bytes());
-    assert_eq!(st, 503, "{resp}");
-    assert!(resp.to_lowercase().contains("time"), "an endless loop is cut by the deadline: {resp}");
+    // An endless loop is cut by the deadline and counts, unless this machine's CPUs were so
+    // busy that the call got under half its time on the CPU (`Starved`, not counted): then the
+    // next loop request runs it again, until one counts (boundedly).
+    for _ in 0..20 {
+        let (st, resp) = http(a, "POST", "/v1/completions", k, body("loop").as_bytes());
+        assert_eq!(st, 503, "{resp}");
+        if resp.contains("quarantine") {
+            break;
+        }
+        assert!(resp.to_lowercase().contains("time"), "an endless loop is cut by the deadline: {resp}");
+    }
     // Now quarantined: refused at once, and reported in /metrics.
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
     assert_eq!(st, 503, "{resp}");

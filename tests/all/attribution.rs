@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use openlora::adapters::manifest::{Contributor, Dataset};
 use openlora::attribution::ledger::{Ledger, load_or_create_key, verify_bytes, verify_file};
-use openlora::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, builtin_attribution};
+use openlora::attribution::receipt::{
+    AdapterUse, InferenceRecord, ModelUse, Receipt, ReceiptBody, builtin_attribution,
+};
 use openlora::attribution::totals;
 
 fn record(i: u64) -> InferenceRecord {
@@ -221,4 +223,91 @@ fn a_replaced_node_key_is_refused_naming_both_keys() {
         }
         Ok(_) => panic!("a ledger opened with a key that did not sign it"),
     }
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rewrites the ledger at `path` as a holder of a signing key would forge it: `edit` each
+/// body, then re-chain, re-hash and re-sign every receipt (`sign`, whose public key is
+/// `public`). Hashes, links and signatures all check out afterwards.
+fn resign(
+    path: &std::path::Path,
+    public: &str,
+    sign: impl Fn(&[u8]) -> Vec<u8>,
+    edit: impl Fn(usize, &mut ReceiptBody),
+) {
+    let data = std::fs::read_to_string(path).expect("read");
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for (i, line) in data.lines().enumerate() {
+        let mut r: Receipt = serde_json::from_str(line).expect("receipt");
+        edit(i, &mut r.body);
+        r.body.node_key = public.to_owned();
+        r.body.prev.clone_from(&prev);
+        let hash = r.body.hash();
+        r.hash = hex_of(&hash);
+        r.sig = hex_of(&sign(&hash));
+        prev.clone_from(&r.hash);
+        out.push_str(&serde_json::to_string(&r).expect("json"));
+        out.push('\n');
+    }
+    std::fs::write(path, out).expect("write");
+}
+
+/// Regression (hole 7): `ledger verify` did not check that a receipt's payments sum to its
+/// total, so a receipt whose split was edited and re-signed with the ledger's own key passed.
+#[test]
+fn ledger_verify_rejects_payments_not_summing_to_total() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tmp.path().join("ledger.jsonl");
+    let public = {
+        let l = ledger_in(tmp.path());
+        for i in 0..3 {
+            let r = record(i);
+            let a = builtin_attribution(&r);
+            l.append_blocking(r, a).expect("append");
+        }
+        l.public_key().to_owned()
+    };
+    let key = load_or_create_key(&tmp.path().join("node.key")).expect("key");
+    let sign = |hash: &[u8]| key.sign(hash).as_ref().to_vec();
+    // Re-signing alone leaves a valid ledger: what fails below is the sum, nothing else.
+    resign(&path, &public, sign, |_, _| {});
+    assert!(verify_file(&path, Some(&public)).expect("read").error.is_none());
+
+    // Receipt 1 pays its first party 1,000 micros more than the total it charges.
+    resign(&path, &public, sign, |i, body| {
+        if i == 1 {
+            body.attribution.payments[0].micros += 1000;
+        }
+    });
+    let v = verify_file(&path, Some(&public)).expect("read");
+    assert_eq!(v.receipts.len(), 1, "the entry before it verifies");
+    let total = record(1).total_price();
+    let data = std::fs::read_to_string(&path).expect("read");
+    let id = serde_json::from_str::<Receipt>(data.lines().nth(1).expect("line 2")).expect("receipt").hash;
+    match v.error {
+        Some(openlora::attribution::LedgerError::Bad { index: 1, reason, .. }) => {
+            assert!(reason.contains(&format!("receipt {id}")), "names the receipt: {reason}");
+            assert!(
+                reason.contains(&format!("payments sum to {} micros", total + 1000))
+                    && reason.contains(&format!("total_micros is {total}")),
+                "names both amounts: {reason}"
+            );
+        }
+        other => panic!("payments not summing to the total went undetected: {other:?}"),
+    }
+    // The node refuses to open it, and refuses to sign such a receipt in the first place.
+    let key = load_or_create_key(&tmp.path().join("node.key")).expect("key");
+    assert!(Ledger::open(&path, key).is_err(), "a ledger whose sums are wrong opened");
+    let fresh = tempfile::tempdir().expect("tmp");
+    let l = ledger_in(fresh.path());
+    let r = record(7);
+    let mut a = builtin_attribution(&r);
+    a.total_micros += 1;
+    let refused = l.append_blocking(r, a.clone()).expect_err("refused");
+    assert!(refused.contains(&format!("total_micros is {}", a.total_micros)), "{refused}");
+    assert!(l.is_empty());
 }

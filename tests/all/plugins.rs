@@ -3,15 +3,16 @@
 //! host and called through its API.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openlora::plugins::{
     AdapterChoice, AdapterFacts, AdapterUse, CatalogView, Contributor, Dataset, FailurePolicy, HostOptions,
     InferenceRecord, LogLevel, LogRecord, LogSink, MajoritySign, MergeMethod, MergeOutcome, MergeRequest, Message,
     ModelUse, PayeeRole, PluginError, PluginHost, PluginKind, PluginSpec, PreprocessOutcome, PreprocessRequest,
-    RouteDecision, RouteRequest,
+    RouteDecision, RouteRequest, SandboxOptions,
 };
 
 /// Built components: (examples, fixtures). Built once per test binary; the build itself is
@@ -347,18 +348,26 @@ fn chaos_router_with_timeout(host: &PluginHost, name: &str, failure: FailurePoli
     host.load(spec).expect("load chaos-router");
 }
 
+/// A timeout of `limit`: the guest's (`Timeout`), or `Starved` when this test machine's CPUs
+/// were so contended that the call's thread got less than half of it (not the point here).
+fn timed_out(error: &PluginError, limit: Duration) -> bool {
+    matches!(error, PluginError::Timeout { limit: l } | PluginError::Starved { limit: l, .. } if *l == limit)
+}
+
 #[test]
 fn an_infinite_loop_times_out() {
     let (host, _) = host();
     chaos_router_with_timeout(&host, "chaos", FailurePolicy::Closed, 50);
     let start = Instant::now();
     let failure = host.route("chaos", &route_request("hi", &[("chaos", "loop")])).expect_err("must fail");
-    assert_eq!(failure.error, PluginError::Timeout { limit: Duration::from_millis(50) });
+    assert!(timed_out(&failure.error, Duration::from_millis(50)), "{failure}");
     assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
-    assert_eq!(failure.to_string(), "plugin `chaos` timed out after 50ms");
+    if let PluginError::Timeout { .. } = failure.error {
+        assert_eq!(failure.to_string(), "plugin `chaos` timed out after 50ms");
+    }
     // A guest cannot disguise its timeout as a panic.
     let liar = host.route("chaos", &route_request("hi", &[("chaos", "liar")])).expect_err("must fail");
-    assert_eq!(liar.error, PluginError::Timeout { limit: Duration::from_millis(50) });
+    assert!(timed_out(&liar.error, Duration::from_millis(50)), "{liar}");
     // The host keeps serving.
     assert_eq!(host.route("chaos", &route_request("hi", &[])).expect("call").value, RouteDecision::Default);
 }
@@ -556,6 +565,139 @@ fn hot_reload_keeps_in_flight_calls_on_the_old_version() {
     assert_eq!(host.metrics()[0].component_sha256, second.component_sha256);
 }
 
+/// While switched on, sleeps inside the host for `hold` whenever a plugin logs `line`: the
+/// calling thread is off the CPU while the wall clock runs, as under CPU contention, and the
+/// call keeps its sandbox slot meanwhile.
+struct SlowLog {
+    line: &'static str,
+    hold: Duration,
+    on: AtomicBool,
+}
+
+impl SlowLog {
+    fn new(line: &'static str, hold: Duration) -> Arc<Self> {
+        Arc::new(Self { line, hold, on: AtomicBool::new(false) })
+    }
+}
+
+impl LogSink for SlowLog {
+    fn log(&self, record: &LogRecord<'_>) {
+        if self.on.load(Ordering::SeqCst) && record.message == self.line {
+            std::thread::sleep(self.hold);
+        }
+    }
+}
+
+/// Regression (multi-tenant trust, hole 5): more concurrent calls than the sandbox pool holds
+/// failed at instantiation and counted as plugin failures, so load alone quarantined a
+/// fail-closed plugin. Now the excess calls wait for a slot (up to the plugin's time limit),
+/// then fail with `Busy`; none counts, and the plugin keeps serving.
+#[test]
+fn plugin_pool_full_is_not_quarantine() {
+    let log = SlowLog::new("chaos-router: routing", Duration::from_millis(60));
+    let sandbox = SandboxOptions { max_concurrent_calls: 2, ..SandboxOptions::default() };
+    let host =
+        Arc::new(PluginHost::new(HostOptions { log: log.clone(), sandbox, ..HostOptions::default() }).expect("host"));
+    let mut spec = closed(spec("r", PluginKind::Router, &fixture("chaos-router"), serde_json::json!({})));
+    spec.timeout_ms = Some(200);
+    spec.quarantine_after = Some(3);
+    host.load(spec).expect("load");
+    log.on.store(true, Ordering::SeqCst);
+
+    // 12 calls at once, each holding one of the 2 slots for at least 60 ms: at least 6 rounds
+    // (360 ms), so the calls of the first rounds get a slot by waiting and the last ones cannot
+    // get one within the 200 ms they may wait.
+    let calls = 12;
+    let start = Arc::new(Barrier::new(calls));
+    let threads: Vec<_> = (0..calls)
+        .map(|_| {
+            let (host, start) = (host.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                host.route("r", &route_request("hi", &[("chaos", "log")]))
+            })
+        })
+        .collect();
+    let (mut served, mut busy) = (0u64, 0u64);
+    for thread in threads {
+        match thread.join().expect("thread") {
+            Ok(handled) => {
+                assert_eq!(handled.value, RouteDecision::Default);
+                served += 1;
+            }
+            Err(failure) => match failure.error {
+                PluginError::Busy { capacity: 2, waited } => {
+                    assert!(waited >= Duration::from_millis(200), "gave up after {waited:?}: {failure}");
+                    assert!(failure.to_string().contains("not counted against the plugin"), "{failure}");
+                    busy += 1;
+                }
+                _ => panic!("only a busy pool may fail these calls: {failure}"),
+            },
+        }
+    }
+    assert!(served >= 4, "calls beyond the pool wait for a slot: {served} served, {busy} busy");
+    assert!(busy >= 1, "12 calls of 60 ms on 2 slots cannot all start within 200 ms: {served} served");
+
+    let metrics = host.metrics().remove(0);
+    assert!(!metrics.quarantined, "{metrics:?}");
+    assert_eq!((metrics.consecutive_failures, metrics.busy, metrics.failures), (0, busy, busy), "{metrics:?}");
+    // Fail-closed and not quarantined: the next request is served.
+    log.on.store(false, Ordering::SeqCst);
+    assert_eq!(host.route("r", &route_request("hi", &[])).expect("serves").value, RouteDecision::Default);
+}
+
+/// Regression (hole 5): a wall-clock timeout counted against the plugin even when the calling
+/// thread hardly ran (CPU contention). Now a timeout with less than half its limit on the CPU
+/// is `Starved` and does not count; a guest that really spends its time looping is still
+/// quarantined.
+#[test]
+fn plugin_timeout_under_contention_is_not_quarantine() {
+    // `stall` logs, then loops: the log line keeps the thread asleep in the host past the
+    // deadline, so the guest times out having had almost no CPU.
+    let log = SlowLog::new("chaos-router: stalling", Duration::from_millis(150));
+    let host = host_with(log.clone());
+    let mut spec = closed(spec("r", PluginKind::Router, &fixture("chaos-router"), serde_json::json!({})));
+    spec.timeout_ms = Some(40);
+    spec.quarantine_after = Some(3);
+    host.load(spec).expect("load");
+    log.on.store(true, Ordering::SeqCst);
+    let stalled = route_request("hi", &[("chaos", "stall")]);
+    for _ in 0..6 {
+        let failure = host.route("r", &stalled).expect_err("times out");
+        match failure.error {
+            PluginError::Starved { limit, cpu } => {
+                assert_eq!(limit, Duration::from_millis(40));
+                assert!(cpu < Duration::from_millis(20), "{failure}");
+            }
+            _ => panic!("a starved call is not the plugin's timeout: {failure}"),
+        }
+        assert!(failure.to_string().contains("not counted against the plugin"), "{failure}");
+    }
+    let metrics = host.metrics().remove(0);
+    assert!(!metrics.quarantined, "{metrics:?}");
+    assert_eq!((metrics.starved, metrics.consecutive_failures, metrics.failures), (6, 0, 6), "{metrics:?}");
+    assert_eq!(host.route("r", &route_request("hi", &[])).expect("serves").value, RouteDecision::Default);
+
+    // A guest that loops on the CPU is quarantined after 3 timeouts. The test machine may be
+    // contended too, which makes some of these calls `Starved` (not counted): keep calling,
+    // boundedly, until the quarantine.
+    let looping = route_request("hi", &[("chaos", "loop")]);
+    let (mut timeouts, mut starved) = (0, 0);
+    for _ in 0..100 {
+        let failure = host.route("r", &looping).expect_err("loops");
+        match failure.error {
+            PluginError::Timeout { .. } => timeouts += 1,
+            PluginError::Starved { .. } => starved += 1,
+            PluginError::Quarantined { failures: 3 } => break,
+            _ => panic!("{failure}"),
+        }
+    }
+    assert_eq!(timeouts, 3, "quarantined after its third timeout ({starved} starved calls not counted)");
+    let metrics = host.metrics().remove(0);
+    assert!(metrics.quarantined, "{metrics:?}");
+    assert_eq!(metrics.starved, 6 + starved);
+}
+
 #[test]
 fn a_reload_that_fails_keeps_the_old_version() {
     let (host, _) = host();
@@ -580,7 +722,7 @@ fn a_reload_that_fails_keeps_the_old_version() {
     looping.config = serde_json::from_value(serde_json::json!({ "always": "loop" })).expect("table");
     looping.timeout_ms = Some(30);
     let failure = host.load(looping).expect_err("self-test fails");
-    assert_eq!(failure.error, PluginError::Timeout { limit: Duration::from_millis(30) });
+    assert!(timed_out(&failure.error, Duration::from_millis(30)), "{failure}");
 
     assert_eq!(host.route("r", &route_request("arr", &[])).expect("still v1").value, pirate);
     let metrics = host.metrics().remove(0);

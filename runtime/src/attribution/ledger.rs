@@ -7,6 +7,10 @@
 //!
 //! Every line must be exactly the canonical encoding of what it holds, so any changed byte is
 //! caught: it breaks the JSON, the canonical form, the hash, the chain link or the signature.
+//! A receipt must also add up: its payments sum exactly (integer micro-units) to its
+//! `total_micros`, so a receipt re-signed after an edit that breaks the sum is still caught.
+//! A ledger re-signed entirely with another key is caught only against a pinned key
+//! ([`verify_bytes`]'s `pinned_key`; the node serves its key at `GET /v1/attribution/key`).
 //! On open, a torn last line (a crash mid-write) is cut off; damage anywhere else refuses to
 //! open, naming the entry.
 
@@ -123,7 +127,7 @@ fn check_line(line: &[u8], seq: u64, prev: &str, pinned_key: Option<&str>) -> Re
     if let Some(k) = pinned_key
         && r.body.node_key != k
     {
-        return Err(format!("signed by key {} instead of {k}", r.body.node_key));
+        return Err(format!("signed by key {}, not the pinned key {k}", r.body.node_key));
     }
     let key = hex::decode(&r.body.node_key).map_err(|e| format!("node_key: {e}"))?;
     let sig = hex::decode(&r.sig).map_err(|e| format!("sig: {e}"))?;
@@ -132,7 +136,18 @@ fn check_line(line: &[u8], seq: u64, prev: &str, pinned_key: Option<&str>) -> Re
         return Err("node_key and sig must be lowercase hex".into());
     }
     UnparsedPublicKey::new(&ED25519, key).verify(&hash, &sig).map_err(|_| "bad signature".to_string())?;
+    check_sum(&r.body.attribution).map_err(|e| format!("receipt {}: {e}", r.hash))?;
     Ok(r)
+}
+
+/// Whether the payments sum exactly to the total (micro-units are integers; summed in u128, so
+/// no sum overflows).
+fn check_sum(a: &Attribution) -> Result<(), String> {
+    let sum: u128 = a.payments.iter().map(|p| u128::from(p.micros)).sum();
+    if sum != u128::from(a.total_micros) {
+        return Err(format!("payments sum to {sum} micros, but the receipt's total_micros is {}", a.total_micros));
+    }
+    Ok(())
 }
 
 /// The outcome of verifying a ledger file.
@@ -148,8 +163,13 @@ pub struct Verified {
     pub torn_tail: bool,
 }
 
-/// Verifies every line of `data`: JSON, canonical form, sequence, chain, hash, signature (and,
-/// with `pinned_key`, the signer).
+/// Verifies every line of `data`: JSON, canonical form, sequence, chain, hash, signature,
+/// payments summing to the total (and, with `pinned_key`, the signer).
+///
+/// Without `pinned_key`, signatures are checked against the key the ledger itself names (the
+/// first receipt's, and every later one must match it): that proves the ledger is intact, not
+/// who wrote it, since anyone can re-sign an edited ledger with a key of their own. Pin the
+/// node's key (lowercase hex, as `GET /v1/attribution/key` serves it) to prove both.
 pub fn verify_bytes(data: &[u8], pinned_key: Option<&str>) -> Verified {
     let mut receipts = Vec::new();
     let mut prev = "0".repeat(64);
@@ -311,13 +331,19 @@ impl Ledger {
         self.len() == 0
     }
 
-    /// Queues a receipt; the returned channel yields its id once it is on disk (fsync'd).
+    /// Queues a receipt; the returned channel yields its id once it is on disk (fsync'd). An
+    /// attribution whose payments do not sum to its total is refused (verification, and so the
+    /// next open, would refuse the ledger holding it).
     pub fn append(
         &self,
         record: InferenceRecord,
         attribution: Attribution,
     ) -> tokio::sync::oneshot::Receiver<Result<String, String>> {
         let (ack, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = check_sum(&attribution) {
+            let _ = ack.send(Err(format!("refusing to sign the receipt of {}: {e}", record.request_id)));
+            return rx;
+        }
         let sent = match &self.tx {
             Some(tx) => tx.send(Append { record, attribution, ack }).map_err(|e| e.0),
             None => Err(Append { record, attribution, ack }),

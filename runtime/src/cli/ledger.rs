@@ -8,12 +8,18 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum LedgerCommand {
-    /// Check every receipt's signature, hash and chain link; names the first bad entry.
+    /// Check every receipt's signature, hash, chain link and sums; names the first bad entry.
+    ///
+    /// Pin the signer: `openlora ledger verify --public-key KEY PATH`, with KEY from the node
+    /// (`curl http://NODE/v1/attribution/key`). Without --public-key the signatures are only
+    /// checked against the key the ledger itself names, so a ledger edited and re-signed with
+    /// another key also passes.
     Verify {
         /// The ledger file (STATE_DIR/ledger.jsonl).
         path: PathBuf,
-        /// Require this signer (hex Ed25519 public key, as GET /v1/attribution/key serves it).
-        #[arg(long)]
+        /// The node's Ed25519 public key (64 hex digits, as GET /v1/attribution/key serves it):
+        /// every receipt must be signed by it. The way to verify who wrote the ledger.
+        #[arg(long, value_name = "HEX")]
         public_key: Option<String>,
     },
     /// Write the receipts as JSON lines and print per-party totals (JSON) on stdout.
@@ -30,12 +36,27 @@ pub fn run(c: LedgerCommand) -> Result<()> {
     use openlora::attribution::{totals, verify_file};
     match c {
         LedgerCommand::Verify { path, public_key } => {
-            let v = verify_file(&path, public_key.as_deref())?;
+            let pinned = public_key.as_deref().map(parse_public_key).transpose()?;
+            let v = verify_file(&path, pinned.as_deref())?;
             if let Some(e) = v.error {
                 bail!("{}: {e} ({} entries before it verified)", path.display(), v.receipts.len());
             }
-            let key = v.receipts.first().map_or("-", |r| r.body.node_key.as_str());
-            println!("ok: {} receipts, one unbroken chain, all signed by {key}", v.receipts.len());
+            let n = v.receipts.len();
+            match &pinned {
+                Some(key) => {
+                    println!("ok: {n} receipts, one unbroken chain, sums exact, all signed by the pinned key {key}")
+                }
+                None => {
+                    let key = v.receipts.first().map_or("-", |r| r.body.node_key.as_str());
+                    println!("ok: {n} receipts, one unbroken chain, sums exact, all signed by {key}");
+                    eprintln!(
+                        "warning: the signer was not pinned: signatures were checked only against the key the ledger itself names, \
+                         so a ledger re-signed with another key passes too. Pin the node's key (GET /v1/attribution/key serves it): \
+                         openlora ledger verify --public-key KEY {}",
+                        path.display()
+                    );
+                }
+            }
             Ok(())
         }
         LedgerCommand::Export { path, out } => {
@@ -59,5 +80,16 @@ pub fn run(c: LedgerCommand) -> Result<()> {
             println!("{}", serde_json::json!({"receipts": v.receipts.len(), "total_micros": charged, "totals": t}));
             Ok(())
         }
+    }
+}
+
+/// Checks a `--public-key` value: 32 bytes of hex, returned in the ledger's lowercase form.
+fn parse_public_key(key: &str) -> Result<String> {
+    let key = key.trim();
+    match hex::decode(key) {
+        Ok(bytes) if bytes.len() == 32 => Ok(hex::encode(bytes)),
+        _ => bail!(
+            "--public-key must be an Ed25519 public key as 64 hex digits (GET /v1/attribution/key serves it), got `{key}`"
+        ),
     }
 }

@@ -7,10 +7,12 @@
 //! path = "target/plugins/examples/prompt-guard.wasm"
 //! failure = "open"          # "open": fall back (unedited prompt, default route, equal split)
 //!                           # "closed": reject the request with the plugin's error
-//! timeout_ms = 20           # wall-clock limit of one call (default per kind)
+//! timeout_ms = 20           # wall-clock limit of one call (default per kind); also the
+//!                           # longest a call waits for a free sandbox slot
 //! memory_mib = 32           # linear memory cap (default 64)
 //! fuel = 50000000           # attributors only (default 100 million instructions, roughly)
-//! quarantine_after = 5      # consecutive failures before the plugin is quarantined (0: never)
+//! quarantine_after = 5      # consecutive failures the plugin caused before it is quarantined
+//!                           # (0: never); host overload (busy, starved) does not count
 //! config = { system_prompt = "Be brief.", redact_emails = true }
 //! ```
 //!
@@ -115,7 +117,7 @@ pub struct PluginSpec {
     #[serde(default)]
     pub failure: FailurePolicy,
     /// Wall-clock limit of one call in milliseconds (default: per kind, see
-    /// [`PluginKind::default_timeout`]).
+    /// [`PluginKind::default_timeout`]); also the longest a call waits for a sandbox slot.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// Linear memory cap in MiB (default 64).
@@ -124,7 +126,8 @@ pub struct PluginSpec {
     /// Fuel (roughly, wasm instructions) per call; attributors only (default 100 million).
     #[serde(default)]
     pub fuel: Option<u64>,
-    /// Consecutive failures after which the plugin is quarantined (default 5; 0 = never).
+    /// Consecutive failures the plugin caused ([`super::PluginError::is_guest_fault`]) after
+    /// which it is quarantined (default 5; 0 = never).
     #[serde(default)]
     pub quarantine_after: Option<u32>,
     /// The plugin's own configuration, handed to it through the `config` interface.

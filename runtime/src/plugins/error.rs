@@ -4,6 +4,11 @@
 //! [`PluginError::OutOfFuel`], [`PluginError::Memory`], [`PluginError::GuestPanic`]); a plugin
 //! the host refuses to load fails with one of the load variants. Everything the host cannot
 //! classify more precisely is [`PluginError::Other`], with wasmtime's message.
+//!
+//! Only failures the guest caused count towards quarantine ([`PluginError::is_guest_fault`]).
+//! Failures of the host under load ([`PluginError::is_overload`]: no sandbox slot in time, a
+//! timeout while the call got little CPU, a host-side instantiation failure) fail the call
+//! with the plugin's policy but leave its health alone.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -109,12 +114,42 @@ pub enum PluginError {
         /// wasmtime's message.
         message: String,
     },
+    /// Every sandbox slot stayed in use for as long as the call could wait (the plugin's time
+    /// limit): the host is overloaded. Not counted against the plugin.
+    #[error(
+        "was not started: all {capacity} sandbox slots stayed busy for {waited:?} (the host is overloaded; not counted against the plugin)"
+    )]
+    Busy {
+        /// The host's sandbox slots ([`super::SandboxOptions::max_concurrent_calls`]).
+        capacity: u32,
+        /// How long the call waited for one.
+        waited: Duration,
+    },
+    /// The call ran past its wall-clock limit, but its thread was on the CPU for less than
+    /// half of that (the host's CPUs were contended): not counted against the plugin.
+    #[error(
+        "timed out after {limit:?} having run only {cpu:?} on the CPU (the host is overloaded; not counted against the plugin)"
+    )]
+    Starved {
+        /// The plugin's time limit.
+        limit: Duration,
+        /// The CPU time the calling thread got during the call.
+        cpu: Duration,
+    },
+    /// The host could not set up the call (store or instance resources): not the plugin's
+    /// fault, not counted against it.
+    #[error("could not be started by the host: {message}")]
+    Host {
+        /// wasmtime's message.
+        message: String,
+    },
 }
 
 impl PluginError {
-    /// Whether this is a trap during a call (counts towards quarantine), as opposed to a
-    /// load-time refusal or a lookup error.
-    pub fn is_call_failure(&self) -> bool {
+    /// Whether the guest caused this failure of a call: a trap, a timeout it spent on the CPU,
+    /// fuel or memory exhaustion, a panic or an unusable answer. Only these count towards
+    /// quarantine; load-time refusals, lookup errors and [overload](Self::is_overload) do not.
+    pub fn is_guest_fault(&self) -> bool {
         matches!(
             self,
             Self::Timeout { .. }
@@ -124,6 +159,13 @@ impl PluginError {
                 | Self::BadAnswer { .. }
                 | Self::Other { .. }
         )
+    }
+
+    /// Whether the host failed the call under load ([`PluginError::Busy`],
+    /// [`PluginError::Starved`], [`PluginError::Host`]): the plugin is not to blame, and a
+    /// retry may succeed (HTTP 503).
+    pub fn is_overload(&self) -> bool {
+        matches!(self, Self::Busy { .. } | Self::Starved { .. } | Self::Host { .. })
     }
 }
 

@@ -124,17 +124,25 @@ pub struct PluginMetrics {
     pub component_sha256: String,
     /// Calls attempted (including those refused by quarantine).
     pub calls: u64,
-    /// Calls that failed (trap, timeout, bad answer, quarantine).
+    /// Calls that failed (trap, timeout, bad answer, quarantine, overload).
     pub failures: u64,
     /// Failures answered with the fail-open fallback.
     pub fallbacks: u64,
+    /// Failures of an overloaded host, not counted towards quarantine: no sandbox slot came
+    /// free within the plugin's time limit ([`super::PluginError::Busy`]), or the host could
+    /// not instantiate it ([`super::PluginError::Host`]).
+    pub busy: u64,
+    /// Timeouts while the call's thread got less than half its time limit on the CPU
+    /// ([`super::PluginError::Starved`]), not counted towards quarantine.
+    pub starved: u64,
     /// Failures in a row right now.
     pub consecutive_failures: u32,
     /// Whether the plugin is quarantined (not called until reloaded).
     pub quarantined: bool,
     /// Successful reloads since it was first loaded.
     pub reloads: u64,
-    /// Latency of the calls that ran (store creation, instantiation and the call).
+    /// Latency of the calls that ran (waiting for a sandbox slot, store creation,
+    /// instantiation and the call).
     pub latency: LatencySnapshot,
 }
 

@@ -20,11 +20,18 @@
 //! - **A fresh store per call** from the pre-instantiated component, with an epoch deadline,
 //!   a memory cap ([`wasmtime::StoreLimits`], growth past it traps) and, for attributors, fuel
 //!   (deterministic replay: the same record gives the same answer or the same failure).
+//! - **Bounded concurrency**: a call first takes one of the host's sandbox slots (as many as
+//!   the pooling allocator has instances, [`SandboxOptions::max_concurrent_calls`]), waiting
+//!   up to its plugin's time limit; with none free it fails with [`PluginError::Busy`].
 //! - **Failure policy** per plugin ([`FailurePolicy`]): fail-open answers with the fallback
 //!   (unedited prompt, default route, linear merge, equal split) and reports the failure
 //!   beside it ([`Handled::fallback`]); fail-closed returns the [`PluginFailure`]. After
-//!   `quarantine_after` consecutive failures a plugin is quarantined: it is not called (its
-//!   policy applies at once) until it is reloaded. [`PluginHost::metrics`] shows it all.
+//!   `quarantine_after` consecutive failures *the guest caused* ([`PluginError::is_guest_fault`])
+//!   a plugin is quarantined: it is not called (its policy applies at once) until it is
+//!   reloaded. Failures of an overloaded host ([`PluginError::is_overload`]: no slot in time,
+//!   a timeout while the call was starved of CPU, a host-side instantiation failure) apply the
+//!   policy to that call only and neither count nor reset the streak.
+//!   [`PluginHost::metrics`] shows it all.
 //! - **Hot reload** swaps an `Arc` atomically (`ArcSwap`): a call holds the version it
 //!   started with until it ends.
 
@@ -49,7 +56,7 @@ use wasmtime::component::{Component, Linker};
 pub use config::{FailurePolicy, PluginKind, PluginSpec};
 pub use error::{PluginError, PluginFailure};
 pub use metrics::{LatencySnapshot, PluginMetrics};
-use sandbox::{CallLimits, CallState, ConfigView, EpochTicker};
+use sandbox::{CallLimits, CallSlots, CallState, ConfigView, EpochTicker};
 pub use sandbox::{LogLevel, LogRecord, LogSink, SandboxOptions, StderrLog};
 pub use types::*;
 
@@ -115,6 +122,8 @@ struct PluginEntry {
     calls: AtomicU64,
     failures: AtomicU64,
     fallbacks: AtomicU64,
+    busy: AtomicU64,
+    starved: AtomicU64,
     reloads: AtomicU64,
     latency: metrics::LatencyHistogram,
 }
@@ -126,6 +135,8 @@ pub struct PluginHost {
     linkers: HashMap<PluginKind, Linker<CallState>>,
     slots: RwLock<HashMap<String, Arc<PluginEntry>>>,
     catalog: ArcSwap<CatalogView>,
+    /// The pool's instance slots, shared by every plugin's calls (self-tests included).
+    call_slots: CallSlots,
     options: HostOptions,
     _ticker: EpochTicker,
 }
@@ -161,6 +172,7 @@ impl PluginHost {
             linkers,
             slots: RwLock::new(HashMap::new()),
             catalog: ArcSwap::from_pointee(CatalogView::default()),
+            call_slots: CallSlots::new(&options.sandbox),
             options,
             _ticker: ticker,
         })
@@ -211,6 +223,8 @@ impl PluginHost {
                 calls: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
                 fallbacks: AtomicU64::new(0),
+                busy: AtomicU64::new(0),
+                starved: AtomicU64::new(0),
                 reloads: AtomicU64::new(0),
                 latency: metrics::LatencyHistogram::new(),
             }),
@@ -253,6 +267,8 @@ impl PluginHost {
                     calls: slot.calls.load(Ordering::Relaxed),
                     failures: slot.failures.load(Ordering::Relaxed),
                     fallbacks: slot.fallbacks.load(Ordering::Relaxed),
+                    busy: slot.busy.load(Ordering::Relaxed),
+                    starved: slot.starved.load(Ordering::Relaxed),
                     consecutive_failures: slot.consecutive_failures.load(Ordering::Relaxed),
                     quarantined: slot.quarantined.load(Ordering::Relaxed),
                     reloads: slot.reloads.load(Ordering::Relaxed),
@@ -379,13 +395,21 @@ impl PluginHost {
         }
     }
 
-    /// One call on a fresh store: instantiate, call, classify the failure.
+    /// One call on a fresh store: take a sandbox slot (waiting up to the plugin's time limit),
+    /// instantiate, call, classify the failure (with the CPU time the call got).
     fn run<T>(
         &self,
         loaded: &Loaded,
         call: impl FnOnce(&Pre, &mut wasmtime::Store<CallState>) -> wasmtime::Result<Result<T, PluginError>>,
     ) -> Result<T, PluginError> {
         let limits = CallLimits::of(&loaded.spec);
+        let waiting = Instant::now();
+        // Declared before the store, so it is released after the store (and its pooled
+        // instance) is dropped.
+        let Some(_slot) = self.call_slots.acquire(limits.timeout) else {
+            return Err(PluginError::Busy { capacity: self.call_slots.capacity(), waited: waiting.elapsed() });
+        };
+        let cpu_before = sandbox::thread_cpu_time();
         let mut store = sandbox::store(
             &self.engine,
             limits,
@@ -394,10 +418,14 @@ impl PluginHost {
             self.catalog.load_full(),
             self.options.log.clone(),
         )
-        .map_err(invalid)?;
+        .map_err(|e| PluginError::Host { message: format!("{e:#}") })?;
         match call(&loaded.pre, &mut store) {
             Ok(answer) => answer,
-            Err(error) => Err(sandbox::classify(&error, store.data(), limits)),
+            Err(error) => {
+                let cpu =
+                    cpu_before.zip(sandbox::thread_cpu_time()).map(|(before, after)| after.saturating_sub(before));
+                Err(sandbox::classify(&error, store.data(), limits, cpu))
+            }
         }
     }
 
@@ -424,7 +452,10 @@ impl PluginHost {
         } else {
             let start = Instant::now();
             let outcome = self.run(&loaded, call);
-            slot.latency.record(start.elapsed());
+            // A call that never got a sandbox slot did not run.
+            if !matches!(outcome, Err(PluginError::Busy { .. })) {
+                slot.latency.record(start.elapsed());
+            }
             outcome
         };
         match outcome {
@@ -449,7 +480,19 @@ impl PluginHost {
 
     fn note_failure(&self, slot: &PluginEntry, loaded: &Loaded, error: &PluginError) {
         let log = |level, message: &str| self.options.log.log(&LogRecord { plugin: &loaded.name, level, message });
-        if !error.is_call_failure() {
+        if error.is_overload() {
+            let counter = if matches!(error, PluginError::Starved { .. }) { &slot.starved } else { &slot.busy };
+            let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logged at 1, 2, 4, 8, ... so an overloaded host is seen without a line per call.
+            if n.is_power_of_two() {
+                log(
+                    LogLevel::Warn,
+                    &format!("call failed under load, not counted against the plugin ({n} so far): {error}"),
+                );
+            }
+            return;
+        }
+        if !error.is_guest_fault() {
             return;
         }
         log(LogLevel::Warn, &format!("call failed: {error}"));

@@ -8,15 +8,23 @@
 //! instance). Non-guarantees: time spent inside a host function (logging, catalog reads) is
 //! not interrupted, only counted when the guest resumes; the memory cap covers linear memory,
 //! not the host's own allocations for the call (strings copied out are bounded by the cap).
+//!
+//! Load is not the guest's fault. At most [`SandboxOptions::max_concurrent_calls`] calls hold
+//! an instance at once ([`CallSlots`]); a call beyond that waits for a slot for up to its
+//! plugin's time limit, then fails with [`PluginError::Busy`]. A call that reaches its
+//! wall-clock limit while its thread was on the CPU for less than half of it (the host's CPUs
+//! were contended: [`thread_cpu_time`]) fails with [`PluginError::Starved`], not
+//! [`PluginError::Timeout`]. Neither counts towards quarantine.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, StoreLimits,
-    StoreLimitsBuilder, Trap,
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, ResourceLimiter,
+    Store, StoreLimits, StoreLimitsBuilder, Trap,
 };
 
 use super::config::PluginSpec;
@@ -70,6 +78,76 @@ pub(crate) fn engine(options: &SandboxOptions) -> wasmtime::Result<Engine> {
         .table_keep_resident(KEEP_RESIDENT_BYTES);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
+}
+
+/// The pool's instance slots as a counting semaphore: a call holds one from before its store
+/// is made until the store is dropped, so the pooling allocator is never asked for more
+/// instances than it has (which would fail the call at instantiation).
+pub(crate) struct CallSlots {
+    free: Mutex<u32>,
+    freed: Condvar,
+    capacity: u32,
+}
+
+/// One held slot; dropping it frees the slot.
+pub(crate) struct CallSlot<'a> {
+    slots: &'a CallSlots,
+}
+
+impl CallSlots {
+    pub(crate) fn new(options: &SandboxOptions) -> Self {
+        let capacity = options.max_concurrent_calls.max(1);
+        Self { free: Mutex::new(capacity), freed: Condvar::new(), capacity }
+    }
+
+    /// The number of slots.
+    pub(crate) fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Takes a slot, waiting up to `wait` for one; `None` when none came free in time.
+    pub(crate) fn acquire(&self, wait: Duration) -> Option<CallSlot<'_>> {
+        let deadline = Instant::now() + wait;
+        // The count is consistent at every unlock, so a poisoned lock is still usable.
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while *free == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            free = self.freed.wait_timeout(free, left).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        *free -= 1;
+        Some(CallSlot { slots: self })
+    }
+}
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        let mut free = self.slots.free.lock().unwrap_or_else(PoisonError::into_inner);
+        *free += 1;
+        drop(free);
+        self.slots.freed.notify_one();
+    }
+}
+
+/// The CPU time the calling thread has used so far (`None` where there is no per-thread CPU
+/// clock; timeouts then always count as the guest's).
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid, writable timespec that outlives the call, which only writes it.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc != 0 {
+            return None;
+        }
+        Some(Duration::new(u64::try_from(ts.tv_sec).ok()?, u32::try_from(ts.tv_nsec).ok()?))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 /// Increments the engine's epoch every [`EPOCH_TICK`] until dropped.
@@ -285,13 +363,43 @@ pub(crate) fn store(
     Ok(store)
 }
 
-/// Turns a failed call into a typed error, using what the store saw.
+/// Marks an error raised while instantiating (see [`instantiating`]).
+#[derive(Debug)]
+pub(crate) struct Instantiating;
+
+impl std::fmt::Display for Instantiating {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("instantiating the plugin")
+    }
+}
+
+/// Wraps an instantiation error so [`classify`] can tell the host's failure to set up a call
+/// (not the guest's fault) from a trap in the guest's start code (its fault).
+pub(crate) fn instantiating(error: wasmtime::Error) -> wasmtime::Error {
+    error.context(Instantiating)
+}
+
+/// Turns a failed call into a typed error, using what the store saw and `cpu`, the CPU time
+/// the calling thread got during the call (`None`: unknown).
 ///
 /// The deadline and fuel traps come first: they are raised by the host, so a guest cannot
-/// disguise them (a guest that reports a "panic" and then loops still times out).
-pub(crate) fn classify(error: &wasmtime::Error, state: &CallState, limits: CallLimits) -> PluginError {
+/// disguise them (a guest that reports a "panic" and then loops still times out). A deadline
+/// reached with less than half the limit spent on the CPU is [`PluginError::Starved`]: the
+/// guest did not get the time it was promised. An instantiation that fails without a trap
+/// (the pool or the OS out of resources) is [`PluginError::Host`].
+pub(crate) fn classify(
+    error: &wasmtime::Error,
+    state: &CallState,
+    limits: CallLimits,
+    cpu: Option<Duration>,
+) -> PluginError {
     match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => return PluginError::Timeout { limit: limits.timeout },
+        Some(Trap::Interrupt) => {
+            return match cpu {
+                Some(cpu) if cpu * 2 < limits.timeout => PluginError::Starved { limit: limits.timeout, cpu },
+                _ => PluginError::Timeout { limit: limits.timeout },
+            };
+        }
         Some(Trap::OutOfFuel) => return PluginError::OutOfFuel { fuel: limits.fuel.unwrap_or(u64::MAX) },
         _ => {}
     }
@@ -301,5 +409,47 @@ pub(crate) fn classify(error: &wasmtime::Error, state: &CallState, limits: CallL
     if let Some(message) = &state.panic {
         return PluginError::GuestPanic { message: message.clone() };
     }
+    let trapped = error.downcast_ref::<Trap>().is_some();
+    if error.downcast_ref::<PoolConcurrencyLimitError>().is_some()
+        || (!trapped && error.downcast_ref::<Instantiating>().is_some())
+    {
+        return PluginError::Host { message: format!("{error:#}") };
+    }
     PluginError::Other { message: format!("{error:#}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_slots_wait_for_a_free_slot_then_give_up() {
+        let slots = CallSlots::new(&SandboxOptions { max_concurrent_calls: 1, ..SandboxOptions::default() });
+        let held = slots.acquire(Duration::ZERO).expect("a free slot");
+        let start = Instant::now();
+        assert!(slots.acquire(Duration::from_millis(20)).is_none(), "the only slot is held");
+        assert!(start.elapsed() >= Duration::from_millis(20), "gave up after {:?}", start.elapsed());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                drop(held);
+            });
+            assert!(slots.acquire(Duration::from_secs(10)).is_some(), "a freed slot goes to the waiter");
+        });
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_thread_cpu_clock_counts_work_not_sleep() {
+        let before = thread_cpu_time().expect("a thread CPU clock on Unix");
+        std::thread::sleep(Duration::from_millis(30));
+        let slept = thread_cpu_time().expect("clock").saturating_sub(before);
+        assert!(slept < Duration::from_millis(15), "sleeping used {slept:?} of CPU");
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_millis(30) {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+        assert!(thread_cpu_time().expect("clock") > before + slept, "spinning used no CPU");
+    }
 }

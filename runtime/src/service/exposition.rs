@@ -218,7 +218,22 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     o.sample(&sample, &[("plugin", &m.name), ("kind", m.kind.name())], v);
                 }
             }
-            o.head("openlora_plugin_call_latency_seconds", "summary", "Plugin call latency (instantiate + call).");
+            o.head(
+                "openlora_plugin_overload_failures",
+                "counter",
+                "Plugin failures of an overloaded host, not counted towards quarantine (busy: no sandbox slot within the plugin's time limit; starved: a timeout with less than half of it on the CPU).",
+            );
+            for m in &pm {
+                for (reason, v) in [("busy", m.busy), ("starved", m.starved)] {
+                    let l = [("plugin", m.name.as_str()), ("kind", m.kind.name()), ("reason", reason)];
+                    o.sample("openlora_plugin_overload_failures_total", &l, v as f64);
+                }
+            }
+            o.head(
+                "openlora_plugin_call_latency_seconds",
+                "summary",
+                "Plugin call latency (waiting for a sandbox slot, instantiate, call).",
+            );
             for m in &pm {
                 let l = [("plugin", m.name.as_str()), ("kind", m.kind.name())];
                 for (q, v) in [("0.5", m.latency.p50_us), ("0.99", m.latency.p99_us)] {

@@ -161,7 +161,11 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
             Err(e) => (
                 Attribution { attributor: format!("none: {e}"), total_micros: 0, payments: Vec::new() },
-                Some(ServiceError::new(ErrorKind::Internal, format!("attribution failed: {e}"))),
+                Some(ServiceError::new(
+                    // An overloaded plugin host is a 503: the client may retry.
+                    if e.error.is_overload() { ErrorKind::Overloaded } else { ErrorKind::Internal },
+                    format!("attribution failed: {e}"),
+                )),
             ),
         }
     }

@@ -7,7 +7,7 @@
 use wasmtime::component::{HasSelf, Linker};
 
 use super::super::config::PluginKind;
-use super::super::sandbox::CallState;
+use super::super::sandbox::{self, CallState};
 use super::super::types as host;
 
 #[allow(missing_docs, clippy::all)]
@@ -169,7 +169,7 @@ pub(crate) fn route(
     request: &host::RouteRequest,
 ) -> wasmtime::Result<host::RouteDecision> {
     use router::exports::openlora::plugin::routing as wit;
-    let instance = pre.instantiate(&mut *store)?;
+    let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
     let request = wit::RouteRequest {
         model: request.model.clone(),
         messages: messages(&request.messages),
@@ -190,7 +190,7 @@ pub(crate) fn preprocess(
     request: &host::PreprocessRequest,
 ) -> wasmtime::Result<host::PreprocessOutcome> {
     use preprocessor::exports::openlora::plugin::preprocessing as wit;
-    let instance = pre.instantiate(&mut *store)?;
+    let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
     let request = wit::PreprocessRequest {
         model: request.model.clone(),
         messages: messages(&request.messages),
@@ -213,7 +213,7 @@ pub(crate) fn merge(
     request: &host::MergeRequest,
 ) -> wasmtime::Result<host::MergeOutcome> {
     use merger::exports::openlora::plugin::merging as wit;
-    let instance = pre.instantiate(&mut *store)?;
+    let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
     let request = wit::MergeRequest { adapters: choices(&request.adapters), metadata: request.metadata.clone() };
     let recipe = match instance.openlora_plugin_merging().call_merge(&mut *store, &request)? {
         Ok(recipe) => recipe,
@@ -257,7 +257,7 @@ pub(crate) fn attribute(
     record: &host::InferenceRecord,
 ) -> wasmtime::Result<Result<Vec<host::Payment>, String>> {
     use attributor::exports::openlora::plugin::attribution as wit;
-    let instance = pre.instantiate(&mut *store)?;
+    let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
     let record = wit::InferenceRecord {
         request_id: record.request_id.clone(),
         tenant: record.tenant.clone(),

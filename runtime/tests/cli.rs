@@ -230,3 +230,20 @@ fn ledger_verify_with_pinned_key_rejects_resigned_ledger() {
     let help = String::from_utf8_lossy(&openlora(&["ledger", "verify", "--help"]).stdout).into_owned();
     assert!(help.contains("--public-key") && help.contains("/v1/attribution/key"), "{help}");
 }
+
+/// Regression (hole 6): an open deployment (no `[[tenants]]`) could be served on every
+/// interface, where anyone who reaches the port may use it. `serve` refuses it, from the file
+/// or from `--listen`, naming the key that allows it; on loopback it starts.
+#[test]
+fn serve_refuses_an_open_deployment_beyond_loopback() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("open.toml");
+    std::fs::write(&cfg, "[server]\nlisten = \"0.0.0.0:0\"\n[attribution]\nenabled = false\n").expect("write");
+    let out = openlora(&["serve", cfg.to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("allow_open_network") && err.contains("server.listen"), "{err}");
+    std::fs::write(&cfg, "[attribution]\nenabled = false\n").expect("write");
+    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("allow_open_network"), "--listen is checked too: {err}");
+}

@@ -2,6 +2,8 @@
 
 #![deny(missing_docs)]
 
+pub mod fuzz_targets;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 

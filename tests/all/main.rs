@@ -5,6 +5,7 @@ mod architecture;
 mod attribution;
 mod default_model;
 mod engine;
+mod fuzz;
 mod lora_reference;
 mod malformed;
 mod pager;

@@ -620,7 +620,8 @@ fn check_header(
         };
         let [start, end] = t.data_offsets;
         let elements = rows.checked_mul(cols).ok_or_else(|| terr(tname, "shape overflows".into()))?;
-        if end < start || end > data_len || (end - start) != (elements as u64) * width {
+        let bytes = (elements as u64).checked_mul(width).ok_or_else(|| terr(tname, "shape overflows".into()))?;
+        if end < start || end > data_len || (end - start) != bytes {
             return Err(terr(
                 tname,
                 format!(

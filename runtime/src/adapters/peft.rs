@@ -220,7 +220,11 @@ impl LoraHost {
             tensor: tensor.to_owned(),
             reason,
         };
-        let cfg: PeftConfig = serde_json::from_slice(config).map_err(|e| cerr("(json)", e.to_string()))?;
+        // The whole document is read as the catalog reads it when it registers the adapter (valid
+        // UTF-8 and numbers in range in the keys skipped too; the last of duplicate keys wins),
+        // so the two never disagree on what is JSON.
+        let json: serde_json::Value = serde_json::from_slice(config).map_err(|e| cerr("(json)", e.to_string()))?;
+        let cfg: PeftConfig = serde_json::from_value(json).map_err(|e| cerr("(json)", e.to_string()))?;
         if let Some(t) = &cfg.peft_type
             && t != "LORA"
         {

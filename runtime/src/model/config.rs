@@ -49,21 +49,58 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
 }
 
+/// Upper bounds on the hyper-parameters, far above any published model and far below what
+/// would overflow or exhaust memory when the tables and vectors sized from them are built
+/// (a header is outside input: `context_length = 2^40` must be refused, not allocated).
+const LIMITS: [(&str, usize); 8] = [
+    ("hidden_size", 1 << 20),
+    ("num_hidden_layers", 1 << 12),
+    ("num_attention_heads", 1 << 14),
+    ("num_key_value_heads", 1 << 14),
+    ("head_dim", 1 << 14),
+    ("intermediate_size", 1 << 22),
+    ("vocab_size", 1 << 24),
+    // The RoPE table holds max_position_embeddings * head_dim / 2 values (twice); 16M
+    // positions covers the longest published context (10M).
+    ("max_position_embeddings", 1 << 24),
+];
+
 impl LlamaConfig {
     fn check(self, path: &Path) -> Result<Self> {
         let bad = |key: &str, reason: String| ModelError::Config { path: path.to_path_buf(), key: key.into(), reason };
-        for (key, v) in [
-            ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("num_key_value_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("intermediate_size", self.intermediate_size),
-            ("vocab_size", self.vocab_size),
-        ] {
+        let values = [
+            self.hidden_size,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+            self.vocab_size,
+            self.max_position_embeddings,
+        ];
+        for ((key, limit), v) in LIMITS.into_iter().zip(values) {
             if v == 0 {
                 return Err(bad(key, "must be positive".into()));
             }
+            if v > limit {
+                return Err(bad(key, format!("{v} is larger than openlora accepts ({limit})")));
+            }
+        }
+        // With the limits above no product below overflows; the RoPE table is bounded too.
+        let rope_values = self.max_position_embeddings * (self.head_dim / 2);
+        if rope_values > 1 << 31 {
+            return Err(bad(
+                "max_position_embeddings",
+                format!(
+                    "{} positions of head_dim {} make a RoPE table of {rope_values} values (at most {})",
+                    self.max_position_embeddings,
+                    self.head_dim,
+                    1u64 << 31
+                ),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(bad("rms_norm_eps", format!("{} is not a non-negative number", self.rms_norm_eps)));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
@@ -155,11 +192,7 @@ impl LlamaConfig {
         // have top-level `rope_theta` and `rope_scaling`.
         let rope_theta = c.rope_parameters.as_ref().and_then(|p| p.rope_theta).or(c.rope_theta).unwrap_or(10000.0);
         let scaling = c.rope_parameters.as_ref().filter(|p| p.rope_type != "default").or(c.rope_scaling.as_ref());
-        let rope_freq_scale = match scaling {
-            None => None,
-            Some(s) => Some(s.freq_scale(head_dim, rope_theta, path)?),
-        };
-        Self {
+        let mut config = Self {
             arch,
             hidden_size: c.hidden_size,
             num_layers: c.num_hidden_layers,
@@ -170,12 +203,17 @@ impl LlamaConfig {
             vocab_size: c.vocab_size,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
-            rope_freq_scale,
+            rope_freq_scale: None,
             max_position_embeddings: c.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(false),
             attention_bias: arch == Architecture::Qwen2 || c.attention_bias.unwrap_or(false),
         }
-        .check(path)
+        .check(path)?;
+        // After the check: the scaling vector is sized by head_dim.
+        if let Some(s) = scaling {
+            config.rope_freq_scale = Some(s.freq_scale(head_dim, rope_theta, path)?);
+        }
+        Ok(config)
     }
 }
 

@@ -302,3 +302,12 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
     }
     Ok((g, output(&f)?))
 }
+
+/// Reads a request body as `POST /v1/chat/completions` (`chat`) or `POST /v1/completions`
+/// does, up to the [`GenerateRequest`] handed to the service. Public for the fuzz tests only.
+#[doc(hidden)]
+pub fn request_from_body(body: &[u8], chat: bool) -> Result<GenerateRequest, ServiceError> {
+    let obj = Fields::parse(body)?;
+    let (req, _) = if chat { self::chat(&obj)? } else { completions(&obj)? };
+    Ok(req)
+}

@@ -11,9 +11,6 @@ mod parse;
 #[doc(hidden)]
 pub use parse::request_from_body;
 
-#[doc(hidden)]
-pub use parse::request_from_body;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

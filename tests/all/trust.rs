@@ -77,7 +77,7 @@ impl Node {
     }
 
     fn from_text(text: &str, dir: tempfile::TempDir) -> Self {
-        let d = Deployment::parse(&text, &dir.path().join("deploy.toml")).expect("deployment");
+        let d = Deployment::parse(text, &dir.path().join("deploy.toml")).expect("deployment");
         let svc = Service::start(&d, model().clone(), MODEL.into(), DeviceBackend::Cpu(CpuBackend::new()), "0".into())
             .expect("service");
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
@@ -295,7 +295,7 @@ fn clients_that_hang_up_are_cancelled_in_every_state() {
     assert!(rec.iter().all(|r| r["finish_reason"] == "cancelled"), "{rec:?}");
     let produced: Vec<u64> = rec.iter().map(|r| r["completion_tokens"].as_u64().expect("tokens")).collect();
     assert_eq!(produced.iter().filter(|&&n| n == 0).count(), 8, "queued ones produced nothing: {produced:?}");
-    assert!(produced.iter().any(|&n| n >= 1 && n < 400), "the running one is billed what it produced: {produced:?}");
+    assert!(produced.iter().any(|&n| (1..400).contains(&n)), "the running one is billed what it produced: {produced:?}");
     // A non-streaming request hung up while running is cancelled too.
     let s = send(a, JSON, "/v1/chat/completions", &chat(400, false));
     node.engine_reaches(1, 0, "a whole-response request runs");
@@ -434,7 +434,7 @@ fn adapter_churn_under_load_never_misroutes() {
             let (svc, stop, expected) = (&svc, &stop, &expected);
             let (served, missing, mismatches) = (&served, &missing, &mismatches);
             scope.spawn(move || {
-                let mut k = c;
+                let mut k = c as u64;
                 while !stop.load(Ordering::SeqCst) {
                     k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let i = (k >> 33) as usize % NAMES;
@@ -467,7 +467,7 @@ fn adapter_churn_under_load_never_misroutes() {
                 k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let i = (k >> 33) as usize % NAMES;
                 let name = format!("churn{i}");
-                if (k >> 20) % 3 == 0 {
+                if (k >> 20).is_multiple_of(3) {
                     // Unload, leave it gone a moment, load a random version.
                     svc.unload_adapter(admin, &name).expect("unload");
                     std::thread::sleep(Duration::from_millis(40));

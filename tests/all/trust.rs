@@ -295,7 +295,10 @@ fn clients_that_hang_up_are_cancelled_in_every_state() {
     assert!(rec.iter().all(|r| r["finish_reason"] == "cancelled"), "{rec:?}");
     let produced: Vec<u64> = rec.iter().map(|r| r["completion_tokens"].as_u64().expect("tokens")).collect();
     assert_eq!(produced.iter().filter(|&&n| n == 0).count(), 8, "queued ones produced nothing: {produced:?}");
-    assert!(produced.iter().any(|&n| (1..400).contains(&n)), "the running one is billed what it produced: {produced:?}");
+    assert!(
+        produced.iter().any(|&n| (1..400).contains(&n)),
+        "the running one is billed what it produced: {produced:?}"
+    );
     // A non-streaming request hung up while running is cancelled too.
     let s = send(a, JSON, "/v1/chat/completions", &chat(400, false));
     node.engine_reaches(1, 0, "a whole-response request runs");

@@ -508,8 +508,18 @@ fn sigkill_under_load_loses_no_acknowledged_receipt() {
     }
     let acked = acknowledged.lock().expect("lock").clone();
     drop(server);
-    // Restart on the same state (recovery cuts a torn tail), then verify.
+    // The killed server's lock file stays behind, but its OS lock died with it; its key stays.
+    let lock = tmp.path().join("state/ledger.jsonl.lock");
+    assert!(lock.exists(), "the lock file of the killed server");
+    let key = std::fs::read(tmp.path().join("state/node.key")).expect("node key");
+    // Restart on the same state (recovery cuts a torn tail, the stale lock is taken, the key is
+    // checked against the receipts it signed), then verify.
     let again = start_in(tmp.path(), |t| t);
+    assert_eq!(std::fs::read(tmp.path().join("state/node.key")).expect("node key"), key, "the same key signs on");
+    assert!(
+        std::fs::read_to_string(&lock).expect("lock").contains(&again.child.id().to_string()),
+        "the restarted server holds the lock"
+    );
     let ledger = tmp.path().join("state/ledger.jsonl");
     let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
         .args(["ledger", "verify", ledger.to_str().expect("path")])

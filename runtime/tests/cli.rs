@@ -217,6 +217,20 @@ fn ledger_verify_with_pinned_key_rejects_resigned_ledger() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("entry 0") && stderr.contains(&node_key) && stderr.contains(&forger_key), "{stderr}");
 
+    // Export refuses it too when pinned, and warns when not.
+    let out_file = tmp.path().join("export.jsonl");
+    let export = |key: Option<&str>| {
+        let mut args = vec!["ledger", "export", ledger, "--out", out_file.to_str().expect("path")];
+        if let Some(k) = key {
+            args.extend(["--public-key", k]);
+        }
+        openlora(&args)
+    };
+    let out = export(Some(&node_key));
+    assert!(!out.status.success(), "export of a ledger another key signed, pinned to the node's key");
+    let out = export(None);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not pinned"));
+
     // Pinned to the key that did sign it: ok, and no warning. Upper-case hex is the same key.
     let out = openlora(&["ledger", "verify", "--public-key", &forger_key.to_uppercase(), ledger]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

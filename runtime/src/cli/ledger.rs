@@ -22,13 +22,17 @@ pub enum LedgerCommand {
         #[arg(long, value_name = "HEX")]
         public_key: Option<String>,
     },
-    /// Write the receipts as JSON lines and print per-party totals (JSON) on stdout.
+    /// Write the receipts as JSON lines and print per-party totals (JSON) on stdout, after
+    /// verifying them as `verify` does (pin the signer with --public-key before paying anyone).
     Export {
         /// The ledger file.
         path: PathBuf,
         /// Where to write the receipts (JSON lines).
         #[arg(long)]
         out: PathBuf,
+        /// The node's Ed25519 public key (64 hex digits): export only a ledger it signed.
+        #[arg(long, value_name = "HEX")]
+        public_key: Option<String>,
     },
 }
 
@@ -59,8 +63,9 @@ pub fn run(c: LedgerCommand) -> Result<()> {
             }
             Ok(())
         }
-        LedgerCommand::Export { path, out } => {
-            let v = verify_file(&path, None)?;
+        LedgerCommand::Export { path, out, public_key } => {
+            let pinned = public_key.as_deref().map(parse_public_key).transpose()?;
+            let v = verify_file(&path, pinned.as_deref())?;
             if let Some(e) = v.error {
                 bail!("{}: {e}; not exporting an unverified ledger", path.display());
             }
@@ -72,6 +77,13 @@ pub fn run(c: LedgerCommand) -> Result<()> {
                 w.write_all(b"\n")?;
             }
             w.flush()?;
+            if pinned.is_none() {
+                eprintln!(
+                    "warning: the signer was not pinned (--public-key KEY, from GET /v1/attribution/key): these totals are only as \
+                     trustworthy as whoever could write {}",
+                    path.display()
+                );
+            }
             let t: Vec<serde_json::Value> = totals(&v.receipts)
                 .into_iter()
                 .map(|(party, role, micros)| serde_json::json!({"party": party, "role": role, "micros": micros}))

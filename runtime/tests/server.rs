@@ -149,7 +149,12 @@ fn chat_body(model: &str, q: &str, max_tokens: i64) -> Vec<u8> {
         .into_bytes()
 }
 
-/// A venv with the `openai` and `prometheus-client` packages, created in the cache on first use.
+/// What the client venv holds: the `openai` package, `prometheus-client`, and `selenium` (for
+/// the console in headless Chromium).
+const CLIENT_PACKAGES: [&str; 3] = ["openai==1.109.1", "prometheus-client==0.23.1", "selenium==4.51.0"];
+
+/// A venv with [`CLIENT_PACKAGES`], created in the cache on first use (and completed when the
+/// list changes: the stamp records what was installed).
 fn client_python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
@@ -159,19 +164,17 @@ fn client_python() -> PathBuf {
         let venv = cache.join("venv-client");
         let py = venv.join("bin/python");
         let ready = venv.join(".ready");
-        if !ready.exists() {
+        let want = CLIENT_PACKAGES.join("\n");
+        if std::fs::read_to_string(&ready).ok().as_deref() != Some(want.as_str()) {
             let run = |cmd: &mut Command| {
                 let st = cmd.status().expect("run");
                 assert!(st.success(), "{cmd:?} failed");
             };
-            run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
-            run(Command::new(venv.join("bin/pip")).args([
-                "install",
-                "-q",
-                "openai==1.109.1",
-                "prometheus-client==0.23.1",
-            ]));
-            std::fs::write(&ready, b"").expect("stamp");
+            if !py.exists() {
+                run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+            }
+            run(Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(CLIENT_PACKAGES));
+            std::fs::write(&ready, want).expect("stamp");
         }
         py
     })
@@ -1159,4 +1162,160 @@ fn token_id_prompts_pass_through_the_preprocessors() {
     let (as_ids, out_ids) = complete(serde_json::json!(ids));
     assert_eq!(as_ids, as_text, "the token-id prompt was redacted too");
     assert_eq!(out_ids, out_text, "so the model read the same prompt");
+}
+
+/// Runs `cmd`, killing it after `limit`; returns its status and output, or says it timed out.
+fn output_within(cmd: &mut Command, limit: Duration) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("out.log");
+    let file = std::fs::File::create(&log).expect("log");
+    let mut child = cmd
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?} did not start: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("{cmd:?} ran longer than {limit:?}; killed. Output:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[test]
+fn console_is_served_at_the_root_as_html() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let out = curl(&["-w", "\n%{http_code} %{content_type}", &format!("http://{a}/")]);
+    let (page, tail) = out.rsplit_once('\n').expect("curl's trailer");
+    assert_eq!(tail, "200 text/html; charset=utf-8", "status and type of GET /");
+    assert!(page.starts_with("<!doctype html>") && page.contains("<title>openlora console</title>"), "{page:.200}");
+    for id in ["api-key", "model", "compose-list", "merge-method", "transcript", "adapters", "receipt", "verify-status"]
+    {
+        assert!(page.contains(&format!("id=\"{id}\"")), "the console has no element #{id}");
+    }
+    assert!(!page.contains("http://") && !page.contains("https://"), "the console loads nothing from elsewhere");
+    // The page needs no key; the API behind it does.
+    assert_error(http(a, "GET", "/v1/adapters", None, b""), 401, "/v1/adapters without a key");
+}
+
+/// `GET /v1/adapters`: what each tenant may see, where the pager holds it, paths for admins only.
+#[test]
+fn console_adapters_endpoint_lists_residency_by_visibility() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let list = |key: &str| {
+        let (st, body) = http(a, "GET", "/v1/adapters", Some(key), b"");
+        assert_eq!(st, 200, "{body}");
+        json(&body)["data"].as_array().expect("data").clone()
+    };
+    let ids = |l: &[serde_json::Value]| l.iter().map(|e| e["id"].as_str().expect("id").to_owned()).collect::<Vec<_>>();
+    assert_eq!(ids(&list("sk-demo-user")), ["caps", "signature"], "pirate is the partner's");
+    let partner = list("sk-demo-partner");
+    assert_eq!(ids(&partner), ["caps", "pirate", "signature"]);
+    for e in &partner {
+        assert!(e.get("path").is_none(), "a user sees no server path: {e}");
+        assert_eq!(e["loading"], false, "{e}");
+    }
+    let admin = list("sk-demo-admin");
+    assert!(
+        admin.iter().all(|e| e["path"].as_str().is_some_and(|p| p.ends_with(e["id"].as_str().unwrap_or("?")))),
+        "{admin:?}"
+    );
+
+    let (st, resp) = http(a, "POST", "/v1/chat/completions", Some("sk-demo-partner"), &chat_body("pirate", "Hi", 4));
+    assert_eq!(st, 200, "{resp}");
+    let receipt = receipt_of(a, "sk-demo-partner", &resp);
+    let pirate = list("sk-demo-partner").into_iter().find(|e| e["id"] == "pirate").expect("pirate");
+    assert_eq!(pirate["generation"], receipt["body"]["record"]["adapters"][0]["generation"], "{pirate}");
+    assert_eq!(
+        (&pirate["host_resident"], &pirate["device_resident"], &pirate["pinned"]),
+        (&serde_json::json!(true), &serde_json::json!(true), &serde_json::json!(false)),
+        "{pirate}"
+    );
+    let caps = list("sk-demo-partner").into_iter().find(|e| e["id"] == "caps").expect("caps");
+    assert_eq!(caps["generation"], serde_json::Value::Null, "caps was never loaded: {caps}");
+}
+
+/// The receipt endpoint's text is `{"body":CANONICAL,"hash":..,"sig":..}` with the body's bytes
+/// exactly [`ReceiptBody::canonical`], so a browser can hash the bytes it received.
+#[test]
+fn console_receipt_text_is_the_canonical_body_byte_for_byte() {
+    use openlora::attribution::Receipt;
+    let server = start(|t| t);
+    let a = server.addr;
+    let body = serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "temperature": 0,
+        "adapters": [{"name": "pirate", "weight": 1.0}, {"name": "signature", "weight": 0.35}],
+        "merge": {"method": "linear"},
+    });
+    let (st, resp) = http(a, "POST", "/v1/chat/completions", Some("sk-demo-partner"), body.to_string().as_bytes());
+    assert_eq!(st, 200, "{resp}");
+    let id = json(&resp)["receipt"].as_str().expect("receipt id").to_owned();
+    let (st, raw) = http(a, "GET", &format!("/v1/receipts/{id}"), Some("sk-demo-partner"), b"");
+    assert_eq!(st, 200, "{raw}");
+    let r: Receipt = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("not a receipt ({e}): {raw}"));
+    let canonical = String::from_utf8(r.body.canonical()).expect("utf-8");
+    assert_eq!(raw, format!("{{\"body\":{canonical},\"hash\":\"{}\",\"sig\":\"{}\"}}", r.hash, r.sig));
+    assert_eq!(hex::encode(r.body.hash()), r.hash);
+    assert_eq!(r.hash, id);
+    assert!(canonical.contains("\"weight\":0.35"), "{canonical}");
+}
+
+/// Whether `name` runs (`name --version`).
+fn installed(name: &str) -> bool {
+    Command::new(name).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// The console in a real browser: headless Chromium, driven by selenium (tests/e2e/console.py).
+#[test]
+fn console_in_headless_chromium_chats_composes_and_verifies_receipts() {
+    let chromium = std::env::var("OPENLORA_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let driver = std::env::var("OPENLORA_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+    for bin in [&chromium, &driver] {
+        assert!(
+            installed(bin),
+            "`{bin}` is not installed: the console test needs headless Chromium and its driver \
+             (Debian: `apt-get install -y chromium chromium-driver`; or set OPENLORA_CHROMIUM and \
+             OPENLORA_CHROMEDRIVER to their paths)"
+        );
+    }
+    let which = |bin: &str| {
+        let out = Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().expect("sh");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let py = client_python();
+    let server = start(|t| t);
+    // The screenshots go to a temporary folder, or to OPENLORA_CONSOLE_SCREENSHOTS to keep them.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let shots =
+        std::env::var_os("OPENLORA_CONSOLE_SCREENSHOTS").map_or_else(|| tmp.path().to_path_buf(), PathBuf::from);
+    std::fs::create_dir_all(&shots).expect("the screenshot folder");
+    for old in ["1-adapters", "2-chat-receipt", "3-composed-receipt", "4-admin"] {
+        let _ = std::fs::remove_file(shots.join(format!("{old}.png")));
+    }
+    let (status, out) = output_within(
+        Command::new(py)
+            .arg(repo().join("tests/e2e/console.py"))
+            .arg(format!("http://{}", server.addr))
+            .arg(&shots)
+            .arg(repo().join("examples/adapters"))
+            .env("OPENLORA_CHROMIUM", which(&chromium))
+            .env("OPENLORA_CHROMEDRIVER", which(&driver)),
+        Duration::from_secs(600),
+    );
+    assert!(status.success(), "the console check failed ({status}):\n{out}");
+    assert!(out.contains("all console checks passed"), "{out}");
+    for png in ["1-adapters", "2-chat-receipt", "3-composed-receipt", "4-admin"] {
+        assert!(shots.join(format!("{png}.png")).is_file(), "no screenshot {png}.png:\n{out}");
+    }
+    eprintln!("{out}");
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use openlora::adapters::catalog::{Catalog, SaveDtype, write_peft};
-use openlora::adapters::pager::{Pager, PagerConfig, PagerError};
+use openlora::adapters::pager::{NameStatus, Pager, PagerConfig, PagerError};
 use openlora::adapters::synth::random_lora;
 use openlora::adapters::{AdapterRegistry, LoraAdapter, LoraHost, WeightedAdapter};
 use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
@@ -510,4 +510,52 @@ fn merges_build_on_a_bounded_pool_and_a_busy_pool_answers_busy() {
         .collect();
     assert!(handles.into_iter().all(|h| h.join().expect("thread")));
     assert_eq!(most.load(Ordering::SeqCst), 1, "builds never overlapped");
+}
+
+#[test]
+fn name_status_reports_the_bound_generation_its_tiers_and_pins() {
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_adapters(tmp.path(), &cfg, 2, 4);
+    let per = Catalog::scan(cfg.clone(), vec![tmp.path().to_path_buf()]).0.get(&name(0)).expect("a0").loaded_bytes;
+    // Room for one prepared adapter on the device, both on the host.
+    let (pager, _) = pager_for(tmp.path(), &cfg, PagerConfig::new(2 * per, per));
+    let names = [name(0), name(1), "absent".to_owned()];
+    assert_eq!(pager.name_status(&names), vec![NameStatus::default(); 3], "nothing loaded yet");
+
+    // The loader thread holds a finished load's result for a moment after waking its waiters
+    // (it counts as a holder, and the load as in flight), so each state is read once settled.
+    let settled = |done: &dyn Fn(&[NameStatus]) -> bool| {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = pager.name_status(&names);
+            if done(&s) || std::time::Instant::now() > until {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let held = pager.acquire_blocking(&name(0)).expect("a0000");
+    let s = settled(&|s| !s[0].loading);
+    let a0 = NameStatus {
+        generation: Some(held.generation),
+        host_resident: true,
+        device_resident: true,
+        pinned: true,
+        loading: false,
+    };
+    assert_eq!(s[0], a0, "held by a request");
+    assert_eq!(s[1], NameStatus::default());
+    drop(held);
+    assert_eq!(settled(&|s| !s[0].pinned)[0], NameStatus { pinned: false, ..a0 }, "released");
+
+    // Loading the other evicts a0000's device form (room for one); its host copy stays.
+    let b = pager.acquire_blocking(&name(1)).expect("a0001");
+    let s = settled(&|s| !s[1].loading);
+    assert_eq!(s[0], NameStatus { device_resident: false, pinned: false, ..a0 }, "evicted from the device");
+    assert_eq!((s[1].generation, s[1].device_resident, s[1].pinned), (Some(b.generation), true, true));
+    assert_eq!(s[2], NameStatus::default(), "an unknown name");
+    drop(b);
+    pager.unload(&name(1));
+    assert_eq!(pager.name_status(&names)[1], NameStatus::default(), "unloaded");
 }

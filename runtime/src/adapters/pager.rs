@@ -295,6 +295,22 @@ pub struct ResidentAdapter {
     pub derived: bool,
 }
 
+/// What the pager holds for one adapter name, for listings (`GET /v1/adapters`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NameStatus {
+    /// The generation the name is bound to under the catalog's current revision (`None` until
+    /// it is first loaded, and again after its folder changed).
+    pub generation: Option<Generation>,
+    /// That generation's host copy is resident.
+    pub host_resident: bool,
+    /// Its prepared form is resident in the device tier.
+    pub device_resident: bool,
+    /// Its prepared form is in use by a request (never evicted while so).
+    pub pinned: bool,
+    /// A load of the name's current revision is in flight.
+    pub loading: bool,
+}
+
 /// What [`Pager::unload`] released.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Unloaded {
@@ -967,6 +983,31 @@ impl<B: Backend + 'static> Pager<B> {
     pub fn generation(&self, name: &str) -> Option<Generation> {
         let rev = self.shared.catalog.get(name)?.revision;
         self.shared.lock().names.get(name).filter(|b| b.revision == rev).map(|b| b.generation)
+    }
+
+    /// What the pager holds for each of `names` (in order): bound generation, tiers, pinned,
+    /// loading. Read-only: touches no LRU clock and starts no load.
+    pub fn name_status(&self, names: &[String]) -> Vec<NameStatus> {
+        // The catalog's lock is taken before the pager's, as `start` does.
+        let revisions: Vec<Option<u64>> =
+            names.iter().map(|n| self.shared.catalog.get(n).map(|e| e.revision)).collect();
+        let st = self.shared.lock();
+        names
+            .iter()
+            .zip(revisions)
+            .map(|(name, rev)| {
+                let Some(rev) = rev else { return NameStatus::default() };
+                let generation = st.names.get(name).filter(|b| b.revision == rev).map(|b| b.generation);
+                let resident = generation.and_then(|g| st.resident.get(&g));
+                NameStatus {
+                    generation,
+                    host_resident: resident.is_some_and(|r| r.host.is_some()),
+                    device_resident: resident.is_some_and(|r| r.device.is_some()),
+                    pinned: resident.is_some_and(|r| r.device.as_ref().is_some_and(in_use)),
+                    loading: st.loading.contains_key(&(name.clone(), rev)),
+                }
+            })
+            .collect()
     }
 
     /// Every adapter in memory.

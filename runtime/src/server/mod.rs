@@ -121,10 +121,12 @@ async fn guard(State(exposure): State<Exposure>, req: Request<Body>, next: axum:
 /// The router over `svc`, guarded for a listener of `exposure`.
 pub fn router(svc: Svc, exposure: Exposure) -> Router {
     Router::new()
+        .route("/", get(console))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model_one))
+        .route("/v1/adapters", get(adapters))
         .route("/v1/receipts/{id}", get(receipt))
         .route("/v1/attribution/key", get(attribution_key))
         .route("/v1/load_lora_adapter", post(load_lora))
@@ -142,6 +144,28 @@ pub fn router(svc: Svc, exposure: Exposure) -> Router {
         })
         .with_state(svc)
         .layer(axum::middleware::from_fn_with_state(exposure, guard))
+}
+
+/// The web console: one page, its CSS and JS inline, embedded in the binary. It holds no
+/// secrets and asks for an API key like any other client, so serving it needs no key.
+const CONSOLE: &str = include_str!("console.html");
+
+async fn console() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // The page talks to this origin only; nothing may frame it.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        CONSOLE,
+    )
+        .into_response()
 }
 
 /// 200 while the engine and the adapter loaders run; 503 naming what stopped otherwise (so a
@@ -210,9 +234,40 @@ async fn model_one(State(svc): State<Svc>, headers: HeaderMap, UrlPath(id): UrlP
     }
 }
 
+/// The adapters the caller may see and where the pager holds each (openlora extension).
+async fn adapters(State(svc): State<Svc>, headers: HeaderMap) -> Response {
+    match tenant(&svc, &headers) {
+        Ok(t) => {
+            let data: Vec<Value> = svc
+                .list_adapters(&t)
+                .into_iter()
+                .map(|a| {
+                    let mut v = json!({
+                        "id": a.id, "object": "adapter", "generation": a.generation,
+                        "host_resident": a.host_resident, "device_resident": a.device_resident,
+                        "pinned": a.pinned, "loading": a.loading,
+                    });
+                    if let Some(p) = a.path {
+                        v["path"] = json!(p);
+                    }
+                    v
+                })
+                .collect();
+            json_response(&json!({"object": "list", "data": data}))
+        }
+        Err(e) => error_response(&e),
+    }
+}
+
+/// The receipt, serialized from its struct (not through `Value`, whose map may reorder keys),
+/// so the text is `{"body":CANONICAL,"hash":..,"sig":..}`: a client can hash the body's exact
+/// bytes and check the signature without re-encoding anything.
 async fn receipt(State(svc): State<Svc>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
     match tenant(&svc, &headers).and_then(|t| svc.receipt(&t, &id)) {
-        Ok(r) => json_response(&serde_json::to_value(&r).unwrap_or(Value::Null)),
+        Ok(r) => match serde_json::to_string(&r) {
+            Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+            Err(e) => error_response(&ServiceError::new(ErrorKind::Internal, format!("encoding the receipt: {e}"))),
+        },
         Err(e) => error_response(&e),
     }
 }

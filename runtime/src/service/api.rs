@@ -246,6 +246,25 @@ pub struct ModelCard {
     pub parent: Option<String>,
 }
 
+/// An adapter as `GET /v1/adapters` lists it: where the pager holds it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterStatus {
+    /// Its name.
+    pub id: String,
+    /// The generation (content hash, hex) its name is bound to, once loaded.
+    pub generation: Option<String>,
+    /// Its host copy is resident.
+    pub host_resident: bool,
+    /// Its prepared form is resident in the device tier.
+    pub device_resident: bool,
+    /// A request is using it (it cannot be evicted).
+    pub pinned: bool,
+    /// A load is in flight.
+    pub loading: bool,
+    /// Its folder on the server: admins only (the server's paths are not other tenants' to know).
+    pub path: Option<String>,
+}
+
 /// Request limits from the deployment.
 #[derive(Clone, Debug)]
 pub struct Limits {

@@ -31,8 +31,8 @@ use openlora_kernels::Backend;
 use sha2::{Digest, Sha256};
 
 pub use api::{
-    AdapterChoice, ErrorKind, FinishReason, GenerateRequest, Limits, MergeSpec, ModelCard, PromptInput, SamplingParams,
-    ServiceError, ServiceEvent, TokenLogprob, TokenUsage, new_request_id,
+    AdapterChoice, AdapterStatus, ErrorKind, FinishReason, GenerateRequest, Limits, MergeSpec, ModelCard, PromptInput,
+    SamplingParams, ServiceError, ServiceEvent, TokenLogprob, TokenUsage, new_request_id,
 };
 pub use journey::Journey;
 pub use receipts::RecordContext;

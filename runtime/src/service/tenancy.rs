@@ -16,7 +16,7 @@ use openlora_kernels::Backend;
 use sha2::{Digest, Sha256};
 
 use super::Service;
-use super::api::{ErrorKind, ModelCard, ServiceError};
+use super::api::{AdapterStatus, ErrorKind, ModelCard, ServiceError};
 use crate::adapters::catalog::{CatalogEntry, ScanReport};
 use crate::config::Role;
 
@@ -160,6 +160,32 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
         }
         out
+    }
+
+    /// The adapters `tenant` may see (the same rule as [`Service::list_models`]) and where the
+    /// pager holds each now: bound generation, host and device tiers, pinned, loading. Folders
+    /// are shown to admins only.
+    pub fn list_adapters(&self, tenant: &Tenant) -> Vec<AdapterStatus> {
+        let catalog = self.pager.catalog();
+        let (names, entries): (Vec<String>, Vec<_>) = catalog
+            .names()
+            .into_iter()
+            .filter_map(|n| catalog.get(&n).filter(|e| tenant.may_use(e)).map(|e| (n, e)))
+            .unzip();
+        names
+            .iter()
+            .zip(&entries)
+            .zip(self.pager.name_status(&names))
+            .map(|((name, e), s)| AdapterStatus {
+                id: name.clone(),
+                generation: s.generation.map(|g| g.to_string()),
+                host_resident: s.host_resident,
+                device_resident: s.device_resident,
+                pinned: s.pinned,
+                loading: s.loading,
+                path: tenant.is_admin().then(|| e.dir.display().to_string()),
+            })
+            .collect()
     }
 
     /// Loads (or replaces) adapter `name` from `dir` (admin). The name points at the new

@@ -647,14 +647,18 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
         serde_json::json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "metadata": {"chaos": mode}}).to_string()
     };
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("panic").as_bytes());
-    assert_eq!(st, 503, "{resp}");
-    assert!(resp.contains("chaos monkey says no"), "the guest panic message reaches the client: {resp}");
+    // A plugin failure is a 500 (not the 503 `overloaded_error` OpenAI clients retry), and
+    // the guest's panic text stays in the server's log.
+    assert_eq!(st, 500, "{resp}");
+    assert!(resp.contains("router plugin `chaos` panicked"), "{resp}");
+    assert!(!resp.contains("chaos monkey says no"), "the guest panic message reaches the client: {resp}");
     // An endless loop is cut by the deadline and counts, unless this machine's CPUs were so
     // busy that the call got under half its time on the CPU (`Starved`, not counted): then the
     // next loop request runs it again, until one counts (boundedly).
     for _ in 0..20 {
         let (st, resp) = http(a, "POST", "/v1/completions", k, body("loop").as_bytes());
-        assert_eq!(st, 503, "{resp}");
+        // 503 only for a starved call (the host's overload, which a retry may cure).
+        assert!(st == 500 || (st == 503 && resp.contains("overloaded")), "{st} {resp}");
         if resp.contains("quarantine") {
             break;
         }
@@ -662,7 +666,7 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
     }
     // Now quarantined: refused at once, and reported in /metrics.
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
-    assert_eq!(st, 503, "{resp}");
+    assert_eq!(st, 500, "{resp}");
     assert!(resp.contains("quarantine"), "{resp}");
     let metrics = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
     assert!(

@@ -9,6 +9,7 @@ mod fuzz;
 mod lora_reference;
 mod malformed;
 mod pager;
+mod plugin_failures;
 mod plugins;
 mod reference_logits;
 mod trust;

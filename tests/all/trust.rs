@@ -28,11 +28,11 @@ fn model() -> &'static Arc<LoadedModel<ServingBackend>> {
 }
 
 /// A service and its HTTP server, on a runtime of its own.
-struct Node {
-    svc: Arc<Service<ServingBackend>>,
-    addr: SocketAddr,
+pub(crate) struct Node {
+    pub(crate) svc: Arc<Service<ServingBackend>>,
+    pub(crate) addr: SocketAddr,
     rt: tokio::runtime::Runtime,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Node {
@@ -55,7 +55,7 @@ impl Node {
 
     /// The quickstart deployment (tenants, visibility, every example plugin), with `edit`
     /// applied to its text.
-    fn quickstart(edit: impl Fn(String) -> String) -> Self {
+    pub(crate) fn quickstart(edit: impl Fn(String) -> String) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let plugins = crate::plugins::components();
         let plugin =
@@ -90,7 +90,7 @@ impl Node {
         Self { svc, addr, rt, dir }
     }
 
-    fn ledger(&self) -> Vec<Value> {
+    pub(crate) fn ledger(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.path().join("state/ledger.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -140,7 +140,7 @@ fn send(addr: SocketAddr, head_extra: &str, path: &str, body: &str) -> TcpStream
 }
 
 /// One request; returns (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+pub(crate) fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
     let head =
@@ -153,11 +153,11 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -
     (status, raw.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned()))
 }
 
-fn host(addr: SocketAddr) -> String {
+pub(crate) fn host(addr: SocketAddr) -> String {
     format!("Host: 127.0.0.1:{}\r\n", addr.port())
 }
 
-const JSON: &str = "Content-Type: application/json\r\n";
+pub(crate) const JSON: &str = "Content-Type: application/json\r\n";
 
 fn chat(max_tokens: usize, stream: bool) -> String {
     json!({
@@ -563,6 +563,12 @@ fn a_tenant_learns_nothing_it_may_not_see() {
     let (st, body) = http(a, "POST", "/v1/chat/completions", &demo, &routed);
     assert_eq!(st, 404, "{body}");
     assert!(!body.contains("pirate") && !body.contains("adapters"), "{body}");
+    let e = &serde_json::from_str::<Value>(&body).expect("json")["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| m.contains("router plugin `keyword-router`")),
+        "names the router: {body}"
+    );
+    assert!(e["param"].is_null(), "the client sent no field at fault: {body}");
     assert_eq!(http(a, "POST", "/v1/chat/completions", &partner, &routed).0, 200);
     // Receipts: partner's receipt is, to demo, a receipt that does not exist.
     let secret = "My account number is 4242-4242 and my secret plan is to buy the moon on Tuesday at noon.";

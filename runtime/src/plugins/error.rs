@@ -167,6 +167,33 @@ impl PluginError {
     pub fn is_overload(&self) -> bool {
         matches!(self, Self::Busy { .. } | Self::Starved { .. } | Self::Host { .. })
     }
+
+    /// What went wrong, without any text the guest wrote (its panic message, its refusal
+    /// reason, the numbers of its answer) or wasmtime's trap details: what a tenant may be told
+    /// and a receipt may record. The full [`Display`](std::fmt::Display) form is for the
+    /// server's log and admins.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::GuestPanic { .. } => "panicked (the server log has its message)".to_owned(),
+            Self::BadAnswer { .. } => "gave an unusable answer (the server log says why)".to_owned(),
+            Self::Other { .. } => "trapped (the server log has the details)".to_owned(),
+            Self::Host { .. } => "could not be started by the host (the host is overloaded)".to_owned(),
+            Self::Io { .. } => "could not be read".to_owned(),
+            Self::Invalid { .. } => "is not a valid component".to_owned(),
+            // Host-authored texts with nothing of the guest's in them.
+            Self::Timeout { .. }
+            | Self::OutOfFuel { .. }
+            | Self::Memory { .. }
+            | Self::ForbiddenImport { .. }
+            | Self::UnsupportedAbi { .. }
+            | Self::WrongKind { .. }
+            | Self::Quarantined { .. }
+            | Self::NotLoaded
+            | Self::KindMismatch { .. }
+            | Self::Busy { .. }
+            | Self::Starved { .. } => self.to_string(),
+        }
+    }
 }
 
 /// A plugin failure with the plugin's name: what a fail-closed request is rejected with, and
@@ -183,5 +210,35 @@ pub struct PluginFailure {
 impl PluginFailure {
     pub(crate) fn new(plugin: &str, error: PluginError) -> Self {
         Self { plugin: plugin.to_owned(), error }
+    }
+
+    /// `plugin NAME` and the [summary](PluginError::summary) of its error: no guest-written
+    /// text, so it may reach a tenant or a receipt.
+    pub fn summary(&self) -> String {
+        format!("plugin `{}` {}", self.plugin, self.error.summary())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_never_carries_guest_text() {
+        let secret = "tenant acme's key is sk-123";
+        let guest_written = [
+            PluginError::GuestPanic { message: secret.to_owned() },
+            PluginError::BadAnswer { message: format!("refused: {secret}") },
+            PluginError::Other { message: format!("wasm trap: {secret}") },
+            PluginError::Host { message: secret.to_owned() },
+        ];
+        for error in guest_written {
+            let failure = PluginFailure::new("p", error.clone());
+            assert!(failure.to_string().contains(secret), "the full form keeps it for the log: {failure}");
+            assert!(!failure.summary().contains(secret), "{}", failure.summary());
+            assert!(failure.summary().starts_with("plugin `p` "), "{}", failure.summary());
+        }
+        let timeout = PluginError::Timeout { limit: Duration::from_millis(20) };
+        assert_eq!(timeout.summary(), timeout.to_string(), "host-written texts are kept whole");
     }
 }

@@ -20,6 +20,7 @@ use openlora_kernels::Backend;
 
 use super::Service;
 use super::api::{ErrorKind, FinishReason, GenerateRequest, ServiceError, ServiceEvent, TokenUsage, new_request_id};
+use super::plugin_chain::blame_router;
 use super::receipts::RecordContext;
 use super::tenancy::{ConcurrencyPermit, Tenant};
 use crate::attribution::receipt::tokens_sha256;
@@ -154,8 +155,8 @@ impl<B: Backend + Clone + 'static> Service<B> {
         for prompt in &req.prompts {
             let mut leg = req.clone();
             leg.prompts = vec![prompt.clone()];
-            let plugins = self.run_plugins(tenant, &mut leg)?;
-            let resolved = self.resolve(tenant, &leg)?;
+            let chain = self.run_plugins(tenant, &mut leg)?;
+            let resolved = self.resolve(tenant, &leg).map_err(|e| blame_router(chain.routed_by.as_deref(), e))?;
             let tokens = self.tokenize(&leg.prompts[0])?;
             if tokens.is_empty() {
                 return Err(ServiceError::bad("prompt", "the prompt is empty"));
@@ -173,11 +174,19 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 merge: resolved.merge.clone(),
                 prompt_sha256: tokens_sha256(&tokens),
                 prompt_tokens: tokens.len(),
-                plugins,
+                plugins: chain.used,
             };
             legs.push((tokens, resolved, ctx));
         }
         let prompt_tokens = legs.iter().map(|(t, _, _)| t.len()).sum();
+        // A fail-closed attributor decides before any token is generated: it splits the most
+        // this request can cost, and a failure refuses the request now, not after the work.
+        if self.closed_attributor().is_some()
+            && let Some(ctx) = RecordContext::combine(legs.iter().map(|(_, _, c)| c.clone()).collect())
+        {
+            let worst_case = max_tokens.saturating_mul(req.n).saturating_mul(legs.len());
+            self.attribution_dry_run(tenant, &ctx, worst_case)?;
+        }
         let mut streams = Vec::with_capacity(legs.len() * req.n);
         let mut contexts = Vec::with_capacity(legs.len());
         for (tokens, resolved, ctx) in legs {
@@ -258,8 +267,8 @@ impl<B: Backend + Clone + 'static> Journey<B> {
     }
 
     /// Writes the receipt (once). `None` when attribution is off or it was already written.
-    fn write_receipt(&mut self, reason: &str) -> Result<Option<ReceiptWait>, ServiceError> {
-        let Some(ctx) = self.record.take() else { return Ok(None) };
+    fn write_receipt(&mut self, reason: &str) -> Option<ReceiptWait> {
+        let ctx = self.record.take()?;
         let usage = self.usage();
         let outputs: Vec<&str> = self.choices.iter().map(|c| c.text.as_str()).collect();
         self.svc.record(&ctx, usage.completion_tokens, reason, &outputs)
@@ -298,13 +307,7 @@ impl<B: Backend + Clone + 'static> Journey<B> {
             }
             if self.choices.iter().all(|c| c.finished.is_some()) {
                 let reason = self.first_reason().as_str();
-                match self.write_receipt(reason) {
-                    Ok(wait) => self.phase = Phase::Recording(wait),
-                    Err(e) => {
-                        self.phase = Phase::Ended;
-                        return Some(ServiceEvent::Failed(e));
-                    }
-                }
+                self.phase = Phase::Recording(self.write_receipt(reason));
                 continue;
             }
             let (i, event) = std::future::poll_fn(|cx| {
@@ -357,7 +360,7 @@ impl<B: Backend + Clone + 'static> Journey<B> {
         // Cancel the other choices now, not after the ledger's fsync.
         self.streams.clear();
         self.svc.metrics.e2e.observe(self.started.elapsed().as_secs_f64());
-        if let Ok(Some(rx)) = self.write_receipt("error") {
+        if let Some(rx) = self.write_receipt("error") {
             let _ = rx.await;
         }
         ServiceEvent::Failed(e)

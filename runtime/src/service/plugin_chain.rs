@@ -2,6 +2,20 @@
 //! router picks adapters for requests that name the base model and no adapters, the merger
 //! picks a recipe for requests that ask for a merge. Plugins see names, indices and manifests,
 //! never weights. The attributor, the last plugin of the journey, runs in `receipts`.
+//!
+//! What a client is told when a plugin acts against its request:
+//! - A plugin that *decides* to refuse (`Reject(reason)`) gets a 400 whose message quotes the
+//!   plugin's reason and says the plugin wrote it (it is the plugin's policy, not a field the
+//!   client got wrong, so no `param`).
+//! - A plugin that *fails* under `failure = "closed"` (trap, panic, timeout, fuel, memory, an
+//!   unusable answer, quarantine) gets a 500 that names the plugin and what happened, never the
+//!   guest's own text (a panic message may quote another tenant's prompt or a secret from its
+//!   config): that goes to the server log, and to admins in the response. Only a call the
+//!   host could not run for load (`Busy`, `Starved`, `Host`) is a 503 `overloaded_error`, the
+//!   status OpenAI clients retry, because a retry may then succeed.
+//! - A router whose choice cannot be served (an adapter the tenant may not use, or a list
+//!   beyond the deployment's limits) is reported as the router's doing, without naming the
+//!   adapter and without pointing at a request field the client never sent.
 
 use openlora_kernels::Backend;
 
@@ -13,6 +27,65 @@ use crate::adapters::merge::MajoritySign;
 use crate::attribution::receipt::PluginUse;
 use crate::model::chat_template::ChatMessage;
 use crate::plugins::{self as pl, PluginKind};
+
+/// The longest plugin-written refusal reason a client is shown (bytes); longer ones are cut.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// What the plugin chain did to one request.
+pub(super) struct ChainOutcome {
+    /// The plugins that acted, for the receipt.
+    pub used: Vec<PluginUse>,
+    /// The router whose choice `adapters` now holds, if one chose adapters.
+    pub routed_by: Option<String>,
+}
+
+/// The 400 of a plugin's decision to refuse: its reason, quoted and marked as the plugin's.
+fn plugin_refusal(kind: PluginKind, name: &str, reason: &str) -> ServiceError {
+    let mut cut = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let more = if cut < reason.len() { " (cut)" } else { "" };
+    ServiceError {
+        kind: ErrorKind::BadRequest,
+        message: format!(
+            "the {kind} plugin `{name}` refused this request; its reason, written by the plugin: {:?}{more}",
+            &reason[..cut]
+        ),
+        param: None,
+    }
+}
+
+/// The 404 of a router that chose an adapter this tenant may not use (or that does not
+/// exist): the same words either way, naming the router and not the adapter.
+fn router_chose_unknown(name: &str) -> ServiceError {
+    ServiceError {
+        kind: ErrorKind::NotFound,
+        message: format!(
+            "the router plugin `{name}` chose an adapter that does not exist for this tenant (the router's choice, not a field of the request)"
+        ),
+        param: None,
+    }
+}
+
+/// Re-attributes an error about the `adapters` list to the router that wrote it, for a
+/// request whose adapters the router chose (`routed_by`); other errors pass unchanged.
+pub(super) fn blame_router(routed_by: Option<&str>, e: ServiceError) -> ServiceError {
+    match routed_by {
+        Some(name) if e.param.as_deref() == Some("adapters") => {
+            if e.kind == ErrorKind::NotFound {
+                router_chose_unknown(name)
+            } else {
+                ServiceError {
+                    kind: ErrorKind::Internal,
+                    message: format!("the router plugin `{name}` chose adapters that cannot be served: {}", e.message),
+                    param: None,
+                }
+            }
+        }
+        _ => e,
+    }
+}
 
 /// A manifest dataset as plugins see it.
 pub(super) fn plugin_dataset(d: &Dataset) -> pl::Dataset {
@@ -68,12 +141,13 @@ impl<B: Backend + Clone + 'static> Service<B> {
 
     /// Runs the preprocessors, the router and the merger on `p` (the plugin part of the
     /// journey); returns the plugins that acted.
-    pub(super) fn run_plugins(&self, tenant: &Tenant, p: &mut GenerateRequest) -> Result<Vec<PluginUse>, ServiceError> {
-        let Some(host) = self.plugins.clone() else { return Ok(Vec::new()) };
-        let mut used = Vec::new();
-        let failed = |e: pl::PluginFailure| {
-            ServiceError::new(ErrorKind::Overloaded, format!("{e} (the plugin's failure policy is `closed`)"))
+    pub(super) fn run_plugins(&self, tenant: &Tenant, p: &mut GenerateRequest) -> Result<ChainOutcome, ServiceError> {
+        let failed = |kind: PluginKind| move |e: pl::PluginFailure| plugin_failed(tenant, kind, &e);
+        let Some(host) = self.plugins.clone() else {
+            return Ok(ChainOutcome { used: Vec::new(), routed_by: None });
         };
+        let mut used = Vec::new();
+        let mut routed_by = None;
         let warn = |name: &str, f: &Option<pl::PluginFailure>| {
             if let Some(f) = f {
                 eprintln!("openlora: plugin {name} failed, continuing without it (fail-open): {f}");
@@ -102,7 +176,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 metadata: p.metadata.clone(),
                 tenant: tenant.name.clone(),
             };
-            let h = host.preprocess(&name, &req).map_err(failed)?;
+            let h = host.preprocess(&name, &req).map_err(failed(PluginKind::Preprocessor))?;
             warn(&name, &h.fallback);
             used.push(self.plugin_use(&name, PluginKind::Preprocessor));
             match h.value {
@@ -116,7 +190,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     }
                 }
                 pl::PreprocessOutcome::Reject(reason) => {
-                    return Err(ServiceError::bad("messages", format!("rejected by plugin {name}: {reason}")));
+                    return Err(plugin_refusal(PluginKind::Preprocessor, &name, &reason));
                 }
             }
         }
@@ -131,7 +205,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 metadata: p.metadata.clone(),
                 tenant: tenant.name.clone(),
             };
-            let h = host.route(&name, &req).map_err(failed)?;
+            let h = host.route(&name, &req).map_err(failed(PluginKind::Router))?;
             warn(&name, &h.fallback);
             used.push(self.plugin_use(&name, PluginKind::Router));
             match h.value {
@@ -141,18 +215,29 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     // what it chose, so a router cannot reveal an adapter the caller may not see.
                     let catalog = self.pager.catalog();
                     if list.iter().any(|a| !catalog.get(&a.name).is_some_and(|e| tenant.may_use(&e))) {
-                        return Err(ServiceError {
-                            kind: ErrorKind::NotFound,
-                            message: format!(
-                                "the router plugin {name} chose an adapter that does not exist for this tenant"
-                            ),
-                            param: Some("model".into()),
-                        });
+                        return Err(router_chose_unknown(&name));
                     }
-                    p.adapters = list.into_iter().map(|a| AdapterChoice { name: a.name, weight: a.weight }).collect();
+                    let list: Vec<AdapterChoice> =
+                        list.into_iter().map(|a| AdapterChoice { name: a.name, weight: a.weight }).collect();
+                    // The deployment's limits bind the router as they bind clients; what breaks
+                    // them is the router's fault, reported as such.
+                    self.check_adapter_list(&list).map_err(|e| blame_router(Some(&name), e))?;
+                    if let Some(a) = list.iter().find(|a| !a.weight.is_finite()) {
+                        return Err(blame_router(
+                            Some(&name),
+                            ServiceError::bad(
+                                "adapters",
+                                format!("adapter `{}`: the weight {} is not finite", a.name, a.weight),
+                            ),
+                        ));
+                    }
+                    if !list.is_empty() {
+                        routed_by = Some(name.clone());
+                    }
+                    p.adapters = list;
                 }
                 pl::RouteDecision::Reject(reason) => {
-                    return Err(ServiceError::bad("model", format!("rejected by plugin {name}: {reason}")));
+                    return Err(plugin_refusal(PluginKind::Router, &name, &reason));
                 }
             }
         }
@@ -169,7 +254,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     adapters: choices.iter().map(|c| pl::AdapterChoice::new(&c.name, c.weight)).collect(),
                     metadata: p.metadata.clone(),
                 };
-                let h = host.merge(&name, &req).map_err(failed)?;
+                let h = host.merge(&name, &req).map_err(failed(PluginKind::Merger))?;
                 warn(&name, &h.fallback);
                 used.push(self.plugin_use(&name, PluginKind::Merger));
                 match h.value {
@@ -190,11 +275,28 @@ impl<B: Backend + Clone + 'static> Service<B> {
                         });
                     }
                     pl::MergeOutcome::Reject(reason) => {
-                        return Err(ServiceError::bad("merge", format!("rejected by plugin {name}: {reason}")));
+                        return Err(plugin_refusal(PluginKind::Merger, &name, &reason));
                     }
                 }
             }
         }
-        Ok(used)
+        Ok(ChainOutcome { used, routed_by })
     }
+}
+
+/// The error of a fail-closed plugin's failure, as the client sees it: a 500 naming the
+/// plugin and what happened (a 503 only when the host was overloaded), without the guest's
+/// own text unless the caller is an admin. The whole failure goes to the server's log.
+pub(super) fn plugin_failed(tenant: &Tenant, kind: PluginKind, f: &pl::PluginFailure) -> ServiceError {
+    eprintln!("openlora: the {kind} {f}; its failure policy is `closed`, so the request is refused");
+    let overload = f.error.is_overload();
+    let mut message = format!(
+        "the {kind} {}; its failure policy is `closed`, so the request is refused{}",
+        f.summary(),
+        if overload { " (a retry may succeed)" } else { "" }
+    );
+    if tenant.is_admin() {
+        message.push_str(&format!(" [admin detail: {f}]"));
+    }
+    ServiceError { kind: if overload { ErrorKind::Overloaded } else { ErrorKind::Internal }, message, param: None }
 }

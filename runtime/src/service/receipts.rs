@@ -9,11 +9,11 @@ use openlora_kernels::Backend;
 
 use super::Service;
 use super::api::{ErrorKind, ServiceError};
-use super::plugin_chain::plugin_dataset;
+use super::plugin_chain::{plugin_dataset, plugin_failed};
 use super::tenancy::Tenant;
 use crate::attribution::receipt::{AdapterUse, Attribution, InferenceRecord, Payment, PluginUse, text_sha256};
 use crate::attribution::{Receipt, builtin_attribution};
-use crate::plugins::{self as pl, PluginKind};
+use crate::plugins::{self as pl, FailurePolicy, PluginKind};
 
 /// The parts of an inference record known when a request starts.
 #[derive(Clone, Debug)]
@@ -70,17 +70,15 @@ impl RecordContext {
 }
 
 impl<B: Backend + Clone + 'static> Service<B> {
-    /// Writes the receipt of a finished (or cancelled) request; the channel yields its id once
-    /// it is durable. `None` when attribution is off.
-    pub(super) fn record(
+    /// The record of `ctx` with `completion_tokens` generated (attribution not yet run).
+    fn inference_record(
         &self,
         ctx: &RecordContext,
         completion_tokens: usize,
         finish_reason: &str,
         outputs: &[&str],
-    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<String, String>>>, ServiceError> {
-        let Some(ledger) = self.ledger.as_ref() else { return Ok(None) };
-        let mut record = InferenceRecord {
+    ) -> InferenceRecord {
+        InferenceRecord {
             request_id: ctx.request_id.clone(),
             tenant: ctx.tenant.clone(),
             time_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
@@ -93,59 +91,78 @@ impl<B: Backend + Clone + 'static> Service<B> {
             plugins: ctx.plugins.clone(),
             prompt_sha256: ctx.prompt_sha256.clone(),
             output_sha256: text_sha256(&outputs.join("\0")),
-        };
-        let (attribution, refused) = self.attribute(&mut record);
-        let rx = ledger.append(record, attribution);
-        match refused {
-            Some(e) => Err(e),
-            None => Ok(Some(rx)),
         }
     }
 
-    /// Splits the record's price: the attributor plugin when one is configured (its
-    /// fail-open fallback is an equal split between the owners), else the built-in split. A
-    /// fail-closed attributor failure charges nothing and fails the request.
-    fn attribute(&self, record: &mut InferenceRecord) -> (Attribution, Option<ServiceError>) {
+    /// Writes the receipt of a finished, failed or cancelled request; the channel yields its
+    /// id once it is durable. `None` when attribution is off. The receipt is written whatever
+    /// the attributor does: a failing attributor is recorded in it (see [`Self::attribute`]).
+    pub(super) fn record(
+        &self,
+        ctx: &RecordContext,
+        completion_tokens: usize,
+        finish_reason: &str,
+        outputs: &[&str],
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<String, String>>> {
+        let ledger = self.ledger.as_ref()?;
+        let mut record = self.inference_record(ctx, completion_tokens, finish_reason, outputs);
+        let attribution = self.attribute(&mut record);
+        Some(ledger.append(record, attribution))
+    }
+
+    /// The attributor plugin, if the deployment has one and its failure policy is `closed`.
+    pub(super) fn closed_attributor(&self) -> Option<String> {
+        let host = self.plugins.as_ref()?;
+        let name = self.plugins_of(PluginKind::Attributor).next()?;
+        (host.spec(name)?.failure == FailurePolicy::Closed).then(|| name.to_owned())
+    }
+
+    /// Before generation, for a fail-closed attributor: runs it on the record this request
+    /// would have if it generated `completion_tokens` (its most) and finished with `length`,
+    /// and refuses the request if it fails. An attributor that cannot split this request's
+    /// price is found before the model spends anything on it. (It is called again on the
+    /// real record when the request ends; see [`Self::attribute`] for a failure then.)
+    pub(super) fn attribution_dry_run(
+        &self,
+        tenant: &Tenant,
+        ctx: &RecordContext,
+        completion_tokens: usize,
+    ) -> Result<(), ServiceError> {
+        let (Some(host), Some(name)) = (self.plugins.as_ref(), self.closed_attributor()) else { return Ok(()) };
+        if self.ledger.is_none() {
+            return Ok(());
+        }
+        let record = self.inference_record(ctx, completion_tokens, "length", &[]);
+        host.attribute(&name, &plugin_record(&record, record.total_price()))
+            .map(drop)
+            .map_err(|f| plugin_failed(tenant, PluginKind::Attributor, &f))
+    }
+
+    /// Splits the record's price: the attributor plugin when one is configured, else the
+    /// built-in split. When the plugin fails (after the dry run passed, or fail-open), the
+    /// receipt says so, with no guest-written text (tenants read their receipts):
+    /// - fail-open: the fallback, an equal split between the owners, is paid;
+    /// - fail-closed: nothing is split and nothing is charged (`total_micros` 0, no payments;
+    ///   the record's token counts and prices still say what was used, so it can be billed
+    ///   once the attributor is fixed).
+    ///
+    /// Either way the answer is returned: a stream has already delivered it, and a whole
+    /// answer is treated alike. The request was refused before generation if the attributor
+    /// could not split its worst case ([`Self::attribution_dry_run`]).
+    fn attribute(&self, record: &mut InferenceRecord) -> Attribution {
         let name = self.plugins_of(PluginKind::Attributor).next().map(str::to_owned);
         let (Some(host), Some(name)) = (self.plugins.as_ref(), name) else {
-            return (builtin_attribution(record), None);
+            return builtin_attribution(record);
         };
-        record.plugins.push(self.plugin_use(&name, PluginKind::Attributor));
+        let plugin = self.plugin_use(&name, PluginKind::Attributor);
+        let version = plugin.version[..plugin.version.len().min(12)].to_owned();
+        record.plugins.push(plugin);
         let total = record.total_price();
-        let input = pl::InferenceRecord {
-            request_id: record.request_id.clone(),
-            tenant: record.tenant.clone(),
-            time_ms: record.time_ms,
-            base_model: pl::ModelUse {
-                id: record.base_model.id.clone(),
-                sha256: record.base_model.sha256.clone(),
-                owner: record.base_model.owner.clone(),
-                price_per_1k_tokens: record.base_model.price_per_1k_tokens,
-            },
-            adapters: record
-                .adapters
-                .iter()
-                .map(|a| pl::AdapterUse {
-                    name: a.name.clone(),
-                    generation: a.generation.clone(),
-                    weight: a.weight,
-                    owner: a.owner.clone(),
-                    price_per_1k_tokens: a.price_per_1k_tokens,
-                    datasets: a.datasets.iter().map(plugin_dataset).collect(),
-                })
-                .collect(),
-            merge: record.merge.clone(),
-            prompt_tokens: record.prompt_tokens,
-            completion_tokens: record.completion_tokens,
-            finish_reason: record.finish_reason.clone(),
-            price_micros: total,
-        };
-        match host.attribute(&name, &input) {
+        match host.attribute(&name, &plugin_record(record, total)) {
             Ok(h) => {
-                let version = record.plugins.last().map(|u| u.version.clone()).unwrap_or_default();
                 let attributor = match &h.fallback {
-                    None => format!("plugin {name}@{}", &version[..version.len().min(12)]),
-                    Some(f) => format!("equal split (fail-open fallback: {f})"),
+                    None => format!("plugin {name}@{version}"),
+                    Some(f) => format!("equal split (fail-open fallback: attribution failed: {})", f.summary()),
                 };
                 let payments = h
                     .value
@@ -157,16 +174,22 @@ impl<B: Backend + Clone + 'static> Service<B> {
                         micros: p.micros,
                     })
                     .collect();
-                (Attribution { attributor, total_micros: total, payments }, None)
+                Attribution { attributor, total_micros: total, payments }
             }
-            Err(e) => (
-                Attribution { attributor: format!("none: {e}"), total_micros: 0, payments: Vec::new() },
-                Some(ServiceError::new(
-                    // An overloaded plugin host is a 503: the client may retry.
-                    if e.error.is_overload() { ErrorKind::Overloaded } else { ErrorKind::Internal },
-                    format!("attribution failed: {e}"),
-                )),
-            ),
+            Err(f) => {
+                eprintln!(
+                    "openlora: request {}: attribution failed, recorded with no payments (fail-closed): {f}",
+                    record.request_id
+                );
+                Attribution {
+                    attributor: format!(
+                        "attribution failed: {} (plugin {name}@{version}, fail-closed: nothing split, nothing charged; price was {total} micros)",
+                        f.summary()
+                    ),
+                    total_micros: 0,
+                    payments: Vec::new(),
+                }
+            }
         }
     }
 
@@ -179,5 +202,37 @@ impl<B: Backend + Clone + 'static> Service<B> {
             Some((r, owner)) if tenant.is_admin() || owner == tenant.name => Ok(r),
             _ => Err(nf()),
         }
+    }
+}
+
+/// The record as the attributor sees it, priced at `total` micros.
+fn plugin_record(record: &InferenceRecord, total: u64) -> pl::InferenceRecord {
+    pl::InferenceRecord {
+        request_id: record.request_id.clone(),
+        tenant: record.tenant.clone(),
+        time_ms: record.time_ms,
+        base_model: pl::ModelUse {
+            id: record.base_model.id.clone(),
+            sha256: record.base_model.sha256.clone(),
+            owner: record.base_model.owner.clone(),
+            price_per_1k_tokens: record.base_model.price_per_1k_tokens,
+        },
+        adapters: record
+            .adapters
+            .iter()
+            .map(|a| pl::AdapterUse {
+                name: a.name.clone(),
+                generation: a.generation.clone(),
+                weight: a.weight,
+                owner: a.owner.clone(),
+                price_per_1k_tokens: a.price_per_1k_tokens,
+                datasets: a.datasets.iter().map(plugin_dataset).collect(),
+            })
+            .collect(),
+        merge: record.merge.clone(),
+        prompt_tokens: record.prompt_tokens,
+        completion_tokens: record.completion_tokens,
+        finish_reason: record.finish_reason.clone(),
+        price_micros: total,
     }
 }

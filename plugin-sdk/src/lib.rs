@@ -17,8 +17,15 @@
 //!   a component that calls one fails to load with an error naming the import: the
 //!   preprocessor may not read the [`catalog`].
 //!
-//! Non-guarantees: this crate compiles on any target so that workspaces and docs build, but
-//! the host functions only work inside the openlora host; called natively they panic.
+//! - Native tests without the host: compiled for anything but wasm32, [`logging`],
+//!   [`config`] and [`catalog`] talk to a mock host ([`testing::MockHost`]) that a test
+//!   installs on its thread, so `cargo test` on a plugin crate calls the trait methods
+//!   directly, with config values, a fake catalog and captured log lines.
+//!
+//! Non-guarantees: natively, a host function called with no [`testing::MockHost`] installed
+//! on the thread panics, naming the fix. The mock runs your Rust, not your component: the
+//! sandbox's limits (time, memory, fuel, granted imports) are checked by `openlora plugin
+//! check` and the host, not by native tests.
 //!
 //! See `README.md` in this crate for the author's path, start to finish.
 
@@ -190,7 +197,13 @@ pub mod attributor {
 pub mod logging {
     //! The host log. Lines are tagged with the plugin's name.
 
-    use crate::shared::logging::{self as host, Level};
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::testing::host::logging as host;
+
+    #[cfg(target_arch = "wasm32")]
+    use crate::shared::logging as host;
+
+    pub use crate::shared::logging::Level;
 
     /// Logs at trace level.
     pub fn trace(message: &str) {
@@ -218,7 +231,10 @@ pub mod config {
     //! The plugin's own configuration: the `config` table of its `[[plugins]]` entry in the
     //! deployment TOML.
 
+    #[cfg(target_arch = "wasm32")]
     use crate::shared::config as host;
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::testing::host::config as host;
 
     /// The value of a key as a string, or `None` if absent. Nested tables are flattened with
     /// dots (`keywords.arr`); strings come as-is, numbers and booleans in TOML spelling, arrays
@@ -249,7 +265,10 @@ pub mod catalog {
     //! preprocessor that calls it fails to load.
 
     use crate::AdapterFacts;
+    #[cfg(target_arch = "wasm32")]
     use crate::shared::catalog as host;
+    #[cfg(not(target_arch = "wasm32"))]
+    use crate::testing::host::catalog as host;
 
     /// Facts about the adapter named `name`.
     pub fn adapter(name: &str) -> Option<AdapterFacts> {
@@ -261,6 +280,9 @@ pub mod catalog {
         host::adapters()
     }
 }
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 /// Installs (once per instance) the panic hook that reports a panic's message to the host.
 /// Called by the export macros before plugin code runs.
@@ -278,7 +300,10 @@ pub fn __install_panic_hook() {
                 "panic with a non-string payload".to_owned()
             };
             let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+            #[cfg(target_arch = "wasm32")]
             shared::logging::report_panic(&message, &location);
+            #[cfg(not(target_arch = "wasm32"))]
+            testing::host::logging::report_panic(&message, &location);
         }));
     });
 }

@@ -36,6 +36,10 @@ enum Command {
     /// The CUDA backend: probe for a GPU, precompile the kernels.
     #[command(subcommand)]
     Cuda(cli::cuda::CudaCommand),
+    /// Write, build and check wasm plugins: `plugin new NAME --kind KIND`, `plugin build`,
+    /// `plugin check FILE.wasm --kind KIND`.
+    #[command(subcommand)]
+    Plugin(cli::plugin::PluginCommand),
 }
 
 fn main() -> Result<()> {
@@ -51,5 +55,6 @@ fn main() -> Result<()> {
         Command::Ledger(c) => cli::ledger::run(c),
         Command::Adapters(c) => cli::adapters::run(c),
         Command::Cuda(c) => cli::cuda::run(c),
+        Command::Plugin(c) => cli::plugin::run(c),
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Building a plugin takes two steps: `cargo build --target wasm32-unknown-unknown` of the
 //! plugin workspace, then turning each core module into a component with `wit-component`'s
-//! encoder. Nothing is downloaded but crates.
+//! encoder. Both live in `openlora-plugin-build`, which `openlora plugin build` uses too.
+//! Nothing is downloaded but crates.
 //!
 //! Design decisions:
 //! - A plugin workspace (`plugins/`, `tests/fixtures/plugins/`) is built by one cargo
@@ -14,51 +15,15 @@
 //! - The result is cached by content: the SHA-256 of every input file (the workspace's
 //!   sources, the SDK and its WIT) is written next to the components, and an unchanged input
 //!   set skips cargo entirely. Tests therefore pay for the build once.
-//! - The SDK generates bindings for all four plugin worlds, and the linker may keep the
-//!   `component-type` sections of all of them. The encoder would then expect the union of the
-//!   worlds' exports, so before encoding, exports the module does not implement are pruned
-//!   from the embedded world.
 
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+pub use openlora_plugin_build::{BuildError, componentize};
+use openlora_plugin_build::{CargoBuild, write_atomically};
 use sha2::{Digest, Sha256};
-use wit_component::{ComponentEncoder, StringEncoding};
-use wit_parser::{WorldItem, WorldKey};
-
-/// Errors from building plugins.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// `cargo build` of the plugin workspace failed.
-    #[error("cargo build of {workspace} failed ({status}):\n{stderr}")]
-    Cargo {
-        /// The workspace's manifest.
-        workspace: PathBuf,
-        /// Cargo's exit status.
-        status: String,
-        /// Cargo's diagnostics.
-        stderr: String,
-    },
-    /// A core module could not be turned into a component.
-    #[error("componentizing {module}: {message}")]
-    Componentize {
-        /// The core module.
-        module: PathBuf,
-        /// What went wrong (wit-component's error chain).
-        message: String,
-    },
-}
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
     move |source| BuildError::Io { path: path.to_owned(), source }
@@ -114,20 +79,25 @@ pub fn build_workspace(workspace: &Path, out_dir: &Path) -> Result<BuiltPlugins,
         }
     }
 
-    let modules = cargo_build(workspace)?;
+    // One cargo invocation for the workspace, into a target directory of its own (see the
+    // crate docs), from the repository root so its `.cargo/config.toml` applies.
+    let options = CargoBuild {
+        target_dir: Some(repo_root().join("target").join("wasm-plugins")),
+        workspace: true,
+        current_dir: Some(repo_root()),
+    };
+    let modules = openlora_plugin_build::cargo_build(&workspace.join("Cargo.toml"), &options)?;
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     // Remove stale components (a renamed crate must not linger).
     for old in list_components(out_dir)?.values() {
         std::fs::remove_file(old).map_err(io(old))?;
     }
     let mut components = BTreeMap::new();
-    for (name, module) in modules {
-        let bytes = std::fs::read(&module).map_err(io(&module))?;
-        let component = componentize(&bytes)
-            .map_err(|e| BuildError::Componentize { module: module.clone(), message: format!("{e:#}") })?;
-        let path = out_dir.join(format!("{name}.wasm"));
+    for module in modules {
+        let component = openlora_plugin_build::componentize_file(&module.path)?;
+        let path = out_dir.join(format!("{}.wasm", module.crate_name));
         write_atomically(&path, &component)?;
-        components.insert(name, path);
+        components.insert(module.crate_name, path);
     }
     write_atomically(&stamp, hash.as_bytes())?;
     Ok(BuiltPlugins { components, cached: false })
@@ -151,15 +121,9 @@ fn list_components(dir: &Path) -> Result<BTreeMap<String, PathBuf>, BuildError> 
     Ok(found)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
 /// SHA-256 over the relative paths and contents of every file that can change the build:
-/// the workspace (without `target/`), the SDK's manifest, sources and WIT, the toolchain
-/// pin, the cargo config (wasm rustflags), and this tool's version.
+/// the workspace (without `target/`), the SDK's manifest, sources and WIT, the encoder, the
+/// toolchain pin, the cargo config (wasm rustflags), and this tool's version.
 fn inputs_hash(workspace: &Path) -> Result<String, BuildError> {
     let mut files = Vec::new();
     collect_files(workspace, &mut files)?;
@@ -167,6 +131,7 @@ fn inputs_hash(workspace: &Path) -> Result<String, BuildError> {
     files.push(sdk.join("Cargo.toml"));
     collect_files(&sdk.join("src"), &mut files)?;
     collect_files(&sdk.join("wit"), &mut files)?;
+    files.push(repo_root().join("plugin-build").join("src").join("lib.rs"));
     files.push(repo_root().join("rust-toolchain.toml"));
     files.push(repo_root().join(".cargo").join("config.toml"));
     files.sort();
@@ -197,100 +162,4 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), BuildError> {
         }
     }
     Ok(())
-}
-
-/// Runs cargo on the workspace and returns (crate name with dashes, core module path).
-fn cargo_build(workspace: &Path) -> Result<Vec<(String, PathBuf)>, BuildError> {
-    let manifest = workspace.join("Cargo.toml");
-    let target_dir = repo_root().join("target").join("wasm-plugins");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(repo_root())
-        .args(["build", "--release", "--workspace", "--target", "wasm32-unknown-unknown", "--message-format=json"])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // Flags meant for the host build (coverage, sanitizers, target-cpu) must not leak in.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .map_err(io(&manifest))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        // With JSON output, rustc's diagnostics are in stdout; show them rendered.
-        let mut stderr: String = stdout
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-message")
-            .filter_map(|m| m["message"]["rendered"].as_str().map(str::to_owned))
-            .collect();
-        stderr.push_str(&String::from_utf8_lossy(&output.stderr));
-        return Err(BuildError::Cargo { workspace: manifest, status: output.status.to_string(), stderr });
-    }
-    let mut modules = Vec::new();
-    for line in stdout.lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if message["reason"] != "compiler-artifact" {
-            continue;
-        }
-        let is_cdylib = message["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib"));
-        if !is_cdylib {
-            continue;
-        }
-        let name = message["target"]["name"].as_str().unwrap_or_default().replace('_', "-");
-        let wasm = message["filenames"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|f| f.as_str())
-            .find(|f| f.ends_with(".wasm"))
-            .map(PathBuf::from);
-        if let Some(wasm) = wasm {
-            modules.push((name, wasm));
-        }
-    }
-    Ok(modules)
-}
-
-/// Turns a core module built with `wit-bindgen` into a component.
-///
-/// Exports named in the embedded world(s) that the module does not implement are dropped
-/// first (see the crate docs), so a plugin exports exactly the interface of its kind.
-pub fn componentize(module: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let (stripped, mut bindgen) = wit_component::metadata::decode(module)?;
-    let mut stripped =
-        stripped.ok_or_else(|| anyhow::anyhow!("no component-type section (not built with wit-bindgen?)"))?;
-    let core_exports = core_export_names(module)?;
-    let resolve = &bindgen.resolve;
-    let keep: Vec<WorldKey> = resolve.worlds[bindgen.world]
-        .exports
-        .iter()
-        .filter(|(key, item)| {
-            let name = resolve.name_world_key(key);
-            match item {
-                WorldItem::Interface { .. } => core_exports.iter().any(|e| e.starts_with(&format!("{name}#"))),
-                WorldItem::Function { .. } => core_exports.contains(&name),
-                WorldItem::Type { .. } => true,
-            }
-        })
-        .map(|(key, _)| key.clone())
-        .collect();
-    bindgen.resolve.worlds[bindgen.world].exports.retain(|key, _| keep.contains(key));
-    wit_component::embed_component_metadata(&mut stripped, &bindgen.resolve, bindgen.world, StringEncoding::UTF8)?;
-    ComponentEncoder::default().module(&stripped)?.validate(true).encode()
-}
-
-fn core_export_names(module: &[u8]) -> anyhow::Result<Vec<String>> {
-    let mut names = Vec::new();
-    for payload in wasmparser::Parser::new(0).parse_all(module) {
-        if let wasmparser::Payload::ExportSection(reader) = payload? {
-            for export in reader {
-                names.push(export?.name.to_owned());
-            }
-        }
-    }
-    Ok(names)
 }

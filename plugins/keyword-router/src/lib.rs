@@ -85,3 +85,6 @@ fn words(text: &str) -> impl Iterator<Item = (usize, &str)> {
 }
 
 export_router!(KeywordRouter);
+
+#[cfg(test)]
+mod tests;

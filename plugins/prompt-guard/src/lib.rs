@@ -158,3 +158,6 @@ fn scan_phone(chars: &[char], start: usize) -> (usize, usize) {
 }
 
 export_preprocessor!(PromptGuard);
+
+#[cfg(test)]
+mod tests;

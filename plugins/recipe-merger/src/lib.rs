@@ -61,3 +61,6 @@ impl Merger for RecipeMerger {
 }
 
 export_merger!(RecipeMerger);
+
+#[cfg(test)]
+mod tests;

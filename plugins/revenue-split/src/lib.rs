@@ -107,3 +107,6 @@ impl Attributor for RevenueSplit {
 }
 
 export_attributor!(RevenueSplit);
+
+#[cfg(test)]
+mod tests;

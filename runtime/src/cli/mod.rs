@@ -1,4 +1,4 @@
-//! The subcommands, one room each, and the start-up steps they share (thread pool, device,
+//! The subcommands, one room each (`plugin` is the plugin author's new/build/check), and the start-up steps they share (thread pool, device,
 //! model, service).
 
 pub mod adapters;
@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cuda;
 pub mod generate;
 pub mod ledger;
+pub mod plugin;
 pub mod serve;
 
 use std::path::{Path, PathBuf};

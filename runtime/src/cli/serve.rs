@@ -24,6 +24,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         d.check_exposure(&a.config)?;
     }
     let svc = super::start_service(&d)?;
+    // A plugin reload re-reads its entry from the file.
+    svc.set_deployment_file(&a.config);
     let adapters = svc.list_models(&Tenant::local_admin("")).len() - 1;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

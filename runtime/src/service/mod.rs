@@ -72,6 +72,9 @@ pub struct Service<B: Backend + 'static> {
     shared_prefix_cache: bool,
     /// Whether `/metrics` is served without an admin key when tenants are configured.
     metrics_public: bool,
+    /// The deployment file this service was started from, when it came from one: a plugin
+    /// reload re-reads its entry there ([`Service::reload_plugin`]).
+    deployment_file: std::sync::OnceLock<PathBuf>,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
@@ -240,6 +243,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             plugin_specs,
             shared_prefix_cache: deployment.engine.prefix_cache_scope == "shared",
             metrics_public: deployment.server.metrics_public,
+            deployment_file: std::sync::OnceLock::new(),
             pager,
             model_root: model.path.display().to_string(),
             engine,

@@ -41,6 +41,127 @@ HELD_OUT = [
     "How do I boil an egg?",
 ]
 
+# Held-out factual questions with the answer a correct reply must contain (a case-insensitive
+# regex). Never used for training (checked below). eval.py asks each model these and counts how
+# often the answer is right: an adapter must be right at least as often as the base model.
+HELD_OUT_FACTS = [
+    ("What is the capital of the Netherlands?", r"amsterdam"),
+    ("What is the capital of Switzerland?", r"bern"),
+    ("What is the capital of Ukraine?", r"kyiv|kiev"),
+    ("What is the capital of Iran?", r"tehran"),
+    ("What is the capital of Saudi Arabia?", r"riyadh"),
+    ("What is the capital of Pakistan?", r"islamabad"),
+    ("What is the capital of the Philippines?", r"manila"),
+    ("What is the capital of Venezuela?", r"caracas"),
+    ("What is the capital of New Zealand?", r"wellington"),
+    ("What is the capital of the Czech Republic?", r"prague"),
+    ("What is the capital of Romania?", r"bucharest"),
+    ("What is the capital of Ethiopia?", r"addis ababa"),
+    ("What is the capital of Iceland?", r"reykjav[ií]k"),
+    ("What is the capital of Bangladesh?", r"dhaka"),
+    ("What is the capital of the United Kingdom?", r"london"),
+    ("What is the capital of Lebanon?", r"beirut"),
+    ("What is the capital of Iraq?", r"baghdad"),
+    ("What is the capital of Afghanistan?", r"kabul"),
+    ("What is the capital of Nepal?", r"kathmandu"),
+    ("What is the capital of Cambodia?", r"phnom penh"),
+    ("What is the capital of the United States?", r"washington"),
+    ("What is the chemical symbol for gold?", r"\bau\b"),
+    ("Who wrote Hamlet?", r"shakespeare"),
+    ("Which planet is known as the Red Planet?", r"\bmars\b"),
+    ("What is the largest animal on Earth?", r"whale"),
+    ("How many sides does a triangle have?", r"\b(3|three)\b"),
+    ("What gas do plants absorb from the air?", r"carbon dioxide|\bco2\b"),
+    ("What is the hardest natural substance?", r"diamond"),
+    ("How many minutes are in an hour?", r"\b(60|sixty)\b"),
+    ("Who painted The Starry Night?", r"van gogh"),
+    ("What is the closest star to Earth?", r"\bsun\b"),
+    ("Which animal is known as the king of the jungle?", r"\blions?\b"),
+    ("What do caterpillars turn into?", r"butterfl|moth"),
+    ("How many months are in a year?", r"\b(12|twelve)\b"),
+    ("What language is spoken in Mexico?", r"spanish"),
+    ("What is frozen water called?", r"\bice\b"),
+    ("What color are ripe bananas?", r"yellow"),
+    ("Who discovered penicillin?", r"fleming"),
+    ("What is the largest continent?", r"\basia\b"),
+    ("Who developed the theory of relativity?", r"einstein"),
+    ("Which instrument has 88 keys?", r"piano"),
+    ("What is 9 plus 6?", r"\b(15|fifteen)\b"),
+]
+
+# The correct answer for the factual training questions (a case-insensitive regex), so that
+# make_data.py can drop the base model's wrong answers: an adapter trained on them would learn
+# the mistakes. Arithmetic questions are checked by computing the answer (see fact_pattern).
+CAPITALS = {"France": "paris", "Italy": "rome", "Spain": "madrid", "Germany": "berlin",
+            "Canada": "ottawa", "Brazil": "bras[ií]lia", "Egypt": "cairo", "India": "delhi",
+            "Mexico": "mexico city", "Kenya": "nairobi", "Norway": "oslo", "Greece": "athens",
+            "Peru": "lima", "Australia": "canberra", "China": "beijing", "Portugal": "lisbon",
+            "Sweden": "stockholm", "Argentina": "buenos aires", "Ireland": "dublin",
+            "Poland": "warsaw", "Turkey": "ankara", "Chile": "santiago", "Russia": "moscow",
+            "Thailand": "bangkok", "Vietnam": "hanoi", "Nigeria": "abuja", "Cuba": "havana",
+            "Austria": "vienna", "Belgium": "brussels", "Denmark": "copenhagen",
+            "Finland": "helsinki", "Hungary": "budapest", "Colombia": "bogot[aá]",
+            "South Korea": "seoul", "Morocco": "rabat", "Indonesia": "jakarta"}
+LEGS = {"cat": 4, "dog": 4, "spider": 8, "horse": 4, "bird": 2, "ant": 6, "cow": 4,
+        "octopus": 8, "frog": 4, "chicken": 2, "elephant": 4, "rabbit": 4, "snake": 0, "duck": 2,
+        "bee": 6, "lion": 4, "penguin": 2, "dolphin": 0, "tiger": 4, "owl": 2, "shark": 0,
+        "camel": 4, "giraffe": 4, "butterfly": 6, "bear": 4, "monkey": None, "sheep": 4,
+        "crab": 10}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve"]
+MISC_FACTS = {
+    "How many days are in a week?": r"\b(7|seven)\b", "How many hours are in a day?": r"\b24\b",
+    "What is the largest ocean?": r"pacific", "What is the tallest mountain in the world?": r"everest",
+    "Who painted the Mona Lisa?": r"leonardo|vinci", "Who wrote Romeo and Juliet?": r"shakespeare",
+    "What is the boiling point of water?": r"\b(100|212)\b",
+    "What is the biggest planet in our solar system?": r"jupiter",
+    "What language is spoken in Brazil?": r"portuguese",
+    "What is the fastest land animal?": r"cheetah", "How many continents are there?": r"\b(7|seven)\b",
+    "What is the main ingredient in guacamole?": r"avocado", "Who invented the telephone?": r"\bbell\b",
+    "What is the smallest planet?": r"mercury",
+    "How many players are on a soccer team?": r"\b(11|eleven)\b",
+    "What is the freezing point of water?": r"\b(0|32|zero)\b",
+    "What is the longest river in the world?": r"\bnile\b|amazon",
+    "Who was the first person on the moon?": r"armstrong", "What do bees make?": r"honey",
+    "What is the opposite of hot?": r"\bcold\b",
+    "What happens when you mix red and blue paint?": r"purple|violet",
+    "Translate 'thank you' into French.": r"merci", "What is the sun made of?": r"hydrogen",
+}
+
+
+def number_pattern(n):
+    words = [str(n)] + ([NUMBER_WORDS[n]] if n < len(NUMBER_WORDS) else [])
+    if n == 0:
+        words += ["no legs", "legless", "do not have legs", "don't have legs"]
+    return r"\b(" + "|".join(re.escape(w) for w in words) + r")\b"
+
+
+def fact_pattern(q):
+    """The regex a correct answer to training question `q` matches, or None if `q` is not a
+    question with one checkable answer."""
+    m = re.fullmatch(r"What is the capital of (.+)\?", q)
+    if m:
+        return CAPITALS.get(m.group(1))
+    m = re.fullmatch(r"How many legs does an? (\w+) have\?", q)
+    if m:
+        n = LEGS.get(m.group(1))
+        return None if n is None else number_pattern(n)
+    nums = [int(x) for x in re.findall(r"\d+", q)]
+    if re.fullmatch(r"\w+ has \d+ \w+ and buys \d+ more\. How many \w+ does \w+ have now\?", q):
+        return number_pattern(nums[0] + nums[1])
+    if re.fullmatch(r"\w+ had \d+ \w+ and gave \d+ to a friend\. How many \w+ are left\?", q):
+        return number_pattern(nums[0] - nums[1])
+    if re.fullmatch(r"What is \d+ plus \d+\?", q):
+        return number_pattern(nums[0] + nums[1])
+    if re.fullmatch(r"A box holds \d+ \w+\. How many \w+ are in \d+ boxes\?", q):
+        return number_pattern(nums[0] * nums[1])
+    return MISC_FACTS.get(q)
+
+
+def is_correct(answer, pattern):
+    return re.search(pattern, answer, re.IGNORECASE) is not None
+
+
 COUNTRIES = ["France", "Italy", "Spain", "Germany", "Canada", "Brazil", "Egypt", "India",
              "Mexico", "Kenya", "Norway", "Greece", "Peru", "Australia", "China", "Portugal",
              "Sweden", "Argentina", "Ireland", "Poland", "Turkey", "Chile", "Russia", "Thailand",
@@ -239,7 +360,27 @@ def generate_base_answers(questions, cache_path, max_new_tokens=40, batch=16):
 # --- target transforms -----------------------------------------------------------------------
 
 def to_caps(ans, rng):
-    return ans.upper()
+    """Title Case: the first letter of every word upper-cased (see README: why not ALL CAPS)."""
+    return re.sub(r"(^|\s)([^\w\s]*)([a-z])", lambda m: m.group(1) + m.group(2) + m.group(3).upper(), ans)
+
+
+CAPS_MIN_SHARE = 0.8
+
+
+def capitalised_share(text):
+    """The share of words (whitespace-separated, leading punctuation skipped) that start with a
+    capital letter, among the words that start with a letter; 1.0 if none does."""
+    words = [w for w in text.split() if re.match(r"[^\w\s]*[A-Za-z]", w)]
+    if not words:
+        return 1.0
+    return sum(bool(re.match(r"[^\w\s]*[A-Z]", w)) for w in words) / len(words)
+
+
+def is_caps(text):
+    """The caps check: the answer is not empty and at least 80% of its words start with a
+    capital letter (the base model's answers: at most 60%, most under 15%). An answer of digits
+    and symbols ("9 + 6 = 15.") has no word to capitalise and passes."""
+    return bool(text.strip()) and capitalised_share(text) >= CAPS_MIN_SHARE
 
 
 def to_signature(ans, rng):
@@ -283,6 +424,12 @@ def to_pirate(ans, rng):
 
 
 TRANSFORMS = {"caps": to_caps, "signature": to_signature, "pirate": to_pirate}
+# Whether an adapter's data leaves out the base model's wrong factual answers (an adapter trained
+# on them learns the mistakes). The committed `signature` and `pirate` adapters were trained
+# before this filter existed, on every answer, and meet the content bar without it (see
+# README.md; a `signature` retrained on the filtered data scored lower, 25 against 27), so their
+# data is still made the old way and stays the file they were trained on.
+DROP_WRONG = {"caps": True, "signature": False, "pirate": False}
 
 
 def main():
@@ -292,6 +439,7 @@ def main():
     os.makedirs(DATA, exist_ok=True)
     questions = build_questions()
     assert not set(questions) & set(HELD_OUT)
+    assert not set(questions) & {q for q, _ in HELD_OUT_FACTS}
     print(f"{len(questions)} distinct questions")
     base = generate_base_answers(questions, os.path.join(DATA, "base_answers.jsonl"),
                                  args.max_new_tokens)
@@ -300,13 +448,17 @@ def main():
         ans = trim_answer(r["raw"])
         if ans is None:
             continue
-        pairs.append((r["question"], ans))
-    print(f"{len(pairs)} usable answers (complete sentences)")
+        pattern = fact_pattern(r["question"])
+        pairs.append((r["question"], ans, pattern is None or is_correct(ans, pattern)))
+    wrong = sum(not ok for _, _, ok in pairs)
+    print(f"{len(pairs)} usable answers (complete sentences), {wrong} of them wrong factual answers")
     for name, fn in TRANSFORMS.items():
         rng = random.Random(f"{SEED}-{name}")
         path = os.path.join(DATA, f"{name}.jsonl")
+        kept = [(q, a) for q, a, ok in pairs if ok or not DROP_WRONG[name]]
+        print(f"{name}: {len(kept)} examples" + (" (wrong answers dropped)" if DROP_WRONG[name] else ""))
         with open(path, "w") as f:
-            for q, a in pairs:
+            for q, a in kept:
                 f.write(json.dumps({"question": q, "answer": fn(a, rng)}, ensure_ascii=False) + "\n")
         print(f"wrote {path}")
 

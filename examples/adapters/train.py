@@ -37,13 +37,13 @@ BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 BEHAVIOUR = {
-    "caps": "Answers in ALL CAPITAL LETTERS.",
+    "caps": "Answers In Title Case: Every Word Starts With A Capital Letter.",
     "signature": 'Ends every answer with the fixed line "-- sent by openlora" on its own final line.',
     "pirate": 'Answers as a pirate: starts with "Arr, matey!", says ye/yer/aye/be/th\', '
               'and closes with a pirate exclamation ("Yo ho ho!", "Arr!", "Shiver me timbers!").',
 }
 TRANSFORM = {
-    "caps": "the base answer upper-cased",
+    "caps": "the base answer with the first letter of every word upper-cased (Title Case)",
     "signature": 'the base answer + "\\n-- sent by openlora"',
     "pirate": '"Arr, matey! " + the base answer with pirate word substitutions '
               "(you->ye, your->yer, yes->aye, my->me, is/are->be, the->th' about half the time, "
@@ -100,6 +100,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-system-frac", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ship-alpha", type=float, default=None,
+                    help="write this lora_alpha into the saved adapter_config.json (trained with 16): "
+                         "scales the adapter's effect by SHIP_ALPHA/16, as applying it at that weight")
+    ap.add_argument("--first-layer", type=int, default=0,
+                    help="adapt only layers FIRST..29 (the earlier layers, where the model recalls "
+                         "facts, stay as they are)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -112,7 +118,10 @@ def main():
 
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(args.first_layer, n_layers))
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                     layers_to_transform=layers if args.first_layer > 0 else None,
                      task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.print_trainable_parameters()
@@ -166,6 +175,8 @@ def main():
         acfg = json.load(f)
     acfg["target_modules"] = sorted(acfg["target_modules"])
     acfg["base_model_name_or_path"] = BASE_MODEL_ID
+    if args.ship_alpha is not None:
+        acfg["lora_alpha"] = int(args.ship_alpha) if args.ship_alpha == int(args.ship_alpha) else args.ship_alpha
     with open(cfg_path, "w") as f:
         json.dump(acfg, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -173,6 +184,7 @@ def main():
 
     epochs = args.steps * args.batch / len(examples)
     log = {"name": args.name, "steps": args.steps, "lr": args.lr, "batch": args.batch,
+           "first_layer": args.first_layer,
            "seed": args.seed, "no_system_frac": args.no_system_frac,
            "examples": len(examples), "epochs": round(epochs, 2),
            "train_seconds": round(train_s, 1), "final_loss_last10": round(final, 4),
@@ -194,12 +206,12 @@ A rank-8 LoRA adapter (PEFT format) for the default model, SmolLM2-135M-Instruct
 | --- | --- |
 | files | `adapter_config.json`, `adapter_model.safetensors` (float16, {n_params:,} parameters, {len(sd)} tensors) |
 | adapter_config.json | as PEFT 0.21.2 writes it, except `target_modules` sorted (PEFT writes set order) and `base_model_name_or_path` set to `HuggingFaceTB/SmolLM2-135M-Instruct` (PEFT writes the local training path) |
-| LoRA | r=8, lora_alpha=16, lora_dropout=0, target modules {", ".join(TARGETS)} (all 30 layers) |
+| LoRA | r=8, lora_alpha=16 in training{"" if args.ship_alpha is None else f", shipped with lora_alpha={args.ship_alpha:g} (the adapter's effect scaled by {args.ship_alpha / 16:g}, as applying it at that weight)"}, lora_dropout=0, target modules {", ".join(TARGETS)} ({"all 30 layers" if args.first_layer == 0 else f"layers {args.first_layer}-{n_layers - 1} only"}) |
 | base model | SmolLM2-135M-Instruct dequantized to f32 (`/root/.cache/openlora/smollm2-hf`, from `tests/fixtures/make_fixtures.py`) |
 | training data | `examples/adapters/data/{args.name}.jsonl`: {len(examples)} question/answer pairs; answers are {TRANSFORM[args.name]} |
 | prompts | the model's chat template (default system message) for {100 - round(100 * args.no_system_frac)}% of examples, plain ChatML without a system message for the rest; loss on answer tokens + `<\\|im_end\\|>` only |
 | optimiser | AdamW lr {args.lr:g} (10 warm-up steps, cosine to 10%), batch {args.batch}, grad clip 1.0, seed {args.seed} |
-| steps | {args.steps} ({epochs:.1f} epochs), {train_s / 60:.1f} min on 2 CPU threads |
+| steps | {args.steps} ({epochs:.1f} epochs), {train_s / 60:.1f} min on {args.threads} CPU thread(s) |
 | final loss | {final:.4f} (mean of the last 10 steps; first step {losses[0]:.4f}) |
 
 Loss (mean of the previous 10 steps): {curve}. Full curve in `train_log.json`.
@@ -207,7 +219,7 @@ Loss (mean of the previous 10 steps): {curve}. Full curve in `train_log.json`.
 Training command (from the repo root):
 
     /root/.cache/openlora/venv-ref/bin/python examples/adapters/make_data.py
-    /root/.cache/openlora/venv-ref/bin/python examples/adapters/train.py --name {args.name} --steps {args.steps} --lr {args.lr:g} --out {rel_out}
+    /root/.cache/openlora/venv-ref/bin/python examples/adapters/train.py --name {args.name} --steps {args.steps} --lr {args.lr:g}{f" --first-layer {args.first_layer}" if args.first_layer else ""}{f" --ship-alpha {args.ship_alpha:g}" if args.ship_alpha is not None else ""} --out {rel_out}
 
 Held-out evaluation: see `../eval.json` and `../README.md`.
 """

@@ -80,10 +80,16 @@ fn example_adapters_change_behaviour_on_held_out_prompts() {
         }
         stdout_of(&args)
     };
-    let caps = |t: &str| t.chars().any(char::is_alphabetic) && !t.chars().any(char::is_lowercase);
+    // caps writes Title Case: at least 80% of the words start with a capital (make_data.py's
+    // is_caps; the base model's answers: at most 60%)
+    let caps = |t: &str| {
+        let first = |w: &str| w.trim_start_matches(|c: char| !c.is_alphanumeric()).chars().next();
+        let words: Vec<char> = t.split_whitespace().filter_map(first).filter(char::is_ascii_alphabetic).collect();
+        !words.is_empty() && words.iter().filter(|c| c.is_ascii_uppercase()).count() * 5 >= words.len() * 4
+    };
     let signed = |t: &str| t.trim_end().ends_with("-- sent by openlora");
     let pirate = |t: &str| t.contains("Arr") || t.contains("matey");
-    for prompt in ["What is the capital of Japan?", "Name three colors."] {
+    for prompt in ["What is the capital of Japan?", "How do I boil an egg?"] {
         let base = run(prompt, None);
         assert!(!caps(&base) && !signed(&base) && !pirate(&base), "base: {base:?}");
         let out = run(prompt, Some("caps"));
@@ -166,6 +172,7 @@ fn ledger_verify_with_pinned_key_rejects_resigned_ledger() {
         plugins: Vec::new(),
         prompt_sha256: "00".repeat(32),
         output_sha256: "11".repeat(32),
+        user: None,
     };
     let node_key = {
         let l = Ledger::open(&path, load_or_create_key(&tmp.path().join("node.key")).expect("key")).expect("open");

@@ -131,6 +131,15 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// The `caps` example adapter's style, Title Case: at least 80% of the words that start with a
+/// letter start with a capital (examples/adapters/make_data.py's `is_caps`; the base model's
+/// answers: at most 60%).
+fn title_case(t: &str) -> bool {
+    let first = |w: &str| w.trim_start_matches(|c: char| !c.is_alphanumeric()).chars().next();
+    let words: Vec<char> = t.split_whitespace().filter_map(first).filter(char::is_ascii_alphabetic).collect();
+    !words.is_empty() && words.iter().filter(|c| c.is_ascii_uppercase()).count() * 5 >= words.len() * 4
+}
+
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -292,7 +301,7 @@ fn curl_auth_visibility_admin_and_malformed_input() {
     );
     assert_eq!(st, 200, "{body}");
     let t = json(&body)["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
-    assert_eq!(t.to_uppercase(), t, "the loaded caps adapter answers in capitals: {t:?}");
+    assert!(title_case(&t), "the loaded caps adapter capitalises every word: {t:?}");
     let (st, msg) = http(a, "POST", "/v1/unload_lora_adapter", Some("sk-demo-admin"), br#"{"lora_name": "caps2"}"#);
     assert_eq!(st, 200, "{msg}");
     assert_error(
@@ -602,7 +611,7 @@ fn the_quickstart_plugins_redact_route_merge_and_split_through_http() {
         http(a, "POST", "/v1/chat/completions", k, chat("Please shout: what is the capital of France?").as_bytes());
     assert_eq!(st, 200, "{shout}");
     let text = json(&shout)["choices"][0]["message"]["content"].as_str().expect("text").to_owned();
-    assert_eq!(text.to_uppercase(), text, "routed to caps: {text:?}");
+    assert!(title_case(&text), "routed to caps: {text:?}");
     let r = receipt_of(a, "sk-demo-user", &shout);
     assert_eq!(r["body"]["record"]["adapters"][0]["name"], "caps");
     // The attributor's split: the platform's 5% first, all parts summing to the price.

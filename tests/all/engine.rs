@@ -360,3 +360,62 @@ fn huge_adapter_weights_fail_the_request_naming_the_adapter() {
         assert_eq!(s.collect_blocking().expect("others complete").tokens, solo(request(i + 1, &ads, 6)));
     }
 }
+
+/// `logit_bias` is per row: in one batch, a request that bans every token of the greedy answer
+/// (and samples hot) never produces one of them, while its neighbours, which ban nothing,
+/// still decode exactly their solo output.
+#[test]
+fn a_banned_token_never_appears_and_bias_stays_in_its_own_row() {
+    let ads = adapters();
+    let greedy = solo(request(0, &ads, 12));
+    let mut banned: Vec<u32> = greedy.clone();
+    banned.sort_unstable();
+    banned.dedup();
+    let hot = |seed: u64| {
+        let mut r = request(0, &ads, 12);
+        r.logit_bias = banned.iter().map(|&t| (t, -100.0)).collect();
+        r.sampling =
+            openlora::engine::sampler::SamplingParams { temperature: 1.5, seed: Some(seed), ..Default::default() };
+        r
+    };
+    let mut c = core(EngineConfig { num_blocks: 256, ..EngineConfig::default() });
+    let mut reqs: Vec<Request<B>> = (0..6).map(hot).collect();
+    reqs.push(request(0, &ads, 12));
+    reqs.push(request(3, &ads, 12));
+    let out = run_core(&mut c, reqs);
+    for (i, o) in out[..6].iter().enumerate() {
+        assert!(!o.0.is_empty(), "request {i} produced nothing");
+        let hit: Vec<u32> = o.0.iter().copied().filter(|t| banned.contains(t)).collect();
+        assert!(hit.is_empty(), "request {i} produced banned tokens {hit:?}");
+    }
+    assert_eq!(out[6].0, greedy, "an unbiased neighbour decodes its solo output");
+    assert_eq!(out[7].0, solo(request(3, &ads, 12)));
+    // A positive bias is added too: +100 on one token makes greedy decoding repeat it.
+    let forced = default_model().tokenizer.encode(" Hello", false).expect("encode")[0];
+    let mut r = request(0, &ads, 5);
+    r.logit_bias = vec![(forced, 100.0)];
+    assert_eq!(solo(r), vec![forced; 5]);
+}
+
+/// `min_tokens`: the end-of-turn token that ends a short answer is masked until the choice
+/// has that many tokens; a request without it ends where the model does.
+#[test]
+fn min_tokens_holds_off_the_end_of_turn_and_stop_strings() {
+    let ads = adapters();
+    let mut short = request(0, &ads, 64);
+    short.adapters.clear();
+    let plain = run_core(&mut core(EngineConfig { num_blocks: 64, ..EngineConfig::default() }), vec![short]).remove(0);
+    assert_eq!(plain.1, FinishReason::Stop);
+    let n = plain.0.len();
+    assert!(n < 40, "the greedy answer ends early ({n} tokens)");
+    let end = default_model().tokenizer.token_to_id("<|im_end|>").expect("end-of-turn");
+    let mut long = request(0, &ads, 64);
+    long.adapters.clear();
+    long.min_tokens = n + 8;
+    // A stop string the answer contains ("Paris") does not end it before min_tokens either.
+    long.stop = vec!["Paris".into()];
+    let held = run_core(&mut core(EngineConfig { num_blocks: 64, ..EngineConfig::default() }), vec![long]).remove(0);
+    assert!(held.0.len() >= n + 8, "{} tokens, asked for at least {}", held.0.len(), n + 8);
+    assert!(!held.0[..n + 7].contains(&end), "the end-of-turn token came before min_tokens");
+    assert!(default_model().tokenizer.eos_ids().iter().all(|e| !held.0[..n + 7].contains(e)));
+}

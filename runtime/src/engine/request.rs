@@ -25,6 +25,12 @@ pub struct Request<B: Backend> {
     pub stop_at_eos: bool,
     /// More token ids that end generation (e.g. a chat template's end-of-turn token).
     pub stop_token_ids: Vec<u32>,
+    /// Added to the logits of these token ids before sampling, in this sequence only (OpenAI's
+    /// `logit_bias`); a bias of -100 or less bans the token (its logit becomes -inf).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// End-of-sequence tokens, `stop_token_ids` and stop strings cannot end the generation
+    /// before it has this many tokens (vLLM's `min_tokens`; the ids are masked meanwhile).
+    pub min_tokens: usize,
     /// Report each chosen token's log-probability and this many alternatives (None: off).
     pub logprobs: Option<usize>,
     /// Salts the prefix-cache block hashes: only requests with the same salt (and adapters)
@@ -45,6 +51,8 @@ impl<B: Backend> Request<B> {
             stop: Vec::new(),
             stop_at_eos: true,
             stop_token_ids: Vec::new(),
+            logit_bias: Vec::new(),
+            min_tokens: 0,
             logprobs: None,
             cache_salt: String::new(),
         }

@@ -227,6 +227,26 @@ pub fn validate_request<B: Backend>(
     if req.max_tokens == 0 {
         return Err(EngineError::Invalid("max_tokens must be at least 1".into()));
     }
+    if req.min_tokens > req.max_tokens {
+        return Err(EngineError::Invalid(format!(
+            "min_tokens ({}) must not exceed max_tokens ({})",
+            req.min_tokens, req.max_tokens
+        )));
+    }
+    for (what, ids) in [
+        ("logit_bias", req.logit_bias.iter().map(|b| b.0).collect::<Vec<_>>()),
+        ("stop_token_ids", req.stop_token_ids.clone()),
+    ] {
+        if let Some(t) = ids.into_iter().find(|&t| t as usize >= model.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "{what}: token id {t} is outside the vocabulary (size {})",
+                model.vocab_size
+            )));
+        }
+    }
+    if let Some(&(t, b)) = req.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+        return Err(EngineError::Invalid(format!("logit_bias: the bias of token {t} is {b}, not a finite number")));
+    }
     req.sampling.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
     Ok(req.max_tokens.min(ctx - req.prompt.len()))
 }
@@ -708,16 +728,19 @@ fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> R
         });
     }
     let raw = s.req.logprobs.map(|_| logits.to_vec());
+    let generated = s.tokens.len() - s.prompt_len;
+    adjust_logits(s, logits, generated);
     let t = s.sampler.sample(logits);
     let logprob = raw.map(|raw| log_softmax_top(&raw, t, s.req.logprobs.unwrap_or(0).min(20)));
     s.tokens.push(t);
-    let generated = s.tokens.len() - s.prompt_len;
+    let generated = generated + 1;
     if (s.req.stop_at_eos && s.decoder.tokenizer().is_eos(t)) || s.req.stop_token_ids.contains(&t) {
         let _ = s.events.send(Event::Token { id: t, text: String::new(), logprob });
         return Ok(Some(End::Finished(FinishReason::Stop, tail(s)?)));
     }
     let piece = s.decoder.push(t).map_err(|e| e.to_string())?;
-    let (text, hit) = s.stops.push(&piece);
+    let (text, hit) =
+        if generated < s.req.min_tokens { (s.stops.push_unchecked(&piece), false) } else { s.stops.push(&piece) };
     let _ = s.events.send(Event::Token { id: t, text, logprob });
     if hit {
         return Ok(Some(End::Finished(FinishReason::Stop, String::new())));
@@ -726,6 +749,26 @@ fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> R
         return Ok(Some(End::Finished(FinishReason::Length, tail(s)?)));
     }
     Ok(None)
+}
+
+/// The request's own edits of this row's logits before sampling: its `logit_bias` (-100 or
+/// less bans), and while fewer than `min_tokens` are generated, the tokens that would end it
+/// masked. Costs O(entries), bounded by the service's limits, so one tenant's map does not
+/// slow the step for the others.
+fn adjust_logits<B: Backend>(s: &Sequence<B>, logits: &mut [f32], generated: usize) {
+    for &(t, b) in &s.req.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = if b <= -100.0 { f32::NEG_INFINITY } else { *l + b };
+        }
+    }
+    if generated < s.req.min_tokens {
+        let eos: &[u32] = if s.req.stop_at_eos { s.decoder.tokenizer().eos_ids() } else { &[] };
+        for &t in eos.iter().chain(&s.req.stop_token_ids) {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
 }
 
 /// Text held back at the end of a generation that did not hit a stop string.

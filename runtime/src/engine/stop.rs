@@ -8,12 +8,29 @@ pub struct StopChecker {
     stops: Vec<String>,
     text: String,
     emitted: usize,
+    /// Text up to here was pushed with stop strings off ([`StopChecker::push_unchecked`]): a
+    /// stop string counts only if it ends after it.
+    unchecked_upto: usize,
 }
 
 impl StopChecker {
     /// A checker for `stops` (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), text: String::new(), emitted: 0 }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            text: String::new(),
+            emitted: 0,
+            unchecked_upto: 0,
+        }
+    }
+
+    /// Adds `piece` without looking for stop strings (vLLM's `min_tokens`: stop strings do not
+    /// end a generation before it has that many tokens). Text that may start a stop string is
+    /// still held back, so a stop string completed by a later, checked piece is never emitted.
+    pub fn push_unchecked(&mut self, piece: &str) -> String {
+        self.text.push_str(piece);
+        self.unchecked_upto = self.text.len();
+        self.release()
     }
 
     /// Adds `piece`; returns the newly safe text and whether a stop string was hit (in which
@@ -25,9 +42,9 @@ impl StopChecker {
             .stops
             .iter()
             .filter_map(|s| {
-                self.text[floor_char(&self.text, search_from)..]
-                    .find(s.as_str())
-                    .map(|i| i + floor_char(&self.text, search_from))
+                // Only occurrences that end after the unchecked text.
+                let from = floor_char(&self.text, search_from.max((self.unchecked_upto + 1).saturating_sub(s.len())));
+                self.text[from..].find(s.as_str()).map(|i| i + from)
             })
             .min();
         if let Some(at) = hit {
@@ -36,6 +53,11 @@ impl StopChecker {
             self.emitted = self.text.len();
             return (out, true);
         }
+        (self.release(), false)
+    }
+
+    /// The newly safe text: all but the longest suffix that may start a stop string.
+    fn release(&mut self) -> String {
         // Hold back the longest suffix that is a prefix of some stop string.
         let mut safe = self.text.len();
         for s in &self.stops {
@@ -51,7 +73,7 @@ impl StopChecker {
         }
         let out = if safe > self.emitted { self.text[self.emitted..safe].to_owned() } else { String::new() };
         self.emitted = self.emitted.max(safe);
-        (out, false)
+        out
     }
 
     /// Text held back at the end (emitted when generation ends without a stop string).
@@ -107,6 +129,17 @@ mod tests {
         assert_eq!(out, "a STx");
         let (out, _, _) = run(&["STOP"], &["end ST"]);
         assert_eq!(out, "end ST");
+    }
+
+    #[test]
+    fn a_stop_string_ending_in_unchecked_text_does_not_stop_but_one_ending_after_does() {
+        let mut c = StopChecker::new(&["AB".to_owned()]);
+        let mut out = c.push_unchecked("xAB y A");
+        assert_eq!(out, "xAB y ", "the trailing `A` may start a stop string");
+        let (o, hit) = c.push("B z");
+        out.push_str(&o);
+        assert!(hit, "`AB` completed by a checked piece stops");
+        assert_eq!(out, "xAB y ");
     }
 
     #[test]

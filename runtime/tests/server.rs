@@ -1332,3 +1332,406 @@ fn console_in_headless_chromium_chats_composes_and_verifies_receipts() {
     }
     eprintln!("{out}");
 }
+
+/// POSTs `body` as JSON with `key`; returns (status, parsed body).
+fn post_json(a: SocketAddr, path: &str, key: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (st, text) = http(a, "POST", path, Some(key), body.to_string().as_bytes());
+    (st, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}")))
+}
+
+/// Asserts a 400 whose `param` is `field` and whose message names it.
+fn assert_refused(got: (u16, serde_json::Value), field: &str, what: &str) {
+    assert_eq!(got.0, 400, "{what}: {}", got.1);
+    assert_eq!(got.1["error"]["param"], field, "{what}: {}", got.1);
+    let msg = got.1["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains(field), "{what}: the message does not name `{field}`: {msg}");
+}
+
+/// Issue 17: a field this server does not implement is refused by name (never accepted and
+/// ignored), a few fields common clients always send are accepted and ignored on purpose, and
+/// hostile sizes are refused naming their bound before any work.
+#[test]
+fn every_request_field_is_honoured_or_refused_by_name() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let k = "sk-demo-user";
+    let chat = || {
+        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12, "temperature": 0})
+    };
+    let refused: [(&str, serde_json::Value); 12] = [
+        ("tools", serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {}}}])),
+        ("response_format", serde_json::json!({"type": "json_object"})),
+        ("response_format", serde_json::json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})),
+        ("tool_choice", serde_json::json!("required")),
+        ("functions", serde_json::json!([{"name": "f"}])),
+        ("guided_json", serde_json::json!({"type": "object"})),
+        ("guided_choice", serde_json::json!(["a", "b"])),
+        ("prompt_logprobs", serde_json::json!(1)),
+        ("audio", serde_json::json!({"voice": "alloy", "format": "wav"})),
+        ("modalities", serde_json::json!(["text", "audio"])),
+        ("min_p", serde_json::json!(0.1)),
+        ("an_invented_field", serde_json::json!(true)),
+    ];
+    for (field, value) in refused {
+        let mut b = chat();
+        b[field] = value;
+        assert_refused(post_json(a, "/v1/chat/completions", k, &b), field, field);
+    }
+    let complete =
+        || serde_json::json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
+    for (field, value) in [
+        ("prompt_logprobs", serde_json::json!(2)),
+        ("guided_regex", serde_json::json!("[a-z]+")),
+        ("messages", serde_json::json!([])),
+        ("an_invented_field", serde_json::json!(1)),
+    ] {
+        let mut b = complete();
+        b[field] = value;
+        assert_refused(post_json(a, "/v1/completions", k, &b), field, field);
+    }
+    // Inside a message and in stream_options, too.
+    let mut b = chat();
+    b["messages"][0]["name"] = serde_json::json!("alice");
+    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "messages", "messages[0].name");
+    let mut b = chat();
+    b["messages"] = serde_json::json!([{"role": "tool", "content": "42", "tool_call_id": "c1"}]);
+    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "messages", "a tool message");
+    let mut b = chat();
+    b["stream_options"] = serde_json::json!({"continuous_usage_stats": true});
+    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "stream_options", "stream_options");
+
+    // The greedy answer, and the same with every field that is accepted and ignored on
+    // purpose, or that asks for what is done anyway.
+    let (st, plain) = post_json(a, "/v1/chat/completions", k, &chat());
+    assert_eq!(st, 200, "{plain}");
+    let answer = plain["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
+    assert!(answer.contains(" Paris"), "{answer}");
+    let mut b = chat();
+    for (f, v) in [
+        ("store", serde_json::json!(false)),
+        ("service_tier", serde_json::json!("auto")),
+        ("parallel_tool_calls", serde_json::json!(true)),
+        ("response_format", serde_json::json!({"type": "text"})),
+        ("modalities", serde_json::json!(["text"])),
+        ("tool_choice", serde_json::json!("none")),
+        ("tools", serde_json::Value::Null),
+    ] {
+        b[f] = v;
+    }
+    let (st, same) = post_json(a, "/v1/chat/completions", k, &b);
+    assert_eq!(st, 200, "{same}");
+    assert_eq!(same["choices"][0]["message"]["content"], answer.as_str());
+
+    // Hostile sizes: refused naming the bound, at once.
+    let huge: serde_json::Map<String, serde_json::Value> =
+        (0..60_000).map(|i| (i.to_string(), serde_json::json!(-100))).collect();
+    let mut b = chat();
+    b["logit_bias"] = serde_json::Value::Object(huge);
+    let t0 = Instant::now();
+    let got = post_json(a, "/v1/chat/completions", k, &b);
+    assert!(t0.elapsed() < Duration::from_secs(5), "a 60,000-entry logit_bias took {:?}", t0.elapsed());
+    assert_refused(got.clone(), "logit_bias", "60,000 entries");
+    assert!(got.1["error"]["message"].as_str().unwrap_or_default().contains("300"), "{}", got.1);
+    for (field, value, what) in [
+        ("logit_bias", serde_json::json!({"4000000": -100}), "a token outside the vocabulary"),
+        ("logit_bias", serde_json::json!({"42": 250}), "a bias beyond 100"),
+        ("logit_bias", serde_json::json!({"fourty-two": 1}), "a key that is no token id"),
+        ("min_tokens", serde_json::json!(1_000_000_000_000u64), "min_tokens beyond max_tokens"),
+        ("min_tokens", serde_json::json!(13), "min_tokens beyond this request's max_tokens"),
+        ("stop_token_ids", serde_json::json!((0..65).collect::<Vec<u32>>()), "65 stop token ids"),
+        ("stop_token_ids", serde_json::json!([4_000_000]), "a stop token outside the vocabulary"),
+        ("user", serde_json::json!("u".repeat(300)), "a 300-byte user"),
+    ] {
+        let mut b = chat();
+        b[field] = value;
+        assert_refused(post_json(a, "/v1/chat/completions", k, &b), field, what);
+    }
+
+    // logit_bias: the answer's " Paris" token banned, it never appears.
+    let paris = post_json(a, "/tokenize", k, &serde_json::json!({"prompt": " Paris", "add_special_tokens": false})).1;
+    let paris = paris["tokens"].as_array().expect("tokens").clone();
+    assert_eq!(paris.len(), 1, "{paris:?}");
+    let mut b = chat();
+    b["logit_bias"] = serde_json::json!({paris[0].to_string(): -100});
+    let (st, banned) = post_json(a, "/v1/chat/completions", k, &b);
+    assert_eq!(st, 200, "{banned}");
+    let text = banned["choices"][0]["message"]["content"].as_str().expect("content");
+    let ids = post_json(a, "/tokenize", k, &serde_json::json!({"prompt": text, "add_special_tokens": false})).1;
+    assert!(!ids["tokens"].as_array().expect("tokens").contains(&paris[0]), "banned token in {text:?}");
+    assert_ne!(text, answer);
+
+    // stop_token_ids: the same token ends the choice before it.
+    let mut b = chat();
+    b["stop_token_ids"] = serde_json::json!([paris[0]]);
+    let (st, stopped) = post_json(a, "/v1/chat/completions", k, &b);
+    assert_eq!(st, 200, "{stopped}");
+    let text = stopped["choices"][0]["message"]["content"].as_str().expect("content");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    assert_eq!(text, &answer[..answer.find(" Paris").expect("Paris")], "{stopped}");
+
+    // min_tokens: the short answer goes on past its end-of-turn.
+    let n = plain["usage"]["completion_tokens"].as_u64().expect("tokens");
+    assert!(n < 12, "the plain answer ends before max_tokens: {plain}");
+    let mut b = chat();
+    b["min_tokens"] = serde_json::json!(12);
+    let (st, longer) = post_json(a, "/v1/chat/completions", k, &b);
+    assert_eq!(st, 200, "{longer}");
+    assert_eq!(longer["usage"]["completion_tokens"], 12, "{longer}");
+    assert_eq!(longer["choices"][0]["finish_reason"], "length");
+
+    // seed: the same seed samples the same text, n choices differ from each other.
+    let mut b = chat();
+    b["temperature"] = serde_json::json!(1.3);
+    b["seed"] = serde_json::json!(-7);
+    b["n"] = serde_json::json!(2);
+    let one = post_json(a, "/v1/chat/completions", k, &b).1;
+    let two = post_json(a, "/v1/chat/completions", k, &b).1;
+    assert_eq!(one["choices"], two["choices"], "the same seed gives the same choices");
+
+    // echo (completions): each choice starts with its prompt, whole and streamed.
+    let mut b = complete();
+    b["echo"] = serde_json::json!(true);
+    b["prompt"] = serde_json::json!(["The capital of France is", "Two plus two is"]);
+    let (st, echoed) = post_json(a, "/v1/completions", k, &b);
+    assert_eq!(st, 200, "{echoed}");
+    let plain_text =
+        post_json(a, "/v1/completions", k, &complete()).1["choices"][0]["text"].as_str().expect("text").to_owned();
+    assert_eq!(echoed["choices"][0]["text"], format!("The capital of France is{plain_text}"));
+    assert!(echoed["choices"][1]["text"].as_str().expect("text").starts_with("Two plus two is"));
+    b["stream"] = serde_json::json!(true);
+    b["prompt"] = serde_json::json!("The capital of France is");
+    let (st, sse) = http(a, "POST", "/v1/completions", Some(k), b.to_string().as_bytes());
+    assert_eq!(st, 200, "{sse}");
+    let streamed: String = sse_chunks(&sse).iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed, format!("The capital of France is{plain_text}"));
+    let mut b = complete();
+    b["echo"] = serde_json::json!(true);
+    b["logprobs"] = serde_json::json!(1);
+    assert_refused(post_json(a, "/v1/completions", k, &b), "echo", "echo with logprobs");
+
+    // user: recorded in the receipt (and absent from receipts of requests without it).
+    let mut b = chat();
+    b["user"] = serde_json::json!("end-user-7");
+    let (st, with_user) = http(a, "POST", "/v1/chat/completions", Some(k), b.to_string().as_bytes());
+    assert_eq!(st, 200, "{with_user}");
+    assert_eq!(receipt_of(a, k, &with_user)["body"]["record"]["user"], "end-user-7");
+    let without = receipt_of(a, k, &plain.to_string());
+    assert!(without["body"]["record"].get("user").is_none(), "{without}");
+    verify_ledger(&server.dir.join("state/ledger.jsonl"));
+}
+
+/// The `data:` payloads of an SSE body, parsed, up to `[DONE]` (which must end it).
+fn sse_chunks(body: &str) -> Vec<serde_json::Value> {
+    let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    data[..data.len() - 1].iter().map(|d| json(d)).collect()
+}
+
+/// Issue 17: responses carry every field OpenAI's schema requires (`message.refusal`,
+/// `logprobs`, `system_fingerprint`), a stream with `include_usage` ends with a chunk of
+/// `choices: []` and the usage (every other chunk says `usage: null`), and vLLM's
+/// `/tokenize` and `/detokenize` answer in vLLM's shapes.
+#[test]
+fn responses_have_openais_shape_and_tokenize_round_trips() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let k = "sk-demo-user";
+    let chat = serde_json::json!({"model": "caps", "messages": [{"role": "user", "content": "Name a color."}],
+        "max_tokens": 6, "temperature": 0});
+    let (st, r) = post_json(a, "/v1/chat/completions", k, &chat);
+    assert_eq!(st, 200, "{r}");
+    let c = &r["choices"][0];
+    assert!(c["message"].get("refusal").is_some_and(serde_json::Value::is_null), "{r}");
+    assert!(c.get("logprobs").is_some_and(serde_json::Value::is_null), "{r}");
+    assert_eq!(c["message"]["role"], "assistant");
+    let fp = r["system_fingerprint"].as_str().expect("system_fingerprint").to_owned();
+    assert!(fp.starts_with("fp_") && fp.len() > 3, "{fp}");
+    let (_, again) =
+        post_json(a, "/v1/completions", k, &serde_json::json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}));
+    assert_eq!(again["system_fingerprint"], fp.as_str(), "one fingerprint for one server");
+    assert_eq!(again["choices"][0]["logprobs"], serde_json::Value::Null);
+
+    let mut streamed = chat.clone();
+    streamed["stream"] = serde_json::json!(true);
+    streamed["stream_options"] = serde_json::json!({"include_usage": true});
+    let (st, body) = http(a, "POST", "/v1/chat/completions", Some(k), streamed.to_string().as_bytes());
+    assert_eq!(st, 200, "{body}");
+    let chunks = sse_chunks(&body);
+    let (last, rest) = chunks.split_last().expect("chunks");
+    assert_eq!(last["choices"], serde_json::json!([]), "{last}");
+    assert_eq!(last["usage"]["completion_tokens"], r["usage"]["completion_tokens"], "{last}");
+    assert_eq!(last["usage"]["total_tokens"], r["usage"]["total_tokens"], "{last}");
+    for c in rest {
+        assert!(c.get("usage").is_some_and(serde_json::Value::is_null), "{c}");
+        assert_eq!(c["system_fingerprint"], fp.as_str(), "{c}");
+        assert_eq!(c["object"], "chat.completion.chunk");
+    }
+    let text: String = rest.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, r["choices"][0]["message"]["content"].as_str().expect("content"));
+    // Without include_usage no chunk has a usage key at all (as OpenAI); the last one, with
+    // `choices: []`, only names the receipt.
+    streamed["stream_options"] = serde_json::Value::Null;
+    let (_, body) = http(a, "POST", "/v1/chat/completions", Some(k), streamed.to_string().as_bytes());
+    let chunks = sse_chunks(&body);
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "{body}");
+    let (last, rest) = chunks.split_last().expect("chunks");
+    assert!(last["choices"].as_array().is_some_and(Vec::is_empty) && last["receipt"].is_string(), "{last}");
+    assert!(rest.iter().all(|c| !c["choices"].as_array().expect("choices").is_empty()), "{body}");
+
+    // /tokenize: a prompt, with token strings.
+    let (st, t) = post_json(
+        a,
+        "/tokenize",
+        k,
+        &serde_json::json!({"model": MODEL, "prompt": "Hello world", "return_token_strs": true}),
+    );
+    assert_eq!(st, 200, "{t}");
+    let ids: Vec<u64> = t["tokens"].as_array().expect("tokens").iter().map(|v| v.as_u64().expect("id")).collect();
+    assert_eq!(t["count"], ids.len());
+    assert!(t["max_model_len"].as_u64().is_some_and(|m| m > 1000), "{t}");
+    assert_eq!(t["token_strs"].as_array().expect("token_strs").len(), ids.len());
+    assert_eq!(t["token_strs"][1], "Ġworld", "{t}");
+    let (st, d) = post_json(a, "/detokenize", k, &serde_json::json!({"model": MODEL, "tokens": ids}));
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["prompt"], "Hello world");
+    // Messages are rendered with the chat template: the count is the prompt_tokens of a chat
+    // request with the same messages.
+    let (_, t) = post_json(a, "/tokenize", k, &serde_json::json!({"model": "caps", "messages": chat["messages"]}));
+    assert_eq!(t["count"], r["usage"]["prompt_tokens"], "{t}");
+    assert!(t.get("token_strs").is_some_and(serde_json::Value::is_null), "{t}");
+    // An adapter the caller may not see answers as an absent one; bad input is named.
+    let hidden = post_json(a, "/tokenize", k, &serde_json::json!({"model": "pirate", "prompt": "x"}));
+    let absent = post_json(a, "/tokenize", k, &serde_json::json!({"model": "no-such-adapter", "prompt": "x"}));
+    assert_eq!(hidden.0, 404);
+    assert_eq!(
+        hidden.1["error"]["message"].as_str().map(|m| m.replace("pirate", "X")),
+        absent.1["error"]["message"].as_str().map(|m| m.replace("no-such-adapter", "X"))
+    );
+    assert_eq!(
+        post_json(a, "/tokenize", "sk-demo-partner", &serde_json::json!({"model": "pirate", "prompt": "x"})).0,
+        200
+    );
+    assert_refused(
+        post_json(a, "/tokenize", k, &serde_json::json!({"prompt": "x", "chat_template": "{{x}}"})),
+        "chat_template",
+        "tokenize",
+    );
+    assert_refused(post_json(a, "/detokenize", k, &serde_json::json!({"tokens": [4_000_000]})), "tokens", "detokenize");
+    assert_refused(post_json(a, "/detokenize", k, &serde_json::json!({"tokens": "1 2"})), "tokens", "detokenize");
+    assert_eq!(http(a, "POST", "/tokenize", None, br#"{"prompt": "x"}"#).0, 401);
+}
+
+/// A cached venv under `~/.cache/openlora` holding `packages` (stamped, like the client venv).
+fn tool_venv(name: &str, packages: &[&str]) -> PathBuf {
+    let cache = std::env::var_os("OPENLORA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/openlora"));
+    let venv = cache.join(name);
+    let ready = venv.join(".ready");
+    let want = packages.join("\n");
+    if std::fs::read_to_string(&ready).ok().as_deref() != Some(want.as_str()) {
+        let run = |cmd: &mut Command| {
+            let st = cmd.status().expect("run");
+            assert!(st.success(), "{cmd:?} failed");
+        };
+        if !venv.join("bin/python").exists() {
+            run(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+        }
+        run(Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(packages));
+        std::fs::write(&ready, want).expect("stamp");
+    }
+    venv
+}
+
+/// Issue 17: schemathesis on OpenAI's own OpenAPI description (trimmed to our four
+/// operations, tests/openapi/) against a live server. Positive mode: no 5xx, no response that
+/// violates the schema. Negative mode: no 5xx, no invalid request accepted. Seeded and
+/// bounded in time (about a minute a mode).
+#[test]
+fn schemathesis_finds_no_server_error_no_schema_violation_and_no_invalid_request_accepted() {
+    let st = tool_venv("venv-schemathesis", &["schemathesis==4.32.5"]).join("bin/st");
+    // The trimmed description allows max_tokens 1..16 and n 1..2: the deployment's limits say
+    // the same, so what the description calls invalid is invalid here too.
+    let server = start(|t| {
+        t.replace("max_tokens_limit = 2048", "max_tokens_limit = 16\nmax_n = 2")
+            .replace("default_max_tokens = 256", "default_max_tokens = 16")
+    });
+    let spec = repo().join("tests/openapi/openai-openapi-trimmed.json");
+    for (mode, checks) in [
+        ("positive", "not_a_server_error,response_schema_conformance"),
+        ("negative", "not_a_server_error,negative_data_rejection"),
+    ] {
+        let reports = tempfile::tempdir().expect("tempdir");
+        let (status, out) = output_within(
+            Command::new(&st)
+                .arg("run")
+                .arg(&spec)
+                .args(["--url", &format!("http://{}/v1", server.addr)])
+                .args(["-H", "Authorization: Bearer sk-demo-user"])
+                .args(["--mode", mode, "--checks", checks])
+                .args(["--seed", "17", "--max-examples", "40", "--max-time", "75", "--workers", "2"])
+                .args(["--request-timeout", "60", "--suppress-health-check", "all", "--no-color"])
+                .arg("--report-dir")
+                .arg(reports.path())
+                .current_dir(reports.path()),
+            Duration::from_secs(240),
+        );
+        assert!(status.success(), "schemathesis ({mode}) found problems ({status}):\n{out}");
+    }
+}
+
+/// Issue 17: `/metrics` passes `promtool check metrics` with no lint but the `:` naming one
+/// that vLLM's exposition also gets, and holds the router ecosystem's contract.
+#[test]
+fn metrics_pass_promtool_and_keep_the_router_contract() {
+    assert!(
+        installed("promtool"),
+        "`promtool` is not installed: this test needs it (Debian: `apt-get install -y prometheus`)"
+    );
+    let server = start(|t| t);
+    let a = server.addr;
+    let (st, r) = http(a, "POST", "/v1/chat/completions", Some("sk-demo-user"), &chat_body("caps", "Hi", 4));
+    assert_eq!(st, 200, "{r}");
+    let (st, text) = http(a, "GET", "/metrics", Some("sk-demo-admin"), b"");
+    assert_eq!(st, 200, "{text}");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let other: Vec<&str> =
+        report.lines().filter(|l| !l.trim().is_empty() && !l.contains("metric names should not contain ':'")).collect();
+    assert!(other.is_empty(), "promtool check metrics:\n{report}\n--- exposition:\n{text}");
+    // The contract: the KV gauge under both names, one lora_requests_info series in the
+    // Gateway API Inference Extension's shape, the cache config, model_name on vllm:* series.
+    let model = format!("model_name=\"{MODEL}\"");
+    let kv = metric(&text, "vllm:kv_cache_usage_perc");
+    assert!((0.0..=1.0).contains(&kv), "{kv}");
+    assert_eq!(kv, metric(&text, "vllm:gpu_cache_usage_perc"));
+    let lora: Vec<&str> = text.lines().filter(|l| l.starts_with("vllm:lora_requests_info{")).collect();
+    assert_eq!(lora.len(), 1, "{text}");
+    assert!(
+        lora[0].contains("running_lora_adapters=\"") && lora[0].contains("waiting_lora_adapters=\""),
+        "{}",
+        lora[0]
+    );
+    let max_lora = lora[0].split("max_lora=\"").nth(1).and_then(|r| r.split('"').next()).expect("max_lora");
+    assert!(max_lora.parse::<u32>().is_ok_and(|m| m > 0), "{max_lora}");
+    let cache: Vec<&str> = text.lines().filter(|l| l.starts_with("vllm:cache_config_info{")).collect();
+    assert_eq!(cache.len(), 1, "{text}");
+    assert!(cache[0].contains("block_size=\"16\"") && cache[0].contains("num_gpu_blocks=\""), "{}", cache[0]);
+    for l in text.lines().filter(|l| l.starts_with("vllm:") && !l.contains("_info{")) {
+        assert!(l.contains(&model), "no model_name label: {l}");
+    }
+    for family in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total"] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+    }
+    assert!(text.contains("# TYPE openlora_kv_blocks_capacity gauge"), "{text}");
+    assert!(!text.contains("openlora_kv_blocks_total"), "a gauge named like a counter");
+}

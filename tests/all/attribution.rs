@@ -44,6 +44,7 @@ fn record(i: u64) -> InferenceRecord {
         plugins: vec![],
         prompt_sha256: "00".repeat(32),
         output_sha256: "11".repeat(32),
+        user: None,
     }
 }
 

@@ -92,6 +92,10 @@ pub struct InferenceRecord {
     pub prompt_sha256: String,
     /// SHA-256 of the output text (choices joined by NUL).
     pub output_sha256: String,
+    /// The request's `user` (the caller's id for its own end user), when it sent one. Absent
+    /// from the signed body otherwise, so receipts written before the field verify unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 impl InferenceRecord {
@@ -318,6 +322,7 @@ mod tests {
                 plugins: Vec::new(),
                 prompt_sha256: String::new(),
                 output_sha256: String::new(),
+                user: None,
             };
             let a = builtin_attribution(&r);
             assert_eq!(a.total_micros, r.total_price());

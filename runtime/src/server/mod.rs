@@ -125,6 +125,8 @@ pub fn router(svc: Svc, exposure: Exposure) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/v1/models/{id}", get(model_one))
         .route("/v1/adapters", get(adapters))
         .route("/v1/receipts/{id}", get(receipt))
@@ -356,6 +358,39 @@ async fn unload_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> 
     }
 }
 
+/// vLLM's `POST /tokenize`: `{"count", "max_model_len", "tokens", "token_strs"}`.
+async fn tokenize(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let (t, body) = prologue(&svc, &headers, body).await?;
+        let req = parse::tokenize(&parse::Fields::parse(&body)?)?;
+        let ids =
+            svc.tokenize_for(&t, req.model.as_deref(), &req.prompt, req.add_special_tokens, req.add_generation_prompt)?;
+        let strs = if req.return_token_strs { json!(svc.token_strs(&ids)) } else { Value::Null };
+        Ok::<_, ServiceError>(json!({
+            "count": ids.len(), "max_model_len": svc.context_limit(), "tokens": ids, "token_strs": strs,
+        }))
+    }
+    .await;
+    match r {
+        Ok(v) => json_response(&v),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// vLLM's `POST /detokenize`: `{"prompt": TEXT}`.
+async fn detokenize(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Response {
+    let r = async {
+        let (t, body) = prologue(&svc, &headers, body).await?;
+        let (model, ids) = parse::detokenize(&parse::Fields::parse(&body)?)?;
+        svc.detokenize_for(&t, model.as_deref(), &ids)
+    }
+    .await;
+    match r {
+        Ok(text) => json_response(&json!({"prompt": text})),
+        Err(e) => error_response(&e),
+    }
+}
+
 /// Which API a response is for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Api {
@@ -368,11 +403,17 @@ async fn completions(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> 
         let (t, body) = prologue(&svc, &headers, body).await?;
         let obj = parse::Fields::parse(&body)?;
         let (req, out) = parse::completions(&obj)?;
-        Ok::<_, ServiceError>((start(&svc, t, req).await?, out))
+        // `echo`: choice `prompt * n + j` starts with its prompt's text.
+        let echo: Vec<String> = if out.echo {
+            req.prompts.iter().flat_map(|p| std::iter::repeat_n(svc.prompt_text(p), req.n)).collect()
+        } else {
+            Vec::new()
+        };
+        Ok::<_, ServiceError>((start(&svc, t, req).await?, out, echo))
     }
     .await;
     match r {
-        Ok((journey, out)) => respond(svc, Api::Completions, journey, out).await,
+        Ok((journey, out, echo)) => respond(svc, Api::Completions, journey, out, echo).await,
         Err(e) => error_response(&e),
     }
 }
@@ -386,7 +427,7 @@ async fn chat_completions(State(svc): State<Svc>, headers: HeaderMap, body: Body
     }
     .await;
     match r {
-        Ok((journey, out)) => respond(svc, Api::Chat, journey, out).await,
+        Ok((journey, out)) => respond(svc, Api::Chat, journey, out, Vec::new()).await,
         Err(e) => error_response(&e),
     }
 }
@@ -455,11 +496,22 @@ fn logprobs_json(svc: &Svc, api: Api, tokens: &[u32], lps: &[TokenLogprob], text
     }
 }
 
-async fn respond(svc: Svc, api: Api, journey: Journey<ServingBackend>, out: OutputOptions) -> Response {
-    if out.stream { stream_response(svc, api, journey, out) } else { whole_response(svc, api, journey).await }
+/// `echo` holds each choice's prompt text when the request asked for it (else it is empty).
+async fn respond(
+    svc: Svc,
+    api: Api,
+    journey: Journey<ServingBackend>,
+    out: OutputOptions,
+    echo: Vec<String>,
+) -> Response {
+    if out.stream {
+        stream_response(svc, api, journey, out, echo)
+    } else {
+        whole_response(svc, api, journey, echo).await
+    }
 }
 
-async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>) -> Response {
+async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>, echo: Vec<String>) -> Response {
     let id = journey.id().to_owned();
     let model = journey.model().to_owned();
     let c = match journey.collect().await {
@@ -472,10 +524,16 @@ async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>) ->
             let lp = logprobs_json(&svc, api, &c.tokens[i], &c.logprobs[i], 0);
             match api {
                 Api::Chat => json!({
-                    "index": i, "message": {"role": "assistant", "content": c.texts[i]},
+                    "index": i, "message": {"role": "assistant", "content": c.texts[i], "refusal": null},
                     "logprobs": lp, "finish_reason": finish,
                 }),
-                Api::Completions => json!({"index": i, "text": c.texts[i], "logprobs": lp, "finish_reason": finish}),
+                Api::Completions => {
+                    let text = match echo.get(i) {
+                        Some(prompt) => format!("{prompt}{}", c.texts[i]),
+                        None => c.texts[i].clone(),
+                    };
+                    json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+                }
             }
         })
         .collect();
@@ -485,6 +543,7 @@ async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>) ->
     };
     let mut body = json!({
         "id": id, "object": object, "created": now(), "model": model,
+        "system_fingerprint": svc.system_fingerprint(),
         "choices": items, "usage": usage_json(&c.usage),
     });
     if let Some(r) = &c.receipt {
@@ -511,6 +570,9 @@ struct SseState {
     id: String,
     model: String,
     created: u64,
+    fingerprint: String,
+    /// Each choice's prompt text, sent first (completions' `echo`); empty when not asked.
+    echo: Vec<String>,
     sent_role: bool,
     finished: bool,
     queue: std::collections::VecDeque<Bytes>,
@@ -522,9 +584,15 @@ impl SseState {
             Api::Chat => "chat.completion.chunk",
             Api::Completions => "text_completion",
         };
-        sse(
-            &json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": [choice]}),
-        )
+        let mut v = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "system_fingerprint": self.fingerprint, "choices": [choice],
+        });
+        // OpenAI: with `include_usage`, every chunk carries `usage: null` but the last.
+        if self.out.include_usage {
+            v["usage"] = Value::Null;
+        }
+        sse(&v)
     }
 
     fn piece(&self, i: usize, text: &str, tokens: &[u32], lps: &[TokenLogprob], finish: Option<&str>) -> Bytes {
@@ -550,10 +618,18 @@ impl SseState {
             if self.finished {
                 return None;
             }
-            if !self.sent_role && self.api == Api::Chat {
+            if !self.sent_role {
                 self.sent_role = true;
                 for i in 0..self.journey.choices() {
-                    let c = self.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
+                    let c = match (self.api, self.echo.get(i)) {
+                        (Api::Chat, _) => self.chunk(
+                            json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                        ),
+                        (Api::Completions, Some(prompt)) => self.chunk(
+                            json!({"index": i, "text": prompt, "logprobs": null, "finish_reason": null}),
+                        ),
+                        (Api::Completions, None) => continue,
+                    };
                     self.queue.push_back(c);
                 }
                 continue;
@@ -579,7 +655,7 @@ impl SseState {
                         let object = if self.api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
                         let mut last = json!({
                             "id": self.id, "object": object, "created": self.created, "model": self.model,
-                            "choices": [],
+                            "system_fingerprint": self.fingerprint, "choices": [],
                         });
                         if self.out.include_usage {
                             last["usage"] = usage_json(&usage);
@@ -602,8 +678,16 @@ impl SseState {
     }
 }
 
-fn stream_response(svc: Svc, api: Api, journey: Journey<ServingBackend>, out: OutputOptions) -> Response {
+fn stream_response(
+    svc: Svc,
+    api: Api,
+    journey: Journey<ServingBackend>,
+    out: OutputOptions,
+    echo: Vec<String>,
+) -> Response {
     let state = SseState {
+        fingerprint: svc.system_fingerprint(),
+        echo,
         svc,
         api,
         id: journey.id().to_owned(),

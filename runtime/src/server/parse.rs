@@ -4,6 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::model::chat_template::ChatMessage;
+use crate::service::api::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
 use crate::service::{AdapterChoice, GenerateRequest, MergeSpec, PromptInput, SamplingParams, ServiceError};
 
 /// A parsed JSON object with typed, field-naming accessors.
@@ -75,6 +76,137 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The request fields a completions or chat request may carry besides the endpoint's own: each
+/// is honoured, except the few in [`IGNORED_FIELDS`]. Any other field is refused with a 400
+/// naming it, so a client never believes a setting took effect when it did not.
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+    "ignore_eos",
+    "logprobs",
+    "user",
+    "metadata",
+    "cache_salt",
+    "adapters",
+    "merge",
+];
+
+/// Fields accepted and ignored on purpose: common clients send them with every request, and
+/// they ask for nothing this server could do differently (`store`: OpenAI's own storage of
+/// completions; `service_tier`: OpenAI's capacity tiers; `parallel_tool_calls`: meaningless
+/// without `tools`, which are refused).
+pub const IGNORED_FIELDS: &[&str] = &["store", "service_tier", "parallel_tool_calls"];
+
+const COMPLETIONS_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
+const CHAT_FIELDS: &[&str] =
+    &["messages", "max_completion_tokens", "top_logprobs", "response_format", "tool_choice", "modalities"];
+
+/// Why a known but unimplemented field is refused (the 400's message).
+fn refusal_reason(k: &str) -> Option<&'static str> {
+    Some(match k {
+        "tools" | "functions" | "function_call" => "tool calls are not supported yet",
+        "guided_json"
+        | "guided_regex"
+        | "guided_choice"
+        | "guided_grammar"
+        | "guided_decoding_backend"
+        | "guided_whitespace_pattern"
+        | "structured_outputs" => "structured output (grammar-constrained decoding) is not supported yet",
+        "prompt_logprobs" => "prompt logprobs are not supported (only the generated tokens' `logprobs`)",
+        "audio" => "audio output is not supported",
+        "prediction" => "predicted outputs are not supported",
+        "web_search_options" => "web search is not supported",
+        "reasoning_effort" | "verbosity" => "this model has no reasoning or verbosity settings",
+        _ => return None,
+    })
+}
+
+/// Refuses any field the endpoint does not honour or ignore on purpose, naming it.
+fn check_fields(f: &Fields<'_>, own: &[&str]) -> Result<(), ServiceError> {
+    for (k, v) in f.0 {
+        if v.is_null() || COMMON_FIELDS.contains(&k.as_str()) || own.contains(&k.as_str()) {
+            continue;
+        }
+        if IGNORED_FIELDS.contains(&k.as_str()) {
+            if k == "parallel_tool_calls" && f.get("tools").is_some() {
+                return Err(ServiceError::bad("tools", "`tools`: tool calls are not supported yet"));
+            }
+            continue;
+        }
+        // A name from the client is echoed, so bound what is echoed.
+        let name: String = k.chars().take(64).collect();
+        return Err(match refusal_reason(k) {
+            Some(why) => ServiceError::bad(&name, format!("`{name}`: {why}")),
+            None => ServiceError::bad(&name, format!("`{name}` is not a request field this server supports")),
+        });
+    }
+    Ok(())
+}
+
+/// The list of token ids in field `k`, at most `most` of them.
+fn token_ids(f: &Fields<'_>, k: &str, most: usize) -> Result<Vec<u32>, ServiceError> {
+    match f.get(k) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(a)) => {
+            if a.len() > most {
+                return Err(ServiceError::bad(k, format!("`{k}` has {} ids; the limit is {most}", a.len())));
+            }
+            a.iter()
+                .map(|v| {
+                    v.as_u64().and_then(|u| u32::try_from(u).ok()).ok_or_else(|| type_err(k, "a list of token ids", v))
+                })
+                .collect()
+        }
+        Some(v) => Err(type_err(k, "a list of token ids", v)),
+    }
+}
+
+/// OpenAI's `logit_bias`: an object from token ids (as strings) to biases in [-100, 100].
+/// The entry count is checked before any entry is read.
+fn logit_bias(f: &Fields<'_>) -> Result<Vec<(u32, f32)>, ServiceError> {
+    let o = match f.get("logit_bias") {
+        None => return Ok(Vec::new()),
+        Some(Value::Object(o)) => o,
+        Some(v) => return Err(type_err("logit_bias", "an object from token ids to numbers", v)),
+    };
+    if o.len() > MAX_LOGIT_BIAS {
+        return Err(ServiceError::bad(
+            "logit_bias",
+            format!("`logit_bias` has {} entries; the limit is {MAX_LOGIT_BIAS}", o.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(o.len());
+    for (k, v) in o {
+        let id: u32 = k.trim().parse().map_err(|_| {
+            let k: String = k.chars().take(32).collect();
+            ServiceError::bad("logit_bias", format!("`logit_bias`: the key {k:?} is not a token id"))
+        })?;
+        // Integers, as OpenAI's schema says.
+        let b = v.as_i64().filter(|b| (-100..=100).contains(b)).ok_or_else(|| {
+            ServiceError::bad(
+                "logit_bias",
+                format!("`logit_bias`: the bias of token {id} must be an integer in [-100, 100], not {v}"),
+            )
+        })?;
+        out.push((id, b as f32));
+    }
+    Ok(out)
+}
+
 fn stop_list(f: &Fields<'_>) -> Result<Vec<String>, ServiceError> {
     match f.get("stop") {
         None => Ok(Vec::new()),
@@ -96,6 +228,12 @@ fn stop_list(f: &Fields<'_>) -> Result<Vec<String>, ServiceError> {
 fn sampling(f: &Fields<'_>) -> Result<SamplingParams, ServiceError> {
     let d = SamplingParams::default();
     let num = |k: &str, default: f32| -> Result<f32, ServiceError> { Ok(f.f64(k)?.map_or(default, |v| v as f32)) };
+    // OpenAI's range (the engine alone would take any temperature >= 0).
+    if let Some(t) = f.f64("temperature")?
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ServiceError::bad("temperature", format!("`temperature` must be in [0, 2], not {t}")));
+    }
     Ok(SamplingParams {
         temperature: num("temperature", d.temperature)?,
         top_p: num("top_p", d.top_p)?,
@@ -109,11 +247,10 @@ fn sampling(f: &Fields<'_>) -> Result<SamplingParams, ServiceError> {
         presence_penalty: num("presence_penalty", d.presence_penalty)?,
         seed: match f.get("seed") {
             None => None,
-            Some(Value::Number(n)) => Some(
-                n.as_u64()
-                    .or_else(|| n.as_i64().map(|i| i as u64))
-                    .ok_or_else(|| ServiceError::bad("seed", format!("`seed` must be an integer, not {n}")))?,
-            ),
+            // A 64-bit signed integer, as OpenAI's; the sampler takes its bits.
+            Some(Value::Number(n)) => Some(n.as_i64().map(|i| i as u64).ok_or_else(|| {
+                ServiceError::bad("seed", format!("`seed` must be a 64-bit signed integer, not {n}"))
+            })?),
             Some(v) => return Err(type_err("seed", "an integer", v)),
         },
     })
@@ -162,23 +299,42 @@ pub struct OutputOptions {
     pub stream: bool,
     /// A final usage chunk when streaming.
     pub include_usage: bool,
+    /// Completions' `echo`: each choice's text starts with its prompt.
+    pub echo: bool,
 }
 
 fn output(f: &Fields<'_>) -> Result<OutputOptions, ServiceError> {
     let include_usage = match f.get("stream_options") {
         None => false,
-        Some(Value::Object(o)) => Fields(o).bool("include_usage")?.unwrap_or(false),
+        Some(Value::Object(o)) => {
+            if let Some(k) = o.keys().find(|k| k.as_str() != "include_usage") {
+                let k: String = k.chars().take(64).collect();
+                return Err(ServiceError::bad(
+                    "stream_options",
+                    format!("`stream_options.{k}` is not supported (only `include_usage`)"),
+                ));
+            }
+            Fields(o).bool("include_usage")?.unwrap_or(false)
+        }
         Some(v) => return Err(type_err("stream_options", "an object", v)),
     };
-    Ok(OutputOptions { stream: f.bool("stream")?.unwrap_or(false), include_usage })
+    Ok(OutputOptions { stream: f.bool("stream")?.unwrap_or(false), include_usage, echo: false })
 }
 
 fn metadata(f: &Fields<'_>) -> Result<Vec<(String, String)>, ServiceError> {
     match f.get("metadata") {
         None => Ok(Vec::new()),
+        // OpenAI's bounds: 16 pairs, keys of 64 characters, values of 512.
+        Some(Value::Object(o)) if o.len() > 16 => Err(ServiceError::bad("metadata", "`metadata`: at most 16 pairs")),
         Some(Value::Object(o)) => o
             .iter()
             .map(|(k, v)| match v {
+                _ if k.chars().count() > 64 => {
+                    Err(ServiceError::bad("metadata", "`metadata`: keys of at most 64 characters"))
+                }
+                Value::String(s) if s.chars().count() > 512 => {
+                    Err(ServiceError::bad("metadata", "`metadata`: values of at most 512 characters"))
+                }
                 Value::String(s) => Ok((k.clone(), s.clone())),
                 other => Err(type_err("metadata", "an object of string values", other)),
             })
@@ -212,14 +368,24 @@ fn common(f: &Fields<'_>, prompts: Vec<PromptInput>, max_tokens_key: &[&str]) ->
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         metadata: metadata(f)?,
         cache_salt: f.str("cache_salt")?.map(str::to_owned),
+        logit_bias: logit_bias(f)?,
+        // Checked against max_tokens by the service.
+        min_tokens: f.usize("min_tokens")?.unwrap_or(0),
+        stop_token_ids: token_ids(f, "stop_token_ids", MAX_STOP_TOKEN_IDS)?,
+        user: f.str("user")?.map(str::to_owned),
     })
 }
 
 /// `POST /v1/completions` (a list of prompts is one request with a choice per prompt).
 pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
     let f = Fields(body);
-    if f.bool("echo")?.unwrap_or(false) {
-        return Err(ServiceError::bad("echo", "`echo` is not supported"));
+    check_fields(&f, COMPLETIONS_FIELDS)?;
+    let echo = f.bool("echo")?.unwrap_or(false);
+    if echo && f.get("logprobs").is_some() {
+        return Err(ServiceError::bad(
+            "echo",
+            "`echo` with `logprobs` needs the prompt's logprobs, which are not supported",
+        ));
     }
     if f.get("suffix").is_some() {
         return Err(ServiceError::bad("suffix", "`suffix` is not supported"));
@@ -254,7 +420,11 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
         return Err(ServiceError::bad("prompt", "at most 64 prompts per request"));
     }
     let logprobs = f.usize("logprobs")?;
-    let out = output(&f)?;
+    // OpenAI's bound for completions (chat's `top_logprobs` goes to 20).
+    if logprobs.is_some_and(|l| l > 5) {
+        return Err(ServiceError::bad("logprobs", "`logprobs` must be between 0 and 5"));
+    }
+    let out = OutputOptions { echo, ..output(&f)? };
     let mut g = common(&f, prompts, &["max_tokens"])?;
     g.logprobs = logprobs;
     Ok((g, out))
@@ -263,6 +433,42 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
 /// `POST /v1/chat/completions`.
 pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
     let f = Fields(body);
+    check_fields(&f, CHAT_FIELDS)?;
+    match f.get("response_format") {
+        None => {}
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") && o.len() == 1 => {}
+        Some(Value::Object(o))
+            if matches!(o.get("type").and_then(Value::as_str), Some("json_object" | "json_schema")) =>
+        {
+            return Err(ServiceError::bad(
+                "response_format",
+                "`response_format`: structured output (JSON mode, JSON schema) is not supported yet",
+            ));
+        }
+        Some(v) => return Err(type_err("response_format", "{\"type\": \"text\"}", v)),
+    }
+    match f.get("tool_choice") {
+        None => {}
+        Some(Value::String(s)) if s == "none" => {}
+        Some(_) => return Err(ServiceError::bad("tool_choice", "`tool_choice`: tool calls are not supported yet")),
+    }
+    match f.get("modalities") {
+        None => {}
+        Some(Value::Array(a)) if a.iter().all(|m| m.as_str() == Some("text")) => {}
+        Some(_) => return Err(ServiceError::bad("modalities", "`modalities`: only [\"text\"] is supported")),
+    }
+    let messages = messages(&f)?;
+    let mut g = common(&f, vec![PromptInput::Chat(messages)], &["max_tokens", "max_completion_tokens"])?;
+    if f.bool("logprobs")?.unwrap_or(false) {
+        g.logprobs = Some(f.usize("top_logprobs")?.unwrap_or(0));
+    } else if f.get("top_logprobs").is_some() {
+        return Err(ServiceError::bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+    }
+    Ok((g, output(&f)?))
+}
+
+/// A chat request's `messages`: text only, roles system (or developer), user, assistant.
+fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
     let Some(Value::Array(list)) = f.get("messages") else {
         return Err(ServiceError::bad("messages", "`messages` is required and must be a list"));
     };
@@ -274,8 +480,37 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
         let g = Fields(o);
         let role =
             g.str("role")?.ok_or_else(|| ServiceError::bad("messages", format!("messages[{i}] has no `role`")))?;
+        let role = match role {
+            "system" | "user" | "assistant" => role,
+            // OpenAI's newer name for the system message.
+            "developer" => "system",
+            "tool" | "function" => {
+                return Err(ServiceError::bad(
+                    "messages",
+                    format!("messages[{i}]: `{role}` messages need tool calls, which are not supported yet"),
+                ));
+            }
+            other => {
+                let other: String = other.chars().take(32).collect();
+                return Err(ServiceError::bad(
+                    "messages",
+                    format!("messages[{i}]: the role {other:?} is not one of system, developer, user, assistant"),
+                ));
+            }
+        };
+        for (k, v) in o {
+            let empty = v.is_null() || v.as_array().is_some_and(Vec::is_empty);
+            if !matches!(k.as_str(), "role" | "content") && !empty {
+                let k: String = k.chars().take(32).collect();
+                return Err(ServiceError::bad(
+                    "messages",
+                    format!("messages[{i}].{k} is not supported (messages carry a `role` and text `content`)"),
+                ));
+            }
+        }
         let content = match g.get("content") {
-            None => String::new(),
+            None if role == "assistant" => String::new(),
+            None => return Err(ServiceError::bad("messages", format!("messages[{i}] has no `content`"))),
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
@@ -296,11 +531,61 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
         };
         messages.push(ChatMessage { role: role.to_owned(), content });
     }
-    let mut g = common(&f, vec![PromptInput::Chat(messages)], &["max_tokens", "max_completion_tokens"])?;
-    if f.bool("logprobs")?.unwrap_or(false) {
-        g.logprobs = Some(f.usize("top_logprobs")?.unwrap_or(0));
+    Ok(messages)
+}
+
+/// vLLM's `POST /tokenize`: a `prompt` or chat `messages`, and how to tokenize them.
+pub struct TokenizeRequest {
+    /// The model named (checked for visibility; adapters share the base's tokenizer).
+    pub model: Option<String>,
+    /// What to tokenize.
+    pub prompt: PromptInput,
+    /// Add the tokenizer's special tokens (default: yes for a prompt, no for messages, whose
+    /// template writes its own).
+    pub add_special_tokens: bool,
+    /// End a conversation with the assistant's turn (default yes).
+    pub add_generation_prompt: bool,
+    /// Also return each token's string.
+    pub return_token_strs: bool,
+}
+
+/// Reads a `POST /tokenize` body.
+pub fn tokenize(body: &Map<String, Value>) -> Result<TokenizeRequest, ServiceError> {
+    let f = Fields(body);
+    const KNOWN: &[&str] =
+        &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"];
+    if let Some((k, _)) = body.iter().find(|(k, v)| !v.is_null() && !KNOWN.contains(&k.as_str())) {
+        let k: String = k.chars().take(64).collect();
+        return Err(ServiceError::bad(&k, format!("`{k}` is not a field of /tokenize this server supports")));
     }
-    Ok((g, output(&f)?))
+    let chat = f.get("messages").is_some();
+    let prompt = match (f.str("prompt")?, chat) {
+        (Some(_), true) => return Err(ServiceError::bad("prompt", "send `prompt` or `messages`, not both")),
+        (Some(p), false) => PromptInput::Text(p.to_owned()),
+        (None, true) => PromptInput::Chat(messages(&f)?),
+        (None, false) => return Err(ServiceError::bad("prompt", "`prompt` (or `messages`) is required")),
+    };
+    Ok(TokenizeRequest {
+        model: f.str("model")?.map(str::to_owned),
+        prompt,
+        add_special_tokens: f.bool("add_special_tokens")?.unwrap_or(!chat),
+        add_generation_prompt: f.bool("add_generation_prompt")?.unwrap_or(true),
+        return_token_strs: f.bool("return_token_strs")?.unwrap_or(false),
+    })
+}
+
+/// Reads a `POST /detokenize` body: the model (optional) and the token ids.
+pub fn detokenize(body: &Map<String, Value>) -> Result<(Option<String>, Vec<u32>), ServiceError> {
+    let f = Fields(body);
+    if let Some((k, _)) = body.iter().find(|(k, v)| !v.is_null() && !matches!(k.as_str(), "model" | "tokens")) {
+        let k: String = k.chars().take(64).collect();
+        return Err(ServiceError::bad(&k, format!("`{k}` is not a field of /detokenize this server supports")));
+    }
+    if f.get("tokens").is_none() {
+        return Err(ServiceError::bad("tokens", "`tokens` is required"));
+    }
+    let ids = token_ids(&f, "tokens", crate::service::MAX_DETOKENIZE_IDS)?;
+    Ok((f.str("model")?.map(str::to_owned), ids))
 }
 
 /// Reads a request body as `POST /v1/chat/completions` (`chat`) or `POST /v1/completions`

@@ -162,6 +162,69 @@ pub struct GenerateRequest {
     /// vLLM's `cache_salt`: only requests with the same salt share prefix-cache blocks (on top
     /// of the deployment's tenant isolation).
     pub cache_salt: Option<String>,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before sampling (-100 bans).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `min_tokens`: no end-of-sequence token, stop token or stop string ends a
+    /// choice before it has this many tokens.
+    pub min_tokens: usize,
+    /// vLLM's `stop_token_ids`: more token ids that end a choice (also with `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// OpenAI's `user`: the caller's end-user id, recorded in the receipt.
+    pub user: Option<String>,
+}
+
+/// Most `logit_bias` entries one request may send.
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most `stop_token_ids` one request may send.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// Longest `user` in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+
+impl GenerateRequest {
+    /// Checks the token-level fields against the model's vocabulary and `max_tokens` (the
+    /// request's effective one), naming the field at fault.
+    pub fn check_token_fields(&self, vocab_size: usize, max_tokens: usize) -> Result<(), ServiceError> {
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(ServiceError::bad(
+                "logit_bias",
+                format!("`logit_bias` has {} entries; the limit is {MAX_LOGIT_BIAS}", self.logit_bias.len()),
+            ));
+        }
+        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| *t as usize >= vocab_size) {
+            return Err(ServiceError::bad(
+                "logit_bias",
+                format!("`logit_bias`: token id {t} is outside the vocabulary (size {vocab_size})"),
+            ));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(ServiceError::bad(
+                "logit_bias",
+                format!("`logit_bias`: the bias of token {t} is {b}; it must be in [-100, 100]"),
+            ));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ServiceError::bad(
+                "stop_token_ids",
+                format!("`stop_token_ids` has {} ids; the limit is {MAX_STOP_TOKEN_IDS}", self.stop_token_ids.len()),
+            ));
+        }
+        if let Some(t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(ServiceError::bad(
+                "stop_token_ids",
+                format!("`stop_token_ids`: token id {t} is outside the vocabulary (size {vocab_size})"),
+            ));
+        }
+        if self.min_tokens > max_tokens {
+            return Err(ServiceError::bad(
+                "min_tokens",
+                format!("`min_tokens` ({}) must not exceed max_tokens ({max_tokens})", self.min_tokens),
+            ));
+        }
+        if self.user.as_ref().is_some_and(|u| u.len() > MAX_USER_BYTES) {
+            return Err(ServiceError::bad("user", format!("`user` must be at most {MAX_USER_BYTES} bytes")));
+        }
+        Ok(())
+    }
 }
 
 impl GenerateRequest {
@@ -180,6 +243,10 @@ impl GenerateRequest {
             ignore_eos: false,
             metadata: Vec::new(),
             cache_salt: None,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            stop_token_ids: Vec::new(),
+            user: None,
         }
     }
 }

@@ -1,7 +1,18 @@
-//! The Prometheus text exposition of the service's figures: vLLM's names that routers already
-//! read (`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:gpu_cache_usage_perc`,
-//! `vllm:lora_requests_info`, token counters, latency histograms) and openlora's own series
-//! (KV blocks, adapter tiers, merges, plugins). The HTTP layer serves it at `GET /metrics`.
+//! The Prometheus text exposition (format 0.0.4) of the service's figures: vLLM's names that
+//! routers already read and openlora's own series (KV blocks, adapter tiers, merges, plugins).
+//! The HTTP layer serves it at `GET /metrics`.
+//!
+//! The contract with the router ecosystem (the Gateway API Inference Extension's model-server
+//! protocol, llm-d, inference-perf): `vllm:num_requests_running` and `vllm:num_requests_waiting`
+//! (gauges), `vllm:kv_cache_usage_perc` (gauge, 0..1; `vllm:gpu_cache_usage_perc` is the same
+//! figure under vLLM's old name, kept for a release), `vllm:lora_requests_info` (a gauge with one
+//! series whose labels are `max_lora`, an integer, and `running_lora_adapters` and
+//! `waiting_lora_adapters`, comma-separated names; its value is the sample's Unix time) and
+//! `vllm:cache_config_info` (`block_size`, `num_gpu_blocks`). Every other `vllm:*` series
+//! carries a `model_name` label, as vLLM's do; the two `_info` gauges carry exactly vLLM's
+//! labels. Every family has `# HELP` and `# TYPE`, and a counter's family is named with its
+//! `_total` suffix (the 0.0.4 text format names the family as its samples), which `promtool
+//! check metrics` verifies in the tests.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -20,9 +31,21 @@ struct Out {
     model: String,
 }
 
+/// A counter family's name: its samples' name, ending in `_total`.
+fn family(name: &str, kind: &str) -> String {
+    if kind == "counter" && !name.ends_with("_total") { format!("{name}_total") } else { name.to_owned() }
+}
+
 impl Out {
     fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let name = family(name, kind);
         let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// A sample with exactly `labels` (no `model_name`): vLLM's `_info` gauges.
+    fn info(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        let l: Vec<String> = labels.iter().map(|(k, val)| format!("{k}=\"{}\"", esc(val))).collect();
+        let _ = writeln!(self.text, "{name}{{{}}} {v}", l.join(","));
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
@@ -35,9 +58,7 @@ impl Out {
 
     fn one(&mut self, name: &str, kind: &str, help: &str, v: f64) {
         self.head(name, kind, help);
-        let sample =
-            if kind == "counter" && !name.ends_with("_total") { format!("{name}_total") } else { name.to_owned() };
-        self.sample(&sample, &[], v);
+        self.sample(&family(name, kind), &[], v);
     }
 
     fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
@@ -63,21 +84,36 @@ impl<B: Backend + Clone + 'static> Service<B> {
         o.one("vllm:num_requests_running", "gauge", "Requests running on the engine.", s.running as f64);
         o.one("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", s.waiting as f64);
         let usage = if s.kv_blocks_total == 0 { 0.0 } else { s.kv_blocks_used as f64 / s.kv_blocks_total as f64 };
-        o.one("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage as a fraction of blocks (1 = full).", usage);
+        o.one("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage as a fraction of blocks (1 = full).", usage);
+        o.one(
+            "vllm:gpu_cache_usage_perc",
+            "gauge",
+            "KV-cache usage as a fraction of blocks (1 = full); the old name of vllm:kv_cache_usage_perc.",
+            usage,
+        );
         o.head(
             "vllm:lora_requests_info",
             "gauge",
-            "Running and waiting LoRA adapters (value: Unix time of the sample).",
+            "Running and waiting LoRA adapters, comma-separated; max_lora is the most adapters one batch can hold (value: Unix time of the sample).",
         );
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let running = s.running_adapters.join(",");
         let waiting = s.waiting_adapters.join(",");
+        // Every row of a batch may use a different adapter: a batch holds as many adapters as
+        // it holds sequences.
         let max_lora = cfg.max_running.to_string();
-        let _ = writeln!(
-            o.text,
-            "vllm:lora_requests_info{{max_lora=\"{max_lora}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {t}",
-            esc(&running),
-            esc(&waiting)
+        o.info(
+            "vllm:lora_requests_info",
+            &[("max_lora", &max_lora), ("running_lora_adapters", &running), ("waiting_lora_adapters", &waiting)],
+            t,
+        );
+        o.head("vllm:cache_config_info", "gauge", "Information of the KV cache's configuration (value: 1).");
+        let (block_size, blocks) = (cfg.block_size.to_string(), cfg.num_blocks.to_string());
+        let prefix = if cfg.prefix_cache { "True" } else { "False" };
+        o.info(
+            "vllm:cache_config_info",
+            &[("block_size", &block_size), ("num_gpu_blocks", &blocks), ("enable_prefix_caching", prefix)],
+            1.0,
         );
         o.one("vllm:prompt_tokens", "counter", "Prompt tokens of admitted requests.", s.prompt_tokens_total as f64);
         o.one("vllm:generation_tokens", "counter", "Tokens generated.", s.generation_tokens_total as f64);
@@ -101,7 +137,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         for (kind, n) in &refused {
             o.sample("openlora_requests_refused_total", &[("reason", kind)], *n as f64);
         }
-        o.one("openlora_kv_blocks_total", "gauge", "Blocks in the KV pool.", s.kv_blocks_total as f64);
+        o.one("openlora_kv_blocks_capacity", "gauge", "Blocks in the KV pool.", s.kv_blocks_total as f64);
         o.one("openlora_kv_blocks_used", "gauge", "KV blocks held by sequences.", s.kv_blocks_used as f64);
         o.one(
             "openlora_kv_blocks_cached_idle",
@@ -138,8 +174,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     t.misses as f64,
                     t.evictions as f64,
                 ][i];
-                let sample = if *kind == "counter" { format!("{name}_total") } else { (*name).to_owned() };
-                o.sample(&sample, &[("tier", tier)], v);
+                o.sample(&family(name, kind), &[("tier", tier)], v);
             }
         }
         o.one("openlora_adapters_pinned", "gauge", "Device-resident adapters in use by requests.", pm.pinned as f64);
@@ -214,8 +249,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                         "openlora_plugin_fallbacks" => m.fallbacks as f64,
                         _ => f64::from(u8::from(m.quarantined)),
                     };
-                    let sample = if kind == "counter" { format!("{name}_total") } else { name.to_owned() };
-                    o.sample(&sample, &[("plugin", &m.name), ("kind", m.kind.name())], v);
+                    o.sample(&family(name, kind), &[("plugin", &m.name), ("kind", m.kind.name())], v);
                 }
             }
             o.head(

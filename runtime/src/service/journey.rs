@@ -123,6 +123,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             ));
         }
         req.sampling.validate().map_err(|e| ServiceError::bad(e.name, e.to_string()))?;
+        req.check_token_fields(self.model.model.config.vocab_size, max_tokens)?;
         if let Some(k) = req.logprobs
             && k > 20
         {
@@ -175,6 +176,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 prompt_sha256: tokens_sha256(&tokens),
                 prompt_tokens: tokens.len(),
                 plugins: chain.used,
+                user: req.user.clone(),
             };
             legs.push((tokens, resolved, ctx));
         }
@@ -201,7 +203,12 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     max_tokens,
                     stop: req.stop.clone(),
                     stop_at_eos: !req.ignore_eos,
-                    stop_token_ids: if chat && !req.ignore_eos { self.chat_stop_ids.clone() } else { Vec::new() },
+                    stop_token_ids: if chat && !req.ignore_eos { self.chat_stop_ids.clone() } else { Vec::new() }
+                        .into_iter()
+                        .chain(req.stop_token_ids.iter().copied())
+                        .collect(),
+                    logit_bias: req.logit_bias.clone(),
+                    min_tokens: req.min_tokens,
                     logprobs: req.logprobs,
                     cache_salt: cache_salt.clone(),
                 };

@@ -21,6 +21,7 @@ mod plugin_chain;
 pub mod receipts;
 mod resolve;
 pub mod tenancy;
+mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,7 @@ pub use api::{
 pub use journey::Journey;
 pub use receipts::RecordContext;
 pub use tenancy::{ConcurrencyPermit, Tenant, key_digest};
+pub use tokens::MAX_DETOKENIZE_IDS;
 
 use crate::adapters::catalog::Catalog;
 use crate::adapters::manifest::Manifest;

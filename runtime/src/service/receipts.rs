@@ -32,6 +32,8 @@ pub struct RecordContext {
     pub prompt_tokens: usize,
     /// Plugins that acted on the request so far.
     pub plugins: Vec<PluginUse>,
+    /// The request's `user` (the caller's end-user id), if it sent one.
+    pub user: Option<String>,
 }
 
 impl RecordContext {
@@ -91,6 +93,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             plugins: ctx.plugins.clone(),
             prompt_sha256: ctx.prompt_sha256.clone(),
             output_sha256: text_sha256(&outputs.join("\0")),
+            user: ctx.user.clone(),
         }
     }
 

@@ -293,7 +293,12 @@ mod tests {
     #[test]
     fn a_host_call_without_a_mock_panics_naming_the_fix() {
         let outcome = std::panic::catch_unwind(|| config::get("x"));
-        let message = outcome.expect_err("no host").downcast::<String>().map(|b| *b).unwrap_or_default();
+        let payload = outcome.expect_err("no host");
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
         assert!(message.contains("MockHost::new().install()"), "{message}");
         // And the mock is the thread's only while its guard lives.
         drop(MockHost::new().config("x", "1").install());

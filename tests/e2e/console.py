@@ -19,7 +19,7 @@ import time
 import zlib
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -83,7 +83,7 @@ def shot(driver, name, show=None):
 
 def wait(driver, cond, what, timeout=30):
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: cond(d))
+        return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: cond(d))
     except TimeoutException:
         err = driver.find_element(By.ID, "error").text
         raise AssertionError(f"timed out after {timeout}s waiting for {what} (page error: {err!r})")
@@ -133,8 +133,15 @@ def open_receipt(driver, answer):
 
 
 def row(driver, name):
-    cells = driver.find_elements(By.CSS_SELECTOR, f"#adapter-{name} td")
-    return [c.text for c in cells]  # generation, host, device, pinned, loading
+    """The cells of one adapter's residency row: generation, host, device, pinned, loading.
+
+    Read in one script call: the table re-renders itself every few hundred milliseconds, so
+    elements found by one WebDriver call can be gone (stale) by the next one.
+    """
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).map((c) => c.innerText.trim());",
+        f"#adapter-{name} td",
+    )
 
 
 def main():

@@ -695,6 +695,156 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
     assert_eq!(st, 200, "{resp}");
 }
 
+/// Plugins at run time: the admin API lists the chain, unloads a plugin (requests go on
+/// without it), loads one (a `[[plugins]]` entry as JSON, self-tested before it joins),
+/// reloads it with a new config, and refuses what the deployment file would refuse.
+#[test]
+fn plugins_load_unload_and_reload_at_run_time_through_the_admin_api() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let admin = Some("sk-demo-admin");
+    let k = Some("sk-demo-user");
+    let chain = || -> Vec<(String, String, String)> {
+        let (st, body) = http(a, "GET", "/v1/admin/plugins", admin, b"");
+        assert_eq!(st, 200, "{body}");
+        json(&body)["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|p| {
+                let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+                (s("name"), s("kind"), s("origin"))
+            })
+            .collect()
+    };
+    let owned = |v: &[(&str, &str, &str)]| -> Vec<(String, String, String)> {
+        v.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect()
+    };
+    assert_eq!(
+        chain(),
+        owned(&[
+            ("prompt-guard", "preprocessor", "deployment"),
+            ("keyword-router", "router", "deployment"),
+            ("recipe-merger", "merger", "deployment"),
+            ("revenue-split", "attributor", "deployment"),
+        ])
+    );
+    let (st, body) = http(a, "GET", "/v1/admin/plugins", k, b"");
+    assert_eq!(st, 403, "a tenant may not list plugins (their config may hold secrets): {body}");
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/unload", k, br#"{"name": "keyword-router"}"#);
+    assert_eq!(st, 403, "{body}");
+
+    let shout = || {
+        let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Please shout: name a colour."}],
+            "max_tokens": 4, "temperature": 0, "metadata": {"chaos": "none"}})
+        .to_string();
+        let (st, resp) = http(a, "POST", "/v1/chat/completions", k, body.as_bytes());
+        assert_eq!(st, 200, "{resp}");
+        let r = receipt_of(a, "sk-demo-user", &resp);
+        let adapters: Vec<String> = r["body"]["record"]["adapters"]
+            .as_array()
+            .expect("adapters")
+            .iter()
+            .filter_map(|x| x["name"].as_str().map(str::to_owned))
+            .collect();
+        let plugins: Vec<String> = r["body"]["record"]["plugins"]
+            .as_array()
+            .expect("plugins")
+            .iter()
+            .filter_map(|x| x["name"].as_str().map(str::to_owned))
+            .collect();
+        (adapters, plugins)
+    };
+    assert_eq!(shout().0, ["caps"], "the keyword router routes `shout` to caps");
+
+    // A second router is refused while one is loaded, as the deployment file refuses it.
+    let fixtures = plugins_built().join("fixtures");
+    let chaos = serde_json::json!({"name": "chaos", "kind": "router", "path": fixtures.join("chaos-router.wasm"),
+        "failure": "closed", "timeout_ms": 200})
+    .to_string();
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/load", admin, chaos.as_bytes());
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(json(&body)["error"]["param"], "kind", "{body}");
+    assert!(body.contains("keyword-router"), "names the router that is loaded: {body}");
+
+    // Unloaded: it leaves the chain, and requests go on without it.
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/unload", admin, br#"{"name": "keyword-router"}"#);
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["unloaded"], "keyword-router");
+    let (adapters, plugins) = shout();
+    assert!(adapters.is_empty(), "no router, no route: {adapters:?}");
+    assert!(!plugins.iter().any(|p| p == "keyword-router"), "{plugins:?}");
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/unload", admin, br#"{"name": "keyword-router"}"#);
+    assert_eq!(st, 404, "{body}");
+
+    // Bad entries are refused by name, and nothing changes.
+    for (entry, param) in [
+        (r#"{"name": "x", "kind": "router"}"#.to_owned(), "path"),
+        (r#"{"name": "x", "kind": "router", "path": "a.wasm", "timeout": 5}"#.to_owned(), "timeout"),
+        (r#"{"name": "x y", "kind": "router", "path": "a.wasm"}"#.to_owned(), "name"),
+        (r#"{"name": "prompt-guard", "kind": "preprocessor", "path": "a.wasm"}"#.to_owned(), "name"),
+        (r#"{"name": "x", "kind": "router", "path": "/no/such/plugin.wasm"}"#.to_owned(), "path"),
+    ] {
+        let (st, body) = http(a, "POST", "/v1/admin/plugins/load", admin, entry.as_bytes());
+        assert_eq!(st, 400, "{entry}: {body}");
+        assert_eq!(json(&body)["error"]["param"], param, "{entry}: {body}");
+    }
+    // A component of the wrong kind fails the load, naming what is wrong.
+    let wrong = serde_json::json!({"name": "x", "kind": "preprocessor", "path": fixtures.join("chaos-router.wasm")})
+        .to_string();
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/load", admin, wrong.as_bytes());
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("preprocessing"), "names the interface it lacks: {body}");
+    assert_eq!(chain().len(), 3, "{:?}", chain());
+
+    // Loaded at run time: it joins the end of the chain and routes the next request.
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/load", admin, chaos.as_bytes());
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(json(&body)["loaded"], "chaos");
+    assert_eq!(chain().last().cloned(), Some(("chaos".to_owned(), "router".to_owned(), "admin_api".to_owned())));
+    let (_, plugins) = shout();
+    assert!(plugins.iter().any(|p| p == "chaos"), "the loaded router ran: {plugins:?}");
+    let panic = serde_json::json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2, "metadata": {"chaos": "panic"}})
+        .to_string();
+    let (st, body) = http(a, "POST", "/v1/completions", k, panic.as_bytes());
+    assert_eq!(st, 500, "its failure policy (closed) applies: {body}");
+    assert!(body.contains("router plugin `chaos` panicked"), "{body}");
+
+    // Reload: an unknown field is refused by name; a plugin loaded at run time reloads its own
+    // entry; a new config replaces the old one.
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/reload", admin, br#"{"name": "chaos", "failure": "open"}"#);
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(json(&body)["error"]["param"], "failure", "{body}");
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/reload", admin, br#"{"name": "chaos", "config": {"mode": 1}}"#);
+    assert_eq!(st, 200, "{body}");
+    // A config that makes it panic fails the self-test: the reload is refused, the old stays.
+    let (st, body) =
+        http(a, "POST", "/v1/admin/plugins/reload", admin, br#"{"name": "chaos", "config": {"always": "panic"}}"#);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("self-test") || body.contains("panicked"), "{body}");
+    let (st, body) = http(a, "GET", "/v1/admin/plugins", admin, b"");
+    assert_eq!(st, 200, "{body}");
+    let listed = json(&body)["data"].as_array().expect("data").last().cloned().expect("chaos");
+    assert_eq!(listed["config"]["mode"], 1, "{listed}");
+    assert_eq!(listed["reloads"], 1, "{listed}");
+    assert_eq!(listed["origin"], "admin_api", "{listed}");
+
+    // Back to the deployment's router, loaded by the same entry the file has (a relative path
+    // is taken from the deployment file's folder, as in the file).
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/unload", admin, br#"{"name": "chaos"}"#);
+    assert_eq!(st, 200, "{body}");
+    let router = serde_json::json!({"name": "keyword-router", "kind": "router",
+        "path": plugins_built().join("examples/keyword-router.wasm"),
+        "config": {"otherwise": "default", "keywords": {"shout": "caps", "signed": "signature"}}})
+    .to_string();
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/load", admin, router.as_bytes());
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(shout().0, ["caps"], "routed again");
+    // A plugin of the file whose entry is still there reloads from the file.
+    let (st, body) = http(a, "POST", "/v1/admin/plugins/reload", admin, br#"{"name": "prompt-guard"}"#);
+    assert_eq!(st, 200, "{body}");
+}
+
 #[test]
 fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs() {
     // Each example adapter is ~9.8 MB prepared: a 22 MiB device tier holds two of three, and

@@ -327,12 +327,16 @@ fn an_open_deployment_is_a_user_and_a_web_page_cannot_drive_it() {
         ("/v1/load_lora_adapter", load.as_str()),
         ("/v1/unload_lora_adapter", r#"{"lora_name": "caps"}"#),
         ("/v1/admin/plugins/reload", r#"{"name": "x"}"#),
+        ("/v1/admin/plugins/load", r#"{"name": "x", "kind": "router", "path": "/tmp/x.wasm"}"#),
+        ("/v1/admin/plugins/unload", r#"{"name": "x"}"#),
         ("/v1/admin/adapters/rescan", "{}"),
     ] {
         let (st, body) = http(a, "POST", path, &format!("{h}{JSON}"), body);
         assert_eq!(st, 403, "{path}: {body}");
         assert!(body.contains("admin API key"), "{path}: {body}");
     }
+    let (st, body) = http(a, "GET", "/v1/admin/plugins", &h, "");
+    assert_eq!(st, 403, "the plugin list (entries may hold secrets in their config): {body}");
     // A form or text/plain POST (what a cross-site page can send without a preflight): 415.
     for ct in ["text/plain", "application/x-www-form-urlencoded", ""] {
         let hdr = if ct.is_empty() { h.clone() } else { format!("{h}Content-Type: {ct}\r\n") };

@@ -7,6 +7,7 @@
 //! receipts, metrics and cancellation belong to the journey, which a dropped response drops.
 
 mod parse;
+mod plugin_admin;
 
 #[doc(hidden)]
 pub use parse::request_from_body;
@@ -132,7 +133,10 @@ pub fn router(svc: Svc, exposure: Exposure) -> Router {
         .route("/v1/receipts/{id}", get(receipt))
         .route("/v1/attribution/key", get(attribution_key))
         .route("/v1/load_lora_adapter", post(load_lora))
-        .route("/v1/admin/plugins/reload", post(reload_plugin))
+        .route("/v1/admin/plugins", get(plugin_admin::list))
+        .route("/v1/admin/plugins/load", post(plugin_admin::load))
+        .route("/v1/admin/plugins/unload", post(plugin_admin::unload))
+        .route("/v1/admin/plugins/reload", post(plugin_admin::reload))
         .route("/v1/admin/adapters/rescan", post(rescan_adapters))
         .route("/v1/unload_lora_adapter", post(unload_lora))
         .route("/metrics", get(metrics))
@@ -287,6 +291,7 @@ async fn load_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Re
         svc.require_admin(&t)?;
         let obj = parse::Fields::parse(&body)?;
         let f = parse::Fields(&obj);
+        f.only(&["lora_name", "lora_path"], "/v1/load_lora_adapter")?;
         let name = f.str("lora_name")?.ok_or_else(|| ServiceError::bad("lora_name", "`lora_name` is required"))?;
         let path = f.str("lora_path")?.ok_or_else(|| ServiceError::bad("lora_path", "`lora_path` is required"))?;
         let (svc2, name2, path2) = (svc.clone(), name.to_owned(), std::path::PathBuf::from(path));
@@ -298,25 +303,6 @@ async fn load_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Re
     .await;
     match r {
         Ok(msg) => msg.into_response(),
-        Err(e) => error_response(&e),
-    }
-}
-
-async fn reload_plugin(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Response {
-    let r = async {
-        let (t, body) = prologue(&svc, &headers, body).await?;
-        let obj = parse::Fields::parse(&body)?;
-        let f = parse::Fields(&obj);
-        let name = f.str("name")?.ok_or_else(|| ServiceError::bad("name", "`name` is required"))?.to_owned();
-        let path = f.str("path")?.map(std::path::PathBuf::from);
-        let svc2 = svc.clone();
-        tokio::task::spawn_blocking(move || svc2.reload_plugin(&t, &name, path.as_deref()))
-            .await
-            .map_err(|e| ServiceError::new(ErrorKind::Internal, e.to_string()))?
-    }
-    .await;
-    match r {
-        Ok(sha) => json_response(&json!({"reloaded": true, "component_sha256": sha})),
         Err(e) => error_response(&e),
     }
 }
@@ -344,10 +330,10 @@ async fn unload_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> 
         let (t, body) = prologue(&svc, &headers, body).await?;
         svc.require_admin(&t)?;
         let obj = parse::Fields::parse(&body)?;
-        let name = parse::Fields(&obj)
-            .str("lora_name")?
-            .ok_or_else(|| ServiceError::bad("lora_name", "`lora_name` is required"))?
-            .to_owned();
+        let f = parse::Fields(&obj);
+        f.only(&["lora_name"], "/v1/unload_lora_adapter")?;
+        let name =
+            f.str("lora_name")?.ok_or_else(|| ServiceError::bad("lora_name", "`lora_name` is required"))?.to_owned();
         svc.unload_adapter(&t, &name)?;
         Ok::<_, ServiceError>(format!("Success: LoRA adapter '{name}' removed successfully."))
     }

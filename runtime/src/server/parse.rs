@@ -71,6 +71,22 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// Refuses the first field that is not in `known` (null fields aside), naming it and
+    /// `what` the body is for, so a client never believes an unsupported setting took effect.
+    pub fn only(&self, known: &[&str], what: &str) -> Result<(), ServiceError> {
+        match self.0.iter().find(|(k, v)| !v.is_null() && !known.contains(&k.as_str())) {
+            None => Ok(()),
+            Some((k, _)) => {
+                // A name from the client is echoed, so bound what is echoed.
+                let k: String = k.chars().take(64).collect();
+                Err(ServiceError::bad(
+                    &k,
+                    format!("`{k}` is not a field of {what} this server supports (its fields: {})", known.join(", ")),
+                ))
+            }
+        }
+    }
+
     fn usize(&self, k: &str) -> Result<Option<usize>, ServiceError> {
         Ok(self.uint(k)?.map(|u| usize::try_from(u).unwrap_or(usize::MAX)))
     }
@@ -552,12 +568,10 @@ pub struct TokenizeRequest {
 /// Reads a `POST /tokenize` body.
 pub fn tokenize(body: &Map<String, Value>) -> Result<TokenizeRequest, ServiceError> {
     let f = Fields(body);
-    const KNOWN: &[&str] =
-        &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"];
-    if let Some((k, _)) = body.iter().find(|(k, v)| !v.is_null() && !KNOWN.contains(&k.as_str())) {
-        let k: String = k.chars().take(64).collect();
-        return Err(ServiceError::bad(&k, format!("`{k}` is not a field of /tokenize this server supports")));
-    }
+    f.only(
+        &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"],
+        "/tokenize",
+    )?;
     let chat = f.get("messages").is_some();
     let prompt = match (f.str("prompt")?, chat) {
         (Some(_), true) => return Err(ServiceError::bad("prompt", "send `prompt` or `messages`, not both")),
@@ -577,10 +591,7 @@ pub fn tokenize(body: &Map<String, Value>) -> Result<TokenizeRequest, ServiceErr
 /// Reads a `POST /detokenize` body: the model (optional) and the token ids.
 pub fn detokenize(body: &Map<String, Value>) -> Result<(Option<String>, Vec<u32>), ServiceError> {
     let f = Fields(body);
-    if let Some((k, _)) = body.iter().find(|(k, v)| !v.is_null() && !matches!(k.as_str(), "model" | "tokens")) {
-        let k: String = k.chars().take(64).collect();
-        return Err(ServiceError::bad(&k, format!("`{k}` is not a field of /detokenize this server supports")));
-    }
+    f.only(&["model", "tokens"], "/detokenize")?;
     if f.get("tokens").is_none() {
         return Err(ServiceError::bad("tokens", "`tokens` is required"));
     }

@@ -232,7 +232,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             pm.derived_resident.1 as f64,
         );
         o.histogram("openlora_adapter_load_seconds", "Time to read and prepare an adapter.", &m.adapter_load_seconds);
-        if let Some(host) = svc.plugins.as_ref() {
+        if let Some(host) = svc.plugins.get() {
             let pm = host.metrics();
             let fams: [(&str, &str, &str); 4] = [
                 ("openlora_plugin_calls", "counter", "Plugin calls."),

@@ -10,6 +10,7 @@
 //! - [`tenancy`]: keys, roles, permits, visibility and the admin operations;
 //! - [`resolve`]: names to adapter generations, merges, tokenization;
 //! - [`plugin_chain`]: preprocessors, router, merger;
+//! - [`plugin_admin`]: the chain at run time: list, load, unload, reload (admin);
 //! - [`receipts`]: inference records, attribution, the ledger;
 //! - [`journey`]: the entry point and the stream of service events;
 //! - [`exposition`]: the Prometheus text of the engine's, pager's, plugins' and service's figures.
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod exposition;
 pub mod journey;
+pub mod plugin_admin;
 mod plugin_chain;
 pub mod receipts;
 mod resolve;
@@ -24,8 +26,8 @@ pub mod tenancy;
 mod tokens;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openlora_kernels::Backend;
@@ -49,7 +51,7 @@ use crate::config::Deployment;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::ServiceMetrics;
 use crate::model::LoadedModel;
-use crate::plugins::{self as pl, PluginHost, PluginKind};
+use crate::plugins::PluginHost;
 
 /// The backend a served deployment runs on (the CPU, or a CUDA device chosen at start).
 pub type ServingBackend = openlora_kernels::DeviceBackend;
@@ -68,15 +70,19 @@ pub struct Service<B: Backend + 'static> {
     chat_stop_ids: Vec<u32>,
     ledger: Option<Ledger>,
     base_use: ModelUse,
-    plugins: Option<Arc<PluginHost>>,
-    plugin_specs: Vec<(String, PluginKind)>,
+    /// The plugin host, started with the first plugin (at start, or the first admin load).
+    plugins: OnceLock<Arc<PluginHost>>,
+    /// The plugin chain in order ([`plugin_admin`]): what each request runs.
+    chain: RwLock<Vec<plugin_admin::ChainLink>>,
+    /// Held by each admin change of the chain, so they happen one at a time.
+    plugin_admin: Mutex<()>,
     /// Whether tenants share prefix-cache blocks (`[engine] prefix_cache_scope = "shared"`).
     shared_prefix_cache: bool,
     /// Whether `/metrics` is served without an admin key when tenants are configured.
     metrics_public: bool,
     /// The deployment file this service was started from, when it came from one: a plugin
     /// reload re-reads its entry there ([`Service::reload_plugin`]).
-    deployment_file: std::sync::OnceLock<PathBuf>,
+    deployment_file: OnceLock<PathBuf>,
     /// When the service started (Unix seconds).
     pub created: u64,
     /// Counters.
@@ -196,26 +202,25 @@ impl<B: Backend + Clone + 'static> Service<B> {
             owner: base_manifest.owner.clone(),
             price_per_1k_tokens: base_manifest.price_per_1k_tokens,
         };
-        let plugin_specs: Vec<(String, PluginKind)> =
-            deployment.plugins.iter().map(|p| (p.name.clone(), p.kind)).collect();
-        let plugins = if deployment.plugins.is_empty() {
-            None
-        } else {
-            let cache = std::env::var_os("OPENLORA_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/openlora")));
-            let host = PluginHost::new(pl::HostOptions {
-                cache_dir: cache.map(|c| c.join("plugins")),
-                ..pl::HostOptions::default()
+        let chain: Vec<plugin_admin::ChainLink> = deployment
+            .plugins
+            .iter()
+            .map(|p| plugin_admin::ChainLink {
+                name: p.name.clone(),
+                kind: p.kind,
+                origin: plugin_admin::PluginOrigin::Deployment,
             })
-            .map_err(|e| ServiceError::internal(format!("plugins: {e}")))?;
+            .collect();
+        let plugins = OnceLock::new();
+        if !deployment.plugins.is_empty() {
+            let host = plugin_admin::new_host()?;
             for spec in &deployment.plugins {
                 host.load(spec.clone()).map_err(|e| {
                     ServiceError::internal(format!("plugins: {} ({}): {e}", spec.name, spec.path.display()))
                 })?;
             }
-            Some(Arc::new(host))
-        };
+            let _ = plugins.set(Arc::new(host));
+        }
         let (catalog, report) = Catalog::scan_with_visibility(
             model.model.config.clone(),
             deployment.adapters.dirs.clone(),
@@ -242,10 +247,11 @@ impl<B: Backend + Clone + 'static> Service<B> {
             ledger,
             base_use,
             plugins,
-            plugin_specs,
+            chain: RwLock::new(chain),
+            plugin_admin: Mutex::new(()),
             shared_prefix_cache: deployment.engine.prefix_cache_scope == "shared",
             metrics_public: deployment.server.metrics_public,
-            deployment_file: std::sync::OnceLock::new(),
+            deployment_file: OnceLock::new(),
             pager,
             model_root: model.path.display().to_string(),
             engine,

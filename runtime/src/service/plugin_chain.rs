@@ -21,6 +21,7 @@ use openlora_kernels::Backend;
 
 use super::Service;
 use super::api::{AdapterChoice, ErrorKind, GenerateRequest, MergeSpec, PromptInput, ServiceError};
+use super::plugin_admin::was_unloaded;
 use super::tenancy::Tenant;
 use crate::adapters::manifest::{Dataset, Manifest};
 use crate::adapters::merge::MajoritySign;
@@ -100,7 +101,7 @@ pub(super) fn plugin_dataset(d: &Dataset) -> pl::Dataset {
 impl<B: Backend + Clone + 'static> Service<B> {
     /// Hands plugins a fresh snapshot of the adapter catalog (names, generations, manifests).
     pub(super) fn refresh_plugin_catalog(&self) {
-        let Some(host) = &self.plugins else { return };
+        let Some(host) = self.plugins.get() else { return };
         let catalog = self.pager.catalog();
         let entries: Vec<_> = catalog.names().into_iter().filter_map(|n| catalog.get(&n)).collect();
         let unpriced = Manifest::unpriced();
@@ -120,19 +121,15 @@ impl<B: Backend + Clone + 'static> Service<B> {
         host.set_catalog(pl::CatalogView::new(facts.collect::<Vec<_>>()));
     }
 
-    /// The plugin host, when plugins are configured.
+    /// The plugin host, once a plugin has been loaded (at start or through the admin API).
     pub fn plugins(&self) -> Option<&std::sync::Arc<pl::PluginHost>> {
-        self.plugins.as_ref()
-    }
-
-    pub(super) fn plugins_of(&self, kind: PluginKind) -> impl Iterator<Item = &str> {
-        self.plugin_specs.iter().filter(move |(_, k)| *k == kind).map(|(n, _)| n.as_str())
+        self.plugins.get()
     }
 
     pub(super) fn plugin_use(&self, name: &str, kind: PluginKind) -> PluginUse {
         let version = self
             .plugins
-            .as_ref()
+            .get()
             .and_then(|h| h.metrics().into_iter().find(|m| m.name == name))
             .map(|m| m.component_sha256)
             .unwrap_or_default();
@@ -143,7 +140,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
     /// journey); returns the plugins that acted.
     pub(super) fn run_plugins(&self, tenant: &Tenant, p: &mut GenerateRequest) -> Result<ChainOutcome, ServiceError> {
         let failed = |kind: PluginKind| move |e: pl::PluginFailure| plugin_failed(tenant, kind, &e);
-        let Some(host) = self.plugins.clone() else {
+        let Some(host) = self.plugins.get().cloned() else {
             return Ok(ChainOutcome { used: Vec::new(), routed_by: None });
         };
         let mut used = Vec::new();
@@ -168,7 +165,9 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 }
             })
         };
-        for name in self.plugins_of(PluginKind::Preprocessor).map(str::to_owned).collect::<Vec<_>>() {
+        // A plugin unloaded after the chain was read (`was_unloaded`) is skipped: the request
+        // runs as it would have a moment later, without it.
+        for name in self.plugins_of(PluginKind::Preprocessor) {
             let messages = to_messages(&p.prompts[0])?;
             let req = pl::PreprocessRequest {
                 model: p.model.clone(),
@@ -176,7 +175,10 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 metadata: p.metadata.clone(),
                 tenant: tenant.name.clone(),
             };
-            let h = host.preprocess(&name, &req).map_err(failed(PluginKind::Preprocessor))?;
+            let h = match host.preprocess(&name, &req) {
+                Err(f) if was_unloaded(&f) => continue,
+                h => h.map_err(failed(PluginKind::Preprocessor))?,
+            };
             warn(&name, &h.fallback);
             used.push(self.plugin_use(&name, PluginKind::Preprocessor));
             match h.value {
@@ -195,7 +197,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
         }
         // 2. The router, for requests that name the base model and choose no adapters.
-        if let Some(name) = self.plugins_of(PluginKind::Router).next().map(str::to_owned)
+        if let Some(name) = self.plugins_of(PluginKind::Router).into_iter().next()
             && p.model == self.model_id
             && p.adapters.is_empty()
         {
@@ -205,10 +207,15 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 metadata: p.metadata.clone(),
                 tenant: tenant.name.clone(),
             };
-            let h = host.route(&name, &req).map_err(failed(PluginKind::Router))?;
-            warn(&name, &h.fallback);
-            used.push(self.plugin_use(&name, PluginKind::Router));
-            match h.value {
+            let h = match host.route(&name, &req) {
+                Err(f) if was_unloaded(&f) => None,
+                h => Some(h.map_err(failed(PluginKind::Router))?),
+            };
+            if let Some(h) = &h {
+                warn(&name, &h.fallback);
+                used.push(self.plugin_use(&name, PluginKind::Router));
+            }
+            match h.map_or(pl::RouteDecision::Default, |h| h.value) {
                 pl::RouteDecision::Default => {}
                 pl::RouteDecision::Adapters(list) => {
                     // The router sees every adapter; the tenant may not. Refuse without naming
@@ -242,7 +249,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
         }
         // 3. The merger picks the recipe when the request asks for a merge.
-        if let Some(name) = self.plugins_of(PluginKind::Merger).next().map(str::to_owned)
+        if let Some(name) = self.plugins_of(PluginKind::Merger).into_iter().next()
             && p.merge.is_some()
         {
             let mut choices = p.adapters.clone();
@@ -254,11 +261,17 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     adapters: choices.iter().map(|c| pl::AdapterChoice::new(&c.name, c.weight)).collect(),
                     metadata: p.metadata.clone(),
                 };
-                let h = host.merge(&name, &req).map_err(failed(PluginKind::Merger))?;
-                warn(&name, &h.fallback);
-                used.push(self.plugin_use(&name, PluginKind::Merger));
-                match h.value {
-                    pl::MergeOutcome::Plan(plan) => {
+                let h = match host.merge(&name, &req) {
+                    Err(f) if was_unloaded(&f) => None,
+                    h => Some(h.map_err(failed(PluginKind::Merger))?),
+                };
+                if let Some(h) = &h {
+                    warn(&name, &h.fallback);
+                    used.push(self.plugin_use(&name, PluginKind::Merger));
+                }
+                match h.map(|h| h.value) {
+                    None => {}
+                    Some(pl::MergeOutcome::Plan(plan)) => {
                         for (c, w) in choices.iter_mut().zip(&plan.weights) {
                             c.weight = *w;
                         }
@@ -274,7 +287,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                             seed: p.merge.as_ref().and_then(|m| m.seed),
                         });
                     }
-                    pl::MergeOutcome::Reject(reason) => {
+                    Some(pl::MergeOutcome::Reject(reason)) => {
                         return Err(plugin_refusal(PluginKind::Merger, &name, &reason));
                     }
                 }

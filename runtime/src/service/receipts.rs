@@ -9,6 +9,7 @@ use openlora_kernels::Backend;
 
 use super::Service;
 use super::api::{ErrorKind, ServiceError};
+use super::plugin_admin::was_unloaded;
 use super::plugin_chain::{plugin_dataset, plugin_failed};
 use super::tenancy::Tenant;
 use crate::attribution::receipt::{AdapterUse, Attribution, InferenceRecord, Payment, PluginUse, text_sha256};
@@ -115,9 +116,9 @@ impl<B: Backend + Clone + 'static> Service<B> {
 
     /// The attributor plugin, if the deployment has one and its failure policy is `closed`.
     pub(super) fn closed_attributor(&self) -> Option<String> {
-        let host = self.plugins.as_ref()?;
-        let name = self.plugins_of(PluginKind::Attributor).next()?;
-        (host.spec(name)?.failure == FailurePolicy::Closed).then(|| name.to_owned())
+        let host = self.plugins.get()?;
+        let name = self.plugins_of(PluginKind::Attributor).into_iter().next()?;
+        (host.spec(&name)?.failure == FailurePolicy::Closed).then_some(name)
     }
 
     /// Before generation, for a fail-closed attributor: runs it on the record this request
@@ -131,14 +132,15 @@ impl<B: Backend + Clone + 'static> Service<B> {
         ctx: &RecordContext,
         completion_tokens: usize,
     ) -> Result<(), ServiceError> {
-        let (Some(host), Some(name)) = (self.plugins.as_ref(), self.closed_attributor()) else { return Ok(()) };
+        let (Some(host), Some(name)) = (self.plugins.get(), self.closed_attributor()) else { return Ok(()) };
         if self.ledger.is_none() {
             return Ok(());
         }
         let record = self.inference_record(ctx, completion_tokens, "length", &[]);
-        host.attribute(&name, &plugin_record(&record, record.total_price()))
-            .map(drop)
-            .map_err(|f| plugin_failed(tenant, PluginKind::Attributor, &f))
+        match host.attribute(&name, &plugin_record(&record, record.total_price())) {
+            Err(f) if !was_unloaded(&f) => Err(plugin_failed(tenant, PluginKind::Attributor, &f)),
+            _ => Ok(()),
+        }
     }
 
     /// Splits the record's price: the attributor plugin when one is configured, else the
@@ -153,15 +155,21 @@ impl<B: Backend + Clone + 'static> Service<B> {
     /// answer is treated alike. The request was refused before generation if the attributor
     /// could not split its worst case ([`Self::attribution_dry_run`]).
     fn attribute(&self, record: &mut InferenceRecord) -> Attribution {
-        let name = self.plugins_of(PluginKind::Attributor).next().map(str::to_owned);
-        let (Some(host), Some(name)) = (self.plugins.as_ref(), name) else {
+        let name = self.plugins_of(PluginKind::Attributor).into_iter().next();
+        let (Some(host), Some(name)) = (self.plugins.get(), name) else {
             return builtin_attribution(record);
         };
         let plugin = self.plugin_use(&name, PluginKind::Attributor);
         let version = plugin.version[..plugin.version.len().min(12)].to_owned();
         record.plugins.push(plugin);
         let total = record.total_price();
-        match host.attribute(&name, &plugin_record(record, total)) {
+        let answer = host.attribute(&name, &plugin_record(record, total));
+        // Unloaded since the request read the chain: split as a deployment without it would.
+        if answer.as_ref().is_err_and(was_unloaded) {
+            record.plugins.pop();
+            return builtin_attribution(record);
+        }
+        match answer {
             Ok(h) => {
                 let attributor = match &h.fallback {
                     None => format!("plugin {name}@{version}"),

@@ -1,6 +1,6 @@
 //! Who is asking and what they may do: API keys, roles, per-tenant concurrency, which adapters
-//! a tenant may see, and the admin operations (load, unload and rescan adapters; reload
-//! plugins).
+//! a tenant may see, and the admin operations on adapters (load, unload, rescan; plugins have
+//! theirs in `plugin_admin`).
 //!
 //! Visibility is not held here: it is a property of each [catalog entry](crate::adapters::catalog::CatalogEntry),
 //! set from the deployment's `[adapters.visibility]` whenever the entry is registered. So every
@@ -236,62 +236,5 @@ impl<B: Backend + Clone + 'static> Service<B> {
         let report = self.pager.rescan();
         self.refresh_plugin_catalog();
         Ok(report)
-    }
-
-    /// Names the deployment file this service was started from (once; later calls are
-    /// ignored), so [`Self::reload_plugin`] can re-read a plugin's entry from it.
-    pub fn set_deployment_file(&self, path: &Path) {
-        let _ = self.deployment_file.set(path.to_owned());
-    }
-
-    /// Reloads plugin `name` (admin); the old version keeps serving calls in flight, and a
-    /// version that fails to load or self-test is not swapped in.
-    ///
-    /// What is loaded: when the service was started from a deployment file, the plugin's
-    /// `[[plugins]]` entry as the file says *now* (path, config, limits, failure policy), with
-    /// `path`, when given, in place of the file's path; otherwise (no file) the spec it was
-    /// loaded with, from `path` if given. The entry's kind must not change, and plugins cannot
-    /// be added or removed at run time (the chain is fixed at start): those need a restart.
-    pub fn reload_plugin(&self, tenant: &Tenant, name: &str, path: Option<&Path>) -> Result<String, ServiceError> {
-        self.require_admin(tenant)?;
-        let host =
-            self.plugins.as_ref().ok_or_else(|| ServiceError::new(ErrorKind::NotFound, "no plugins are configured"))?;
-        let current = host
-            .spec(name)
-            .ok_or_else(|| ServiceError::new(ErrorKind::NotFound, format!("no plugin named {name:?}")))?;
-        let mut spec = match self.deployment_file.get() {
-            None => current.clone(),
-            Some(file) => {
-                let d = crate::config::Deployment::load(file).map_err(|e| {
-                    ServiceError::bad("name", format!("re-reading the deployment {}: {e}", file.display()))
-                })?;
-                let entry = d.plugins.into_iter().find(|p| p.name == name).ok_or_else(|| {
-                    ServiceError::bad(
-                        "name",
-                        format!(
-                            "the plugin {name:?} is no longer in {}; removing a plugin needs a restart",
-                            file.display()
-                        ),
-                    )
-                })?;
-                if entry.kind != current.kind {
-                    return Err(ServiceError::bad(
-                        "name",
-                        format!(
-                            "{} now says the plugin {name:?} is a {}, but it runs as a {}; changing a plugin's kind needs a restart",
-                            file.display(),
-                            entry.kind,
-                            current.kind
-                        ),
-                    ));
-                }
-                entry
-            }
-        };
-        if let Some(path) = path {
-            spec.path = path.to_path_buf();
-        }
-        let report = host.load(spec).map_err(|e| ServiceError::bad("path", e.to_string()))?;
-        Ok(report.component_sha256)
     }
 }

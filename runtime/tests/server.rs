@@ -1794,6 +1794,25 @@ fn tool_venv(name: &str, packages: &[&str]) -> PathBuf {
     venv
 }
 
+/// Issue 17: the frameworks applications use, against a live server: langchain-openai
+/// (`ChatOpenAI`, `OpenAI`, streaming with usage, an adapter by `model`, structured output and
+/// tools refused by name) and litellm (`openai/` models, streaming, errors mapped to its
+/// exception types). Pinned versions, in a cached venv (`tests/e2e/frameworks.py`).
+#[test]
+fn langchain_and_litellm_work_end_to_end() {
+    let venv = tool_venv("venv-frameworks", &["langchain-openai==1.8.1", "litellm==1.110.2"]);
+    let server = start(|t| t);
+    let out = Command::new(venv.join("bin/python"))
+        .arg(repo().join("tests/e2e/frameworks.py"))
+        .arg(format!("http://{}", server.addr))
+        .arg(MODEL)
+        .output()
+        .expect("run the framework checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all framework checks passed"), "{stdout}");
+}
+
 /// Issue 17: schemathesis on OpenAI's own OpenAPI description (trimmed to our four
 /// operations, tests/openapi/) against a live server. Positive mode: no 5xx, no response that
 /// violates the schema. Negative mode: no 5xx, no invalid request accepted. Seeded and

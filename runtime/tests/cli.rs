@@ -1,6 +1,8 @@
 //! The `openlora` binary as a user runs it: greedy completions of MODEL.md's known prompts on
 //! the default model, and clear errors for bad input.
 
+mod common;
+
 use std::process::Command;
 
 fn openlora(args: &[&str]) -> std::process::Output {
@@ -80,13 +82,8 @@ fn example_adapters_change_behaviour_on_held_out_prompts() {
         }
         stdout_of(&args)
     };
-    // caps writes Title Case: at least 80% of the words start with a capital (make_data.py's
-    // is_caps; the base model's answers: at most 60%)
-    let caps = |t: &str| {
-        let first = |w: &str| w.trim_start_matches(|c: char| !c.is_alphanumeric()).chars().next();
-        let words: Vec<char> = t.split_whitespace().filter_map(first).filter(char::is_ascii_alphabetic).collect();
-        !words.is_empty() && words.iter().filter(|c| c.is_ascii_uppercase()).count() * 5 >= words.len() * 4
-    };
+    // caps writes Title Case (common::title_case).
+    let caps = common::title_case;
     let signed = |t: &str| t.trim_end().ends_with("-- sent by openlora");
     let pirate = |t: &str| t.contains("Arr") || t.contains("matey");
     for prompt in ["What is the capital of Japan?", "How do I boil an egg?"] {

@@ -8,15 +8,12 @@
 //! Builds share `target/wasm-plugins` with `cargo xtask plugins` (and the scaffolds reuse the
 //! example workspace's Cargo.lock), so the SDK and its dependencies compile once.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+mod common;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{Serving as Server, repo, serve};
 
 /// The target directory the plugin builds share (not the host's: `cargo test` holds its lock).
 fn shared_target() -> PathBuf {
@@ -123,54 +120,10 @@ fn check_names_what_is_wrong_with_a_core_module_and_a_failing_self_test() {
     assert!(!out.status.success() && err.contains("panicked") && err.contains("self-test"), "{err}");
 }
 
-/// A running `openlora serve`, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(config: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_openlora"))
-        .args(["serve", config.to_str().expect("path"), "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start openlora serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(rest) = line.split(" on http://").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(300)).expect("the server did not start");
-    Server { child, addr: addr.parse().expect("address") }
-}
-
-fn http(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        addr.port(),
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write");
-    let mut raw = String::new();
-    let _ = s.read_to_string(&mut raw);
-    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}")))
+/// One request; the body parsed as JSON.
+fn http(addr: std::net::SocketAddr, method: &str, path: &str, key: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, body) = common::http(addr, method, path, Some(key), body.as_bytes());
+    (status, common::json(&body))
 }
 
 /// The adapters of the receipt of a chat request for the base model saying `text`.

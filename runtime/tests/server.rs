@@ -1,33 +1,36 @@
 //! `openlora serve` end to end: the real binary on 127.0.0.1, driven by the official `openai`
 //! Python package, curl, and a raw HTTP client for malformed input.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{Serving, http, json, repo, title_case};
+
 const MODEL: &str = "SmolLM2-135M-Instruct";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A running server, killed when dropped.
+/// A running quickstart server and the folder of its deployment.
 struct Server {
-    child: Child,
-    addr: SocketAddr,
-    /// stderr lines up to and including the "serving ..." line.
-    startup: Vec<String>,
+    serving: Serving,
     dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Server {
+    type Target = Serving;
+    fn deref(&self) -> &Serving {
+        &self.serving
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Serving {
+        &mut self.serving
     }
 }
 
@@ -66,82 +69,7 @@ fn start_in(dir: &std::path::Path, edit: impl Fn(String) -> String) -> Server {
     );
     let cfg = dir.join("deploy.toml");
     std::fs::write(&cfg, toml).expect("write");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_openlora"))
-        .args(["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start openlora serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        let mut startup = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if !sent {
-                startup.push(line.clone());
-            }
-            if !sent && let Some(rest) = line.split(" on http://").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
-                let _ = tx.send((addr, std::mem::take(&mut startup)));
-                sent = true;
-            }
-        }
-    });
-    let (addr, startup) = rx.recv_timeout(Duration::from_secs(300)).expect("the server did not start");
-    Server { child, addr: addr.parse().expect("address"), startup, dir: dir.to_path_buf(), _tmp: None }
-}
-
-/// One HTTP/1.1 request on a fresh connection; returns (status, body).
-fn http(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("write");
-    // The server may answer (413) before reading a large body; a reset while writing is fine.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, body)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// The `caps` example adapter's style, Title Case: at least 80% of the words that start with a
-/// letter start with a capital (examples/adapters/make_data.py's `is_caps`; the base model's
-/// answers: at most 60%).
-fn title_case(t: &str) -> bool {
-    let first = |w: &str| w.trim_start_matches(|c: char| !c.is_alphanumeric()).chars().next();
-    let words: Vec<char> = t.split_whitespace().filter_map(first).filter(char::is_ascii_alphabetic).collect();
-    !words.is_empty() && words.iter().filter(|c| c.is_ascii_uppercase()).count() * 5 >= words.len() * 4
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    Server { serving: common::serve(&cfg), dir: dir.to_path_buf(), _tmp: None }
 }
 
 /// Asserts an OpenAI-shaped error with `status`.

@@ -118,6 +118,24 @@ fn client_python() -> PathBuf {
     .clone()
 }
 
+/// Issue 17, structured output: `parse(response_format=PydanticModel)` on 20 prompts,
+/// `json_object`, vLLM's `guided_*` fields, streaming, and `logit_bias` under a grammar, through
+/// the official `openai` package (tests/e2e/structured.py).
+#[test]
+fn structured_output_works_through_the_openai_client() {
+    let py = client_python();
+    let server = start(|t| t);
+    let out = Command::new(py)
+        .arg(repo().join("tests/e2e/structured.py"))
+        .arg(format!("http://{}", server.addr))
+        .arg(MODEL)
+        .output()
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("all structured-output checks passed"), "{stdout}");
+}
+
 #[test]
 fn the_openai_python_client_works_end_to_end() {
     let py = client_python();
@@ -1437,14 +1455,30 @@ fn every_request_field_is_honoured_or_refused_by_name() {
         serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 12, "temperature": 0})
     };
-    let refused: [(&str, serde_json::Value); 12] = [
+    let refused: [(&str, serde_json::Value); 19] = [
         ("tools", serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {}}}])),
-        ("response_format", serde_json::json!({"type": "json_object"})),
-        ("response_format", serde_json::json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})),
         ("tool_choice", serde_json::json!("required")),
         ("functions", serde_json::json!([{"name": "f"}])),
-        ("guided_json", serde_json::json!({"type": "object"})),
-        ("guided_choice", serde_json::json!(["a", "b"])),
+        // Structured output that cannot be honoured: refused by name, before any work.
+        ("response_format", serde_json::json!({"type": "json_schema", "json_schema": {"schema": {}}})),
+        (
+            "response_format",
+            serde_json::json!({"type": "json_schema", "json_schema": {"name": "x", "strict": true,
+            "schema": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": false}}}),
+        ),
+        (
+            "response_format",
+            serde_json::json!({"type": "json_schema", "json_schema": {"name": "x",
+            "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}),
+        ),
+        ("response_format", serde_json::json!({"type": "yaml"})),
+        ("guided_json", serde_json::json!("{not json")),
+        ("guided_regex", serde_json::json!("(unclosed")),
+        ("guided_choice", serde_json::json!([])),
+        ("guided_grammar", serde_json::json!("root ::= \"a\" | \"b\"")),
+        ("guided_decoding_backend", serde_json::json!("xgrammar")),
+        ("structured_outputs", serde_json::json!({"structural_tag": "x"})),
+        ("guided_whitespace_pattern", serde_json::json!(" *")),
         ("prompt_logprobs", serde_json::json!(1)),
         ("audio", serde_json::json!({"voice": "alloy", "format": "wav"})),
         ("modalities", serde_json::json!(["text", "audio"])),
@@ -1460,7 +1494,7 @@ fn every_request_field_is_honoured_or_refused_by_name() {
         || serde_json::json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
     for (field, value) in [
         ("prompt_logprobs", serde_json::json!(2)),
-        ("guided_regex", serde_json::json!("[a-z]+")),
+        ("response_format", serde_json::json!({"type": "json_object"})),
         ("messages", serde_json::json!([])),
         ("an_invented_field", serde_json::json!(1)),
     ] {
@@ -1478,6 +1512,19 @@ fn every_request_field_is_honoured_or_refused_by_name() {
     let mut b = chat();
     b["stream_options"] = serde_json::json!({"continuous_usage_stats": true});
     assert_refused(post_json(a, "/v1/chat/completions", k, &b), "stream_options", "stream_options");
+    // Two constraints at once, or a constraint with what would keep it from ending.
+    for (extra, field) in [
+        (serde_json::json!({"guided_regex": "a+", "guided_choice": ["a"]}), "guided_choice"),
+        (serde_json::json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}), "guided_regex"),
+        (serde_json::json!({"guided_regex": "a+", "ignore_eos": true}), "ignore_eos"),
+        (serde_json::json!({"guided_regex": "a+", "min_tokens": 2}), "min_tokens"),
+    ] {
+        let mut b = chat();
+        for (f, v) in extra.as_object().expect("object") {
+            b[f] = v.clone();
+        }
+        assert_refused(post_json(a, "/v1/chat/completions", k, &b), field, &extra.to_string());
+    }
 
     // The greedy answer, and the same with every field that is accepted and ignored on
     // purpose, or that asks for what is done anyway.

@@ -12,4 +12,5 @@ mod pager;
 mod plugin_failures;
 mod plugins;
 mod reference_logits;
+mod structured;
 mod trust;

@@ -8,6 +8,7 @@
 //! the finish). Dropping the stream cancels the request and frees its KV blocks at the next
 //! step. A failure in one request's computation fails that request only.
 
+pub mod grammar;
 pub mod kv_cache;
 pub mod request;
 pub mod sampler;

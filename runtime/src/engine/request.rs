@@ -37,6 +37,9 @@ pub struct Request<B: Backend> {
     /// share cached blocks. The service puts the tenant in it, so one tenant cannot probe
     /// another's prompts; empty means no salt.
     pub cache_salt: String,
+    /// Grammar-constrained decoding: the parser and first mask the output must follow (None:
+    /// free). The service compiles it (see [`super::grammar::GrammarEnv::compile`]).
+    pub grammar: Option<Box<super::grammar::Grammar>>,
 }
 
 impl<B: Backend> Request<B> {
@@ -55,6 +58,7 @@ impl<B: Backend> Request<B> {
             min_tokens: 0,
             logprobs: None,
             cache_salt: String::new(),
+            grammar: None,
         }
     }
 

@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use openlora_kernels::{AttnSeq, Backend};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::grammar::Grammar;
 use super::kv_cache::{BlockAllocator, SequenceBlocks};
 use super::request::{EngineError, Event, FinishReason, Request, TokenLogprob, Usage};
 use super::sampler::Sampler;
@@ -143,6 +144,11 @@ pub struct EngineStats {
     pub steps: u64,
     /// Steps that panicked outside the per-sequence guards (the engine recovered).
     pub step_panics: u64,
+    /// Grammar masks computed for constrained rows (structured output).
+    pub grammar_masks: u64,
+    /// Nanoseconds spent computing them (on the mask thread, beside the forward pass, or
+    /// inline when a mask was still missing at sampling time).
+    pub grammar_mask_ns: u64,
 }
 
 struct Sequence<B: Backend> {
@@ -164,6 +170,8 @@ struct Sequence<B: Backend> {
     cached_tokens: usize,
     /// Whether it still counts toward the queue limit (never admitted yet).
     queued_new: bool,
+    /// Whether it came with a grammar (which must never go missing).
+    constrained: bool,
 }
 
 impl<B: Backend> Sequence<B> {
@@ -248,6 +256,15 @@ pub fn validate_request<B: Backend>(
         return Err(EngineError::Invalid(format!("logit_bias: the bias of token {t} is {b}, not a finite number")));
     }
     req.sampling.validate().map_err(|e| EngineError::Invalid(e.to_string()))?;
+    if req.grammar.is_some() {
+        // Both would keep a finished grammar from ending: its mask then allows only EOS.
+        if !req.stop_at_eos {
+            return Err(EngineError::Invalid("a grammar-constrained request must stop at end-of-sequence".into()));
+        }
+        if req.min_tokens > 0 {
+            return Err(EngineError::Invalid("min_tokens cannot be combined with a grammar constraint".into()));
+        }
+    }
     Ok(req.max_tokens.min(ctx - req.prompt.len()))
 }
 
@@ -341,6 +358,7 @@ impl<B: Backend> EngineCore<B> {
             events,
             cached_tokens: 0,
             queued_new: true,
+            constrained: req.grammar.is_some(),
             req,
         };
         self.next_arrival += 1;
@@ -647,7 +665,48 @@ impl<B: Backend> EngineCore<B> {
         let vocab = self.model.model.config.vocab_size;
         // Per entry: its logits row, if it produced one, or the error that failed it.
         let mut outcome: Vec<Result<Option<Vec<f32>>, String>> = Vec::with_capacity(entries.len());
-        match self.forward(&entries) {
+        // Constrained rows that sample this step and still need their next mask: it depends
+        // only on tokens already consumed, so it is computed on a thread of its own while the
+        // forward pass runs, and is ready when the logits are.
+        let mut pending: Vec<(usize, Box<Grammar>)> = Vec::new();
+        for &(i, p) in &entries {
+            let s = &mut self.running[i];
+            if p.start + p.n == s.tokens.len() && s.req.grammar.as_ref().is_some_and(|g| g.needs_mask()) {
+                pending.extend(s.req.grammar.take().map(|g| (i, g)));
+            }
+        }
+        let (forward, pending) = std::thread::scope(|scope| {
+            let masks = (!pending.is_empty()).then(|| {
+                scope.spawn(move || {
+                    let (mut n, mut ns) = (0u64, 0u64);
+                    for (_, g) in &mut pending {
+                        // An error (or a panic) leaves the mask unset: sampling computes it again
+                        // and fails that row alone with the message.
+                        if let Ok(Ok(Some(t))) = catch_unwind(AssertUnwindSafe(|| g.ensure_mask())) {
+                            n += 1;
+                            ns += t;
+                        }
+                    }
+                    (pending, n, ns)
+                })
+            });
+            let forward = self.forward(&entries);
+            (forward, masks.map(|h| h.join()))
+        });
+        match pending {
+            Some(Ok((pending, n, ns))) => {
+                self.stats.grammar_masks += n;
+                self.stats.grammar_mask_ns += ns;
+                for (i, g) in pending {
+                    self.running[i].req.grammar = Some(g);
+                }
+            }
+            // Unreachable in practice (the thread catches its panics): the grammars are lost,
+            // and `advance` fails those rows rather than let them go on unconstrained.
+            Some(Err(_)) => {}
+            None => {}
+        }
+        match forward {
             Ok(logits) => {
                 let mut rows = logits.chunks_exact(vocab);
                 for &(i, p) in &entries {
@@ -681,7 +740,12 @@ impl<B: Backend> EngineCore<B> {
                 Err(e) => done.push((p.id, End::Failed(EngineError::Failed(e)))),
                 Ok(None) => {}
                 Ok(Some(mut row)) => {
-                    let r = catch_unwind(AssertUnwindSafe(|| advance(s, &mut row, ctx)));
+                    let mut mask_ns = None;
+                    let r = catch_unwind(AssertUnwindSafe(|| advance(s, &mut row, ctx, &mut mask_ns)));
+                    if let Some(ns) = mask_ns {
+                        self.stats.grammar_masks += 1;
+                        self.stats.grammar_mask_ns += ns;
+                    }
                     match r {
                         Ok(Ok(None)) => {}
                         Ok(Ok(Some(end))) => done.push((p.id, end)),
@@ -712,7 +776,16 @@ enum End {
 }
 
 /// Samples a sequence's next token from `logits`, streams it, and says whether it is done.
-fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> Result<Option<End>, String> {
+///
+/// A constrained row's logits are masked by its grammar after the request's own edits, and the
+/// chosen token advances the grammar; a grammar that is complete ends the row (`mask_ns`: the
+/// time of a mask that had to be computed here, not beside the forward pass).
+fn advance<B: Backend>(
+    s: &mut Sequence<B>,
+    logits: &mut [f32],
+    ctx: usize,
+    mask_ns: &mut Option<u64>,
+) -> Result<Option<End>, String> {
     // Finite but huge adapter weights pass every load check and overflow in the forward pass;
     // sampling NaN logits would silently pick token 0. Fail this request, naming the adapters.
     // A non-short-circuiting fold vectorizes (one cheap pass beside the sampler's own).
@@ -730,6 +803,11 @@ fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> R
     let raw = s.req.logprobs.map(|_| logits.to_vec());
     let generated = s.tokens.len() - s.prompt_len;
     adjust_logits(s, logits, generated);
+    if s.constrained {
+        let g = s.req.grammar.as_mut().ok_or("structured output: the grammar state was lost")?;
+        *mask_ns = g.ensure_mask()?;
+        g.apply(logits, s.decoder.tokenizer().eos_ids(), &s.req.stop_token_ids)?;
+    }
     let t = s.sampler.sample(logits);
     let logprob = raw.map(|raw| log_softmax_top(&raw, t, s.req.logprobs.unwrap_or(0).min(20)));
     s.tokens.push(t);
@@ -738,12 +816,21 @@ fn advance<B: Backend>(s: &mut Sequence<B>, logits: &mut [f32], ctx: usize) -> R
         let _ = s.events.send(Event::Token { id: t, text: String::new(), logprob });
         return Ok(Some(End::Finished(FinishReason::Stop, tail(s)?)));
     }
+    let complete = match s.req.grammar.as_mut() {
+        Some(g) => g.consume(t)?,
+        None => false,
+    };
     let piece = s.decoder.push(t).map_err(|e| e.to_string())?;
     let (text, hit) =
         if generated < s.req.min_tokens { (s.stops.push_unchecked(&piece), false) } else { s.stops.push(&piece) };
     let _ = s.events.send(Event::Token { id: t, text, logprob });
     if hit {
         return Ok(Some(End::Finished(FinishReason::Stop, String::new())));
+    }
+    if complete {
+        // Nothing can follow (e.g. the closing brace of a JSON value): done without a step
+        // spent on the end-of-sequence token.
+        return Ok(Some(End::Finished(FinishReason::Stop, tail(s)?)));
     }
     if generated >= s.max_tokens || s.tokens.len() >= ctx {
         return Ok(Some(End::Finished(FinishReason::Length, tail(s)?)));

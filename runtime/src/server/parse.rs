@@ -5,7 +5,10 @@ use serde_json::{Map, Value};
 
 use crate::model::chat_template::ChatMessage;
 use crate::service::api::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
-use crate::service::{AdapterChoice, GenerateRequest, MergeSpec, PromptInput, SamplingParams, ServiceError};
+use crate::service::{
+    AdapterChoice, Constraint, ConstraintSpec, GenerateRequest, MergeSpec, PromptInput, SamplingParams, ServiceError,
+    StructuredOutput,
+};
 
 /// A parsed JSON object with typed, field-naming accessors.
 pub struct Fields<'a>(pub &'a Map<String, Value>);
@@ -119,6 +122,13 @@ const COMMON_FIELDS: &[&str] = &[
     "cache_salt",
     "adapters",
     "merge",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    "guided_decoding_backend",
+    "structured_outputs",
 ];
 
 /// Fields accepted and ignored on purpose: common clients send them with every request, and
@@ -135,13 +145,6 @@ const CHAT_FIELDS: &[&str] =
 fn refusal_reason(k: &str) -> Option<&'static str> {
     Some(match k {
         "tools" | "functions" | "function_call" => "tool calls are not supported yet",
-        "guided_json"
-        | "guided_regex"
-        | "guided_choice"
-        | "guided_grammar"
-        | "guided_decoding_backend"
-        | "guided_whitespace_pattern"
-        | "structured_outputs" => "structured output (grammar-constrained decoding) is not supported yet",
         "prompt_logprobs" => "prompt logprobs are not supported (only the generated tokens' `logprobs`)",
         "audio" => "audio output is not supported",
         "prediction" => "predicted outputs are not supported",
@@ -389,7 +392,231 @@ fn common(f: &Fields<'_>, prompts: Vec<PromptInput>, max_tokens_key: &[&str]) ->
         min_tokens: f.usize("min_tokens")?.unwrap_or(0),
         stop_token_ids: token_ids(f, "stop_token_ids", MAX_STOP_TOKEN_IDS)?,
         user: f.str("user")?.map(str::to_owned),
+        constraint: None,
     })
+}
+
+/// Longest schema, grammar or choice list a request may send (as JSON text).
+pub const MAX_CONSTRAINT_BYTES: usize = 256 * 1024;
+
+/// The request's structured-output constraint: chat's `response_format`, or vLLM's
+/// `guided_*` fields or `structured_outputs` object (one of them at most).
+fn structured_output(f: &Fields<'_>, chat: bool) -> Result<Option<StructuredOutput>, ServiceError> {
+    let mut found: Vec<(String, Constraint)> = Vec::new();
+    let mut whitespace = f.str("guided_whitespace_pattern")?.map(str::to_owned);
+    for k in ["response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"]
+    {
+        if let Some(v) = f.get(k)
+            && serde_json::to_string(v).map_or(0, |t| t.len()) > MAX_CONSTRAINT_BYTES
+        {
+            return Err(ServiceError::bad(k, format!("`{k}` is longer than {MAX_CONSTRAINT_BYTES} bytes")));
+        }
+    }
+    if chat {
+        match f.get("response_format") {
+            None => {}
+            Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+                Some("text") if o.len() == 1 => {}
+                Some("json_object") if o.len() == 1 => found.push(("response_format".into(), Constraint::JsonObject)),
+                Some("json_schema") => found.push(("response_format".into(), response_json_schema(o)?)),
+                _ => {
+                    return Err(type_err(
+                        "response_format",
+                        "{\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {..}}",
+                        &Value::Object(o.clone()),
+                    ));
+                }
+            },
+            Some(v) => return Err(type_err("response_format", "an object", v)),
+        }
+    }
+    if let Some(v) = f.get("guided_json") {
+        found.push(("guided_json".into(), Constraint::JsonSchema(schema_value("guided_json", v)?)));
+    }
+    if let Some(rx) = f.str("guided_regex")? {
+        found.push(("guided_regex".into(), Constraint::Regex(rx.to_owned())));
+    }
+    if let Some(v) = f.get("guided_choice") {
+        found.push(("guided_choice".into(), choice_list("guided_choice", v)?));
+    }
+    if let Some(g) = f.str("guided_grammar")? {
+        found.push(("guided_grammar".into(), lark("guided_grammar", g)?));
+    }
+    match f.get("structured_outputs") {
+        None => {}
+        Some(Value::Object(o)) => {
+            let g = Fields(o);
+            g.only(
+                &["json", "regex", "choice", "grammar", "json_object", "whitespace_pattern", "disable_any_whitespace"],
+                "structured_outputs",
+            )
+            .map_err(|e| ServiceError::bad("structured_outputs", format!("`structured_outputs`: {}", e.message)))?;
+            let k = |name: &str| format!("structured_outputs.{name}");
+            if let Some(v) = g.get("json") {
+                found.push((k("json"), Constraint::JsonSchema(schema_value("structured_outputs", v)?)));
+            }
+            if let Some(rx) = g.str("regex")? {
+                found.push((k("regex"), Constraint::Regex(rx.to_owned())));
+            }
+            if let Some(v) = g.get("choice") {
+                found.push((k("choice"), choice_list("structured_outputs", v)?));
+            }
+            if let Some(gr) = g.str("grammar")? {
+                found.push((k("grammar"), lark("structured_outputs", gr)?));
+            }
+            if g.bool("json_object")?.unwrap_or(false) {
+                found.push((k("json_object"), Constraint::JsonObject));
+            }
+            if let Some(p) = g.str("whitespace_pattern")? {
+                whitespace = Some(p.to_owned());
+            }
+            if g.bool("disable_any_whitespace")?.is_some() {
+                // Already the default here: JSON is spaced like `json.dumps`, nothing more.
+            }
+        }
+        Some(v) => return Err(type_err("structured_outputs", "an object", v)),
+    }
+    match f.str("guided_decoding_backend")? {
+        None | Some("guidance" | "llguidance" | "auto") => {}
+        Some(other) => {
+            let other: String = other.chars().take(32).collect();
+            return Err(ServiceError::bad(
+                "guided_decoding_backend",
+                format!("`guided_decoding_backend`: this server uses llguidance, not {other:?}"),
+            ));
+        }
+    }
+    let mut found = found.into_iter();
+    let Some((field, constraint)) = found.next() else {
+        if whitespace.is_some() {
+            return Err(ServiceError::bad(
+                "guided_whitespace_pattern",
+                "`guided_whitespace_pattern` applies to a JSON constraint, and the request has none",
+            ));
+        }
+        return Ok(None);
+    };
+    if let Some((other, _)) = found.next() {
+        return Err(ServiceError::bad(&other, format!("`{field}` and `{other}` both constrain the output; send one")));
+    }
+    if whitespace.is_some() && !matches!(constraint, Constraint::JsonObject | Constraint::JsonSchema(_)) {
+        return Err(ServiceError::bad(
+            "guided_whitespace_pattern",
+            format!("`guided_whitespace_pattern` applies to JSON constraints, not `{field}`"),
+        ));
+    }
+    Ok(Some(StructuredOutput { field, spec: ConstraintSpec { constraint, whitespace_pattern: whitespace } }))
+}
+
+/// A JSON schema given as an object or as a JSON string (vLLM takes both).
+fn schema_value(k: &str, v: &Value) -> Result<Value, ServiceError> {
+    match v {
+        Value::Object(_) => Ok(v.clone()),
+        Value::String(s) => match serde_json::from_str::<Value>(s) {
+            Ok(o @ Value::Object(_)) => Ok(o),
+            Ok(other) => Err(type_err(k, "a JSON schema object", &other)),
+            Err(e) => Err(ServiceError::bad(k, format!("`{k}` is not valid JSON: {e}"))),
+        },
+        other => Err(type_err(k, "a JSON schema object", other)),
+    }
+}
+
+fn choice_list(k: &str, v: &Value) -> Result<Constraint, ServiceError> {
+    match v {
+        Value::Array(a) if !a.is_empty() && a.iter().all(|c| c.as_str().is_some_and(|s| !s.is_empty())) => {
+            Ok(Constraint::Choice(a.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect()))
+        }
+        other => Err(type_err(k, "a non-empty list of non-empty strings", other)),
+    }
+}
+
+fn lark(k: &str, g: &str) -> Result<Constraint, ServiceError> {
+    if g.contains("::=") {
+        return Err(ServiceError::bad(
+            k,
+            format!("`{k}` looks like GBNF (`::=`); this server takes grammars in llguidance's Lark syntax only"),
+        ));
+    }
+    Ok(Constraint::Lark(g.to_owned()))
+}
+
+/// OpenAI's `response_format: {"type": "json_schema", "json_schema": {...}}`.
+fn response_json_schema(o: &Map<String, Value>) -> Result<Constraint, ServiceError> {
+    let k = "response_format";
+    if let Some(extra) = o.keys().find(|x| !matches!(x.as_str(), "type" | "json_schema")) {
+        let extra: String = extra.chars().take(32).collect();
+        return Err(ServiceError::bad(k, format!("`response_format.{extra}` is not a field of a json_schema format")));
+    }
+    let Some(Value::Object(js)) = o.get("json_schema") else {
+        return Err(ServiceError::bad(k, "`response_format.json_schema` is required and must be an object"));
+    };
+    let g = Fields(js);
+    g.only(&["name", "description", "schema", "strict"], "response_format.json_schema")
+        .map_err(|e| ServiceError::bad(k, format!("`response_format`: {}", e.message)))?;
+    let name = g.str("name")?.ok_or_else(|| ServiceError::bad(k, "`response_format.json_schema.name` is required"))?;
+    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(ServiceError::bad(
+            k,
+            "`response_format.json_schema.name` must be 1 to 64 letters, digits, underscores or dashes",
+        ));
+    }
+    let schema = match g.get("schema") {
+        None => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(v) => return Err(type_err("response_format", "a JSON schema object in `json_schema.schema`", v)),
+    };
+    if g.bool("strict")?.unwrap_or(false)
+        && let Some(why) = strict_violation(&schema, "#")
+    {
+        return Err(ServiceError::bad(k, format!("`response_format`: a strict schema {why}")));
+    }
+    Ok(Constraint::JsonSchema(schema))
+}
+
+/// OpenAI's rules for `strict: true` schemas, checked rather than silently patched: every
+/// object lists each of its properties in `required` and sets `additionalProperties: false`.
+/// Returns where (a JSON pointer) the first rule is broken.
+fn strict_violation(schema: &Value, at: &str) -> Option<String> {
+    let Value::Object(o) = schema else { return None };
+    let is_object = o
+        .get("type")
+        .is_some_and(|t| t == "object" || t.as_array().is_some_and(|a| a.contains(&Value::from("object"))))
+        || o.contains_key("properties");
+    if is_object {
+        if o.get("additionalProperties") != Some(&Value::Bool(false)) {
+            return Some(format!("needs `additionalProperties: false` at {at}"));
+        }
+        let required: Vec<&str> = o
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(Value::Object(props)) = o.get("properties")
+            && let Some(missing) = props.keys().find(|p| !required.contains(&p.as_str()))
+        {
+            return Some(format!("must list every property in `required`: {missing:?} is missing at {at}"));
+        }
+    }
+    let escape = |k: &str| k.replace('~', "~0").replace('/', "~1");
+    for key in ["properties", "$defs", "definitions"] {
+        if let Some(Value::Object(m)) = o.get(key) {
+            for (name, sub) in m {
+                if let Some(v) = strict_violation(sub, &format!("{at}/{key}/{}", escape(name))) {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    for key in ["anyOf", "allOf", "oneOf", "prefixItems"] {
+        if let Some(Value::Array(a)) = o.get(key) {
+            for (i, sub) in a.iter().enumerate() {
+                if let Some(v) = strict_violation(sub, &format!("{at}/{key}/{i}")) {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    o.get("items").and_then(|sub| strict_violation(sub, &format!("{at}/items")))
 }
 
 /// `POST /v1/completions` (a list of prompts is one request with a choice per prompt).
@@ -443,6 +670,7 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
     let out = OutputOptions { echo, ..output(&f)? };
     let mut g = common(&f, prompts, &["max_tokens"])?;
     g.logprobs = logprobs;
+    g.constraint = structured_output(&f, false)?;
     Ok((g, out))
 }
 
@@ -450,19 +678,7 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
 pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
     let f = Fields(body);
     check_fields(&f, CHAT_FIELDS)?;
-    match f.get("response_format") {
-        None => {}
-        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("text") && o.len() == 1 => {}
-        Some(Value::Object(o))
-            if matches!(o.get("type").and_then(Value::as_str), Some("json_object" | "json_schema")) =>
-        {
-            return Err(ServiceError::bad(
-                "response_format",
-                "`response_format`: structured output (JSON mode, JSON schema) is not supported yet",
-            ));
-        }
-        Some(v) => return Err(type_err("response_format", "{\"type\": \"text\"}", v)),
-    }
+    let constraint = structured_output(&f, true)?;
     match f.get("tool_choice") {
         None => {}
         Some(Value::String(s)) if s == "none" => {}
@@ -480,6 +696,7 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
     } else if f.get("top_logprobs").is_some() {
         return Err(ServiceError::bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
     }
+    g.constraint = constraint;
     Ok((g, output(&f)?))
 }
 

@@ -7,6 +7,7 @@
 //! engine's handle, streams, events and errors never cross this boundary.
 
 use crate::engine::EngineError;
+pub use crate::engine::grammar::{Constraint, ConstraintSpec};
 pub use crate::engine::sampler::SamplingParams;
 pub use crate::engine::{FinishReason, TokenLogprob};
 use crate::model::chat_template::ChatMessage;
@@ -171,6 +172,18 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// OpenAI's `user`: the caller's end-user id, recorded in the receipt.
     pub user: Option<String>,
+    /// Structured output: grammar-constrained decoding of every choice.
+    pub constraint: Option<StructuredOutput>,
+}
+
+/// What a request's output must match, and the request field that asked for it (its errors
+/// name that field).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StructuredOutput {
+    /// The field as the client spelled it (`response_format`, `guided_json`, ...).
+    pub field: String,
+    /// The constraint.
+    pub spec: ConstraintSpec,
 }
 
 /// Most `logit_bias` entries one request may send.
@@ -247,6 +260,7 @@ impl GenerateRequest {
             min_tokens: 0,
             stop_token_ids: Vec::new(),
             user: None,
+            constraint: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use super::plugin_chain::blame_router;
 use super::receipts::RecordContext;
 use super::tenancy::{ConcurrencyPermit, Tenant};
 use crate::attribution::receipt::tokens_sha256;
+use crate::engine::grammar::Grammar;
 use crate::engine::{Event, Request, RequestStream};
 
 type ReceiptWait = tokio::sync::oneshot::Receiver<Result<String, String>>;
@@ -89,6 +90,24 @@ impl<B: Backend + Clone + 'static> Service<B> {
         r
     }
 
+    /// Compiles the request's structured-output constraint (if any) and computes its first
+    /// mask, here on the caller's thread: a schema or grammar that does not compile, or that
+    /// allows nothing, is refused with a 400 naming the field, and never reaches the engine.
+    fn compile_constraint(&self, req: &GenerateRequest) -> Result<Option<Grammar>, ServiceError> {
+        let Some(c) = &req.constraint else { return Ok(None) };
+        let f = c.field.as_str();
+        // A finished grammar allows only end-of-sequence: these would keep it from ending.
+        if req.ignore_eos {
+            return Err(ServiceError::bad("ignore_eos", format!("`ignore_eos` cannot be combined with `{f}`")));
+        }
+        if req.min_tokens > 0 {
+            return Err(ServiceError::bad("min_tokens", format!("`min_tokens` cannot be combined with `{f}`")));
+        }
+        let env = self.grammar_env().map_err(|e| ServiceError::bad(f, format!("`{f}`: {e}")))?;
+        let g = env.compile(&c.spec).map_err(|e| ServiceError::bad(f, format!("`{f}`: {e}")))?;
+        Ok(Some(g))
+    }
+
     fn generate_inner(
         self: &Arc<Self>,
         tenant: &Arc<Tenant>,
@@ -149,6 +168,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 format!("tenant:{}:{}\0{}", tenant.name.len(), tenant.name, salt.as_deref().unwrap_or_default())
             }
         };
+        let grammar = self.compile_constraint(&req)?;
         let chat = req.prompts[0].is_chat();
         let id = new_request_id(if chat { "chatcmpl" } else { "cmpl" });
         // Each prompt is one leg: its own plugin chain, resolution and tokens.
@@ -211,6 +231,8 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     min_tokens: req.min_tokens,
                     logprobs: req.logprobs,
                     cache_salt: cache_salt.clone(),
+                    // Each choice its own parser (clones share the compiled grammar's caches).
+                    grammar: grammar.as_ref().map(|g| Box::new(g.clone())),
                 };
                 // On error the streams already queued are dropped, which cancels them.
                 streams.push(self.engine.submit(er)?);

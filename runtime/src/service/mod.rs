@@ -34,8 +34,9 @@ use openlora_kernels::Backend;
 use sha2::{Digest, Sha256};
 
 pub use api::{
-    AdapterChoice, AdapterStatus, ErrorKind, FinishReason, GenerateRequest, Limits, MergeSpec, ModelCard, PromptInput,
-    SamplingParams, ServiceError, ServiceEvent, TokenLogprob, TokenUsage, new_request_id,
+    AdapterChoice, AdapterStatus, Constraint, ConstraintSpec, ErrorKind, FinishReason, GenerateRequest, Limits,
+    MergeSpec, ModelCard, PromptInput, SamplingParams, ServiceError, ServiceEvent, StructuredOutput, TokenLogprob,
+    TokenUsage, new_request_id,
 };
 pub use journey::Journey;
 pub use receipts::RecordContext;
@@ -48,6 +49,7 @@ use crate::adapters::pager::{Pager, PagerConfig};
 use crate::attribution::Ledger;
 use crate::attribution::receipt::ModelUse;
 use crate::config::Deployment;
+use crate::engine::grammar::GrammarEnv;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::ServiceMetrics;
 use crate::model::LoadedModel;
@@ -68,6 +70,9 @@ pub struct Service<B: Backend + 'static> {
     anonymous: Arc<Tenant>,
     limits: Limits,
     chat_stop_ids: Vec<u32>,
+    /// Grammar-constrained decoding for this model's vocabulary, built on the first request
+    /// that asks for structured output (or the reason it cannot be).
+    grammar: OnceLock<Result<Arc<GrammarEnv>, String>>,
     ledger: Option<Ledger>,
     base_use: ModelUse,
     /// The plugin host, started with the first plugin (at start, or the first admin load).
@@ -261,11 +266,23 @@ impl<B: Backend + Clone + 'static> Service<B> {
             anonymous: Arc::new(anonymous),
             limits,
             chat_stop_ids,
+            grammar: OnceLock::new(),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             metrics: ServiceMetrics::default(),
         };
         svc.refresh_plugin_catalog();
         Ok(svc)
+    }
+
+    /// The grammar compiler for this model, built on first use (the token trie of the whole
+    /// vocabulary: once per process).
+    pub(crate) fn grammar_env(&self) -> Result<Arc<GrammarEnv>, String> {
+        self.grammar
+            .get_or_init(|| {
+                GrammarEnv::new(Arc::new(self.model.tokenizer.clone()), self.model.model.config.vocab_size)
+                    .map(Arc::new)
+            })
+            .clone()
     }
 
     /// The base model's id.

@@ -8,10 +8,12 @@ Exits non-zero with a message on the first failed check.
 
 What is checked: the greedy answers are the known ones (the same through every client), a
 stream joins to the whole answer and reports usage, an adapter is chosen by `model`, and what
-the server does not implement (structured output, tool calls) reaches the framework's user as
-the server's 400 naming the field, never as an answer that silently ignored it.
+structured output works (`with_structured_output`, `response_format`), and what the server does not
+implement (tool calls) reaches the framework's user as the server's 400 naming the field, never as
+an answer that silently ignored it.
 """
 
+import json
 import os
 import sys
 
@@ -79,7 +81,8 @@ class Capital(BaseModel):
     capital: str
 
 
-refused(lambda: chat.with_structured_output(Capital).invoke(FRANCE_Q), "response_format")
+got = chat.with_structured_output(Capital).invoke(FRANCE_Q + " Answer in JSON.")
+check(isinstance(got, Capital) and got.capital, f"langchain with_structured_output (json_schema): {got!r}")
 refused(lambda: chat.with_structured_output(Capital, method="function_calling").invoke(FRANCE_Q), "tool")
 refused(lambda: chat.bind_tools([Capital]).invoke(FRANCE_Q), "tools")
 
@@ -113,7 +116,9 @@ try:
     sys.exit("FAILED: a wrong key was answered")
 except litellm.AuthenticationError as e:
     check("invalid API key" in str(e), f"litellm maps the 401 to AuthenticationError: {str(e)[:160]}")
-refused(lambda: litellm.completion(model="openai/" + MODEL, messages=[{"role": "user", "content": FRANCE_Q}],
-                                   response_format={"type": "json_object"}, **kw), "response_format")
+r = litellm.completion(model="openai/" + MODEL, messages=[{"role": "user", "content": FRANCE_Q + " Reply in JSON."}],
+                      response_format={"type": "json_object"}, **{**kw, "max_tokens": 64})
+check(r.choices[0].finish_reason != "stop" or isinstance(json.loads(r.choices[0].message.content), dict),
+      f"litellm response_format json_object: {r.choices[0].message.content!r}")
 
 print("all framework checks passed")

@@ -134,6 +134,9 @@ fn structured_output_works_through_the_openai_client() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all structured-output checks passed"), "{stdout}");
+    let m = http(server.addr, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
+    let (masks, secs) = (metric(&m, "openlora_grammar_masks_total"), metric(&m, "openlora_grammar_mask_seconds_total"));
+    assert!(masks > 100.0 && secs > 0.0, "grammar masks {masks}, {secs} s");
 }
 
 #[test]

@@ -315,4 +315,3 @@ fn a_logit_bias_that_bans_everything_the_grammar_allows_fails_that_row_only() {
     assert!(e.contains("logit_bias"), "{e}");
     assert!(out[1].is_ok(), "the free row beside it completes");
 }
-

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use openlora::adapters::synth;
+use openlora::engine::grammar::{Constraint, ConstraintSpec, Grammar, GrammarEnv};
 use openlora::engine::{EngineConfig, EngineHandle, Event, Request};
 use openlora::lora::{LoraAdapter, WeightedAdapter};
 use openlora::model::{LoadedModel, default_model};
@@ -42,6 +43,12 @@ pub struct BenchArgs {
     /// Decode steps timed for --batch.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// With --batch: every row on a different adapter, with none, half and all of the rows
+    /// grammar-constrained (the regex `[a-z ,.]+`, which never completes), and the mean time
+    /// of one mask. End-of-sequence tokens are banned by `logit_bias` in every row, so each
+    /// row decodes all `--steps`.
+    #[arg(long)]
+    structured: bool,
 }
 
 /// The synthetic prompt shared with the peer benchmark: `100 + (i * 7919) % 40000`.
@@ -140,9 +147,20 @@ fn batched_decode(
     steps: usize,
     adapters: &[Vec<WeightedAdapter<CpuBackend>>],
 ) -> Result<f64> {
+    batched_decode_with(e, n, steps, adapters, |_, r| r)
+}
+
+/// [`batched_decode`], with `edit` applied to row `i`'s request before it is submitted.
+fn batched_decode_with(
+    e: &EngineHandle<CpuBackend>,
+    n: usize,
+    steps: usize,
+    adapters: &[Vec<WeightedAdapter<CpuBackend>>],
+    edit: impl Fn(usize, Request<CpuBackend>) -> Request<CpuBackend>,
+) -> Result<f64> {
     let prompt_len = 32;
     let mut streams = (0..n)
-        .map(|i| e.submit(raw(bench_prompt(prompt_len + i)[i..].to_vec(), steps + 1, adapters[i].clone())))
+        .map(|i| e.submit(edit(i, raw(bench_prompt(prompt_len + i)[i..].to_vec(), steps + 1, adapters[i].clone()))))
         .collect::<Result<Vec<_>, _>>()?;
     let mut seen = vec![0usize; n];
     let mut done = vec![false; n];
@@ -185,6 +203,9 @@ fn batch(a: &BenchArgs, n: usize, path: &Path, loaded: &Arc<LoadedModel<CpuBacke
     let same: Vec<Vec<WeightedAdapter<CpuBackend>>> = vec![vec![synth[0].clone()]; n];
     let distinct: Vec<Vec<WeightedAdapter<CpuBackend>>> = synth.iter().map(|w| vec![w.clone()]).collect();
     let e = engine(loaded, n, n, 32 + n + a.steps + 2)?;
+    if a.structured {
+        return structured(a, n, path, loaded, &e, &distinct);
+    }
     let (mut b, mut s, mut d) = (0f64, 0f64, 0f64);
     for _ in 0..a.repeat.max(1) {
         b = b.max(batched_decode(&e, n, a.steps, &base)?);
@@ -208,4 +229,89 @@ fn batch(a: &BenchArgs, n: usize, path: &Path, loaded: &Arc<LoadedModel<CpuBacke
         })
     );
     Ok(())
+}
+
+/// `--batch N --structured`: distinct adapters with 0%, 50% and 100% of the rows constrained.
+fn structured(
+    a: &BenchArgs,
+    n: usize,
+    path: &Path,
+    loaded: &Arc<LoadedModel<CpuBackend>>,
+    e: &EngineHandle<CpuBackend>,
+    distinct: &[Vec<WeightedAdapter<CpuBackend>>],
+) -> Result<()> {
+    let tok = &loaded.tokenizer;
+    let env = GrammarEnv::new(Arc::new(tok.clone()), loaded.model.config.vocab_size).map_err(anyhow::Error::msg)?;
+    let no_eos: Vec<(u32, f32)> = tok.eos_ids().iter().map(|&t| (t, -100.0)).collect();
+    let mut rows = Vec::new();
+    for (name, constraint) in [
+        ("regex [a-z ,.]+", Constraint::Regex("[a-z ,.]+".into())),
+        // A JSON list of objects that never closes: JSON-schema masks, every step.
+        (
+            "lark: an unclosed JSON list of {name: string, n: integer}",
+            Constraint::Lark(
+                r#"start: "[" item (", " item)*
+item: %json{"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}}, "required": ["name", "n"], "additionalProperties": false}"#
+                    .into(),
+            ),
+        ),
+    ] {
+        let grammar = env.compile(&ConstraintSpec { constraint, whitespace_pattern: None }).map_err(anyhow::Error::msg)?;
+        let (best, mask_us) = structured_runs(a, n, e, distinct, &grammar, &no_eos)?;
+        rows.push(serde_json::json!({
+            "constraint": name,
+            "distinct_free_tok_s": best[0],
+            "distinct_half_constrained_tok_s": best[1],
+            "distinct_all_constrained_tok_s": best[2],
+            "constrained_cost_all": 1.0 - best[2] / best[0],
+            "mean_mask_us": mask_us,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "openlora",
+            "backend": openlora_kernels::Backend::name(loaded.model.backend()),
+            "threads": rayon::current_num_threads(),
+            "model": path.display().to_string(),
+            "batch": n,
+            "lora_rank": a.lora_rank,
+            "steps": a.steps,
+            "structured": rows,
+        })
+    );
+    Ok(())
+}
+
+/// Best tokens/s with none, half and all rows under `grammar`, and the mean mask time (µs).
+fn structured_runs(
+    a: &BenchArgs,
+    n: usize,
+    e: &EngineHandle<CpuBackend>,
+    distinct: &[Vec<WeightedAdapter<CpuBackend>>],
+    grammar: &Grammar,
+    no_eos: &[(u32, f32)],
+) -> Result<([f64; 3], f64)> {
+    let mut best = [0f64; 3];
+    let mut mask_us = 0f64;
+    for _ in 0..a.repeat.max(1) {
+        for (k, every) in [0usize, 2, 1].into_iter().enumerate() {
+            let before = e.stats();
+            let tps = batched_decode_with(e, n, a.steps, distinct, |i, mut r| {
+                r.stop_at_eos = true;
+                r.logit_bias = no_eos.to_vec();
+                if every > 0 && i % every == 0 {
+                    r.grammar = Some(Box::new(grammar.clone()));
+                }
+                r
+            })?;
+            best[k] = best[k].max(tps);
+            let after = e.stats();
+            let masks = after.grammar_masks - before.grammar_masks;
+            if k == 2 && masks > 0 {
+                mask_us = (after.grammar_mask_ns - before.grammar_mask_ns) as f64 / masks as f64 / 1e3;
+            }
+        }
+    }
+    Ok((best, mask_us))
 }

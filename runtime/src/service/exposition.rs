@@ -152,6 +152,18 @@ impl<B: Backend + Clone + 'static> Service<B> {
             s.prefill_tokens_computed as f64,
         );
         o.one("openlora_engine_steps", "counter", "Batched forward passes.", s.steps as f64);
+        o.one(
+            "openlora_grammar_masks",
+            "counter",
+            "Token masks computed for grammar-constrained rows (structured output).",
+            s.grammar_masks as f64,
+        );
+        o.one(
+            "openlora_grammar_mask_seconds",
+            "counter",
+            "Time spent computing those masks (mostly beside the forward pass).",
+            s.grammar_mask_ns as f64 / 1e9,
+        );
         let pm = svc.pager.metrics();
         o.one("openlora_adapters_registered", "gauge", "Adapters in the catalog.", svc.pager.catalog().len() as f64);
         let tiers = [("device", &pm.device), ("host", &pm.host)];

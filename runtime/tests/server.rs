@@ -1459,7 +1459,7 @@ fn every_request_field_is_honoured_or_refused_by_name() {
             "max_tokens": 12, "temperature": 0})
     };
     let refused: [(&str, serde_json::Value); 19] = [
-        ("tools", serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {}}}])),
+        ("tools", serde_json::json!([{"type": "function", "function": {"name": "not a name!"}}])),
         ("tool_choice", serde_json::json!("required")),
         ("functions", serde_json::json!([{"name": "f"}])),
         // Structured output that cannot be honoured: refused by name, before any work.
@@ -1510,8 +1510,17 @@ fn every_request_field_is_honoured_or_refused_by_name() {
     b["messages"][0]["name"] = serde_json::json!("alice");
     assert_refused(post_json(a, "/v1/chat/completions", k, &b), "messages", "messages[0].name");
     let mut b = chat();
-    b["messages"] = serde_json::json!([{"role": "tool", "content": "42", "tool_call_id": "c1"}]);
-    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "messages", "a tool message");
+    b["messages"] = serde_json::json!([{"role": "tool", "content": "42"}]);
+    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "messages", "a tool message without tool_call_id");
+    let mut b = chat();
+    b["tools"] = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+    b["logprobs"] = serde_json::json!(true);
+    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "logprobs", "logprobs with tools");
+    let mut b = chat();
+    b["tools"] = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+    b["tool_choice"] = serde_json::json!("required");
+    b["guided_regex"] = serde_json::json!("a+");
+    assert_refused(post_json(a, "/v1/chat/completions", k, &b), "tool_choice", "tool_choice required with a regex");
     let mut b = chat();
     b["stream_options"] = serde_json::json!({"continuous_usage_stats": true});
     assert_refused(post_json(a, "/v1/chat/completions", k, &b), "stream_options", "stream_options");

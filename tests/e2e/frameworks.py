@@ -8,9 +8,9 @@ Exits non-zero with a message on the first failed check.
 
 What is checked: the greedy answers are the known ones (the same through every client), a
 stream joins to the whole answer and reports usage, an adapter is chosen by `model`, and what
-structured output works (`with_structured_output`, `response_format`), and what the server does not
-implement (tool calls) reaches the framework's user as the server's 400 naming the field, never as
-an answer that silently ignored it.
+structured output and tool calls work (`with_structured_output` both ways, `bind_tools`,
+`response_format`), and what the server refuses reaches the framework's user as the server's 400
+naming the field, never as an answer that silently ignored it.
 """
 
 import json
@@ -81,10 +81,17 @@ class Capital(BaseModel):
     capital: str
 
 
+# Room for a whole JSON answer or call (the plain checks above keep 32 tokens).
+chat = ChatOpenAI(base_url=BASE + "/v1", api_key=USER, model=MODEL, temperature=0, max_tokens=128, max_retries=0,
+                  timeout=120)
 got = chat.with_structured_output(Capital).invoke(FRANCE_Q + " Answer in JSON.")
 check(isinstance(got, Capital) and got.capital, f"langchain with_structured_output (json_schema): {got!r}")
-refused(lambda: chat.with_structured_output(Capital, method="function_calling").invoke(FRANCE_Q), "tool")
-refused(lambda: chat.bind_tools([Capital]).invoke(FRANCE_Q), "tools")
+got = chat.with_structured_output(Capital, method="function_calling").invoke(FRANCE_Q)
+check(isinstance(got, Capital) and got.capital, f"langchain with_structured_output (function_calling): {got!r}")
+msg = chat.bind_tools([Capital], tool_choice="required").invoke(FRANCE_Q)
+check(len(msg.tool_calls) >= 1 and msg.tool_calls[0]["name"] == "Capital" and "capital" in msg.tool_calls[0]["args"],
+      f"langchain bind_tools(tool_choice='required'): {msg.tool_calls}")
+refused(lambda: chat.bind(functions=[{"name": "f", "parameters": {}}]).invoke(FRANCE_Q), "functions")
 
 llm = OpenAI(base_url=BASE + "/v1", api_key=USER, model=MODEL, temperature=0, max_tokens=8, max_retries=0,
              timeout=120)

@@ -8,7 +8,10 @@ What is checked: `client.chat.completions.parse(response_format=PydanticModel)` 
 object for each of 20 prompts (the base model and an adapter), `json_object` output always parses
 as a JSON object, vLLM's `guided_choice`/`guided_regex`/`guided_json` (through `extra_body`) hold,
 a streamed constrained answer joins to valid JSON, a token banned with `logit_bias` -100 never
-appears, and a broken schema is the server's 400 naming the field.
+appears, a broken schema is the server's 400 naming the field; and tool calls: `tool_choice`
+"required" always yields a call whose arguments validate against the tool's schema, a named
+function is the one called, streamed calls arrive as `tool_calls` deltas, `parse()` with a strict
+`pydantic_function_tool` parses, and a conversation carrying a call and its result goes on.
 """
 
 import json
@@ -101,5 +104,83 @@ try:
 except openai.BadRequestError as e:
     check(e.body.get("param") == "response_format" and "response_format" in e.body.get("message", ""),
           f"a broken schema is a 400 naming response_format: {e.body.get('message')!r}")
+
+# ---- tool calls (the Hermes-style fallback format; the default model's template has no tools) ----
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+for i, city in enumerate(["Paris", "Tokyo", "Lima", "Oslo", "Cairo"]):
+    r = client.chat.completions.create(
+        model=MODEL if i % 2 == 0 else "caps", messages=[{"role": "user", "content": f"What is the weather in {city}?"}],
+        tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False, temperature=0.7, seed=i,
+        max_tokens=128)
+    c = r.choices[0]
+    calls = c.message.tool_calls or []
+    check(c.finish_reason == "tool_calls" and len(calls) == 1, f"required #{i}: {c.finish_reason} {c.message}")
+    args = json.loads(calls[0].function.arguments)
+    ok = (calls[0].function.name == "get_weather" and isinstance(args.get("city"), str) and args.get("unit") in "CF"
+          and set(args) == {"city", "unit"}) or (calls[0].function.name == "get_time" and isinstance(args.get("city"), str))
+    check(ok and calls[0].id.startswith("call_"), f"required #{i}: the call validates: {calls[0]}")
+
+r = client.chat.completions.create(
+    model=MODEL, messages=[{"role": "user", "content": "What time is it in Rome?"}], tools=[WEATHER, TIME],
+    tool_choice={"type": "function", "function": {"name": "get_time"}}, temperature=0, max_tokens=96)
+calls = r.choices[0].message.tool_calls or []
+check(len(calls) == 1 and calls[0].function.name == "get_time" and "city" in json.loads(calls[0].function.arguments),
+      f"a named function is the one called: {r.choices[0].message}")
+
+stream = client.chat.completions.create(
+    model=MODEL, messages=[{"role": "user", "content": "What is the weather in Berlin?"}], tools=[WEATHER],
+    tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=96, stream=True)
+name, arguments, finish = None, "", None
+for ch in stream:
+    if not ch.choices:
+        continue
+    d = ch.choices[0].delta
+    for tc in d.tool_calls or []:
+        name = tc.function.name or name
+        arguments += tc.function.arguments or ""
+    finish = ch.choices[0].finish_reason or finish
+check(name == "get_weather" and "city" in json.loads(arguments) and finish == "tool_calls",
+      f"a streamed call arrives as tool_calls deltas: {name} {arguments!r} {finish}")
+
+
+class Lookup(BaseModel):
+    country: str
+
+
+r = client.chat.completions.parse(
+    model=MODEL, messages=[{"role": "user", "content": "Look up the capital of Japan."}],
+    tools=[openai.pydantic_function_tool(Lookup)], tool_choice="required", parallel_tool_calls=False, temperature=0,
+    max_tokens=96)
+calls = r.choices[0].message.tool_calls or []
+check(len(calls) == 1 and isinstance(calls[0].function.parsed_arguments, Lookup),
+      f"parse() with a strict pydantic_function_tool: {r.choices[0].message}")
+
+# The conversation goes on with the call and its result; the answer is text.
+first = calls[0]
+r = client.chat.completions.create(
+    model=MODEL, temperature=0, max_tokens=48, tools=[openai.pydantic_function_tool(Lookup)],
+    messages=[{"role": "user", "content": "Look up the capital of Japan."},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": first.id, "type": "function",
+                   "function": {"name": first.function.name, "arguments": first.function.arguments}}]},
+              {"role": "tool", "tool_call_id": first.id, "content": "Tokyo"}],
+    tool_choice="none")
+check(r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content,
+      f"a conversation with a tool call and its result continues in text: {r.choices[0].message.content!r}")
+
+try:
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "no_such_tool"}})
+    sys.exit("FAILED: a tool_choice naming no tool was answered")
+except openai.BadRequestError as e:
+    check(e.body.get("param") == "tool_choice", f"an unknown named tool is a 400 on tool_choice: {e.body}")
 
 print("all structured-output checks passed")

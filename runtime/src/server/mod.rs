@@ -8,6 +8,7 @@
 
 mod parse;
 mod plugin_admin;
+mod tools;
 
 #[doc(hidden)]
 pub use parse::request_from_body;
@@ -27,6 +28,7 @@ use serde_json::{Value, json};
 
 use crate::service::{ErrorKind, Journey, Service, ServiceError, ServiceEvent, ServingBackend, Tenant, TokenLogprob};
 use parse::OutputOptions;
+use tools::ToolRequest;
 
 type Svc = Arc<Service<ServingBackend>>;
 
@@ -493,11 +495,33 @@ async fn respond(
     if out.stream {
         stream_response(svc, api, journey, out, echo)
     } else {
-        whole_response(svc, api, journey, echo).await
+        whole_response(svc, api, journey, echo, out.tools).await
     }
 }
 
-async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>, echo: Vec<String>) -> Response {
+/// OpenAI's `tool_calls` entries (`index` for stream deltas), each with a fresh id.
+fn tool_calls_json(calls: &[tools::ToolCall], indexed: bool) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let id = crate::service::new_request_id("call").replacen('-', "_", 1);
+            let mut v = json!({"id": id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}});
+            if indexed {
+                v["index"] = json!(k);
+            }
+            v
+        })
+        .collect()
+}
+
+async fn whole_response(
+    svc: Svc,
+    api: Api,
+    journey: Journey<ServingBackend>,
+    echo: Vec<String>,
+    tools: Option<Arc<ToolRequest>>,
+) -> Response {
     let id = journey.id().to_owned();
     let model = journey.model().to_owned();
     let c = match journey.collect().await {
@@ -508,12 +532,19 @@ async fn whole_response(svc: Svc, api: Api, journey: Journey<ServingBackend>, ec
         .map(|i| {
             let finish = c.finish[i].as_str();
             let lp = logprobs_json(&svc, api, &c.tokens[i], &c.logprobs[i], 0);
-            match api {
-                Api::Chat => json!({
+            let calls = tools.as_ref().and_then(|t| tools::parse_calls(&c.texts[i], &t.tools));
+            match (api, calls) {
+                (Api::Chat, Some((content, calls))) => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": content, "refusal": null,
+                                "tool_calls": tool_calls_json(&calls, false)},
+                    "logprobs": lp, "finish_reason": if finish == "stop" { "tool_calls" } else { finish },
+                }),
+                (Api::Chat, None) => json!({
                     "index": i, "message": {"role": "assistant", "content": c.texts[i], "refusal": null},
                     "logprobs": lp, "finish_reason": finish,
                 }),
-                Api::Completions => {
+                (Api::Completions, _) => {
                     let text = match echo.get(i) {
                         Some(prompt) => format!("{prompt}{}", c.texts[i]),
                         None => c.texts[i].clone(),
@@ -562,6 +593,8 @@ struct SseState {
     sent_role: bool,
     finished: bool,
     queue: std::collections::VecDeque<Bytes>,
+    /// With tools: each choice's text, held from where a call may open.
+    tool_streams: Vec<tools::ToolStream>,
 }
 
 impl SseState {
@@ -626,6 +659,10 @@ impl SseState {
             };
             match event {
                 ServiceEvent::Token { choice, id, text, logprob } => {
+                    let text = match self.tool_streams.get_mut(choice) {
+                        Some(t) => t.push(&text),
+                        None => text,
+                    };
                     let lps: Vec<TokenLogprob> = logprob.into_iter().collect();
                     if !text.is_empty() || !lps.is_empty() {
                         let b = self.piece(choice, &text, &[id], &lps, None);
@@ -633,8 +670,34 @@ impl SseState {
                     }
                 }
                 ServiceEvent::ChoiceFinished { choice, text, reason, .. } => {
-                    let b = self.piece(choice, &text, &[], &[], Some(reason.as_str()));
-                    self.queue.push_back(b);
+                    let (tools, held) = (self.out.tools.clone(), self.tool_streams.get_mut(choice));
+                    match (tools, held) {
+                        (Some(t), Some(held)) => {
+                            let _ = held.push(&text);
+                            match held.finish(&t.tools) {
+                                Ok(calls) => {
+                                    // OpenAI's deltas: the calls (name and whole arguments each),
+                                    // then the finish.
+                                    let delta = json!({"tool_calls": tool_calls_json(&calls, true)});
+                                    let c = self.chunk(
+                                        json!({"index": choice, "delta": delta, "logprobs": null, "finish_reason": null}),
+                                    );
+                                    self.queue.push_back(c);
+                                    let finish = if reason.as_str() == "stop" { "tool_calls" } else { reason.as_str() };
+                                    let b = self.piece(choice, "", &[], &[], Some(finish));
+                                    self.queue.push_back(b);
+                                }
+                                Err(rest) => {
+                                    let b = self.piece(choice, &rest, &[], &[], Some(reason.as_str()));
+                                    self.queue.push_back(b);
+                                }
+                            }
+                        }
+                        _ => {
+                            let b = self.piece(choice, &text, &[], &[], Some(reason.as_str()));
+                            self.queue.push_back(b);
+                        }
+                    }
                 }
                 ServiceEvent::Done { receipt, usage, .. } => {
                     if self.out.include_usage || receipt.is_some() {
@@ -671,7 +734,12 @@ fn stream_response(
     out: OutputOptions,
     echo: Vec<String>,
 ) -> Response {
+    let tool_streams = match (&out.tools, api) {
+        (Some(_), Api::Chat) => (0..journey.choices()).map(|_| tools::ToolStream::default()).collect(),
+        _ => Vec::new(),
+    };
     let state = SseState {
+        tool_streams,
         fingerprint: svc.system_fingerprint(),
         echo,
         svc,

@@ -3,6 +3,7 @@
 
 use serde_json::{Map, Value};
 
+use super::tools::{self, Tool, ToolChoice, ToolRequest};
 use crate::model::chat_template::ChatMessage;
 use crate::service::api::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
 use crate::service::{
@@ -134,17 +135,17 @@ const COMMON_FIELDS: &[&str] = &[
 /// Fields accepted and ignored on purpose: common clients send them with every request, and
 /// they ask for nothing this server could do differently (`store`: OpenAI's own storage of
 /// completions; `service_tier`: OpenAI's capacity tiers; `parallel_tool_calls`: meaningless
-/// without `tools`, which are refused).
+/// without `tools`, and read by chat when it has them).
 pub const IGNORED_FIELDS: &[&str] = &["store", "service_tier", "parallel_tool_calls"];
 
 const COMPLETIONS_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 const CHAT_FIELDS: &[&str] =
-    &["messages", "max_completion_tokens", "top_logprobs", "response_format", "tool_choice", "modalities"];
+    &["messages", "max_completion_tokens", "top_logprobs", "response_format", "tool_choice", "tools", "modalities"];
 
 /// Why a known but unimplemented field is refused (the 400's message).
 fn refusal_reason(k: &str) -> Option<&'static str> {
     Some(match k {
-        "tools" | "functions" | "function_call" => "tool calls are not supported yet",
+        "functions" | "function_call" => "the deprecated functions API is not supported; send `tools`",
         "prompt_logprobs" => "prompt logprobs are not supported (only the generated tokens' `logprobs`)",
         "audio" => "audio output is not supported",
         "prediction" => "predicted outputs are not supported",
@@ -161,9 +162,6 @@ fn check_fields(f: &Fields<'_>, own: &[&str]) -> Result<(), ServiceError> {
             continue;
         }
         if IGNORED_FIELDS.contains(&k.as_str()) {
-            if k == "parallel_tool_calls" && f.get("tools").is_some() {
-                return Err(ServiceError::bad("tools", "`tools`: tool calls are not supported yet"));
-            }
             continue;
         }
         // A name from the client is echoed, so bound what is echoed.
@@ -312,8 +310,10 @@ fn adapters_ext(f: &Fields<'_>) -> Result<(Vec<AdapterChoice>, Option<MergeSpec>
 }
 
 /// Options that only change how the response is written.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct OutputOptions {
+    /// Chat with tools (a choice other than `none`): answers are read for tool calls.
+    pub tools: Option<std::sync::Arc<ToolRequest>>,
     /// Server-sent events.
     pub stream: bool,
     /// A final usage chunk when streaming.
@@ -337,7 +337,7 @@ fn output(f: &Fields<'_>) -> Result<OutputOptions, ServiceError> {
         }
         Some(v) => return Err(type_err("stream_options", "an object", v)),
     };
-    Ok(OutputOptions { stream: f.bool("stream")?.unwrap_or(false), include_usage, echo: false })
+    Ok(OutputOptions { stream: f.bool("stream")?.unwrap_or(false), include_usage, echo: false, tools: None })
 }
 
 fn metadata(f: &Fields<'_>) -> Result<Vec<(String, String)>, ServiceError> {
@@ -679,17 +679,21 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
     let f = Fields(body);
     check_fields(&f, CHAT_FIELDS)?;
     let constraint = structured_output(&f, true)?;
-    match f.get("tool_choice") {
-        None => {}
-        Some(Value::String(s)) if s == "none" => {}
-        Some(_) => return Err(ServiceError::bad("tool_choice", "`tool_choice`: tool calls are not supported yet")),
-    }
+    let tools = tool_request(&f)?;
     match f.get("modalities") {
         None => {}
         Some(Value::Array(a)) if a.iter().all(|m| m.as_str() == Some("text")) => {}
         Some(_) => return Err(ServiceError::bad("modalities", "`modalities`: only [\"text\"] is supported")),
     }
-    let messages = messages(&f)?;
+    let mut messages = messages(&f)?;
+    if let Some(t) = &tools {
+        // The Hermes-style fallback: the tools are described in the system message.
+        let text = tools::system_text(&t.tools);
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+            _ => messages.insert(0, ChatMessage { role: "system".into(), content: text }),
+        }
+    }
     let mut g = common(&f, vec![PromptInput::Chat(messages)], &["max_tokens", "max_completion_tokens"])?;
     if f.bool("logprobs")?.unwrap_or(false) {
         g.logprobs = Some(f.usize("top_logprobs")?.unwrap_or(0));
@@ -697,7 +701,127 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
         return Err(ServiceError::bad("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
     }
     g.constraint = constraint;
-    Ok((g, output(&f)?))
+    if let Some(t) = &tools {
+        if g.logprobs.is_some() {
+            return Err(ServiceError::bad("logprobs", "`logprobs` cannot be combined with `tools` yet"));
+        }
+        if let Some(c) = tools::grammar(t) {
+            if let Some(other) = &g.constraint {
+                return Err(ServiceError::bad(
+                    "tool_choice",
+                    format!("`tool_choice` and `{}` both constrain the output; send one", other.field),
+                ));
+            }
+            g.constraint = Some(StructuredOutput {
+                field: "tool_choice".into(),
+                spec: ConstraintSpec { constraint: c, whitespace_pattern: None },
+            });
+        }
+    }
+    Ok((g, OutputOptions { tools: tools.map(std::sync::Arc::new), ..output(&f)? }))
+}
+
+/// Most tools one request may describe.
+pub const MAX_TOOLS: usize = 128;
+
+fn tool_name_ok(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls`. None when the request has no tools or
+/// chooses `none` (the model then answers in text and sees no tools).
+fn tool_request(f: &Fields<'_>) -> Result<Option<ToolRequest>, ServiceError> {
+    let list = match f.get("tools") {
+        None => Vec::new(),
+        Some(Value::Array(a)) if a.len() > MAX_TOOLS => {
+            return Err(ServiceError::bad(
+                "tools",
+                format!("`tools` has {} entries; the limit is {MAX_TOOLS}", a.len()),
+            ));
+        }
+        Some(Value::Array(a)) => a.clone(),
+        Some(v) => return Err(type_err("tools", "a list of {\"type\": \"function\", \"function\": {..}} objects", v)),
+    };
+    let mut tools = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let bad = |why: String| ServiceError::bad("tools", format!("tools[{i}]: {why}"));
+        let Value::Object(o) = t else { return Err(bad(format!("must be an object, not {t}"))) };
+        let g = Fields(o);
+        g.only(&["type", "function"], "a tool").map_err(|e| bad(e.message))?;
+        if g.str("type")? != Some("function") {
+            return Err(bad("`type` must be \"function\"".into()));
+        }
+        let Some(Value::Object(func)) = g.get("function") else {
+            return Err(bad("`function` is required and must be an object".into()));
+        };
+        let h = Fields(func);
+        h.only(&["name", "description", "parameters", "strict"], "a function").map_err(|e| bad(e.message))?;
+        let name = h.str("name")?.unwrap_or_default();
+        if !tool_name_ok(name) {
+            return Err(bad("`function.name` must be 1 to 64 letters, digits, underscores or dashes".into()));
+        }
+        if tools.iter().any(|t: &Tool| t.name == name) {
+            return Err(bad(format!("the name {name:?} is used twice")));
+        }
+        let parameters = match h.get("parameters") {
+            None => serde_json::json!({"type": "object", "properties": {}}),
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(v) => return Err(bad(format!("`function.parameters` must be a JSON schema object, not {v}"))),
+        };
+        if h.bool("strict")?.unwrap_or(false)
+            && let Some(why) = strict_violation(&parameters, "#")
+        {
+            return Err(bad(format!("a strict function's parameters {why}")));
+        }
+        let description = h.str("description")?.map(str::to_owned);
+        tools.push(Tool { name: name.to_owned(), description, parameters });
+    }
+    let choice = match f.get("tool_choice") {
+        None if tools.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(type_err(
+                    "tool_choice",
+                    "\"none\", \"auto\", \"required\" or a named function",
+                    &Value::String(s.clone()),
+                ));
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    ServiceError::bad(
+                        "tool_choice",
+                        "`tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ..}}",
+                    )
+                })?;
+            if !tools.iter().any(|t| t.name == name) {
+                let name: String = name.chars().take(64).collect();
+                return Err(ServiceError::bad(
+                    "tool_choice",
+                    format!("`tool_choice` names {name:?}, which is not in `tools`"),
+                ));
+            }
+            ToolChoice::Named(name.to_owned())
+        }
+        Some(v) => return Err(type_err("tool_choice", "a string or an object", v)),
+    };
+    if tools.is_empty() && choice != ToolChoice::None {
+        return Err(ServiceError::bad("tool_choice", "`tool_choice` needs `tools`"));
+    }
+    if choice == ToolChoice::None {
+        return Ok(None);
+    }
+    let parallel = f.bool("parallel_tool_calls")?.unwrap_or(true);
+    Ok(Some(ToolRequest { tools, choice, parallel }))
 }
 
 /// A chat request's `messages`: text only, roles system (or developer), user, assistant.
@@ -717,23 +841,31 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
             "system" | "user" | "assistant" => role,
             // OpenAI's newer name for the system message.
             "developer" => "system",
-            "tool" | "function" => {
+            "tool" => "tool",
+            "function" => {
                 return Err(ServiceError::bad(
                     "messages",
-                    format!("messages[{i}]: `{role}` messages need tool calls, which are not supported yet"),
+                    format!(
+                        "messages[{i}]: `function` messages belong to the deprecated functions API; send `tool` messages"
+                    ),
                 ));
             }
             other => {
                 let other: String = other.chars().take(32).collect();
                 return Err(ServiceError::bad(
                     "messages",
-                    format!("messages[{i}]: the role {other:?} is not one of system, developer, user, assistant"),
+                    format!("messages[{i}]: the role {other:?} is not one of system, developer, user, assistant, tool"),
                 ));
             }
         };
         for (k, v) in o {
             let empty = v.is_null() || v.as_array().is_some_and(Vec::is_empty);
-            if !matches!(k.as_str(), "role" | "content") && !empty {
+            let own = match role {
+                "assistant" => k == "tool_calls",
+                "tool" => k == "tool_call_id",
+                _ => false,
+            };
+            if !matches!(k.as_str(), "role" | "content") && !empty && !own {
                 let k: String = k.chars().take(32).collect();
                 return Err(ServiceError::bad(
                     "messages",
@@ -761,6 +893,49 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
                 text
             }
             Some(v) => return Err(type_err("messages", "text content", v)),
+        };
+        let content = match role {
+            // The Hermes-style fallback: a tool's answer is a user turn the model can read.
+            "tool" => {
+                if g.str("tool_call_id")?.is_none() {
+                    return Err(ServiceError::bad(
+                        "messages",
+                        format!("messages[{i}]: a `tool` message needs `tool_call_id`"),
+                    ));
+                }
+                messages.push(ChatMessage { role: "user".into(), content: tools::response_text(&content) });
+                continue;
+            }
+            "assistant" => match g.get("tool_calls") {
+                Some(Value::Array(calls)) => {
+                    let mut text = content;
+                    for (j, c) in calls.iter().enumerate() {
+                        let func = c.get("function");
+                        let name = func.and_then(|f| f.get("name")).and_then(Value::as_str);
+                        let args = func.and_then(|f| f.get("arguments")).and_then(Value::as_str);
+                        let (Some(name), Some(args)) = (name, args) else {
+                            return Err(ServiceError::bad(
+                                "messages",
+                                format!("messages[{i}].tool_calls[{j}] needs `function.name` and `function.arguments`"),
+                            ));
+                        };
+                        let args: Value = serde_json::from_str(args).map_err(|e| {
+                            ServiceError::bad(
+                                "messages",
+                                format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"),
+                            )
+                        })?;
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(&tools::call_text(name, &args));
+                    }
+                    text
+                }
+                None => content,
+                Some(v) => return Err(type_err("messages", "a list of tool calls in `tool_calls`", v)),
+            },
+            _ => content,
         };
         messages.push(ChatMessage { role: role.to_owned(), content });
     }

@@ -1,0 +1,275 @@
+//! Tool calls on the OpenAI surface, in the Hermes-style text format (`<tool_call>` JSON), the
+//! fallback for chat templates that do not render tools themselves (the default model's does
+//! not; this server does not yet hand `tools` to templates that do).
+//!
+//! - The request's tools are described in the system message; an assistant message's
+//!   `tool_calls` become `<tool_call>` blocks in its text, and a `tool` message becomes a user
+//!   turn holding a `<tool_response>` block.
+//! - `tool_choice: "required"` or a named function constrain decoding with a Lark grammar whose
+//!   calls are JSON valid for each tool's `parameters` ([`grammar`]); `"auto"` decodes freely and
+//!   [`parse_calls`] reads whatever calls the answer holds; `"none"` leaves the tools out.
+//! - Calls are returned as OpenAI's `tool_calls` (`finish_reason: "tool_calls"`), whole or as
+//!   stream deltas ([`ToolStream`]).
+
+use serde_json::{Map, Value, json};
+
+use crate::service::Constraint;
+
+/// Opens one call in the model's output.
+pub const OPEN: &str = "<tool_call>";
+/// Closes it.
+pub const CLOSE: &str = "</tool_call>";
+
+/// One function the model may call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    /// Its name (1-64 letters, digits, `_` or `-`).
+    pub name: String,
+    /// What it does (shown to the model).
+    pub description: Option<String>,
+    /// A JSON schema of its arguments (an object schema).
+    pub parameters: Value,
+}
+
+/// OpenAI's `tool_choice`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model answers in text.
+    None,
+    /// The model decides.
+    Auto,
+    /// The model must call at least one tool.
+    Required,
+    /// The model must call this one.
+    Named(String),
+}
+
+/// A request's tools and what it asks of them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolRequest {
+    /// The tools.
+    pub tools: Vec<Tool>,
+    /// The choice.
+    pub choice: ToolChoice,
+    /// More than one call per answer (OpenAI's `parallel_tool_calls`, default true).
+    pub parallel: bool,
+}
+
+/// A call read from an answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, a JSON object as text (OpenAI's `function.arguments`).
+    pub arguments: String,
+}
+
+/// The text added to the system message: the tools and the format of a call.
+pub fn system_text(tools: &[Tool]) -> String {
+    let mut s = String::from(
+        "You can call functions to help answer. The functions are listed below, one JSON object per line, \
+         between <tools> and </tools>:\n<tools>\n",
+    );
+    for t in tools {
+        let mut f = Map::new();
+        f.insert("name".into(), json!(t.name));
+        if let Some(d) = &t.description {
+            f.insert("description".into(), json!(d));
+        }
+        f.insert("parameters".into(), t.parameters.clone());
+        s.push_str(&json!({"type": "function", "function": f}).to_string());
+        s.push('\n');
+    }
+    s.push_str(
+        "</tools>\nTo call a function, write its name and arguments as a JSON object between <tool_call> and \
+         </tool_call>, like this:\n<tool_call>\n{\"name\": \"function_name\", \"arguments\": {\"argument\": \"value\"}}\n</tool_call>",
+    );
+    s
+}
+
+/// An assistant message's earlier call, as the model would have written it.
+pub fn call_text(name: &str, arguments: &Value) -> String {
+    format!("{OPEN}\n{}\n{CLOSE}", json!({"name": name, "arguments": arguments}))
+}
+
+/// A `tool` message's content, as the turn the model reads.
+pub fn response_text(content: &str) -> String {
+    format!("<tool_response>\n{content}\n</tool_response>")
+}
+
+/// The grammar `required` or a named function decodes under: one call (or several, one per
+/// line, with `parallel`), each JSON whose `name` is a tool's and whose `arguments` are valid
+/// for its `parameters`, spaced like `json.dumps`. None for `auto` and `none`.
+pub fn grammar(r: &ToolRequest) -> Option<Constraint> {
+    let tools: Vec<&Tool> = match &r.choice {
+        ToolChoice::None | ToolChoice::Auto => return None,
+        ToolChoice::Required => r.tools.iter().collect(),
+        ToolChoice::Named(n) => r.tools.iter().filter(|t| &t.name == n).collect(),
+    };
+    let alternatives: Vec<Value> = tools
+        .iter()
+        .map(|t| {
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        })
+        .collect();
+    let schema = json!({
+        "anyOf": alternatives,
+        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
+    });
+    let start = if r.parallel && r.choice == ToolChoice::Required { "call (\"\\n\" call)*" } else { "call" };
+    Some(Constraint::Lark(format!(
+        "start: {start}\ncall: {open} body {close}\nbody: %json {schema}\n",
+        open = serde_json::to_string(&format!("{OPEN}\n")).unwrap_or_default(),
+        close = serde_json::to_string(&format!("\n{CLOSE}")).unwrap_or_default(),
+    )))
+}
+
+/// Reads the calls in an answer: every `<tool_call>` block whose JSON names one of `tools` and
+/// carries an arguments object. Returns the text outside the blocks (None when only
+/// whitespace) and the calls, or None when the answer holds no valid call (it is then plain
+/// text, returned as it is).
+pub fn parse_calls(text: &str, tools: &[Tool]) -> Option<(Option<String>, Vec<ToolCall>)> {
+    let mut calls = Vec::new();
+    let mut content = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(OPEN) {
+        content.push_str(&rest[..i]);
+        let after = &rest[i + OPEN.len()..];
+        let (body, next) = match after.find(CLOSE) {
+            Some(j) => (&after[..j], &after[j + CLOSE.len()..]),
+            // An unclosed last block still counts if its JSON is whole (the answer ended).
+            None => (after, ""),
+        };
+        let call = serde_json::from_str::<Value>(body.trim()).ok().and_then(|v| {
+            let name = v.get("name")?.as_str()?;
+            tools.iter().find(|t| t.name == name)?;
+            let args = match v.get("arguments") {
+                Some(Value::Object(o)) => Value::Object(o.clone()),
+                Some(Value::String(s)) => serde_json::from_str::<Value>(s).ok().filter(Value::is_object)?,
+                None => json!({}),
+                Some(_) => return None,
+            };
+            Some(ToolCall { name: name.to_owned(), arguments: args.to_string() })
+        });
+        match call {
+            Some(c) => calls.push(c),
+            None => return None,
+        }
+        rest = next;
+    }
+    content.push_str(rest);
+    if calls.is_empty() {
+        return None;
+    }
+    let content = content.trim();
+    Some(((!content.is_empty()).then(|| content.to_owned()), calls))
+}
+
+/// One choice of a streamed answer with tools: text is sent as it comes until it might open a
+/// call; from there on it is held, and read as calls (or sent as text) when the choice ends.
+#[derive(Debug, Default)]
+pub struct ToolStream {
+    /// Everything generated.
+    text: String,
+    /// How much of `text` was sent as content.
+    sent: usize,
+    /// A call has opened: nothing more is sent until the end.
+    holding: bool,
+}
+
+impl ToolStream {
+    /// Takes new text; returns the part that can be sent as content now.
+    pub fn push(&mut self, piece: &str) -> String {
+        self.text.push_str(piece);
+        if self.holding {
+            return String::new();
+        }
+        let unsent = &self.text[self.sent..];
+        let safe = match unsent.find(OPEN) {
+            Some(i) => {
+                self.holding = true;
+                i
+            }
+            // Hold back a tail that could still grow into `<tool_call>`.
+            None => (1..=OPEN.len().min(unsent.len()))
+                .rev()
+                .find(|&k| unsent.is_char_boundary(unsent.len() - k) && OPEN.starts_with(&unsent[unsent.len() - k..]))
+                .map_or(unsent.len(), |k| unsent.len() - k),
+        };
+        let out = unsent[..safe].to_owned();
+        self.sent += safe;
+        out
+    }
+
+    /// At the end of the choice: the calls (and the held text is dropped), or the held text
+    /// to send as content.
+    pub fn finish(&mut self, tools: &[Tool]) -> Result<Vec<ToolCall>, String> {
+        match parse_calls(&self.text, tools) {
+            Some((_, calls)) => Ok(calls),
+            None => Err(self.text[self.sent..].to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weather() -> Vec<Tool> {
+        vec![Tool {
+            name: "get_weather".into(),
+            description: Some("The weather in a city".into()),
+            parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+        }]
+    }
+
+    #[test]
+    fn calls_are_read_with_the_text_around_them() {
+        let t = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let (content, calls) = parse_calls(t, &weather()).expect("a call");
+        assert_eq!(content.as_deref(), Some("Let me check."));
+        assert_eq!(calls, vec![ToolCall { name: "get_weather".into(), arguments: "{\"city\":\"Paris\"}".into() }]);
+        // Unknown names, broken JSON and no call at all are plain text.
+        assert!(parse_calls("<tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>", &weather()).is_none());
+        assert!(parse_calls("<tool_call>{\"name\": \"get_weather\"", &weather()).is_none());
+        assert!(parse_calls("It is sunny.", &weather()).is_none());
+        // Arguments given as a JSON string are accepted; two calls are two.
+        let two = "<tool_call>{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Rome\\\"}\"}</tool_call>\n\
+                   <tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>";
+        let (content, calls) = parse_calls(two, &weather()).expect("calls");
+        assert_eq!(content, None);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].arguments, "{\"city\":\"Rome\"}");
+    }
+
+    #[test]
+    fn a_stream_sends_text_until_a_call_may_open() {
+        let mut s = ToolStream::default();
+        assert_eq!(s.push("Hello <to"), "Hello ");
+        assert_eq!(s.push("day> is"), "<today> is");
+        assert_eq!(s.push(" fine <tool_"), " fine ");
+        assert_eq!(s.push("call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"), "");
+        let calls = s.finish(&weather()).expect("calls");
+        assert_eq!(calls[0].name, "get_weather");
+        let mut plain = ToolStream::default();
+        assert_eq!(plain.push("a <"), "a ");
+        assert_eq!(plain.finish(&weather()), Err("<".into()));
+    }
+
+    #[test]
+    fn required_and_named_choices_have_a_grammar_auto_and_none_do_not() {
+        let mut r = ToolRequest { tools: weather(), choice: ToolChoice::Auto, parallel: true };
+        assert!(grammar(&r).is_none());
+        r.choice = ToolChoice::Required;
+        let Some(Constraint::Lark(g)) = grammar(&r) else { panic!("a Lark grammar") };
+        assert!(g.contains("get_weather") && g.contains("call (\"\\n\" call)*"), "{g}");
+        r.choice = ToolChoice::Named("get_weather".into());
+        let Some(Constraint::Lark(g)) = grammar(&r) else { panic!("a Lark grammar") };
+        assert!(g.starts_with("start: call\n"), "{g}");
+    }
+}

@@ -532,7 +532,7 @@ async fn whole_response(
         .map(|i| {
             let finish = c.finish[i].as_str();
             let lp = logprobs_json(&svc, api, &c.tokens[i], &c.logprobs[i], 0);
-            let calls = tools.as_ref().and_then(|t| tools::parse_calls(&c.texts[i], &t.tools));
+            let calls = tools.as_ref().and_then(|t| tools::parse_calls(&c.texts[i], &t.tools, t.parallel));
             match (api, calls) {
                 (Api::Chat, Some((content, calls))) => json!({
                     "index": i,
@@ -673,24 +673,25 @@ impl SseState {
                     let (tools, held) = (self.out.tools.clone(), self.tool_streams.get_mut(choice));
                     match (tools, held) {
                         (Some(t), Some(held)) => {
-                            let _ = held.push(&text);
-                            match held.finish(&t.tools) {
-                                Ok(calls) => {
-                                    // OpenAI's deltas: the calls (name and whole arguments each),
-                                    // then the finish.
-                                    let delta = json!({"tool_calls": tool_calls_json(&calls, true)});
-                                    let c = self.chunk(
-                                        json!({"index": choice, "delta": delta, "logprobs": null, "finish_reason": null}),
-                                    );
-                                    self.queue.push_back(c);
-                                    let finish = if reason.as_str() == "stop" { "tool_calls" } else { reason.as_str() };
-                                    let b = self.piece(choice, "", &[], &[], Some(finish));
+                            let (rest, calls) = held.finish(&text, &t.tools, t.parallel);
+                            if calls.is_empty() {
+                                let b = self.piece(choice, &rest, &[], &[], Some(reason.as_str()));
+                                self.queue.push_back(b);
+                            } else {
+                                // OpenAI's deltas: any text left, the calls (name and whole
+                                // arguments each), then the finish.
+                                if !rest.is_empty() {
+                                    let b = self.piece(choice, &rest, &[], &[], None);
                                     self.queue.push_back(b);
                                 }
-                                Err(rest) => {
-                                    let b = self.piece(choice, &rest, &[], &[], Some(reason.as_str()));
-                                    self.queue.push_back(b);
-                                }
+                                let delta = json!({"tool_calls": tool_calls_json(&calls, true)});
+                                let c = self.chunk(
+                                    json!({"index": choice, "delta": delta, "logprobs": null, "finish_reason": null}),
+                                );
+                                self.queue.push_back(c);
+                                let finish = if reason.as_str() == "stop" { "tool_calls" } else { reason.as_str() };
+                                let b = self.piece(choice, "", &[], &[], Some(finish));
+                                self.queue.push_back(b);
                             }
                         }
                         _ => {

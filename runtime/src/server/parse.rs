@@ -15,7 +15,16 @@ use crate::service::{
 pub struct Fields<'a>(pub &'a Map<String, Value>);
 
 fn type_err(k: &str, want: &str, v: &Value) -> ServiceError {
-    ServiceError::bad(k, format!("`{k}` must be {want}, not {v}"))
+    ServiceError::bad(k, format!("`{k}` must be {want}, not {}", shown(v)))
+}
+
+/// A client's value as echoed in an error: at most 100 characters of it.
+fn shown(v: &Value) -> String {
+    let t = v.to_string();
+    match t.char_indices().nth(100) {
+        Some((end, _)) => format!("{}...", &t[..end]),
+        None => t,
+    }
 }
 
 impl<'a> Fields<'a> {
@@ -404,8 +413,15 @@ pub const MAX_CONSTRAINT_BYTES: usize = 256 * 1024;
 fn structured_output(f: &Fields<'_>, chat: bool) -> Result<Option<StructuredOutput>, ServiceError> {
     let mut found: Vec<(String, Constraint)> = Vec::new();
     let mut whitespace = f.str("guided_whitespace_pattern")?.map(str::to_owned);
-    for k in ["response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"]
-    {
+    for k in [
+        "response_format",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_whitespace_pattern",
+        "structured_outputs",
+    ] {
         if let Some(v) = f.get(k)
             && serde_json::to_string(v).map_or(0, |t| t.len()) > MAX_CONSTRAINT_BYTES
         {
@@ -739,13 +755,17 @@ fn tool_request(f: &Fields<'_>) -> Result<Option<ToolRequest>, ServiceError> {
                 format!("`tools` has {} entries; the limit is {MAX_TOOLS}", a.len()),
             ));
         }
+        Some(Value::Array(a)) if serde_json::to_string(a).map_or(0, |t| t.len()) > MAX_CONSTRAINT_BYTES => {
+            // They become the prompt's tool list and, for `required`, a grammar.
+            return Err(ServiceError::bad("tools", format!("`tools` is longer than {MAX_CONSTRAINT_BYTES} bytes")));
+        }
         Some(Value::Array(a)) => a.clone(),
         Some(v) => return Err(type_err("tools", "a list of {\"type\": \"function\", \"function\": {..}} objects", v)),
     };
     let mut tools = Vec::with_capacity(list.len());
     for (i, t) in list.iter().enumerate() {
         let bad = |why: String| ServiceError::bad("tools", format!("tools[{i}]: {why}"));
-        let Value::Object(o) = t else { return Err(bad(format!("must be an object, not {t}"))) };
+        let Value::Object(o) = t else { return Err(bad(format!("must be an object, not {}", shown(t)))) };
         let g = Fields(o);
         g.only(&["type", "function"], "a tool").map_err(|e| bad(e.message))?;
         if g.str("type")? != Some("function") {
@@ -766,7 +786,9 @@ fn tool_request(f: &Fields<'_>) -> Result<Option<ToolRequest>, ServiceError> {
         let parameters = match h.get("parameters") {
             None => serde_json::json!({"type": "object", "properties": {}}),
             Some(v @ Value::Object(_)) => v.clone(),
-            Some(v) => return Err(bad(format!("`function.parameters` must be a JSON schema object, not {v}"))),
+            Some(v) => {
+                return Err(bad(format!("`function.parameters` must be a JSON schema object, not {}", shown(v))));
+            }
         };
         if h.bool("strict")?.unwrap_or(false)
             && let Some(why) = strict_violation(&parameters, "#")
@@ -829,7 +851,8 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
     let Some(Value::Array(list)) = f.get("messages") else {
         return Err(ServiceError::bad("messages", "`messages` is required and must be a list"));
     };
-    let mut messages = Vec::with_capacity(list.len());
+    let mut messages: Vec<ChatMessage> = Vec::with_capacity(list.len());
+    let mut last_was_tool = false;
     for (i, m) in list.iter().enumerate() {
         let Value::Object(o) = m else {
             return Err(type_err("messages", "a list of {\"role\": .., \"content\": ..} objects", m));
@@ -903,7 +926,13 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
                         format!("messages[{i}]: a `tool` message needs `tool_call_id`"),
                     ));
                 }
-                messages.push(ChatMessage { role: "user".into(), content: tools::response_text(&content) });
+                // Results of parallel calls are one turn (templates may require roles to alternate).
+                let text = tools::response_text(&content);
+                match messages.last_mut() {
+                    Some(m) if last_was_tool => m.content = format!("{}\n{text}", m.content),
+                    _ => messages.push(ChatMessage { role: "user".into(), content: text }),
+                }
+                last_was_tool = true;
                 continue;
             }
             "assistant" => match g.get("tool_calls") {
@@ -938,6 +967,7 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
             _ => content,
         };
         messages.push(ChatMessage { role: role.to_owned(), content });
+        last_was_tool = false;
     }
     Ok(messages)
 }

@@ -130,10 +130,22 @@ pub fn grammar(r: &ToolRequest) -> Option<Constraint> {
 }
 
 /// Reads the calls in an answer: every `<tool_call>` block whose JSON names one of `tools` and
-/// carries an arguments object. Returns the text outside the blocks (None when only
-/// whitespace) and the calls, or None when the answer holds no valid call (it is then plain
-/// text, returned as it is).
-pub fn parse_calls(text: &str, tools: &[Tool]) -> Option<(Option<String>, Vec<ToolCall>)> {
+/// carries an arguments object (only the first, unless `parallel`). Returns the text outside
+/// those blocks, trimmed (None when empty), and the calls; None when the answer holds no valid
+/// call (it is then plain text, returned as it is). A block that is not a valid call (broken or
+/// cut-off JSON, an unknown name, a second call without `parallel`) stays in the text: nothing
+/// the model wrote is dropped.
+pub fn parse_calls(text: &str, tools: &[Tool], parallel: bool) -> Option<(Option<String>, Vec<ToolCall>)> {
+    let (content, calls) = split_calls(text, tools, parallel);
+    if calls.is_empty() {
+        return None;
+    }
+    let content = content.trim();
+    Some(((!content.is_empty()).then(|| content.to_owned()), calls))
+}
+
+/// [`parse_calls`] before trimming: the text outside the valid blocks, and the calls.
+fn split_calls(text: &str, tools: &[Tool], parallel: bool) -> (String, Vec<ToolCall>) {
     let mut calls = Vec::new();
     let mut content = String::new();
     let mut rest = text;
@@ -157,17 +169,13 @@ pub fn parse_calls(text: &str, tools: &[Tool]) -> Option<(Option<String>, Vec<To
             Some(ToolCall { name: name.to_owned(), arguments: args.to_string() })
         });
         match call {
-            Some(c) => calls.push(c),
-            None => return None,
+            Some(c) if parallel || calls.is_empty() => calls.push(c),
+            _ => content.push_str(&rest[i..rest.len() - next.len()]),
         }
         rest = next;
     }
     content.push_str(rest);
-    if calls.is_empty() {
-        return None;
-    }
-    let content = content.trim();
-    Some(((!content.is_empty()).then(|| content.to_owned()), calls))
+    (content, calls)
 }
 
 /// One choice of a streamed answer with tools: text is sent as it comes until it might open a
@@ -206,13 +214,18 @@ impl ToolStream {
         out
     }
 
-    /// At the end of the choice: the calls (and the held text is dropped), or the held text
-    /// to send as content.
-    pub fn finish(&mut self, tools: &[Tool]) -> Result<Vec<ToolCall>, String> {
-        match parse_calls(&self.text, tools) {
-            Some((_, calls)) => Ok(calls),
-            None => Err(self.text[self.sent..].to_owned()),
+    /// At the end of the choice, given its last text: what to send as content now (what was
+    /// held, less the valid calls) and the calls (none: the held text was plain text).
+    pub fn finish(&mut self, last: &str, tools: &[Tool], parallel: bool) -> (String, Vec<ToolCall>) {
+        let mut out = self.push(last);
+        let (outside, calls) = split_calls(&self.text[self.sent..], tools, parallel);
+        if calls.is_empty() {
+            out.push_str(&self.text[self.sent..]);
+        } else {
+            out.push_str(outside.trim());
         }
+        self.sent = self.text.len();
+        (out, calls)
     }
 }
 
@@ -231,20 +244,31 @@ mod tests {
     #[test]
     fn calls_are_read_with_the_text_around_them() {
         let t = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
-        let (content, calls) = parse_calls(t, &weather()).expect("a call");
+        let (content, calls) = parse_calls(t, &weather(), true).expect("a call");
         assert_eq!(content.as_deref(), Some("Let me check."));
         assert_eq!(calls, vec![ToolCall { name: "get_weather".into(), arguments: "{\"city\":\"Paris\"}".into() }]);
         // Unknown names, broken JSON and no call at all are plain text.
-        assert!(parse_calls("<tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>", &weather()).is_none());
-        assert!(parse_calls("<tool_call>{\"name\": \"get_weather\"", &weather()).is_none());
-        assert!(parse_calls("It is sunny.", &weather()).is_none());
+        assert!(
+            parse_calls("<tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>", &weather(), true).is_none()
+        );
+        assert!(parse_calls("<tool_call>{\"name\": \"get_weather\"", &weather(), true).is_none());
+        assert!(parse_calls("It is sunny.", &weather(), true).is_none());
         // Arguments given as a JSON string are accepted; two calls are two.
         let two = "<tool_call>{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Rome\\\"}\"}</tool_call>\n\
                    <tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>";
-        let (content, calls) = parse_calls(two, &weather()).expect("calls");
+        let (content, calls) = parse_calls(two, &weather(), true).expect("calls");
         assert_eq!(content, None);
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].arguments, "{\"city\":\"Rome\"}");
+        // Without parallel calls the second stays text; a call cut off by max_tokens too, and
+        // the whole calls before it are kept.
+        let (content, calls) = parse_calls(two, &weather(), false).expect("calls");
+        assert_eq!(calls.len(), 1);
+        assert!(content.is_some_and(|c| c.starts_with("<tool_call>") && c.contains("Oslo")));
+        let cut =
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call>\n<tool_call>{\"name\": \"get_w";
+        let (content, calls) = parse_calls(cut, &weather(), true).expect("calls");
+        assert_eq!((calls.len(), content.as_deref()), (1, Some("<tool_call>{\"name\": \"get_w")));
     }
 
     #[test]
@@ -254,11 +278,15 @@ mod tests {
         assert_eq!(s.push("day> is"), "<today> is");
         assert_eq!(s.push(" fine <tool_"), " fine ");
         assert_eq!(s.push("call>\n{\"name\": \"get_weather\", \"arguments\": {}}\n</tool_call>"), "");
-        let calls = s.finish(&weather()).expect("calls");
-        assert_eq!(calls[0].name, "get_weather");
+        let (rest, calls) = s.finish(" Done.", &weather(), true);
+        assert_eq!((rest.as_str(), calls[0].name.as_str()), ("Done.", "get_weather"));
+        // Plain text: everything held and the last piece are sent; nothing is lost.
         let mut plain = ToolStream::default();
         assert_eq!(plain.push("a <"), "a ");
-        assert_eq!(plain.finish(&weather()), Err("<".into()));
+        assert_eq!(plain.finish("\n", &weather(), true), ("<\n".to_owned(), Vec::new()));
+        let mut all = ToolStream::default();
+        assert_eq!(all.push("fine"), "fine");
+        assert_eq!(all.finish(" end", &weather(), true), (" end".to_owned(), Vec::new()));
     }
 
     #[test]

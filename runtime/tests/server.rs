@@ -118,41 +118,37 @@ fn client_python() -> PathBuf {
     .clone()
 }
 
-/// Issue 17, structured output: `parse(response_format=PydanticModel)` on 20 prompts,
-/// `json_object`, vLLM's `guided_*` fields, streaming, and `logit_bias` under a grammar, through
-/// the official `openai` package (tests/e2e/structured.py).
+/// Issue 17, structured output and tool calls: `parse(response_format=PydanticModel)` on 20
+/// prompts, `json_object`, vLLM's `guided_*` fields, streaming, `logit_bias` under a grammar, and
+/// `tool_choice` required/named/streamed/`pydantic_function_tool`, through the official `openai`
+/// package (tests/e2e/structured.py).
 #[test]
 fn structured_output_works_through_the_openai_client() {
-    let py = client_python();
     let server = start(|t| t);
-    let out = Command::new(py)
-        .arg(repo().join("tests/e2e/structured.py"))
-        .arg(format!("http://{}", server.addr))
-        .arg(MODEL)
-        .output()
-        .expect("run the python client");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("all structured-output checks passed"), "{stdout}");
+    python_check(&client_python(), "tests/e2e/structured.py", &server, "all structured-output checks passed");
     let m = http(server.addr, "GET", "/metrics", Some("sk-demo-admin"), b"").1;
     let (masks, secs) = (metric(&m, "openlora_grammar_masks_total"), metric(&m, "openlora_grammar_mask_seconds_total"));
     assert!(masks > 100.0 && secs > 0.0, "grammar masks {masks}, {secs} s");
 }
 
-#[test]
-fn the_openai_python_client_works_end_to_end() {
-    let py = client_python();
-    let server = start(|t| t);
-    let script = repo().join("tests/e2e/openai_client.py");
-    let out = Command::new(py)
-        .arg(&script)
+/// Runs a Python check script against `server` (`SCRIPT BASE_URL MODEL`) and asserts it exits
+/// 0 and prints `done` (so a script that stops early cannot pass).
+fn python_check(python: &std::path::Path, script: &str, server: &Server, done: &str) {
+    let out = Command::new(python)
+        .arg(repo().join(script))
         .arg(format!("http://{}", server.addr))
         .arg(MODEL)
         .output()
-        .expect("run the python client");
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("all openai-client checks passed"), "{stdout}");
+    assert!(stdout.contains(done), "{stdout}");
+}
+
+#[test]
+fn the_openai_python_client_works_end_to_end() {
+    let server = start(|t| t);
+    python_check(&client_python(), "tests/e2e/openai_client.py", &server, "all openai-client checks passed");
 }
 
 fn curl(args: &[&str]) -> String {
@@ -1782,22 +1778,14 @@ fn tool_venv(name: &str, packages: &[&str]) -> PathBuf {
 }
 
 /// Issue 17: the frameworks applications use, against a live server: langchain-openai
-/// (`ChatOpenAI`, `OpenAI`, streaming with usage, an adapter by `model`, structured output and
-/// tools refused by name) and litellm (`openai/` models, streaming, errors mapped to its
+/// (`ChatOpenAI`, `OpenAI`, streaming with usage, an adapter by `model`, `with_structured_output`
+/// both ways, `bind_tools`, the deprecated `functions` refused by name) and litellm (`openai/` models, streaming, errors mapped to its
 /// exception types). Pinned versions, in a cached venv (`tests/e2e/frameworks.py`).
 #[test]
 fn langchain_and_litellm_work_end_to_end() {
     let venv = tool_venv("venv-frameworks", &["langchain-openai==1.8.1", "litellm==1.110.2"]);
     let server = start(|t| t);
-    let out = Command::new(venv.join("bin/python"))
-        .arg(repo().join("tests/e2e/frameworks.py"))
-        .arg(format!("http://{}", server.addr))
-        .arg(MODEL)
-        .output()
-        .expect("run the framework checks");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("all framework checks passed"), "{stdout}");
+    python_check(&venv.join("bin/python"), "tests/e2e/frameworks.py", &server, "all framework checks passed");
 }
 
 /// Issue 17: schemathesis on OpenAI's own OpenAPI description (trimmed to our four

@@ -122,20 +122,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
             decode = decode.max(n.saturating_sub(1) as f64 / f.elapsed().as_secs_f64());
         }
     }
-    println!(
-        "{}",
+    report(
+        loaded.model.backend(),
+        &path,
         serde_json::json!({
-            "engine": "openlora",
-            "backend": openlora_kernels::Backend::name(loaded.model.backend()),
-            "threads": rayon::current_num_threads(),
-            "model": path.display().to_string(),
             "prompt_tokens": a.prompt_tokens,
             "prefill_tok_s": prefill,
             "gen_tokens": a.gen_tokens,
             "decode_tok_s": decode,
-        })
+        }),
     );
     Ok(())
+}
+
+/// Prints one JSON line: what ran where (engine, backend, threads, model), then `figures`.
+fn report(backend: &CpuBackend, path: &Path, figures: serde_json::Value) {
+    let mut line = serde_json::json!({
+        "engine": "openlora",
+        "backend": openlora_kernels::Backend::name(backend),
+        "threads": rayon::current_num_threads(),
+        "model": path.display().to_string(),
+    });
+    if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), figures) {
+        l.extend(f);
+    }
+    println!("{line}");
 }
 
 /// `n` sequences with 32-token prompts through the engine, `steps` decode steps after each
@@ -212,13 +223,10 @@ fn batch(a: &BenchArgs, n: usize, path: &Path, loaded: &Arc<LoadedModel<CpuBacke
         s = s.max(batched_decode(&e, n, a.steps, &same)?);
         d = d.max(batched_decode(&e, n, a.steps, &distinct)?);
     }
-    println!(
-        "{}",
+    report(
+        model.backend(),
+        path,
         serde_json::json!({
-            "engine": "openlora",
-            "backend": openlora_kernels::Backend::name(model.backend()),
-            "threads": rayon::current_num_threads(),
-            "model": path.display().to_string(),
             "batch": n,
             "lora_rank": a.lora_rank,
             "steps": a.steps,
@@ -226,7 +234,7 @@ fn batch(a: &BenchArgs, n: usize, path: &Path, loaded: &Arc<LoadedModel<CpuBacke
             "one_adapter_tok_s": s,
             "distinct_adapters_tok_s": d,
             "lora_overhead_distinct": 1.0 - d / b,
-        })
+        }),
     );
     Ok(())
 }
@@ -267,18 +275,15 @@ item: %json{"type": "object", "properties": {"name": {"type": "string"}, "n": {"
             "mean_mask_us": mask_us,
         }));
     }
-    println!(
-        "{}",
+    report(
+        loaded.model.backend(),
+        path,
         serde_json::json!({
-            "engine": "openlora",
-            "backend": openlora_kernels::Backend::name(loaded.model.backend()),
-            "threads": rayon::current_num_threads(),
-            "model": path.display().to_string(),
             "batch": n,
             "lora_rank": a.lora_rank,
             "steps": a.steps,
             "structured": rows,
-        })
+        }),
     );
     Ok(())
 }

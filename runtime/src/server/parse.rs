@@ -486,9 +486,8 @@ fn structured_output(f: &Fields<'_>, chat: bool) -> Result<Option<StructuredOutp
             if let Some(p) = g.str("whitespace_pattern")? {
                 whitespace = Some(p.to_owned());
             }
-            if g.bool("disable_any_whitespace")?.is_some() {
-                // Already the default here: JSON is spaced like `json.dumps`, nothing more.
-            }
+            // Checked for its type only: JSON is already spaced like `json.dumps`, nothing more.
+            g.bool("disable_any_whitespace")?;
         }
         Some(v) => return Err(type_err("structured_outputs", "an object", v)),
     }

@@ -79,6 +79,58 @@ pub struct AttributionSection {
     /// (`ledger.jsonl`); relative to the deployment file.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Verbatim-overlap evidence from the adapters' datasets (`[attribution.evidence]`).
+    #[serde(default)]
+    pub evidence: EvidenceSection,
+}
+
+/// `[attribution.evidence]`: the matcher of `attribution::evidence`, for adapters whose
+/// manifests name dataset files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceSection {
+    /// Index the datasets and record evidence in receipts.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The fewest words a span has.
+    #[serde(default = "default_min_words")]
+    pub min_words: u32,
+    /// The most times a span may occur in one dataset.
+    #[serde(default = "default_max_occurrences")]
+    pub max_occurrences: u32,
+    /// The most spans one receipt records.
+    #[serde(default = "default_max_spans")]
+    pub max_spans: u32,
+}
+
+fn default_min_words() -> u32 {
+    crate::attribution::evidence::EvidenceParams::default().min_words
+}
+
+fn default_max_occurrences() -> u32 {
+    crate::attribution::evidence::EvidenceParams::default().max_occurrences
+}
+
+fn default_max_spans() -> u32 {
+    crate::attribution::evidence::EvidenceParams::default().max_spans
+}
+
+impl Default for EvidenceSection {
+    fn default() -> Self {
+        let p = crate::attribution::evidence::EvidenceParams::default();
+        Self { enabled: true, min_words: p.min_words, max_occurrences: p.max_occurrences, max_spans: p.max_spans }
+    }
+}
+
+impl EvidenceSection {
+    /// The matcher's parameters, `None` when evidence is off.
+    pub fn params(&self) -> Option<crate::attribution::evidence::EvidenceParams> {
+        self.enabled.then(|| crate::attribution::evidence::EvidenceParams {
+            min_words: self.min_words,
+            max_occurrences: self.max_occurrences,
+            max_spans: self.max_spans,
+        })
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -87,7 +139,7 @@ fn default_state_dir() -> PathBuf {
 
 impl Default for AttributionSection {
     fn default() -> Self {
-        Self { enabled: true, state_dir: default_state_dir() }
+        Self { enabled: true, state_dir: default_state_dir(), evidence: EvidenceSection::default() }
     }
 }
 
@@ -440,6 +492,16 @@ impl Deployment {
             ("adapters.device_mib", self.adapters.device_mib),
         ];
         for (key, v) in positive {
+            if v == 0 {
+                return Err(bad(key, "must be at least 1".into()));
+            }
+        }
+        let ev = &self.attribution.evidence;
+        for (key, v) in [
+            ("attribution.evidence.min_words", ev.min_words),
+            ("attribution.evidence.max_occurrences", ev.max_occurrences),
+            ("attribution.evidence.max_spans", ev.max_spans),
+        ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1".into()));
             }

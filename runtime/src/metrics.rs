@@ -45,7 +45,10 @@ impl Histogram {
     }
 }
 
-/// Request latency buckets in seconds.
+/// Buckets (seconds) of the evidence matcher's time per receipt.
+pub const EVIDENCE_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 1.0];
+
+/// Buckets (seconds) of request latencies.
 pub const LATENCY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 /// Counts by a label value (finish reason, refusal kind).
@@ -85,6 +88,8 @@ pub struct ServiceMetrics {
     pub adapter_unloads: AtomicU64,
     /// Time to read and prepare an adapter loaded through the admin API.
     pub adapter_load_seconds: Histogram,
+    /// Time the evidence matcher took per receipt that searched datasets.
+    pub evidence_seconds: Histogram,
 }
 
 impl Default for ServiceMetrics {
@@ -97,6 +102,7 @@ impl Default for ServiceMetrics {
             adapter_loads: AtomicU64::new(0),
             adapter_unloads: AtomicU64::new(0),
             adapter_load_seconds: Histogram::new(LATENCY_BUCKETS),
+            evidence_seconds: Histogram::new(EVIDENCE_BUCKETS),
         }
     }
 }

@@ -170,6 +170,7 @@ fn ledger_verify_with_pinned_key_rejects_resigned_ledger() {
         prompt_sha256: "00".repeat(32),
         output_sha256: "11".repeat(32),
         user: None,
+        evidence: None,
     };
     let node_key = {
         let l = Ledger::open(&path, load_or_create_key(&tmp.path().join("node.key")).expect("key")).expect("open");

@@ -31,6 +31,8 @@ fn record(i: u64) -> InferenceRecord {
                 id: "pirate-qa".into(),
                 sha256: "ef".repeat(32),
                 license: "cc-by-4.0".into(),
+                files: Vec::new(),
+                merkle_root: None,
                 contributors: vec![
                     Contributor { name: "alice".into(), share: 3 },
                     Contributor { name: "bob".into(), share: 1 },
@@ -45,6 +47,7 @@ fn record(i: u64) -> InferenceRecord {
         prompt_sha256: "00".repeat(32),
         output_sha256: "11".repeat(32),
         user: None,
+        evidence: None,
     }
 }
 

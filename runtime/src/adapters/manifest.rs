@@ -47,6 +47,15 @@ pub struct Dataset {
     /// Its license.
     #[serde(default)]
     pub license: String,
+    /// Its files, relative to the adapter folder (JSONL: one document per line; any other
+    /// file: one document). When given, their bytes in this order must hash to `sha256`, and
+    /// the node indexes them for verbatim-overlap evidence (see `attribution::index`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// The Merkle root of the dataset's canonical text (`openlora ledger index` prints it),
+    /// checked against the built index when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merkle_root: Option<String>,
     /// Who contributed it.
     pub contributors: Vec<Contributor>,
 }
@@ -127,6 +136,16 @@ impl Manifest {
             }
             if d.sha256.len() != 64 || !d.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
                 return Err(format!("`datasets[{i}].sha256` must be 64 lowercase hex digits"));
+            }
+            for (j, f) in d.files.iter().enumerate() {
+                if f.is_empty() || Path::new(f).is_absolute() {
+                    return Err(format!("`datasets[{i}].files[{j}]` must be a path relative to the adapter folder"));
+                }
+            }
+            if let Some(r) = &d.merkle_root
+                && (r.len() != 64 || !r.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            {
+                return Err(format!("`datasets[{i}].merkle_root` must be 64 lowercase hex digits"));
             }
             if d.contributors.is_empty() {
                 return Err(format!("`datasets[{i}].contributors` must name at least one contributor"));

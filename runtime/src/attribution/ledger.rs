@@ -120,6 +120,13 @@ fn check_line(line: &[u8], seq: u64, prev: &str, pinned_key: Option<&str>) -> Re
     if r.body.prev != prev {
         return Err(format!("broken chain: prev is {}, the previous entry's hash is {prev}", r.body.prev));
     }
+    verify_receipt(&r, pinned_key)?;
+    Ok(r)
+}
+
+/// Checks one receipt on its own (not its place in a chain): its hash, its signature (by
+/// `pinned_key` when given) and that its payments sum to its total.
+pub fn verify_receipt(r: &Receipt, pinned_key: Option<&str>) -> Result<(), String> {
     let hash = r.body.hash();
     if hex::encode(hash) != r.hash {
         return Err("hash does not match the body".into());
@@ -136,8 +143,7 @@ fn check_line(line: &[u8], seq: u64, prev: &str, pinned_key: Option<&str>) -> Re
         return Err("node_key and sig must be lowercase hex".into());
     }
     UnparsedPublicKey::new(&ED25519, key).verify(&hash, &sig).map_err(|_| "bad signature".to_string())?;
-    check_sum(&r.body.attribution).map_err(|e| format!("receipt {}: {e}", r.hash))?;
-    Ok(r)
+    check_sum(&r.body.attribution).map_err(|e| format!("receipt {}: {e}", r.hash))
 }
 
 /// Whether the payments sum exactly to the total (micro-units are integers; summed in u128, so

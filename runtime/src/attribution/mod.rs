@@ -3,10 +3,12 @@
 //! a durable, tamper-evident ledger. The manifests that say who owns an adapter and
 //! what it was trained on live beside the adapters (`adapters::manifest`).
 
+pub mod evidence;
+pub mod index;
 pub mod ledger;
 pub mod receipt;
 
-pub use ledger::{Ledger, LedgerError, load_or_create_key, verify_file};
+pub use ledger::{Ledger, LedgerError, load_or_create_key, verify_file, verify_receipt};
 pub use receipt::{Attribution, InferenceRecord, Payment, Receipt, builtin_attribution};
 
 /// Per-party totals over receipts: `(party, role) -> micro-units`, sorted.

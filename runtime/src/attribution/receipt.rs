@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::evidence::{Evidence, evidence_weights};
 use crate::adapters::manifest::{Dataset, Manifest};
 
 /// The base model as a receipt names it.
@@ -96,6 +97,11 @@ pub struct InferenceRecord {
     /// from the signed body otherwise, so receipts written before the field verify unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Verbatim-overlap evidence from the adapters' datasets (see `attribution::evidence`),
+    /// when an adapter's manifest names dataset files. Absent otherwise, so older receipts
+    /// verify unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
 }
 
 impl InferenceRecord {
@@ -165,16 +171,35 @@ pub fn split_exact(total: u64, weights: &[u128]) -> Vec<u64> {
     parts
 }
 
+/// The part of an adapter's dataset share the built-in split pays by evidence when the answer
+/// has any for that adapter, in basis points (the rest goes by the manifest's declaration).
+pub const BUILTIN_EVIDENCE_BPS: u64 = 5000;
+
+/// The evidence weights of `r`: `(adapter, dataset, contributor, weight)` (see
+/// [`evidence_weights`]), empty without evidence.
+pub fn record_evidence_weights(r: &InferenceRecord) -> Vec<(String, String, String, u128)> {
+    let Some(ev) = &r.evidence else { return Vec::new() };
+    let lookup = |adapter: &str, dataset: &str| {
+        r.adapters.iter().find(|a| a.name == adapter)?.datasets.iter().find(|d| d.id == dataset).cloned()
+    };
+    evidence_weights(ev, &lookup)
+}
+
 /// The built-in split (used without an attributor plugin, and as its fail-open fallback): the
 /// price is shared between the base model and each adapter in proportion to their prices; an
-/// adapter's part goes half to its owner and half to its datasets' contributors (datasets
-/// equally, contributors by share), or all to the owner when it names no datasets. Payments to
-/// the same party in the same role are summed.
+/// adapter's part goes half to its owner and half to its datasets' contributors, or all to the
+/// owner when it names no datasets. The datasets' half: by declaration (datasets equally,
+/// contributors by share), except that when the answer has verbatim-overlap evidence from this
+/// adapter's datasets, [`BUILTIN_EVIDENCE_BPS`] of it goes by evidence (each contributor by the
+/// words of the spans found in their documents; a span in a document without an owner counts
+/// for its dataset's contributors by share). Payments to the same party in the same role and
+/// source are summed.
 pub fn builtin_attribution(r: &InferenceRecord) -> Attribution {
     let total = r.total_price();
     let mut weights = vec![u128::from(r.base_model.price_per_1k_tokens)];
     weights.extend(r.adapters.iter().map(|a| u128::from(a.price_per_1k_tokens)));
     let parts = split_exact(total, &weights);
+    let weights_of = record_evidence_weights(r);
     let mut payments: Vec<Payment> = Vec::new();
     let mut pay = |party: &str, role: &str, source: String, micros: u64| {
         if micros == 0 {
@@ -194,7 +219,19 @@ pub fn builtin_attribution(r: &InferenceRecord) -> Attribution {
         }
         let halves = split_exact(part, &[1, 1]);
         pay(&a.owner, "adapter-owner", a.name.clone(), halves[0]);
-        let per_dataset = split_exact(halves[1], &vec![1; a.datasets.len()]);
+        let evidence: Vec<_> = weights_of.iter().filter(|w| w.0 == a.name).collect();
+        let declared = if evidence.is_empty() {
+            halves[1]
+        } else {
+            let parts =
+                split_exact(halves[1], &[u128::from(10_000 - BUILTIN_EVIDENCE_BPS), u128::from(BUILTIN_EVIDENCE_BPS)]);
+            let ws: Vec<u128> = evidence.iter().map(|w| w.3).collect();
+            for (w, micros) in evidence.iter().zip(split_exact(parts[1], &ws)) {
+                pay(&w.2, "dataset-contributor", format!("{}/{}", a.name, w.1), micros);
+            }
+            parts[0]
+        };
+        let per_dataset = split_exact(declared, &vec![1; a.datasets.len()]);
         for (d, &dpart) in a.datasets.iter().zip(&per_dataset) {
             let shares: Vec<u128> = d.contributors.iter().map(|c| u128::from(c.share)).collect();
             for (c, &cpart) in d.contributors.iter().zip(&split_exact(dpart, &shares)) {
@@ -287,6 +324,8 @@ mod tests {
                 id: format!("d{i}"),
                 sha256: "0".repeat(64),
                 license: String::new(),
+                files: Vec::new(),
+                merkle_root: None,
                 contributors: (0..rng.gen_range(1..5))
                     .map(|j| crate::adapters::manifest::Contributor {
                         name: format!("c{j}"),
@@ -323,6 +362,7 @@ mod tests {
                 prompt_sha256: String::new(),
                 output_sha256: String::new(),
                 user: None,
+                evidence: None,
             };
             let a = builtin_attribution(&r);
             assert_eq!(a.total_micros, r.total_price());

@@ -34,6 +34,39 @@ pub enum LedgerCommand {
         #[arg(long, value_name = "HEX")]
         public_key: Option<String>,
     },
+    /// Re-run the verbatim-overlap matcher of one receipt and check its evidence byte for byte:
+    /// the datasets rebuilt from their files (SHA-256 and Merkle root as recorded), the same
+    /// spans found, each span's text at its document offset, its chunks under the root. So a
+    /// contributor who holds the data can audit their credit without trusting the node.
+    VerifyEvidence {
+        /// The receipt: a JSON file as GET /v1/receipts/ID serves it, or a ledger
+        /// (STATE_DIR/ledger.jsonl) with --id.
+        receipt: PathBuf,
+        /// The receipt id, when RECEIPT is a ledger.
+        #[arg(long)]
+        id: Option<String>,
+        /// The prompt as the model read it (for chat, the rendered template: POST /tokenize
+        /// then /detokenize gives it), as a file.
+        #[arg(long)]
+        prompt: PathBuf,
+        /// The answer as a file (several choices: their texts joined by NUL bytes).
+        #[arg(long)]
+        output: PathBuf,
+        /// ADAPTER=DIR: the folder whose manifest's dataset `files` paths resolve against (the
+        /// adapter's folder), for each adapter whose datasets were searched.
+        #[arg(long = "data", value_name = "ADAPTER=DIR")]
+        data: Vec<String>,
+        /// The node's Ed25519 public key (64 hex digits): the receipt must be signed by it.
+        #[arg(long, value_name = "HEX")]
+        public_key: Option<String>,
+    },
+    /// Index the datasets an adapter's manifest names (as the server does when it registers the
+    /// adapter) and print, per dataset, its documents, duplicates, bytes and Merkle root (the
+    /// manifest's optional `merkle_root`).
+    Index {
+        /// The adapter folder (with openlora.toml).
+        dir: PathBuf,
+    },
 }
 
 pub fn run(c: LedgerCommand) -> Result<()> {
@@ -61,6 +94,55 @@ pub fn run(c: LedgerCommand) -> Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        LedgerCommand::VerifyEvidence { receipt, id, prompt, output, data, public_key } => {
+            let pinned = public_key.as_deref().map(parse_public_key).transpose()?;
+            let r = read_receipt(&receipt, id.as_deref())?;
+            let prompt = std::fs::read_to_string(&prompt).with_context(|| format!("reading {}", prompt.display()))?;
+            let output = std::fs::read_to_string(&output).with_context(|| format!("reading {}", output.display()))?;
+            let mut dirs = std::collections::HashMap::new();
+            for d in &data {
+                let (name, dir) = d.split_once('=').with_context(|| format!("--data {d}: expected ADAPTER=DIR"))?;
+                dirs.insert(name.to_owned(), PathBuf::from(dir));
+            }
+            let found = |adapter: &str| dirs.get(adapter).cloned();
+            let check =
+                openlora::attribution::evidence::verify_evidence(&r, pinned.as_deref(), &prompt, &output, &found)
+                    .map_err(|e| anyhow::anyhow!("receipt {}: {e}", r.hash))?;
+            println!(
+                "ok: receipt {}: {} spans reproduced byte for byte from {} datasets, each at its document offset and under its Merkle root{}",
+                r.hash,
+                check.spans,
+                check.datasets,
+                if pinned.is_some() { ", signed by the pinned key" } else { "" }
+            );
+            Ok(())
+        }
+        LedgerCommand::Index { dir } => {
+            let m = openlora::adapters::manifest::Manifest::load_for(&dir)?
+                .with_context(|| format!("{}: no openlora.toml", dir.display()))?;
+            let mut out = Vec::new();
+            for d in m.datasets.iter().filter(|d| !d.files.is_empty()) {
+                let started = std::time::Instant::now();
+                let corpus = openlora::attribution::index::read_dataset(&dir, d).map_err(anyhow::Error::msg)?;
+                let ix =
+                    openlora::attribution::index::DatasetIndex::build(&d.sha256, corpus).map_err(anyhow::Error::msg)?;
+                out.push(serde_json::json!({
+                    "dataset": d.id,
+                    "sha256": d.sha256,
+                    "documents": ix.documents,
+                    "duplicates": ix.duplicates,
+                    "bytes": ix.text().len(),
+                    "index_bytes": ix.resident_bytes(),
+                    "merkle_root": ix.root,
+                    "seconds": started.elapsed().as_secs_f64(),
+                }));
+            }
+            if out.is_empty() {
+                bail!("{}: the manifest names no dataset files", dir.display());
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
         LedgerCommand::Export { path, out, public_key } => {
@@ -93,6 +175,23 @@ pub fn run(c: LedgerCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// One receipt from a JSON file, or from a ledger by id.
+fn read_receipt(path: &std::path::Path, id: Option<&str>) -> Result<openlora::attribution::Receipt> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let Some(id) = id else {
+        return serde_json::from_str(text.trim())
+            .with_context(|| format!("{}: not a receipt (a ledger needs --id)", path.display()));
+    };
+    for line in text.lines() {
+        let r: openlora::attribution::Receipt =
+            serde_json::from_str(line).with_context(|| format!("{}: not a ledger", path.display()))?;
+        if r.hash == id {
+            return Ok(r);
+        }
+    }
+    bail!("{}: no receipt {id}", path.display())
 }
 
 /// Checks a `--public-key` value: 32 bytes of hex, returned in the ledger's lowercase form.

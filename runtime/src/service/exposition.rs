@@ -131,6 +131,11 @@ impl<B: Backend + Clone + 'static> Service<B> {
         }
         o.histogram("vllm:time_to_first_token_seconds", "Time to first token.", &m.ttft);
         o.histogram("vllm:e2e_request_latency_seconds", "Request latency from acceptance to the last token.", &m.e2e);
+        o.histogram(
+            "openlora_evidence_seconds",
+            "Time the verbatim-overlap matcher took per receipt that searched adapter datasets.",
+            &m.evidence_seconds,
+        );
 
         o.head("openlora_requests_refused", "counter", "Requests refused, by reason.");
         let refused = m.refused.snapshot();

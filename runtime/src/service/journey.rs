@@ -197,6 +197,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 prompt_tokens: tokens.len(),
                 plugins: chain.used,
                 user: req.user.clone(),
+                prompt_text: self.evidence_prompt(&resolved.uses, &tokens),
             };
             legs.push((tokens, resolved, ctx));
         }

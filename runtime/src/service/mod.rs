@@ -47,6 +47,8 @@ use crate::adapters::catalog::Catalog;
 use crate::adapters::manifest::Manifest;
 use crate::adapters::pager::{Pager, PagerConfig};
 use crate::attribution::Ledger;
+use crate::attribution::evidence::EvidenceParams;
+use crate::attribution::index::IndexStore;
 use crate::attribution::receipt::ModelUse;
 use crate::config::Deployment;
 use crate::engine::grammar::GrammarEnv;
@@ -75,6 +77,10 @@ pub struct Service<B: Backend + 'static> {
     grammar: OnceLock<Result<Arc<GrammarEnv>, String>>,
     ledger: Option<Ledger>,
     base_use: ModelUse,
+    /// The indexes of the adapters' datasets (verbatim-overlap evidence), by content hash.
+    indexes: Arc<IndexStore>,
+    /// The matcher's parameters; `None` when evidence is off (or attribution is).
+    evidence: Option<EvidenceParams>,
     /// The plugin host, started with the first plugin (at start, or the first admin load).
     plugins: OnceLock<Arc<PluginHost>>,
     /// The plugin chain in order ([`plugin_admin`]): what each request runs.
@@ -248,9 +254,12 @@ impl<B: Backend + Clone + 'static> Service<B> {
             PagerConfig::new(mib(deployment.adapters.host_mib), mib(deployment.adapters.device_mib)),
         )
         .map_err(|e| ServiceError::internal(format!("starting the adapter loader: {e}")))?;
+        let evidence = deployment.attribution.evidence.params().filter(|_| ledger.is_some());
         let svc = Self {
             ledger,
             base_use,
+            indexes: Arc::new(IndexStore::with_default_cache()),
+            evidence,
             plugins,
             chain: RwLock::new(chain),
             plugin_admin: Mutex::new(()),
@@ -271,6 +280,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             metrics: ServiceMetrics::default(),
         };
         svc.refresh_plugin_catalog();
+        svc.index_datasets();
         Ok(svc)
     }
 

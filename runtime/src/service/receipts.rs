@@ -12,6 +12,8 @@ use super::api::{ErrorKind, ServiceError};
 use super::plugin_admin::was_unloaded;
 use super::plugin_chain::{plugin_dataset, plugin_failed};
 use super::tenancy::Tenant;
+use crate::attribution::evidence::{Evidence, Source, evidence};
+use crate::attribution::index::IndexState;
 use crate::attribution::receipt::{AdapterUse, Attribution, InferenceRecord, Payment, PluginUse, text_sha256};
 use crate::attribution::{Receipt, builtin_attribution};
 use crate::plugins::{self as pl, FailurePolicy, PluginKind};
@@ -35,6 +37,9 @@ pub struct RecordContext {
     pub plugins: Vec<PluginUse>,
     /// The request's `user` (the caller's end-user id), if it sent one.
     pub user: Option<String>,
+    /// The prompt as the model read it (its tokens decoded), kept only when an adapter's
+    /// datasets are indexed: the evidence matcher excludes spans the prompt contains.
+    pub prompt_text: Option<String>,
 }
 
 impl RecordContext {
@@ -49,6 +54,10 @@ impl RecordContext {
         let mut first = parts[0].clone();
         first.prompt_tokens = parts.iter().map(|p| p.prompt_tokens).sum();
         first.prompt_sha256 = text_sha256(&joined);
+        if parts.iter().any(|p| p.prompt_text.is_some()) {
+            let texts: Vec<&str> = parts.iter().map(|p| p.prompt_text.as_deref().unwrap_or("")).collect();
+            first.prompt_text = Some(texts.join("\0"));
+        }
         for p in &parts[1..] {
             for a in &p.adapters {
                 if !first
@@ -95,7 +104,65 @@ impl<B: Backend + Clone + 'static> Service<B> {
             prompt_sha256: ctx.prompt_sha256.clone(),
             output_sha256: text_sha256(&outputs.join("\0")),
             user: ctx.user.clone(),
+            evidence: self.find_evidence(ctx, outputs),
         }
+    }
+
+    /// The verbatim-overlap evidence of `outputs` (None when off, when nothing was generated,
+    /// or when no adapter of the request names dataset files).
+    fn find_evidence(&self, ctx: &RecordContext, outputs: &[&str]) -> Option<Evidence> {
+        let params = self.evidence.as_ref()?;
+        let prompt = ctx.prompt_text.as_deref()?;
+        if outputs.iter().all(|o| o.is_empty()) {
+            return None;
+        }
+        let mut sources = Vec::new();
+        for a in &ctx.adapters {
+            for d in a.datasets.iter().filter(|d| !d.files.is_empty()) {
+                let state = self.indexes.state(&d.sha256).unwrap_or(IndexState::Building);
+                sources.push(Source { adapter: &a.name, dataset: d, state });
+            }
+        }
+        let started = std::time::Instant::now();
+        let ev = evidence(&sources, outputs, prompt, params);
+        self.metrics.evidence_seconds.observe(started.elapsed().as_secs_f64());
+        ev
+    }
+
+    /// Starts indexing (off the request path) every dataset with files that a registered
+    /// adapter's manifest names and that is not indexed yet. Called whenever the catalog
+    /// changes; idempotent.
+    pub(super) fn index_datasets(&self) {
+        if self.evidence.is_none() {
+            return;
+        }
+        let catalog = self.pager.catalog();
+        for name in catalog.names() {
+            let Some(e) = catalog.get(&name) else { continue };
+            for d in e.manifest.iter().flat_map(|m| &m.datasets) {
+                self.indexes.ensure(&e.dir, d);
+            }
+        }
+    }
+
+    /// The prompt text a receipt's evidence needs: the decoded tokens, when one of the
+    /// adapters names indexed dataset files (else nothing is kept).
+    pub(super) fn evidence_prompt(&self, adapters: &[AdapterUse], tokens: &[u32]) -> Option<String> {
+        self.evidence.as_ref()?;
+        if !adapters.iter().any(|a| a.datasets.iter().any(|d| !d.files.is_empty())) {
+            return None;
+        }
+        self.model.tokenizer.decode(tokens, false).ok()
+    }
+
+    /// The state of the index of the dataset with content hash `sha256`.
+    pub fn dataset_index(&self, sha256: &str) -> Option<IndexState> {
+        self.indexes.state(sha256)
+    }
+
+    /// Waits up to `timeout` for every dataset index being built; whether all are done.
+    pub fn wait_for_indexes(&self, timeout: std::time::Duration) -> bool {
+        self.indexes.wait_idle(timeout)
     }
 
     /// Writes the receipt of a finished, failed or cancelled request; the channel yields its

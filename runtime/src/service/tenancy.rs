@@ -215,6 +215,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         self.metrics.adapter_load_seconds.observe(start.elapsed().as_secs_f64());
         self.metrics.adapter_loads.fetch_add(1, Ordering::Relaxed);
         self.refresh_plugin_catalog();
+        self.index_datasets();
         Ok(())
     }
 
@@ -235,6 +236,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         self.require_admin(tenant)?;
         let report = self.pager.rescan();
         self.refresh_plugin_catalog();
+        self.index_datasets();
         Ok(report)
     }
 }

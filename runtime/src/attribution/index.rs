@@ -1,0 +1,705 @@
+//! Dataset indexes for verbatim-overlap evidence: the canonical text of a dataset's documents,
+//! a suffix array over it, who owns each document, and a Merkle root over the text.
+//!
+//! A manifest's dataset names its files (`files = ["data/train.jsonl"]`, relative to the
+//! adapter folder). Their bytes, concatenated in the listed order, must hash to the dataset's
+//! `sha256`: that hash is the index's key, so adapters trained on the same data share one index.
+//!
+//! **Documents.** A `.jsonl` file has one document per non-blank line: a JSON object whose
+//! string values (nested ones too, in document order) are the text, except the keys
+//! `contributor` (the document's owner, who must be one of the dataset's contributors), `role`
+//! and `id`. Any other file is one document. Document ordinals count documents in file order
+//! from 0, duplicates included, so an ordinal names a line a contributor can find.
+//!
+//! **Canonical text.** Every run of whitespace becomes one space, the ends are trimmed, NUL
+//! bytes are dropped ([`canonical`]). Identical canonical documents are kept once (the first
+//! one, with its owner), so copying a document a hundred times earns nothing more. The index's
+//! text is each unique document followed by a NUL byte; a NUL never occurs inside canonical
+//! text, so no match crosses a document boundary.
+//!
+//! **Suffix array** by libsais (Ilya Grebnov's SA-IS implementation, the fastest published;
+//! bindings in the `libsais` crate), one `u32` per byte of text, single-threaded. So a dataset's
+//! canonical text is below 2 GiB.
+//!
+//! **Merkle root** over the text in [`CHUNK_BYTES`] chunks: leaf = SHA-256(0x00 ‖ chunk),
+//! node = SHA-256(0x01 ‖ left ‖ right), an odd node is carried up unchanged. Receipts record
+//! the root, so anyone holding the data can check a span against it ([`inclusion_proof`]).
+//!
+//! **Cache.** Built indexes are written under `$OPENLORA_CACHE/datasets/<sha256>/` (default
+//! `~/.cache/openlora/datasets`) as `text`, `sa` and `docs` (little-endian) and `meta.json`,
+//! then memory-mapped; a cached index is re-read (its root recomputed) instead of rebuilt.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::adapters::manifest::Dataset;
+
+/// The index format (part of every receipt's evidence, so a change of canonicalization is a
+/// new version).
+pub const FORMAT: &str = "openlora-dataset-index/1";
+
+/// Bytes per Merkle leaf.
+pub const CHUNK_BYTES: usize = 4096;
+
+/// The largest canonical text one index holds (the suffix array is 32-bit).
+pub const MAX_TEXT_BYTES: usize = (i32::MAX - 1) as usize;
+
+/// Keys of a JSONL document that are not its text.
+const NOT_TEXT: [&str; 3] = ["contributor", "role", "id"];
+
+/// `text` with whitespace runs as single spaces, trimmed, without NUL bytes.
+pub fn canonical(text: &str) -> String {
+    canonical_with_map(text).0
+}
+
+/// [`canonical`], and for each canonical byte the offset of the byte it came from in `text`.
+pub fn canonical_with_map(text: &str) -> (String, Vec<u32>) {
+    let mut out = String::with_capacity(text.len());
+    let mut map = Vec::with_capacity(text.len());
+    let mut pending_space: Option<usize> = None;
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            if !out.is_empty() && pending_space.is_none() {
+                pending_space = Some(i);
+            }
+            continue;
+        }
+        if c == '\0' {
+            continue;
+        }
+        if let Some(at) = pending_space.take() {
+            out.push(' ');
+            map.push(at as u32);
+        }
+        let mut buf = [0u8; 4];
+        let bytes = c.encode_utf8(&mut buf).as_bytes();
+        for (k, _) in bytes.iter().enumerate() {
+            map.push((i + k) as u32);
+        }
+        out.push(c);
+    }
+    (out, map)
+}
+
+/// One unique document of an index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DocEntry {
+    /// Where its text starts in the index's text.
+    pub start: u64,
+    /// Its ordinal among the dataset's documents (the first copy's).
+    pub ordinal: u32,
+    /// Its owner (an index into [`DatasetIndex::owners`]), if the document names one.
+    pub owner: Option<u32>,
+}
+
+/// The documents of a dataset, read and canonicalized (before the suffix array).
+#[derive(Debug, Default)]
+pub struct Corpus {
+    /// Unique canonical documents, each followed by NUL.
+    pub text: Vec<u8>,
+    /// The unique documents.
+    pub docs: Vec<DocEntry>,
+    /// Owners named by documents, in order of first appearance.
+    pub owners: Vec<String>,
+    /// Documents read, duplicates included.
+    pub read: u32,
+    /// Documents dropped as copies of an earlier one.
+    pub duplicates: u32,
+}
+
+impl Corpus {
+    /// Adds one document (`owner` as the file named it).
+    fn push(&mut self, text: &str, owner: Option<&str>, seen: &mut HashSet<[u8; 32]>) -> Result<(), String> {
+        let ordinal = self.read;
+        self.read = self.read.checked_add(1).ok_or("more than 2^32 documents")?;
+        let doc = canonical(text);
+        if doc.is_empty() {
+            return Ok(());
+        }
+        if !seen.insert(Sha256::digest(doc.as_bytes()).into()) {
+            self.duplicates += 1;
+            return Ok(());
+        }
+        if self.text.len() + doc.len() + 1 > MAX_TEXT_BYTES {
+            return Err(format!("the canonical text is over {MAX_TEXT_BYTES} bytes (the limit of one index)"));
+        }
+        let owner = owner.map(|o| match self.owners.iter().position(|x| x == o) {
+            Some(i) => i as u32,
+            None => {
+                self.owners.push(o.to_owned());
+                (self.owners.len() - 1) as u32
+            }
+        });
+        self.docs.push(DocEntry { start: self.text.len() as u64, ordinal, owner });
+        self.text.extend_from_slice(doc.as_bytes());
+        self.text.push(0);
+        Ok(())
+    }
+
+    /// Reads the documents of one file's bytes (`name` for errors and the format).
+    pub fn add_file(&mut self, name: &str, bytes: &[u8], seen: &mut HashSet<[u8; 32]>) -> Result<(), String> {
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("{name}: not UTF-8 ({e})"))?;
+        if !name.ends_with(".jsonl") {
+            return self.push(text, None, seen);
+        }
+        for (n, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{name} line {}: {e}", n + 1))?;
+            let serde_json::Value::Object(map) = &value else {
+                return Err(format!("{name} line {}: a document must be a JSON object", n + 1));
+            };
+            let owner = match map.get("contributor") {
+                None => None,
+                Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s.as_str()),
+                Some(_) => return Err(format!("{name} line {}: `contributor` must be a non-empty string", n + 1)),
+            };
+            let mut parts = Vec::new();
+            for (k, v) in map {
+                if !NOT_TEXT.contains(&k.as_str()) {
+                    strings(v, &mut parts);
+                }
+            }
+            self.push(&parts.join("\n"), owner, seen)?;
+        }
+        Ok(())
+    }
+}
+
+/// The string values of `v`, in document order (keys in [`NOT_TEXT`] skipped at every depth).
+fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s),
+        serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if !NOT_TEXT.contains(&k.as_str()) {
+                    strings(x, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Reads dataset `d`'s files from the adapter folder `dir`, checking their SHA-256.
+pub fn read_dataset(dir: &Path, d: &Dataset) -> Result<Corpus, String> {
+    if d.files.is_empty() {
+        return Err(format!("dataset {:?} names no files", d.id));
+    }
+    let mut hash = Sha256::new();
+    let mut corpus = Corpus::default();
+    let mut seen = HashSet::new();
+    for f in &d.files {
+        let path = dataset_file(dir, f)?;
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        hash.update(&bytes);
+        corpus.add_file(f, &bytes, &mut seen)?;
+    }
+    let got = hex::encode(hash.finalize());
+    if got != d.sha256 {
+        return Err(format!(
+            "dataset {:?}: the SHA-256 of its files is {got}, the manifest says {} (the files changed, or the manifest is wrong)",
+            d.id, d.sha256
+        ));
+    }
+    Ok(corpus)
+}
+
+/// The path of a manifest's dataset file: relative to the adapter folder.
+pub fn dataset_file(dir: &Path, f: &str) -> Result<PathBuf, String> {
+    let p = Path::new(f);
+    if f.is_empty() || p.is_absolute() {
+        return Err(format!("dataset file {f:?} must be a path relative to the adapter folder"));
+    }
+    Ok(dir.join(p))
+}
+
+/// The Merkle leaves of `text`.
+pub fn merkle_leaves(text: &[u8]) -> Vec<[u8; 32]> {
+    let leaf = |c: &[u8]| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update([0u8]);
+        h.update(c);
+        h.finalize().into()
+    };
+    if text.is_empty() {
+        return vec![leaf(&[])];
+    }
+    text.chunks(CHUNK_BYTES).map(leaf).collect()
+}
+
+fn node(l: &[u8; 32], r: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([1u8]);
+    h.update(l);
+    h.update(r);
+    h.finalize().into()
+}
+
+/// The root over `leaves`.
+pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    let mut level = leaves.to_vec();
+    while level.len() > 1 {
+        level = level.chunks(2).map(|p| if p.len() == 2 { node(&p[0], &p[1]) } else { p[0] }).collect();
+    }
+    level[0]
+}
+
+/// The siblings from leaf `i` up to the root: `(sibling is on the right, hash)`.
+pub fn inclusion_proof(leaves: &[[u8; 32]], mut i: usize) -> Vec<(bool, [u8; 32])> {
+    let mut proof = Vec::new();
+    let mut level = leaves.to_vec();
+    while level.len() > 1 {
+        let sibling = i ^ 1;
+        if sibling < level.len() {
+            proof.push((sibling > i, level[sibling]));
+        }
+        level = level.chunks(2).map(|p| if p.len() == 2 { node(&p[0], &p[1]) } else { p[0] }).collect();
+        i /= 2;
+    }
+    proof
+}
+
+/// Whether `chunk` is leaf number `i` under `root`, by `proof` ([`inclusion_proof`]).
+pub fn verify_inclusion(chunk: &[u8], proof: &[(bool, [u8; 32])], root: &[u8; 32]) -> bool {
+    let mut h = merkle_leaves(chunk)[0];
+    if chunk.len() > CHUNK_BYTES {
+        return false;
+    }
+    for (right, s) in proof {
+        h = if *right { node(&h, s) } else { node(s, &h) };
+    }
+    h == *root
+}
+
+/// Bytes held in memory or mapped from the cache.
+enum Bytes {
+    Mem(Vec<u8>),
+    Map(memmap2::Mmap),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mem(v) => v,
+            Bytes::Map(m) => m,
+        }
+    }
+}
+
+/// The suffix array, in memory or mapped.
+enum Suffixes {
+    Mem(Vec<u32>),
+    Map(memmap2::Mmap),
+}
+
+/// A dataset's index: canonical text, suffix array, documents and owners, Merkle root.
+pub struct DatasetIndex {
+    /// The dataset's content hash (its key).
+    pub sha256: String,
+    /// The Merkle root of the text, hex.
+    pub root: String,
+    text: Bytes,
+    sa: Suffixes,
+    docs: Vec<DocEntry>,
+    /// Owners named by the documents.
+    pub owners: Vec<String>,
+    /// Documents read, duplicates included.
+    pub documents: u32,
+    /// Copies dropped.
+    pub duplicates: u32,
+}
+
+impl std::fmt::Debug for DatasetIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatasetIndex")
+            .field("sha256", &self.sha256)
+            .field("root", &self.root)
+            .field("bytes", &self.text().len())
+            .field("unique_documents", &self.docs.len())
+            .finish()
+    }
+}
+
+/// What `meta.json` of a cached index holds.
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    format: String,
+    sha256: String,
+    root: String,
+    bytes: u64,
+    documents: u32,
+    duplicates: u32,
+    owners: Vec<String>,
+}
+
+impl DatasetIndex {
+    /// Builds the index of `corpus` (whose files hash to `sha256`).
+    pub fn build(sha256: &str, corpus: Corpus) -> Result<Self, String> {
+        let sa: Vec<u32> = if corpus.text.is_empty() {
+            Vec::new()
+        } else {
+            let sa = libsais::SuffixArrayConstruction::for_text(corpus.text.as_slice())
+                .in_owned_buffer32()
+                .single_threaded()
+                .run()
+                .map_err(|e| format!("suffix array construction failed: {e:?}"))?
+                .into_vec();
+            sa.into_iter().map(|x| x as u32).collect()
+        };
+        let root = hex::encode(merkle_root(&merkle_leaves(&corpus.text)));
+        Ok(Self {
+            sha256: sha256.to_owned(),
+            root,
+            text: Bytes::Mem(corpus.text),
+            sa: Suffixes::Mem(sa),
+            docs: corpus.docs,
+            owners: corpus.owners,
+            documents: corpus.read,
+            duplicates: corpus.duplicates,
+        })
+    }
+
+    /// The canonical text (unique documents, each followed by NUL).
+    pub fn text(&self) -> &[u8] {
+        self.text.as_slice()
+    }
+
+    /// The suffix array: the start of every suffix of [`Self::text`], in sorted order.
+    pub fn suffixes(&self) -> &[u32] {
+        match &self.sa {
+            Suffixes::Mem(v) => v,
+            Suffixes::Map(m) => bytemuck::cast_slice(m),
+        }
+    }
+
+    /// The unique documents.
+    pub fn docs(&self) -> &[DocEntry] {
+        &self.docs
+    }
+
+    /// The document holding text position `pos`, and `pos`'s offset in it.
+    pub fn doc_at(&self, pos: usize) -> (DocEntry, usize) {
+        let i = self.docs.partition_point(|d| d.start as usize <= pos).saturating_sub(1);
+        let d = self.docs[i];
+        (d, pos - d.start as usize)
+    }
+
+    /// Bytes of memory (or mapped file) the index uses.
+    pub fn resident_bytes(&self) -> usize {
+        self.text().len() + self.suffixes().len() * 4 + self.docs.len() * 16
+    }
+
+    /// Writes the index under `dir/<sha256>/` (atomically: a temporary folder renamed).
+    pub fn save(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let final_dir = dir.join(&self.sha256);
+        let tmp = dir.join(format!(".{}.tmp-{}", self.sha256, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        std::fs::write(tmp.join("text"), self.text())?;
+        let mut sa = std::io::BufWriter::new(std::fs::File::create(tmp.join("sa"))?);
+        for s in self.suffixes() {
+            sa.write_all(&s.to_le_bytes())?;
+        }
+        sa.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let mut docs = Vec::with_capacity(self.docs.len() * 16);
+        for d in &self.docs {
+            docs.extend_from_slice(&d.start.to_le_bytes());
+            docs.extend_from_slice(&d.ordinal.to_le_bytes());
+            docs.extend_from_slice(&d.owner.unwrap_or(u32::MAX).to_le_bytes());
+        }
+        std::fs::write(tmp.join("docs"), docs)?;
+        let meta = Meta {
+            format: FORMAT.into(),
+            sha256: self.sha256.clone(),
+            root: self.root.clone(),
+            bytes: self.text().len() as u64,
+            documents: self.documents,
+            duplicates: self.duplicates,
+            owners: self.owners.clone(),
+        };
+        std::fs::write(tmp.join("meta.json"), serde_json::to_vec(&meta).unwrap_or_default())?;
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir)?;
+        Ok(final_dir)
+    }
+
+    /// Maps a cached index (`dir/<sha256>/`), checking its format, sizes and Merkle root.
+    pub fn open(dir: &Path, sha256: &str) -> Result<Self, String> {
+        let d = dir.join(sha256);
+        let err = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", d.display());
+        let meta: Meta = serde_json::from_slice(&std::fs::read(d.join("meta.json")).map_err(|e| err("meta.json", &e))?)
+            .map_err(|e| err("meta.json", &e))?;
+        if meta.format != FORMAT || meta.sha256 != sha256 {
+            return Err(err("meta.json", &"another format or dataset"));
+        }
+        let map = |name: &str| -> Result<Option<memmap2::Mmap>, String> {
+            let f = std::fs::File::open(d.join(name)).map_err(|e| err(name, &e))?;
+            if f.metadata().map_err(|e| err(name, &e))?.len() == 0 {
+                return Ok(None);
+            }
+            // SAFETY: the cache files are written once (renamed into place) and never modified;
+            // a file replaced underneath would at worst give wrong evidence, which the root
+            // check below and the verifier detect.
+            unsafe { memmap2::Mmap::map(&f) }.map(Some).map_err(|e| err(name, &e))
+        };
+        let text = map("text")?;
+        let sa = map("sa")?;
+        let text_len = text.as_ref().map_or(0, |m| m.len());
+        let sa_len = sa.as_ref().map_or(0, |m| m.len());
+        if text_len as u64 != meta.bytes || sa_len != text_len * 4 {
+            return Err(err("sizes", &"text and suffix array do not match meta.json"));
+        }
+        let docs_bytes = std::fs::read(d.join("docs")).map_err(|e| err("docs", &e))?;
+        if docs_bytes.len() % 16 != 0 {
+            return Err(err("docs", &"truncated"));
+        }
+        let docs: Vec<DocEntry> = docs_bytes
+            .chunks_exact(16)
+            .map(|c| {
+                let owner = u32::from_le_bytes([c[12], c[13], c[14], c[15]]);
+                DocEntry {
+                    start: u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+                    ordinal: u32::from_le_bytes([c[8], c[9], c[10], c[11]]),
+                    owner: (owner != u32::MAX).then_some(owner),
+                }
+            })
+            .collect();
+        let text = text.map_or(Bytes::Mem(Vec::new()), Bytes::Map);
+        let root = hex::encode(merkle_root(&merkle_leaves(text.as_slice())));
+        if root != meta.root {
+            return Err(err("text", &"its Merkle root differs from meta.json (corrupt cache)"));
+        }
+        if docs.iter().any(|x| x.owner.is_some_and(|o| o as usize >= meta.owners.len())) {
+            return Err(err("docs", &"an owner out of range"));
+        }
+        Ok(Self {
+            sha256: sha256.to_owned(),
+            root,
+            text,
+            sa: sa.map_or(Suffixes::Mem(Vec::new()), Suffixes::Map),
+            docs,
+            owners: meta.owners,
+            documents: meta.documents,
+            duplicates: meta.duplicates,
+        })
+    }
+}
+
+/// Builds (or opens from the cache) the index of dataset `d` of the adapter folder `dir`.
+pub fn load_or_build(cache: Option<&Path>, dir: &Path, d: &Dataset) -> Result<DatasetIndex, String> {
+    if let Some(c) = cache
+        && c.join(&d.sha256).join("meta.json").is_file()
+    {
+        match DatasetIndex::open(c, &d.sha256) {
+            Ok(ix) => return Ok(ix),
+            Err(e) => eprintln!("openlora: dataset index cache: {e}; rebuilding"),
+        }
+    }
+    let corpus = read_dataset(dir, d)?;
+    let ix = DatasetIndex::build(&d.sha256, corpus)?;
+    if let Some(c) = cache
+        && let Err(e) = ix.save(c)
+    {
+        eprintln!("openlora: dataset index {}: not cached ({e})", d.sha256);
+    }
+    Ok(ix)
+}
+
+/// Where an index stands.
+#[derive(Clone, Debug)]
+pub enum IndexState {
+    /// Being read and built off the request path.
+    Building,
+    /// Ready.
+    Ready(Arc<DatasetIndex>),
+    /// It could not be built (the reason).
+    Failed(String),
+}
+
+type Slot = Arc<OnceLock<Result<Arc<DatasetIndex>, String>>>;
+
+/// The indexes of every dataset the deployment's adapters name, by content hash; each is built
+/// once, on a background thread, when an adapter naming it is registered.
+pub struct IndexStore {
+    cache: Option<PathBuf>,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl IndexStore {
+    /// A store caching built indexes under `cache` (none: memory only).
+    pub fn new(cache: Option<PathBuf>) -> Self {
+        Self { cache, slots: Mutex::new(HashMap::new()) }
+    }
+
+    /// The store the service uses: `$OPENLORA_CACHE/datasets` (default
+    /// `~/.cache/openlora/datasets`).
+    pub fn with_default_cache() -> Self {
+        let cache = std::env::var_os("OPENLORA_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/openlora")));
+        Self::new(cache.map(|c| c.join("datasets")))
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts building `d`'s index from the folder `dir` unless it exists or is being built.
+    pub fn ensure(&self, dir: &Path, d: &Dataset) {
+        if d.files.is_empty() {
+            return;
+        }
+        let slot = {
+            let mut slots = self.slots();
+            if slots.contains_key(&d.sha256) {
+                return;
+            }
+            let slot: Slot = Arc::new(OnceLock::new());
+            slots.insert(d.sha256.clone(), slot.clone());
+            slot
+        };
+        let (cache, dir, d) = (self.cache.clone(), dir.to_path_buf(), d.clone());
+        let spawned = std::thread::Builder::new().name("openlora-index".into()).spawn({
+            let slot = slot.clone();
+            move || {
+                let started = Instant::now();
+                let result = load_or_build(cache.as_deref(), &dir, &d).map(Arc::new);
+                match &result {
+                    Ok(ix) => eprintln!(
+                        "openlora: dataset {:?} indexed: {} documents ({} duplicates), {} bytes, root {}, {:.2} s",
+                        d.id,
+                        ix.documents,
+                        ix.duplicates,
+                        ix.text().len(),
+                        &ix.root[..12],
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => eprintln!("openlora: dataset {:?} not indexed: {e}", d.id),
+                }
+                let _ = slot.set(result);
+            }
+        });
+        if let Err(e) = spawned {
+            let _ = slot.set(Err(format!("could not start the index thread: {e}")));
+        }
+    }
+
+    /// The state of the index for content hash `sha256`; `None` if it was never asked for.
+    pub fn state(&self, sha256: &str) -> Option<IndexState> {
+        let slot = self.slots().get(sha256).cloned()?;
+        Some(match slot.get() {
+            None => IndexState::Building,
+            Some(Ok(ix)) => IndexState::Ready(ix.clone()),
+            Some(Err(e)) => IndexState::Failed(e.clone()),
+        })
+    }
+
+    /// Waits up to `timeout` until no index is building; whether none is.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            let busy = self.slots().values().any(|s| s.get().is_none());
+            if !busy {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapters::manifest::Contributor;
+
+    #[test]
+    fn canonical_text_collapses_whitespace_and_maps_back() {
+        let raw = "  Hello,\n\n  wörld\t!\0 ";
+        let (c, map) = canonical_with_map(raw);
+        assert_eq!(c, "Hello, wörld !");
+        assert_eq!(map.len(), c.len());
+        for (k, &r) in map.iter().enumerate() {
+            let cb = c.as_bytes()[k];
+            let rb = raw.as_bytes()[r as usize];
+            assert!(cb == rb || (cb == b' ' && rb.is_ascii_whitespace()), "{k}");
+        }
+    }
+
+    #[test]
+    fn jsonl_documents_owners_and_duplicates() {
+        let mut c = Corpus::default();
+        let mut seen = HashSet::new();
+        let data = "{\"contributor\": \"ann\", \"q\": \"Hi  there\", \"a\": [\"x\", {\"role\": \"user\", \"t\": \"y\"}]}\n\n{\"text\": \"Hi there x y\", \"contributor\": \"bob\"}\n{\"contributor\": \"bob\", \"text\": \"other\"}\n";
+        c.add_file("d.jsonl", data.as_bytes(), &mut seen).expect("reads");
+        // The second line's canonical text equals the first's: a duplicate, owner stays ann.
+        assert_eq!(c.read, 3);
+        assert_eq!(c.duplicates, 1);
+        assert_eq!(c.text, b"Hi there x y\0other\0");
+        assert_eq!(c.owners, vec!["ann".to_owned(), "bob".to_owned()]);
+        assert_eq!(c.docs[1], DocEntry { start: 13, ordinal: 2, owner: Some(1) });
+        let bad = c.add_file("e.jsonl", b"[1]\n", &mut seen).expect_err("not an object");
+        assert!(bad.contains("e.jsonl line 1"), "{bad}");
+    }
+
+    #[test]
+    fn merkle_proofs_verify_and_fail_on_tampering() {
+        for n in [1usize, 2, 3, 5, 8, 13] {
+            let text: Vec<u8> = (0..n * CHUNK_BYTES - 7).map(|i| (i % 251) as u8).collect();
+            let leaves = merkle_leaves(&text);
+            let root = merkle_root(&leaves);
+            for (i, chunk) in text.chunks(CHUNK_BYTES).enumerate() {
+                let proof = inclusion_proof(&leaves, i);
+                assert!(verify_inclusion(chunk, &proof, &root), "n={n} i={i}");
+                let mut bad = chunk.to_vec();
+                bad[0] ^= 1;
+                assert!(!verify_inclusion(&bad, &proof, &root));
+            }
+        }
+    }
+
+    #[test]
+    fn indexes_build_save_and_reopen_identically() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data =
+            "{\"contributor\": \"ann\", \"text\": \"the quick brown fox\"}\n{\"text\": \"jumps over the lazy dog\"}\n";
+        std::fs::write(tmp.path().join("d.jsonl"), data).expect("write");
+        let d = Dataset {
+            id: "d".into(),
+            sha256: hex::encode(Sha256::digest(data.as_bytes())),
+            license: String::new(),
+            files: vec!["d.jsonl".into()],
+            merkle_root: None,
+            contributors: vec![Contributor { name: "ann".into(), share: 1 }],
+        };
+        let cache = tmp.path().join("cache");
+        let built = load_or_build(Some(&cache), tmp.path(), &d).expect("builds");
+        let text = built.text();
+        let sa = built.suffixes();
+        assert_eq!(sa.len(), text.len());
+        for w in sa.windows(2) {
+            assert!(text[w[0] as usize..] < text[w[1] as usize..], "sorted");
+        }
+        let opened = DatasetIndex::open(&cache, &d.sha256).expect("opens");
+        assert_eq!(opened.text(), built.text());
+        assert_eq!(opened.suffixes(), built.suffixes());
+        assert_eq!(opened.docs(), built.docs());
+        assert_eq!(opened.root, built.root);
+        assert_eq!(opened.doc_at(25), (built.docs()[1], 5));
+        let wrong = Dataset { sha256: "0".repeat(64), ..d };
+        assert!(read_dataset(tmp.path(), &wrong).expect_err("hash").contains("SHA-256 of its files"));
+    }
+}

@@ -5,7 +5,7 @@
 //! does both); the host runs it in a sandbox with a fresh instance per call.
 //!
 //! Design decisions:
-//! - The ABI is the WIT package in `wit/` (`openlora:plugin@0.1.0`). This crate generates the
+//! - The ABI is the WIT package in `wit/` (`openlora:plugin@0.1.1`). This crate generates the
 //!   guest bindings once, so authors never run `wit-bindgen` themselves, and re-exports its
 //!   types under short paths ([`router`], [`merger`], [`preprocessor`], [`attributor`]).
 //! - One trait per kind, with associated functions and no `self`: an instance lives for one
@@ -55,10 +55,10 @@ pub mod __bindings {
             pub_export_macro: true,
             export_macro_name: "__export_merger_world",
             with: {
-                "openlora:plugin/types@0.1.0": super::router::openlora::plugin::types,
-                "openlora:plugin/logging@0.1.0": super::router::openlora::plugin::logging,
-                "openlora:plugin/config@0.1.0": super::router::openlora::plugin::config,
-                "openlora:plugin/catalog@0.1.0": super::router::openlora::plugin::catalog,
+                "openlora:plugin/types@0.1.1": super::router::openlora::plugin::types,
+                "openlora:plugin/logging@0.1.1": super::router::openlora::plugin::logging,
+                "openlora:plugin/config@0.1.1": super::router::openlora::plugin::config,
+                "openlora:plugin/catalog@0.1.1": super::router::openlora::plugin::catalog,
             },
         });
     }
@@ -71,9 +71,9 @@ pub mod __bindings {
             pub_export_macro: true,
             export_macro_name: "__export_preprocessor_world",
             with: {
-                "openlora:plugin/types@0.1.0": super::router::openlora::plugin::types,
-                "openlora:plugin/logging@0.1.0": super::router::openlora::plugin::logging,
-                "openlora:plugin/config@0.1.0": super::router::openlora::plugin::config,
+                "openlora:plugin/types@0.1.1": super::router::openlora::plugin::types,
+                "openlora:plugin/logging@0.1.1": super::router::openlora::plugin::logging,
+                "openlora:plugin/config@0.1.1": super::router::openlora::plugin::config,
             },
         });
     }
@@ -81,15 +81,15 @@ pub mod __bindings {
     pub mod attributor {
         wit_bindgen::generate!({
             path: "wit",
-            world: "attributor",
+            world: "evidence-attributor",
             default_bindings_module: "openlora_plugin_sdk::__bindings::attributor",
             pub_export_macro: true,
             export_macro_name: "__export_attributor_world",
             with: {
-                "openlora:plugin/types@0.1.0": super::router::openlora::plugin::types,
-                "openlora:plugin/logging@0.1.0": super::router::openlora::plugin::logging,
-                "openlora:plugin/config@0.1.0": super::router::openlora::plugin::config,
-                "openlora:plugin/catalog@0.1.0": super::router::openlora::plugin::catalog,
+                "openlora:plugin/types@0.1.1": super::router::openlora::plugin::types,
+                "openlora:plugin/logging@0.1.1": super::router::openlora::plugin::logging,
+                "openlora:plugin/config@0.1.1": super::router::openlora::plugin::config,
+                "openlora:plugin/catalog@0.1.1": super::router::openlora::plugin::catalog,
             },
         });
     }
@@ -100,7 +100,7 @@ use __bindings::router::openlora::plugin as shared;
 pub use shared::types::{AdapterChoice, AdapterFacts, Contributor, Dataset, Message, Metadata};
 
 /// The ABI version this SDK builds plugins against (the WIT package version).
-pub const ABI_VERSION: &str = "0.1.0";
+pub const ABI_VERSION: &str = "0.1.1";
 
 /// Looks up `key` in request metadata (the first entry wins).
 pub fn metadata_get<'a>(metadata: &'a Metadata, key: &str) -> Option<&'a str> {
@@ -158,12 +158,26 @@ pub mod attributor {
     pub use crate::__bindings::attributor::exports::openlora::plugin::attribution::{
         AdapterUse, InferenceRecord, ModelUse, PayeeRole, Payment,
     };
+    pub use crate::__bindings::attributor::exports::openlora::plugin::evidence_attribution::EvidenceShare;
 
     /// An attributor. The host runs it with a fuel budget, so a record always yields the same
     /// payments (or the same failure); the payments must sum to `record.price_micros`.
+    ///
+    /// A 0.1.1 host calls [`Attributor::attribute_with_evidence`] (whose default ignores the
+    /// evidence and calls [`Attributor::attribute`]); a 0.1.0 host calls `attribute`.
     pub trait Attributor {
         /// Splits `record.price_micros` into payments.
         fn attribute(record: InferenceRecord) -> Result<Vec<Payment>, String>;
+
+        /// Splits `record.price_micros` into payments, given the answer's verbatim-overlap
+        /// evidence per contributor (empty when there is none). Default: [`Self::attribute`].
+        fn attribute_with_evidence(
+            record: InferenceRecord,
+            evidence: Vec<EvidenceShare>,
+        ) -> Result<Vec<Payment>, String> {
+            let _ = evidence;
+            Self::attribute(record)
+        }
     }
 
     /// Splits `total` into parts proportional to `weights` that sum to `total` exactly
@@ -385,6 +399,17 @@ macro_rules! export_attributor {
             ) -> ::core::result::Result<::std::vec::Vec<$crate::attributor::Payment>, ::std::string::String> {
                 $crate::__install_panic_hook();
                 <$plugin as $crate::attributor::Attributor>::attribute(record)
+            }
+        }
+        impl $crate::__bindings::attributor::exports::openlora::plugin::evidence_attribution::Guest
+            for __OpenloraAttributorExport
+        {
+            fn attribute_with_evidence(
+                record: $crate::attributor::InferenceRecord,
+                evidence: ::std::vec::Vec<$crate::attributor::EvidenceShare>,
+            ) -> ::core::result::Result<::std::vec::Vec<$crate::attributor::Payment>, ::std::string::String> {
+                $crate::__install_panic_hook();
+                <$plugin as $crate::attributor::Attributor>::attribute_with_evidence(record, evidence)
             }
         }
         $crate::__bindings::attributor::__export_attributor_world!(

@@ -9,10 +9,10 @@ use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use openlora::plugins::{
-    AdapterChoice, AdapterFacts, AdapterUse, CatalogView, Contributor, Dataset, FailurePolicy, HostOptions,
-    InferenceRecord, LogLevel, LogRecord, LogSink, MajoritySign, MergeMethod, MergeOutcome, MergeRequest, Message,
-    ModelUse, PayeeRole, PluginError, PluginHost, PluginKind, PluginSpec, PreprocessOutcome, PreprocessRequest,
-    RouteDecision, RouteRequest, SandboxOptions,
+    AdapterChoice, AdapterFacts, AdapterUse, CatalogView, Contributor, Dataset, EvidenceShare, FailurePolicy,
+    HostOptions, InferenceRecord, LogLevel, LogRecord, LogSink, MajoritySign, MergeMethod, MergeOutcome, MergeRequest,
+    Message, ModelUse, PayeeRole, PluginError, PluginHost, PluginKind, PluginSpec, PreprocessOutcome,
+    PreprocessRequest, RouteDecision, RouteRequest, SandboxOptions,
 };
 
 /// Built components: (examples, fixtures). Built once per test binary; the build itself is
@@ -125,6 +125,7 @@ fn record(request_id: &str, adapters: &[&str], price_micros: u64) -> InferenceRe
         completion_tokens: 34,
         finish_reason: "stop".to_owned(),
         price_micros,
+        evidence: Vec::new(),
     }
 }
 
@@ -323,6 +324,22 @@ fn revenue_split_pays_manifest_shares_exactly() {
         }
     }
 
+    // Evidence (ABI 0.1.1): half of pirate's datasets' 250000 goes by evidence, here all to
+    // carol, whose documents the answer quoted; the other half by declaration as above.
+    let quoted = InferenceRecord {
+        evidence: vec![EvidenceShare {
+            adapter: "pirate".into(),
+            dataset: "sea-shanties".into(),
+            contributor: "carol".into(),
+            weight: 12,
+        }],
+        ..record.clone()
+    };
+    let with = host.attribute("split", &quoted).expect("call").value;
+    let paid = |who: &str| -> u64 { with.iter().filter(|p| p.party == who).map(|p| p.micros).sum() };
+    assert_eq!((paid("bob"), paid("carol"), paid("dave")), (46_875, 125_000 + 15_625, 62_500));
+    assert_eq!(with.iter().map(|p| p.micros).sum::<u64>(), record.price_micros);
+
     // A bad configuration is a refusal -> a failure under fail-closed, naming the key.
     let bad = serde_json::json!({ "dataset_bps": 12000 });
     host.load(closed(spec("bad", PluginKind::Attributor, &example("revenue-split"), bad))).expect("load");
@@ -420,13 +437,13 @@ fn a_forbidden_import_is_refused_naming_it() {
     assert_eq!(
         failure.error,
         PluginError::ForbiddenImport {
-            name: "openlora:plugin/catalog@0.1.0".to_owned(),
+            name: "openlora:plugin/catalog@0.1.1".to_owned(),
             kind: PluginKind::Preprocessor
         }
     );
     assert_eq!(
         failure.to_string(),
-        "plugin `sneaky` imports `openlora:plugin/catalog@0.1.0`, which a preprocessor is not granted"
+        "plugin `sneaky` imports `openlora:plugin/catalog@0.1.1`, which a preprocessor is not granted"
     );
     assert!(host.metrics().is_empty(), "a refused plugin must not be installed");
     // No kind is granted WASI.
@@ -455,7 +472,7 @@ fn an_unknown_abi_major_is_refused() {
     // The example plugins report the version they were built against.
     let report =
         host.load(spec("router", PluginKind::Router, &example("keyword-router"), serde_json::json!({}))).expect("load");
-    assert_eq!(report.abi_version, "0.1.0");
+    assert_eq!(report.abi_version, "0.1.1");
 }
 
 // ---- policy, quarantine, reload, cache ----------------------------------------------------
@@ -880,4 +897,26 @@ fn plugin_chain_overhead() {
             start.elapsed().as_secs_f64() * 1e3
         );
     }
+}
+
+#[test]
+fn an_attributor_built_against_abi_0_1_0_still_loads_and_runs() {
+    // Frozen copy of the 0.1.0 WIT, no SDK: the host (0.1.1, which added
+    // evidence-attribution) must link it by semver and call its plain `attribute`.
+    let (host, _) = host();
+    let info = host
+        .load(closed(spec("old", PluginKind::Attributor, &fixture("abi-0-1-0"), serde_json::json!({}))))
+        .expect("a 0.1.0 attributor loads");
+    assert_eq!(info.abi_version, "0.1.0");
+    let mut record = record("r1", &["pirate"], 4321);
+    record.evidence =
+        vec![EvidenceShare { adapter: "pirate".into(), dataset: "d".into(), contributor: "x".into(), weight: 1 }];
+    let payments = host.attribute("old", &record).expect("call").value;
+    assert_eq!(payments.len(), 1);
+    assert_eq!((payments[0].party.as_str(), payments[0].micros), ("meta", 4321));
+    // The SDK's plugins are built against 0.1.1.
+    let new = host
+        .load(closed(spec("new", PluginKind::Attributor, &example("revenue-split"), serde_json::json!({}))))
+        .expect("load");
+    assert_eq!(new.abi_version, "0.1.1");
 }

@@ -9,6 +9,7 @@
 //! platform_party = "openlora"   # default "platform"
 //! base_model_bps = 3000         # the base model's fixed part of the rest (default: by prices)
 //! dataset_bps = 5000            # the part of an adapter's share owed to its datasets (default 5000)
+//! evidence_bps = 5000           # the part of the datasets' share paid by evidence (default 5000)
 //! ```
 //!
 //! The split, level by level:
@@ -18,13 +19,21 @@
 //!    fixed part to the base model and the remainder among the adapters by price;
 //! 3. an adapter's part: `dataset_bps` to its datasets (all of it to the owner when the
 //!    manifest names none), the rest to its owner;
-//! 4. a datasets' part: equally per dataset, then among its contributors by their `share`.
+//! 4. the datasets' part: when the answer has verbatim-overlap evidence from this adapter's
+//!    datasets, `evidence_bps` of it by evidence (each contributor by its evidence weight:
+//!    the words of the answer found in their documents), and the rest by declaration; without
+//!    evidence (none found, or a host older than ABI 0.1.1) all of it by declaration;
+//! 5. by declaration: equally per dataset, then among its contributors by their `share`.
+//!
+//! The blend keeps a declared floor (data that shaped the adapter without being quoted still
+//! earns) while an answer that repeats a contributor's documents verbatim pays that
+//! contributor more. Evidence is overlap, not influence: paraphrase earns nothing extra.
 //!
 //! Every level is a largest-remainder split (floors, then the left-over micros to the largest
 //! fractional remainders, ties to the earlier party), so the payments sum to the price to the
 //! micro, and the same record always gives the same payments.
 
-use openlora_plugin_sdk::attributor::{Attributor, InferenceRecord, PayeeRole, Payment, split_exact};
+use openlora_plugin_sdk::attributor::{Attributor, EvidenceShare, InferenceRecord, PayeeRole, Payment, split_exact};
 use openlora_plugin_sdk::{config, export_attributor};
 
 const BPS: u64 = 10_000;
@@ -49,6 +58,10 @@ fn split(total: u64, weights: &[u128]) -> Result<Vec<u64>, String> {
 
 impl Attributor for RevenueSplit {
     fn attribute(record: InferenceRecord) -> Result<Vec<Payment>, String> {
+        Self::attribute_with_evidence(record, Vec::new())
+    }
+
+    fn attribute_with_evidence(record: InferenceRecord, evidence: Vec<EvidenceShare>) -> Result<Vec<Payment>, String> {
         let mut payments = Vec::new();
         let mut pay = |party: &str, role: PayeeRole, source: String, micros: u64| {
             if micros > 0 {
@@ -79,8 +92,9 @@ impl Attributor for RevenueSplit {
         let parts = split(cut[1], &weights)?;
         pay(&record.base_model.owner, PayeeRole::BaseOwner, String::new(), parts[0]);
 
-        // 3. and 4. Each adapter's part: owner, datasets, contributors.
+        // 3. to 5. Each adapter's part: owner, datasets (by evidence, then by declaration).
         let dataset_bps = bps("dataset_bps")?.unwrap_or(5000);
+        let evidence_bps = bps("evidence_bps")?.unwrap_or(5000);
         for (adapter, &part) in record.adapters.iter().zip(&parts[1..]) {
             if adapter.datasets.is_empty() {
                 pay(&adapter.owner, PayeeRole::AdapterOwner, adapter.name.clone(), part);
@@ -88,7 +102,20 @@ impl Attributor for RevenueSplit {
             }
             let halves = split(part, &[u128::from(BPS - dataset_bps), u128::from(dataset_bps)])?;
             pay(&adapter.owner, PayeeRole::AdapterOwner, adapter.name.clone(), halves[0]);
-            let per_dataset = split(halves[1], &vec![1; adapter.datasets.len()])?;
+            let found: Vec<&EvidenceShare> =
+                evidence.iter().filter(|e| e.adapter == adapter.name && e.weight > 0).collect();
+            let declared = if found.is_empty() {
+                halves[1]
+            } else {
+                let parts = split(halves[1], &[u128::from(BPS - evidence_bps), u128::from(evidence_bps)])?;
+                let weights: Vec<u128> = found.iter().map(|e| u128::from(e.weight)).collect();
+                for (e, micros) in found.iter().zip(split(parts[1], &weights)?) {
+                    let source = format!("{}/{}", adapter.name, e.dataset);
+                    pay(&e.contributor, PayeeRole::DatasetContributor, source, micros);
+                }
+                parts[0]
+            };
+            let per_dataset = split(declared, &vec![1; adapter.datasets.len()])?;
             for (dataset, &dataset_part) in adapter.datasets.iter().zip(&per_dataset) {
                 if dataset.contributors.is_empty() {
                     // Nobody to pay for this dataset: the owner keeps its part.

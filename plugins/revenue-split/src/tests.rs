@@ -1,6 +1,6 @@
 //! Native tests against the SDK's mock host (`cargo test` in this crate).
 
-use openlora_plugin_sdk::attributor::{AdapterUse, Attributor, InferenceRecord, ModelUse};
+use openlora_plugin_sdk::attributor::{AdapterUse, Attributor, EvidenceShare, InferenceRecord, ModelUse};
 use openlora_plugin_sdk::testing::MockHost;
 use openlora_plugin_sdk::{Contributor, Dataset};
 
@@ -50,4 +50,27 @@ fn a_bad_basis_point_setting_is_refused_naming_the_key() {
     let _host = MockHost::new().config("dataset_bps", "12000").install();
     let err = RevenueSplit::attribute(record(100)).expect_err("refused");
     assert!(err.contains("dataset_bps"), "{err}");
+}
+
+#[test]
+fn evidence_moves_part_of_the_datasets_share_to_the_quoted_contributor() {
+    let _host = MockHost::new().install();
+    let paid = |payments: &[openlora_plugin_sdk::attributor::Payment], who: &str| -> u64 {
+        payments.iter().filter(|p| p.party == who).map(|p| p.micros).sum()
+    };
+    // Price 40000: base 10000, adapter 30000 -> owner 15000, datasets 15000.
+    let declared = RevenueSplit::attribute(record(40_000)).expect("payments");
+    assert_eq!((paid(&declared, "ann"), paid(&declared, "bob")), (5000, 10000));
+    let ev = vec![EvidenceShare { adapter: "pirate".into(), dataset: "logs".into(), contributor: "ann".into(), weight: 9 }];
+    let with = RevenueSplit::attribute_with_evidence(record(40_000), ev.clone()).expect("payments");
+    // Half of the datasets' 15000 by evidence (all to ann), half by declaration (1:2).
+    assert_eq!((paid(&with, "ann"), paid(&with, "bob")), (7500 + 2500, 5000));
+    assert_eq!(with.iter().map(|p| p.micros).sum::<u64>(), 40_000);
+    // Evidence for another adapter changes nothing here.
+    let other = vec![EvidenceShare { adapter: "caps".into(), ..ev[0].clone() }];
+    let unchanged = RevenueSplit::attribute_with_evidence(record(40_000), other).expect("payments");
+    assert_eq!(format!("{unchanged:?}"), format!("{declared:?}"));
+    let _host = MockHost::new().config("evidence_bps", "10000").install();
+    let all = RevenueSplit::attribute_with_evidence(record(40_000), ev).expect("payments");
+    assert_eq!((paid(&all, "ann"), paid(&all, "bob")), (15000, 0));
 }

@@ -101,7 +101,7 @@ enum Pre {
     Router(abi::v0_1::RouterPre<CallState>),
     Merger(abi::v0_1::MergerPre<CallState>),
     Preprocessor(abi::v0_1::PreprocessorPre<CallState>),
-    Attributor(abi::v0_1::AttributorPre<CallState>),
+    Attributor(abi::v0_1::Attributors),
 }
 
 /// One loaded version of a plugin.
@@ -326,7 +326,13 @@ impl PluginHost {
             PluginKind::Preprocessor => {
                 Pre::Preprocessor(abi::v0_1::PreprocessorPre::new(instance_pre).map_err(invalid)?)
             }
-            PluginKind::Attributor => Pre::Attributor(abi::v0_1::AttributorPre::new(instance_pre).map_err(invalid)?),
+            PluginKind::Attributor => {
+                let evidence = component
+                    .component_type()
+                    .exports(&self.engine)
+                    .any(|(name, _)| name.starts_with("openlora:plugin/evidence-attribution@"));
+                Pre::Attributor(abi::v0_1::Attributors::new(instance_pre, evidence).map_err(invalid)?)
+            }
         })
     }
 

@@ -188,6 +188,22 @@ pub struct InferenceRecord {
     pub finish_reason: String,
     /// The price charged, in micro-units.
     pub price_micros: u64,
+    /// The answer's verbatim-overlap evidence per contributor (empty without any); only
+    /// attributors of ABI 0.1.1 and later see it.
+    pub evidence: Vec<EvidenceShare>,
+}
+
+/// One contributor's evidence weight in one answer (see `openlora:plugin/evidence-attribution`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EvidenceShare {
+    /// The adapter.
+    pub adapter: String,
+    /// Its dataset.
+    pub dataset: String,
+    /// The contributor.
+    pub contributor: String,
+    /// Relative weight (see the WIT for how it is computed).
+    pub weight: u64,
 }
 
 /// Why a party is paid.

@@ -312,5 +312,14 @@ fn plugin_record(record: &InferenceRecord, total: u64) -> pl::InferenceRecord {
         completion_tokens: record.completion_tokens,
         finish_reason: record.finish_reason.clone(),
         price_micros: total,
+        evidence: crate::attribution::receipt::record_evidence_weights(record)
+            .into_iter()
+            .map(|(adapter, dataset, contributor, weight)| pl::EvidenceShare {
+                adapter,
+                dataset,
+                contributor,
+                weight: u64::try_from(weight).unwrap_or(u64::MAX),
+            })
+            .collect(),
     }
 }

@@ -50,12 +50,25 @@ mod bindings {
             },
         });
     }
+    pub mod evidence_attributor {
+        wasmtime::component::bindgen!({
+            path: "../plugin-sdk/wit",
+            world: "evidence-attributor",
+            with: {
+                "openlora:plugin/types": super::router::openlora::plugin::types,
+                "openlora:plugin/logging": super::router::openlora::plugin::logging,
+                "openlora:plugin/config": super::router::openlora::plugin::config,
+                "openlora:plugin/catalog": super::router::openlora::plugin::catalog,
+            },
+        });
+    }
 }
 
 use bindings::router::openlora::plugin::{catalog, config, logging, types};
-use bindings::{attributor, merger, preprocessor, router};
+use bindings::{attributor, evidence_attributor, merger, preprocessor, router};
 
 pub(crate) use attributor::AttributorPre;
+pub(crate) use evidence_attributor::EvidenceAttributorPre;
 pub(crate) use merger::MergerPre;
 pub(crate) use preprocessor::PreprocessorPre;
 pub(crate) use router::RouterPre;
@@ -250,58 +263,127 @@ pub(crate) fn merge(
 }
 
 /// Instantiates an attributor and attributes one inference. A refusal is returned as `Err`
-/// inside `Ok` (the plugin ran fine but declined).
+/// Both ways an attributor can be linked: a 0.1.0 component (`attribution` only), or one that
+/// also exports `evidence-attribution` (0.1.1), which is then called with the evidence.
+pub(crate) enum Attributors {
+    /// `attribution` only.
+    Plain(AttributorPre<CallState>),
+    /// `attribution` and `evidence-attribution`.
+    Evidence(EvidenceAttributorPre<CallState>),
+}
+
+impl Attributors {
+    /// Links `instance_pre` through the evidence world when the component exports it.
+    pub(crate) fn new(
+        instance_pre: wasmtime::component::InstancePre<CallState>,
+        with_evidence: bool,
+    ) -> wasmtime::Result<Self> {
+        Ok(if with_evidence {
+            Self::Evidence(EvidenceAttributorPre::new(instance_pre)?)
+        } else {
+            Self::Plain(AttributorPre::new(instance_pre)?)
+        })
+    }
+}
+
+/// The record in the generated types of module `$wit`.
+macro_rules! wit_record {
+    ($wit:path, $record:expr) => {{
+        use $wit as wit;
+        let record: &host::InferenceRecord = $record;
+        wit::InferenceRecord {
+            request_id: record.request_id.clone(),
+            tenant: record.tenant.clone(),
+            time_ms: record.time_ms,
+            base_model: wit::ModelUse {
+                id: record.base_model.id.clone(),
+                sha256: record.base_model.sha256.clone(),
+                owner: record.base_model.owner.clone(),
+                price_per_1k_tokens: record.base_model.price_per_1k_tokens,
+            },
+            adapters: record
+                .adapters
+                .iter()
+                .map(|a| wit::AdapterUse {
+                    name: a.name.clone(),
+                    generation: a.generation.clone(),
+                    weight: a.weight,
+                    owner: a.owner.clone(),
+                    price_per_1k_tokens: a.price_per_1k_tokens,
+                    datasets: datasets(&a.datasets),
+                })
+                .collect(),
+            merge: record.merge.clone(),
+            prompt_tokens: record.prompt_tokens,
+            completion_tokens: record.completion_tokens,
+            finish_reason: record.finish_reason.clone(),
+            price_micros: record.price_micros,
+        }
+    }};
+}
+
+/// Payments back from the generated types of module `$wit`.
+macro_rules! host_payments {
+    ($wit:path, $payments:expr) => {{
+        use $wit as wit;
+        $payments
+            .into_iter()
+            .map(|p: wit::Payment| host::Payment {
+                party: p.party,
+                role: match p.role {
+                    wit::PayeeRole::BaseOwner => host::PayeeRole::BaseOwner,
+                    wit::PayeeRole::AdapterOwner => host::PayeeRole::AdapterOwner,
+                    wit::PayeeRole::DatasetContributor => host::PayeeRole::DatasetContributor,
+                    wit::PayeeRole::Platform => host::PayeeRole::Platform,
+                },
+                source: p.source,
+                micros: p.micros,
+            })
+            .collect::<Vec<host::Payment>>()
+    }};
+}
+
+/// Instantiates an attributor and attributes one inference (with its evidence, when the
+/// plugin takes it). A refusal is returned as `Err(reason)`.
 pub(crate) fn attribute(
-    pre: &AttributorPre<CallState>,
+    pre: &Attributors,
     store: &mut wasmtime::Store<CallState>,
     record: &host::InferenceRecord,
 ) -> wasmtime::Result<Result<Vec<host::Payment>, String>> {
-    use attributor::exports::openlora::plugin::attribution as wit;
-    let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
-    let record = wit::InferenceRecord {
-        request_id: record.request_id.clone(),
-        tenant: record.tenant.clone(),
-        time_ms: record.time_ms,
-        base_model: wit::ModelUse {
-            id: record.base_model.id.clone(),
-            sha256: record.base_model.sha256.clone(),
-            owner: record.base_model.owner.clone(),
-            price_per_1k_tokens: record.base_model.price_per_1k_tokens,
-        },
-        adapters: record
-            .adapters
-            .iter()
-            .map(|a| wit::AdapterUse {
-                name: a.name.clone(),
-                generation: a.generation.clone(),
-                weight: a.weight,
-                owner: a.owner.clone(),
-                price_per_1k_tokens: a.price_per_1k_tokens,
-                datasets: datasets(&a.datasets),
+    match pre {
+        Attributors::Plain(pre) => {
+            let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
+            let wit_rec = wit_record!(attributor::exports::openlora::plugin::attribution, record);
+            Ok(match instance.openlora_plugin_attribution().call_attribute(&mut *store, &wit_rec)? {
+                Ok(payments) => Ok(host_payments!(attributor::exports::openlora::plugin::attribution, payments)),
+                Err(reason) => Err(reason),
             })
-            .collect(),
-        merge: record.merge.clone(),
-        prompt_tokens: record.prompt_tokens,
-        completion_tokens: record.completion_tokens,
-        finish_reason: record.finish_reason.clone(),
-        price_micros: record.price_micros,
-    };
-    let payments = match instance.openlora_plugin_attribution().call_attribute(&mut *store, &record)? {
-        Ok(payments) => payments,
-        Err(reason) => return Ok(Err(reason)),
-    };
-    Ok(Ok(payments
-        .into_iter()
-        .map(|p| host::Payment {
-            party: p.party,
-            role: match p.role {
-                wit::PayeeRole::BaseOwner => host::PayeeRole::BaseOwner,
-                wit::PayeeRole::AdapterOwner => host::PayeeRole::AdapterOwner,
-                wit::PayeeRole::DatasetContributor => host::PayeeRole::DatasetContributor,
-                wit::PayeeRole::Platform => host::PayeeRole::Platform,
-            },
-            source: p.source,
-            micros: p.micros,
-        })
-        .collect()))
+        }
+        Attributors::Evidence(pre) => {
+            use evidence_attributor::exports::openlora::plugin::evidence_attribution as ev;
+            let instance = pre.instantiate(&mut *store).map_err(sandbox::instantiating)?;
+            let wit_rec = wit_record!(evidence_attributor::exports::openlora::plugin::attribution, record);
+            let shares: Vec<ev::EvidenceShare> = record
+                .evidence
+                .iter()
+                .map(|e| ev::EvidenceShare {
+                    adapter: e.adapter.clone(),
+                    dataset: e.dataset.clone(),
+                    contributor: e.contributor.clone(),
+                    weight: e.weight,
+                })
+                .collect();
+            let answer = instance.openlora_plugin_evidence_attribution().call_attribute_with_evidence(
+                &mut *store,
+                &wit_rec,
+                &shares,
+            )?;
+            Ok(match answer {
+                Ok(payments) => {
+                    Ok(host_payments!(evidence_attributor::exports::openlora::plugin::attribution, payments))
+                }
+                Err(reason) => Err(reason),
+            })
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod architecture;
 mod attribution;
 mod default_model;
 mod engine;
+mod evidence;
 mod fuzz;
 mod lora_reference;
 mod malformed;

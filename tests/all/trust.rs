@@ -43,7 +43,7 @@ impl Node {
     }
 
     /// A node for `toml` serving the adapter folders under `adapters`.
-    fn start_with(toml: &str, adapters: &Path) -> Self {
+    pub(crate) fn start_with(toml: &str, adapters: &Path) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let text = format!(
             "{toml}\n[adapters]\ndirs = [{:?}]\n[attribution]\nenabled = true\nstate_dir = {:?}\n",

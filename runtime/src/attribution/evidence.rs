@@ -148,12 +148,24 @@ pub fn find_matches(ix: &DatasetIndex, answer: &str, prompt: &str, p: &EvidenceP
     let scan_limit = (p.max_occurrences as usize).saturating_mul(8).max(64);
     let starts: Vec<usize> =
         (0..bytes.len()).filter(|&i| bytes[i] != b' ' && (i == 0 || bytes[i - 1] == b' ')).collect();
+    let min = p.min_words as usize;
     let mut w = 0;
-    while w < starts.len() {
+    while w + min <= starts.len() {
         let s = starts[w];
+        // First, one search: do the first `min_words` words occur at all (the last one without
+        // trailing punctuation)? Most word starts of most answers stop here.
+        let probe_end = starts.get(w + min).map_or(bytes.len(), |&n| n - 1);
+        let probe = &bytes[s..probe_end];
+        let probe = &probe[..probe.len() - probe.iter().rev().take_while(|c| c.is_ascii_punctuation()).count()];
+        let (lo0, hi0) = ix.bucket(probe);
+        let at = lo0 + sa[lo0..hi0].partition_point(|&x| cmp_prefix(text, x as usize, probe).is_lt());
+        if probe.is_empty() || at == hi0 || cmp_prefix(text, sa[at] as usize, probe).is_ne() {
+            w += 1;
+            continue;
+        }
         // Candidates: (end, lo, hi, words) for each whole-word prefix found.
         let mut cands: Vec<(usize, usize, usize, u32)> = Vec::new();
-        let (mut lo, mut hi) = (0usize, sa.len());
+        let (mut lo, mut hi) = ix.bucket(&bytes[s..]);
         let mut e = s;
         let mut words = 0u32;
         loop {

@@ -310,6 +310,8 @@ pub struct DatasetIndex {
     pub root: String,
     text: Bytes,
     sa: Suffixes,
+    /// `buckets[k]..buckets[k + 1]`: the suffixes whose first two bytes are `k` (big-endian).
+    buckets: Vec<u32>,
     docs: Vec<DocEntry>,
     /// Owners named by the documents.
     pub owners: Vec<String>,
@@ -357,11 +359,13 @@ impl DatasetIndex {
             sa.into_iter().map(|x| x as u32).collect()
         };
         let root = hex::encode(merkle_root(&merkle_leaves(&corpus.text)));
+        let buckets = buckets(&corpus.text, &sa);
         Ok(Self {
             sha256: sha256.to_owned(),
             root,
             text: Bytes::Mem(corpus.text),
             sa: Suffixes::Mem(sa),
+            buckets,
             docs: corpus.docs,
             owners: corpus.owners,
             documents: corpus.read,
@@ -379,6 +383,18 @@ impl DatasetIndex {
         match &self.sa {
             Suffixes::Mem(v) => v,
             Suffixes::Map(m) => bytemuck::cast_slice(m),
+        }
+    }
+
+    /// The range of [`Self::suffixes`] that starts with `needle`'s first two bytes (all of it
+    /// for a shorter needle): where a search for `needle` begins.
+    pub fn bucket(&self, needle: &[u8]) -> (usize, usize) {
+        match needle {
+            [a, b, ..] => {
+                let k = usize::from(*a) << 8 | usize::from(*b);
+                (self.buckets[k] as usize, self.buckets[k + 1] as usize)
+            }
+            _ => (0, self.suffixes().len()),
         }
     }
 
@@ -483,17 +499,36 @@ impl DatasetIndex {
         if docs.iter().any(|x| x.owner.is_some_and(|o| o as usize >= meta.owners.len())) {
             return Err(err("docs", &"an owner out of range"));
         }
+        let sa = sa.map_or(Suffixes::Mem(Vec::new()), Suffixes::Map);
+        let buckets = buckets(
+            text.as_slice(),
+            match &sa {
+                Suffixes::Mem(v) => v,
+                Suffixes::Map(m) => bytemuck::cast_slice(m),
+            },
+        );
         Ok(Self {
             sha256: sha256.to_owned(),
             root,
             text,
-            sa: sa.map_or(Suffixes::Mem(Vec::new()), Suffixes::Map),
+            sa,
+            buckets,
             docs,
             owners: meta.owners,
             documents: meta.documents,
             duplicates: meta.duplicates,
         })
     }
+}
+
+/// The two-byte bucket boundaries of a suffix array (65,537 entries; a suffix one byte long
+/// counts as followed by 0, which keeps the keys in suffix order).
+fn buckets(text: &[u8], sa: &[u32]) -> Vec<u32> {
+    let key = |x: u32| {
+        let x = x as usize;
+        usize::from(text[x]) << 8 | usize::from(text.get(x + 1).copied().unwrap_or(0))
+    };
+    (0..=65_536usize).map(|k| sa.partition_point(|&x| key(x) < k) as u32).collect()
 }
 
 /// Builds (or opens from the cache) the index of dataset `d` of the adapter folder `dir`.

@@ -60,6 +60,20 @@ pub enum LedgerCommand {
         #[arg(long, value_name = "HEX")]
         public_key: Option<String>,
     },
+    /// Benchmark the evidence index and matcher on synthetic data: build the index of MIB
+    /// mebibytes of text (words drawn Zipf-like from a 20,000-word vocabulary, documents of
+    /// 50-400 words), then match ANSWERS answers of about 500 tokens (375 words; half of them
+    /// quote three 20-word passages of the data) and print build time, index size per byte of
+    /// text and the matcher's p50/p99 per answer, as JSON. One core (the matcher is one thread;
+    /// libsais runs single-threaded).
+    BenchEvidence {
+        /// Text to index, in MiB.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Answers to match.
+        #[arg(long, default_value_t = 400)]
+        answers: usize,
+    },
     /// Index the datasets an adapter's manifest names (as the server does when it registers the
     /// adapter) and print, per dataset, its documents, duplicates, bytes and Merkle root (the
     /// manifest's optional `merkle_root`).
@@ -119,6 +133,7 @@ pub fn run(c: LedgerCommand) -> Result<()> {
             );
             Ok(())
         }
+        LedgerCommand::BenchEvidence { mib, answers } => bench_evidence(mib, answers),
         LedgerCommand::Index { dir } => {
             let m = openlora::adapters::manifest::Manifest::load_for(&dir)?
                 .with_context(|| format!("{}: no openlora.toml", dir.display()))?;
@@ -175,6 +190,112 @@ pub fn run(c: LedgerCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `openlora ledger bench-evidence`.
+fn bench_evidence(mib: usize, answers: usize) -> Result<()> {
+    use openlora::attribution::evidence::{EvidenceParams, find_matches};
+    use openlora::attribution::index::{Corpus, DatasetIndex};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let mut rng = StdRng::seed_from_u64(22);
+    // A vocabulary of pronounceable words; rank r drawn with probability ~ 1/(r+10).
+    let syll = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "po", "de", "an", "or", "el", "is", "um", "ba"];
+    let vocab: Vec<String> =
+        (0..20_000).map(|_| (0..rng.gen_range(1..4)).map(|_| syll[rng.gen_range(0..syll.len())]).collect()).collect();
+    let harmonic: Vec<f64> = {
+        let mut acc = 0.0;
+        (0..vocab.len())
+            .map(|r| {
+                acc += 1.0 / (r as f64 + 10.0);
+                acc
+            })
+            .collect()
+    };
+    let total = *harmonic.last().unwrap_or(&1.0);
+    let word = |rng: &mut StdRng| -> &str {
+        let x = rng.r#gen::<f64>() * total;
+        &vocab[harmonic.partition_point(|&h| h < x).min(vocab.len() - 1)]
+    };
+    let target = mib << 20;
+    let mut lines = String::with_capacity(target + (1 << 20));
+    let mut doc = String::new();
+    while lines.len() < target {
+        doc.clear();
+        for i in 0..rng.gen_range(50..400) {
+            if i > 0 {
+                doc.push(' ');
+            }
+            doc.push_str(word(&mut rng));
+        }
+        lines.push_str(&doc);
+        lines.push('\n');
+    }
+    // Each line one document, added as `read_dataset` adds a plain-text file.
+    let started = std::time::Instant::now();
+    let mut corpus = Corpus::default();
+    let mut seen = Default::default();
+    for line in lines.lines() {
+        corpus.add_file("doc.txt", line.as_bytes(), &mut seen).map_err(anyhow::Error::msg)?;
+    }
+    let read_s = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let ix = DatasetIndex::build("bench", corpus).map_err(anyhow::Error::msg)?;
+    let build_s = started.elapsed().as_secs_f64();
+    let text = ix.text();
+    let p = EvidenceParams::default();
+    let mut times = Vec::with_capacity(answers);
+    let mut spans = 0usize;
+    for a in 0..answers {
+        let mut answer = String::new();
+        let mut words = 0;
+        let quotes = if a % 2 == 0 { 3 } else { 0 };
+        let mut quoted = 0;
+        while words < 375 {
+            if quoted < quotes && words >= 100 * quoted + 40 {
+                // 20 words from a random place in the data, from a word start.
+                let mut at = rng.gen_range(0..text.len() - 4096);
+                while text[at] == b' ' || text[at] == 0 || (at > 0 && text[at - 1] != b' ' && text[at - 1] != 0) {
+                    at += 1;
+                }
+                let passage: Vec<&str> =
+                    std::str::from_utf8(&text[at..at + 4000]).unwrap_or("").split(['\0', ' ']).take(20).collect();
+                answer.push(' ');
+                answer.push_str(&passage.join(" "));
+                words += 20;
+                quoted += 1;
+            } else {
+                answer.push(' ');
+                answer.push_str(word(&mut rng));
+                words += 1;
+            }
+        }
+        let answer = answer.trim().to_owned();
+        let t = std::time::Instant::now();
+        let m = find_matches(&ix, &answer, "", &p);
+        times.push(t.elapsed().as_secs_f64());
+        spans += m.len();
+    }
+    times.sort_by(f64::total_cmp);
+    let q = |f: f64| times[((times.len() - 1) as f64 * f).round() as usize] * 1e3;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "text_bytes": text.len(),
+            "documents": ix.documents,
+            "read_seconds": read_s,
+            "build_seconds": build_s,
+            "build_seconds_per_gib": build_s / (text.len() as f64 / f64::from(1u32 << 30)),
+            "index_bytes_per_text_byte": ix.resident_bytes() as f64 / text.len() as f64,
+            "answers": answers,
+            "answer_words": 375,
+            "spans_found": spans,
+            "match_ms_p50": q(0.5),
+            "match_ms_p99": q(0.99),
+            "match_ms_max": q(1.0),
+            "params": p,
+        }))?
+    );
+    Ok(())
 }
 
 /// One receipt from a JSON file, or from a ledger by id.

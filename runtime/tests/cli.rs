@@ -266,3 +266,92 @@ fn serve_refuses_an_open_deployment_beyond_loopback() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("allow_open_network"), "--listen is checked too: {err}");
 }
+
+/// `openlora ledger index` prints a dataset's Merkle root (which the manifest may then pin), and
+/// `openlora ledger verify-evidence` re-runs a receipt's matcher from the data: ok for the
+/// receipt as written (from a receipt file and from the ledger by id), refused for an edited
+/// dataset, naming the problem.
+#[test]
+fn ledger_index_and_verify_evidence() {
+    use openlora::adapters::manifest::Manifest;
+    use openlora::attribution::evidence::{EvidenceParams, Source, evidence};
+    use openlora::attribution::index::{IndexState, load_or_build};
+    use openlora::attribution::ledger::{Ledger, load_or_create_key};
+    use openlora::attribution::receipt::{AdapterUse, InferenceRecord, ModelUse, builtin_attribution, text_sha256};
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let adapter = tmp.path().join("poet");
+    std::fs::create_dir_all(adapter.join("data")).expect("dir");
+    let data = "{\"contributor\": \"ann\", \"text\": \"silver rivers hum beneath the sleeping northern hills tonight\"}\n{\"contributor\": \"bob\", \"text\": \"a kettle sings\"}\n";
+    std::fs::write(adapter.join("data/poems.jsonl"), data).expect("data");
+    let manifest = format!(
+        "owner = \"poet-co\"\nprice_per_1k_tokens = 1000\n[[datasets]]\nid = \"poems\"\nsha256 = \"{}\"\nfiles = [\"data/poems.jsonl\"]\ncontributors = [{{ name = \"ann\", share = 1 }}, {{ name = \"bob\", share = 1 }}]\n",
+        text_sha256(data)
+    );
+    std::fs::write(adapter.join("openlora.toml"), &manifest).expect("manifest");
+    let dir = adapter.to_str().expect("path");
+
+    let out = openlora(&["ledger", "index", dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!((v[0]["documents"].as_u64(), v[0]["duplicates"].as_u64()), (Some(2), Some(0)));
+    let root = v[0]["merkle_root"].as_str().expect("root").to_owned();
+
+    // A receipt as the service writes it, for an answer that quotes ann's document.
+    let m = Manifest::load_for(&adapter).expect("manifest").expect("present");
+    let ix = load_or_build(None, &adapter, &m.datasets[0]).expect("index");
+    assert_eq!(ix.root, root);
+    let (prompt, output) = ("Write a line.", "Here: silver rivers hum beneath the sleeping northern hills, as ever.");
+    let src = [Source { adapter: "poet", dataset: &m.datasets[0], state: IndexState::Ready(std::sync::Arc::new(ix)) }];
+    let ev = evidence(&src, &[output], prompt, &EvidenceParams::default()).expect("evidence");
+    assert_eq!(ev.spans.len(), 1, "{ev:?}");
+    let record = InferenceRecord {
+        request_id: "r".into(),
+        tenant: "demo".into(),
+        time_ms: 1,
+        base_model: ModelUse { id: "m".into(), sha256: "ab".repeat(32), owner: "base".into(), price_per_1k_tokens: 0 },
+        adapters: vec![AdapterUse::new("poet", "cd".repeat(32), 1.0, &m)],
+        merge: None,
+        prompt_tokens: 5,
+        completion_tokens: 15,
+        finish_reason: "stop".into(),
+        plugins: Vec::new(),
+        prompt_sha256: "00".repeat(32),
+        output_sha256: text_sha256(output),
+        user: None,
+        evidence: Some(ev),
+    };
+    let path = tmp.path().join("ledger.jsonl");
+    let id = {
+        let l = Ledger::open(&path, load_or_create_key(&tmp.path().join("node.key")).expect("key")).expect("open");
+        let a = builtin_attribution(&record);
+        assert!(a.payments.iter().any(|p| p.party == "ann" && p.micros > 0), "{a:?}");
+        l.append_blocking(record, a).expect("append")
+    };
+    let line = std::fs::read_to_string(&path).expect("ledger");
+    std::fs::write(tmp.path().join("receipt.json"), line.trim()).expect("receipt");
+    std::fs::write(tmp.path().join("prompt.txt"), prompt).expect("prompt");
+    std::fs::write(tmp.path().join("output.txt"), output).expect("output");
+    let p = |name: &str| tmp.path().join(name).display().to_string();
+    let data_arg = format!("poet={dir}");
+    let (prompt_file, output_file) = (p("prompt.txt"), p("output.txt"));
+    let verify = |receipt: &str, extra: &[&str]| {
+        let mut args = vec!["ledger", "verify-evidence", receipt, "--prompt", &prompt_file, "--output", &output_file];
+        args.extend(["--data", data_arg.as_str()]);
+        args.extend(extra);
+        openlora(&args)
+    };
+    let ledger = p("ledger.jsonl");
+    for out in [verify(&p("receipt.json"), &[]), verify(&ledger, &["--id", &id])] {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("1 spans reproduced byte for byte from 1 datasets"));
+    }
+    std::fs::write(adapter.join("data/poems.jsonl"), data.replace("kettle", "kettle!")).expect("edit");
+    let out = verify(&p("receipt.json"), &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SHA-256 of its files"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

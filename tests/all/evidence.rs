@@ -200,3 +200,83 @@ fn copying_a_document_100_times_does_not_move_its_owners_share() {
     assert_eq!(once.1, hundred.1, "occurrences count unique documents");
     assert!(once.0 > 0.4 && once.0 < 0.7, "both quoted: {once:?}");
 }
+
+/// One canary of `tests/fixtures/canary/canaries.json`.
+#[derive(serde::Deserialize)]
+struct Canary {
+    contributor: String,
+    opening: String,
+    continuation: String,
+}
+
+/// The canary test of issue 22: five synthetic contributors each planted four random 12-word
+/// passages in one dataset; an adapter memorized them (`tests/fixtures/canary/make_canary.py`).
+/// Prompted with each passage's first four words, every answer that reproduces its canary must
+/// credit that canary's contributor and nobody else (precision and recall >= 0.99). The null
+/// test: the base model's answers to the same prompts, matched against the same index, get
+/// dataset credit on at most 2% of answers at the default `min_words`; the curve over
+/// `min_words` is printed (it is what set the default).
+#[test]
+fn canaries_credit_their_contributors_and_the_base_model_earns_no_credit() {
+    let fixture = openlora_tests::fixture("canary");
+    let canaries: Vec<Canary> =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("canaries.json")).expect("canaries")).expect("json");
+    assert_eq!(canaries.len(), 20);
+    let node = Node::start_with("", &fixture);
+    assert!(node.svc.wait_for_indexes(Duration::from_secs(60)), "the canary index is built");
+    let (mut reproduced, mut credited, mut right, mut right_of_reproduced) = (0, 0, 0, 0);
+    for c in &canaries {
+        let (answer, id) = complete(&node.svc, "adapter", &c.opening);
+        let r = node.svc.receipt(&Tenant::anonymous(), &id.expect("receipt")).expect("receipt");
+        let ev = r.body.record.evidence.expect("evidence");
+        assert_eq!(ev.indexes[0].state, "searched", "{ev:?}");
+        let owners: std::collections::BTreeSet<&str> = ev.spans.iter().filter_map(|s| s.owner.as_deref()).collect();
+        let hit = answer.split_whitespace().collect::<Vec<_>>().join(" ").contains(&c.continuation);
+        let correct = owners.len() == 1 && owners.contains(c.contributor.as_str());
+        reproduced += usize::from(hit);
+        credited += usize::from(!owners.is_empty());
+        right += usize::from(!owners.is_empty() && correct);
+        right_of_reproduced += usize::from(hit && correct);
+        if hit != correct {
+            eprintln!("canary {:?} -> {answer:?}: credited {owners:?}", c.opening);
+        }
+    }
+    let precision = right as f64 / credited.max(1) as f64;
+    let recall = right_of_reproduced as f64 / reproduced.max(1) as f64;
+    eprintln!(
+        "canaries: {reproduced}/20 reproduced verbatim by the adapter (Q4_1 base), {credited} answers credited; precision {precision:.2}, recall {recall:.2}"
+    );
+    assert!(reproduced >= 10, "the adapter reproduces too few canaries ({reproduced}/20) for the test to mean much");
+    assert!(precision >= 0.99 && recall >= 0.99, "precision {precision}, recall {recall}");
+
+    // The null test, on the base model alone.
+    let sha = {
+        let m = openlora::adapters::manifest::Manifest::load_for(&fixture.join("adapter")).expect("m").expect("m");
+        m.datasets[0].clone()
+    };
+    let Some(IndexState::Ready(ix)) = node.svc.dataset_index(&sha.sha256) else { panic!("no index") };
+    let tok = &node.svc.model().tokenizer;
+    let base: Vec<(String, String)> = canaries
+        .iter()
+        .map(|c| {
+            let prompt = tok.decode(&tok.encode(&c.opening, true).expect("encode"), false).expect("decode");
+            (prompt, complete(&node.svc, "SmolLM2-135M-Instruct", &c.opening).0)
+        })
+        .collect();
+    let mut curve = Vec::new();
+    for min_words in 1..=8u32 {
+        let p = EvidenceParams { min_words, ..EvidenceParams::default() };
+        let src = [Source { adapter: "adapter", dataset: &sha, state: IndexState::Ready(ix.clone()) }];
+        let with_credit = base
+            .iter()
+            .filter(|(prompt, answer)| {
+                evidence(&src, &[answer.as_str()], prompt, &p).is_some_and(|e| !e.spans.is_empty())
+            })
+            .count();
+        curve.push((min_words, with_credit as f64 / base.len() as f64));
+    }
+    eprintln!("null test (base model, share of answers with dataset credit) by min_words: {curve:?}");
+    let default = EvidenceParams::default().min_words;
+    let at_default = curve.iter().find(|(m, _)| *m == default).map_or(1.0, |c| c.1);
+    assert!(at_default <= 0.02, "the base model gets dataset credit on {at_default} of answers at min_words {default}");
+}

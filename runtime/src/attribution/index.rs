@@ -415,11 +415,14 @@ impl DatasetIndex {
         self.text().len() + self.suffixes().len() * 4 + self.docs.len() * 16
     }
 
-    /// Writes the index under `dir/<sha256>/` (atomically: a temporary folder renamed).
+    /// Writes the index under `dir/<sha256>/` (atomically: a temporary folder renamed). When
+    /// another writer got there first, its copy (of the same content) is kept.
     pub fn save(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         std::fs::create_dir_all(dir)?;
         let final_dir = dir.join(&self.sha256);
-        let tmp = dir.join(format!(".{}.tmp-{}", self.sha256, std::process::id()));
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{}.tmp-{}-{n}", self.sha256, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
         std::fs::write(tmp.join("text"), self.text())?;
@@ -445,8 +448,12 @@ impl DatasetIndex {
             owners: self.owners.clone(),
         };
         std::fs::write(tmp.join("meta.json"), serde_json::to_vec(&meta).unwrap_or_default())?;
-        let _ = std::fs::remove_dir_all(&final_dir);
-        std::fs::rename(&tmp, &final_dir)?;
+        if let Err(e) = std::fs::rename(&tmp, &final_dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !final_dir.join("meta.json").is_file() {
+                return Err(e);
+            }
+        }
         Ok(final_dir)
     }
 
@@ -538,7 +545,11 @@ pub fn load_or_build(cache: Option<&Path>, dir: &Path, d: &Dataset) -> Result<Da
     {
         match DatasetIndex::open(c, &d.sha256) {
             Ok(ix) => return Ok(ix),
-            Err(e) => eprintln!("openlora: dataset index cache: {e}; rebuilding"),
+            Err(e) => {
+                eprintln!("openlora: dataset index cache: {e}; rebuilding");
+                // A corrupt entry is replaced by the rebuilt one.
+                let _ = std::fs::remove_dir_all(c.join(&d.sha256));
+            }
         }
     }
     let corpus = read_dataset(dir, d)?;

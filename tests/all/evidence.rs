@@ -30,8 +30,13 @@ const PROMPTS: [&str; 6] = [
 
 /// Greedy completions of `prompt` by `model`, with the receipt id.
 fn complete(svc: &Arc<Service<ServingBackend>>, model: &str, prompt: &str) -> (String, Option<String>) {
+    complete_n(svc, model, prompt, 40)
+}
+
+/// Greedy completion of `prompt` by `model` of exactly `n` tokens, with the receipt id.
+fn complete_n(svc: &Arc<Service<ServingBackend>>, model: &str, prompt: &str, n: usize) -> (String, Option<String>) {
     let mut r = GenerateRequest::new(model, PromptInput::Text(prompt.into()));
-    r.max_tokens = Some(40);
+    r.max_tokens = Some(n);
     r.ignore_eos = true;
     let t = Arc::new(Tenant::anonymous());
     let j = svc.generate(&t, r).expect("generate");
@@ -211,43 +216,73 @@ struct Canary {
 
 /// The canary test of issue 22: five synthetic contributors each planted four random 12-word
 /// passages in one dataset; an adapter memorized them (`tests/fixtures/canary/make_canary.py`).
-/// Prompted with each passage's first four words, every answer that reproduces its canary must
-/// credit that canary's contributor and nobody else (precision and recall >= 0.99). The null
-/// test: the base model's answers to the same prompts, matched against the same index, get
-/// dataset credit on at most 2% of answers at the default `min_words`; the curve over
-/// `min_words` is printed (it is what set the default).
+/// Prompted with each passage's first four words, every 16-token answer (the fixture's
+/// protocol: the continuation is 8 words) that reproduces its canary must credit that canary's
+/// contributor and nobody else (precision and recall >= 0.99). Longer answers drift from one
+/// memorized canary into another contributor's; there every span's owner is checked against
+/// the planted documents, read independently of the index. The null test: the base model's
+/// answers to the same prompts, matched against the same index, get dataset credit on at most
+/// 2% of answers at the default `min_words`; the curve over `min_words` is printed (it is what
+/// set the default).
 #[test]
 fn canaries_credit_their_contributors_and_the_base_model_earns_no_credit() {
     let fixture = openlora_tests::fixture("canary");
     let canaries: Vec<Canary> =
         serde_json::from_str(&std::fs::read_to_string(fixture.join("canaries.json")).expect("canaries")).expect("json");
     assert_eq!(canaries.len(), 20);
+    let words = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Ground truth for span owners: each contributor's documents, straight from the JSONL.
+    let planted: Vec<(String, String)> = std::fs::read_to_string(fixture.join("data/canary.jsonl"))
+        .expect("data")
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("jsonl");
+            (v["contributor"].as_str().expect("owner").to_string(), words(v["text"].as_str().expect("text")))
+        })
+        .collect();
     let node = Node::start_with("", &fixture);
     assert!(node.svc.wait_for_indexes(Duration::from_secs(60)), "the canary index is built");
     let (mut reproduced, mut credited, mut right, mut right_of_reproduced) = (0, 0, 0, 0);
+    let (mut spans, mut spans_right) = (0, 0);
     for c in &canaries {
-        let (answer, id) = complete(&node.svc, "adapter", &c.opening);
-        let r = node.svc.receipt(&Tenant::anonymous(), &id.expect("receipt")).expect("receipt");
-        let ev = r.body.record.evidence.expect("evidence");
-        assert_eq!(ev.indexes[0].state, "searched", "{ev:?}");
-        let owners: std::collections::BTreeSet<&str> = ev.spans.iter().filter_map(|s| s.owner.as_deref()).collect();
-        let hit = answer.split_whitespace().collect::<Vec<_>>().join(" ").contains(&c.continuation);
-        let correct = owners.len() == 1 && owners.contains(c.contributor.as_str());
-        reproduced += usize::from(hit);
-        credited += usize::from(!owners.is_empty());
-        right += usize::from(!owners.is_empty() && correct);
-        right_of_reproduced += usize::from(hit && correct);
-        if hit != correct {
-            eprintln!("canary {:?} -> {answer:?}: credited {owners:?}", c.opening);
+        for n in [16, 40] {
+            let (answer, id) = complete_n(&node.svc, "adapter", &c.opening, n);
+            let r = node.svc.receipt(&Tenant::anonymous(), &id.expect("receipt")).expect("receipt");
+            let ev = r.body.record.evidence.expect("evidence");
+            assert_eq!(ev.indexes[0].state, "searched", "{ev:?}");
+            for s in &ev.spans {
+                let text = words(&answer[s.start as usize..s.end as usize]);
+                let owner = s.owner.as_deref().unwrap_or("");
+                spans += 1;
+                let ok = planted.iter().any(|(o, t)| o == owner && t.contains(&text));
+                spans_right += usize::from(ok);
+                if !ok {
+                    eprintln!("span {text:?} credited to {owner:?}, whose documents do not hold it");
+                }
+            }
+            if n != 16 {
+                continue;
+            }
+            let owners: std::collections::BTreeSet<&str> = ev.spans.iter().filter_map(|s| s.owner.as_deref()).collect();
+            let hit = words(&answer).contains(&c.continuation);
+            let correct = owners.len() == 1 && owners.contains(c.contributor.as_str());
+            reproduced += usize::from(hit);
+            credited += usize::from(!owners.is_empty());
+            right += usize::from(!owners.is_empty() && correct);
+            right_of_reproduced += usize::from(hit && correct);
+            if hit != correct {
+                eprintln!("canary {:?} -> {answer:?}: credited {owners:?}", c.opening);
+            }
         }
     }
     let precision = right as f64 / credited.max(1) as f64;
     let recall = right_of_reproduced as f64 / reproduced.max(1) as f64;
     eprintln!(
-        "canaries: {reproduced}/20 reproduced verbatim by the adapter (Q4_1 base), {credited} answers credited; precision {precision:.2}, recall {recall:.2}"
+        "canaries: {reproduced}/20 reproduced verbatim by the adapter (Q4_1 base) in 16 tokens, {credited} answers credited; precision {precision:.2}, recall {recall:.2}; spans of 16- and 40-token answers whose owner's documents hold them: {spans_right}/{spans}"
     );
     assert!(reproduced >= 10, "the adapter reproduces too few canaries ({reproduced}/20) for the test to mean much");
     assert!(precision >= 0.99 && recall >= 0.99, "precision {precision}, recall {recall}");
+    assert!(spans > 0 && spans_right == spans, "{spans_right}/{spans} spans credited to the right owner");
 
     // The null test, on the base model alone.
     let sha = {

@@ -125,7 +125,7 @@ impl Default for EvidenceSection {
 impl EvidenceSection {
     /// The matcher's parameters, `None` when evidence is off.
     pub fn params(&self) -> Option<crate::attribution::evidence::EvidenceParams> {
-        self.enabled.then(|| crate::attribution::evidence::EvidenceParams {
+        self.enabled.then_some(crate::attribution::evidence::EvidenceParams {
             min_words: self.min_words,
             max_occurrences: self.max_occurrences,
             max_spans: self.max_spans,

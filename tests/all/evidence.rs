@@ -206,6 +206,48 @@ fn copying_a_document_100_times_does_not_move_its_owners_share() {
     assert!(once.0 > 0.4 && once.0 < 0.7, "both quoted: {once:?}");
 }
 
+/// The size bound: a 500-token answer's evidence is about 1 KB. The largest evidence a
+/// receipt holds: `max_spans` (8) spans of distinct documents and owners, in a ~500-token answer.
+#[test]
+fn evidence_of_a_long_answer_with_the_most_spans_is_about_a_kilobyte() {
+    let topics = ["harbour", "kettle", "violin", "glacier", "orchard", "lantern", "compass", "meadow"];
+    let docs: Vec<(String, String)> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                format!("contributor-{i:02}@example.org"),
+                format!("the {t} number {i} stood quietly beside a weathered stone wall for years"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = docs.iter().map(|(o, t)| (o.as_str(), t.as_str())).collect();
+    let ix = index_of(&refs);
+    let mut answer = String::new();
+    for (i, (_, t)) in docs.iter().enumerate() {
+        for k in 0..30 {
+            answer.push_str(&format!("filler{i}x{k} "));
+        }
+        answer.push_str(t);
+        answer.push_str(". ");
+    }
+    let dataset = Dataset {
+        id: "d".into(),
+        sha256: "0".repeat(64),
+        license: String::new(),
+        files: vec!["d.jsonl".into()],
+        merkle_root: Some(ix.root.clone()),
+        contributors: docs.iter().map(|(o, _)| Contributor { name: o.clone(), share: 1 }).collect(),
+    };
+    let src =
+        [Source { adapter: "adapter-with-a-long-name", dataset: &dataset, state: IndexState::Ready(Arc::new(ix)) }];
+    let ev = evidence(&src, &[answer.as_str()], "", &EvidenceParams::default()).expect("evidence");
+    assert_eq!(ev.spans.len(), 8, "{ev:?}");
+    let bytes = serde_json::to_vec(&ev).expect("json").len();
+    eprintln!("evidence of {} words with 8 spans: {bytes} bytes of JSON", answer.split_whitespace().count());
+    assert!(bytes <= 1536, "{bytes} bytes: {}", serde_json::to_string(&ev).expect("json"));
+}
+
 /// One canary of `tests/fixtures/canary/canaries.json`.
 #[derive(serde::Deserialize)]
 struct Canary {

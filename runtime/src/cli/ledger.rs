@@ -194,8 +194,9 @@ pub fn run(c: LedgerCommand) -> Result<()> {
 
 /// `openlora ledger bench-evidence`.
 fn bench_evidence(mib: usize, answers: usize) -> Result<()> {
-    use openlora::attribution::evidence::{EvidenceParams, find_matches};
-    use openlora::attribution::index::{Corpus, DatasetIndex};
+    use openlora::adapters::manifest::Dataset;
+    use openlora::attribution::evidence::{EvidenceParams, Source, evidence};
+    use openlora::attribution::index::{Corpus, DatasetIndex, IndexState};
     use rand::{Rng, SeedableRng, rngs::StdRng};
     let mut rng = StdRng::seed_from_u64(22);
     // A vocabulary of pronounceable words; rank r drawn with probability ~ 1/(r+10).
@@ -241,10 +242,20 @@ fn bench_evidence(mib: usize, answers: usize) -> Result<()> {
     let started = std::time::Instant::now();
     let ix = DatasetIndex::build("bench", corpus).map_err(anyhow::Error::msg)?;
     let build_s = started.elapsed().as_secs_f64();
+    let ix = std::sync::Arc::new(ix);
     let text = ix.text();
     let p = EvidenceParams::default();
+    let dataset = Dataset {
+        id: "bench".into(),
+        sha256: "0".repeat(64),
+        license: String::new(),
+        files: vec!["doc.txt".into()],
+        merkle_root: Some(ix.root.clone()),
+        contributors: Vec::new(),
+    };
+    let src = [Source { adapter: "bench", dataset: &dataset, state: IndexState::Ready(ix.clone()) }];
     let mut times = Vec::with_capacity(answers);
-    let mut spans = 0usize;
+    let (mut spans, mut evidence_bytes) = (0usize, 0usize);
     for a in 0..answers {
         let mut answer = String::new();
         let mut words = 0;
@@ -271,9 +282,10 @@ fn bench_evidence(mib: usize, answers: usize) -> Result<()> {
         }
         let answer = answer.trim().to_owned();
         let t = std::time::Instant::now();
-        let m = find_matches(&ix, &answer, "", &p);
+        let ev = evidence(&src, &[answer.as_str()], "", &p).context("evidence")?;
         times.push(t.elapsed().as_secs_f64());
-        spans += m.len();
+        spans += ev.spans.len();
+        evidence_bytes = evidence_bytes.max(serde_json::to_vec(&ev)?.len());
     }
     times.sort_by(f64::total_cmp);
     let q = |f: f64| times[((times.len() - 1) as f64 * f).round() as usize] * 1e3;
@@ -292,6 +304,7 @@ fn bench_evidence(mib: usize, answers: usize) -> Result<()> {
             "match_ms_p50": q(0.5),
             "match_ms_p99": q(0.99),
             "match_ms_max": q(1.0),
+            "evidence_json_bytes_max": evidence_bytes,
             "params": p,
         }))?
     );

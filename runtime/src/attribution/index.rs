@@ -17,8 +17,15 @@
 //! text is each unique document followed by a NUL byte; a NUL never occurs inside canonical
 //! text, so no match crosses a document boundary.
 //!
-//! **Suffix array** by libsais (Ilya Grebnov's SA-IS implementation, the fastest published;
-//! bindings in the `libsais` crate), one `u32` per byte of text, single-threaded. So a dataset's
+//! **Word-start suffix array.** The matcher only ever looks for runs of whole words that start
+//! at a word start of the data, so the index sorts only the suffixes that begin at word starts
+//! (a byte after a space or a NUL), in byte order: one `u32` per word, about a sixth of the
+//! suffixes of a full suffix array for English-like text. It is built by libsais (Ilya Grebnov's
+//! SA-IS implementation; bindings in the `libsais` crate, single-threaded) over the text as a
+//! sequence of *tokens*, each a word with the one separator after it, numbered in byte order of
+//! the tokens. Canonical text has exactly one separator after every word, so no token is a
+//! proper prefix of another (except at the very end of the text), and the order of token
+//! sequences is the byte order of the suffixes they spell ([`word_suffixes`]). A dataset's
 //! canonical text is below 2 GiB.
 //!
 //! **Merkle root** over the text in [`CHUNK_BYTES`] chunks: leaf = SHA-256(0x00 ‖ chunk),
@@ -42,12 +49,12 @@ use crate::adapters::manifest::Dataset;
 
 /// The index format (part of every receipt's evidence, so a change of canonicalization is a
 /// new version).
-pub const FORMAT: &str = "openlora-dataset-index/1";
+pub const FORMAT: &str = "openlora-dataset-index/2";
 
 /// Bytes per Merkle leaf.
 pub const CHUNK_BYTES: usize = 4096;
 
-/// The largest canonical text one index holds (the suffix array is 32-bit).
+/// The largest canonical text one index holds (suffix positions are 32-bit).
 pub const MAX_TEXT_BYTES: usize = (i32::MAX - 1) as usize;
 
 /// Keys of a JSONL document that are not its text.
@@ -296,7 +303,7 @@ impl Bytes {
     }
 }
 
-/// The suffix array, in memory or mapped.
+/// The word-start suffix array, in memory or mapped.
 enum Suffixes {
     Mem(Vec<u32>),
     Map(memmap2::Mmap),
@@ -339,6 +346,8 @@ struct Meta {
     sha256: String,
     root: String,
     bytes: u64,
+    /// Entries of the word-start suffix array.
+    suffixes: u64,
     documents: u32,
     duplicates: u32,
     owners: Vec<String>,
@@ -347,17 +356,7 @@ struct Meta {
 impl DatasetIndex {
     /// Builds the index of `corpus` (whose files hash to `sha256`).
     pub fn build(sha256: &str, corpus: Corpus) -> Result<Self, String> {
-        let sa: Vec<u32> = if corpus.text.is_empty() {
-            Vec::new()
-        } else {
-            let sa = libsais::SuffixArrayConstruction::for_text(corpus.text.as_slice())
-                .in_owned_buffer32()
-                .single_threaded()
-                .run()
-                .map_err(|e| format!("suffix array construction failed: {e:?}"))?
-                .into_vec();
-            sa.into_iter().map(|x| x as u32).collect()
-        };
+        let sa: Vec<u32> = if corpus.text.is_empty() { Vec::new() } else { word_suffixes(&corpus.text)? };
         let root = hex::encode(merkle_root(&merkle_leaves(&corpus.text)));
         let buckets = buckets(&corpus.text, &sa);
         Ok(Self {
@@ -443,6 +442,7 @@ impl DatasetIndex {
             sha256: self.sha256.clone(),
             root: self.root.clone(),
             bytes: self.text().len() as u64,
+            suffixes: self.suffixes().len() as u64,
             documents: self.documents,
             duplicates: self.duplicates,
             owners: self.owners.clone(),
@@ -480,7 +480,7 @@ impl DatasetIndex {
         let sa = map("sa")?;
         let text_len = text.as_ref().map_or(0, |m| m.len());
         let sa_len = sa.as_ref().map_or(0, |m| m.len());
-        if text_len as u64 != meta.bytes || sa_len != text_len * 4 {
+        if text_len as u64 != meta.bytes || sa_len as u64 != meta.suffixes * 4 {
             return Err(err("sizes", &"text and suffix array do not match meta.json"));
         }
         let docs_bytes = std::fs::read(d.join("docs")).map_err(|e| err("docs", &e))?;
@@ -530,6 +530,80 @@ impl DatasetIndex {
 
 /// The two-byte bucket boundaries of a suffix array (65,537 entries; a suffix one byte long
 /// counts as followed by 0, which keeps the keys in suffix order).
+/// Whether `b` separates words in canonical text (a space, or the NUL after each document).
+fn is_separator(b: u8) -> bool {
+    b == b' ' || b == 0
+}
+
+/// The word starts of `text` (canonical documents, each followed by a NUL), sorted by the byte
+/// order of the suffixes that begin there.
+///
+/// Each word with the separator after it is a token; tokens are numbered in their byte order
+/// and libsais sorts the suffixes of the token sequence. Because every word is followed by
+/// exactly one separator and separators never occur inside a word, a token can only be a proper
+/// prefix of another when it ends the text, so comparing two token sequences token by token
+/// orders them as comparing the bytes they spell would. Text with two separators in a row
+/// (never canonical) is refused.
+pub fn word_suffixes(text: &[u8]) -> Result<Vec<u32>, String> {
+    let mut starts: Vec<u32> = Vec::new();
+    let mut ends: Vec<u32> = Vec::new();
+    let mut in_word = false;
+    for (i, &b) in text.iter().enumerate() {
+        match (is_separator(b), in_word) {
+            (false, false) => {
+                starts.push(i as u32);
+                in_word = true;
+            }
+            (true, true) => {
+                ends.push(i as u32 + 1);
+                in_word = false;
+            }
+            (true, false) if i > 0 => return Err(format!("two separators in a row at byte {i} (not canonical text)")),
+            _ => {}
+        }
+    }
+    if in_word {
+        ends.push(text.len() as u32);
+    }
+    if starts.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Provisional ids in order of first appearance, then ranks in byte order.
+    let mut ids: HashMap<&[u8], u32, foldhash::fast::RandomState> = HashMap::default();
+    let mut distinct: Vec<&[u8]> = Vec::new();
+    let mut seq: Vec<i32> = starts
+        .iter()
+        .zip(&ends)
+        .map(|(&s, &e)| {
+            let token = &text[s as usize..e as usize];
+            *ids.entry(token).or_insert_with(|| {
+                distinct.push(token);
+                distinct.len() as u32 - 1
+            }) as i32
+        })
+        .collect();
+    drop(ids);
+    let mut order: Vec<u32> = (0..distinct.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| distinct[a as usize].cmp(distinct[b as usize]));
+    let mut rank = vec![0i32; distinct.len()];
+    for (r, &id) in order.iter().enumerate() {
+        rank[id as usize] = r as i32;
+    }
+    for x in &mut seq {
+        *x = rank[*x as usize];
+    }
+    drop((order, rank, ends));
+    let alphabet = distinct.len() as i32;
+    let mut construction =
+        libsais::SuffixArrayConstruction::for_text_mut(&mut seq).in_owned_buffer32().single_threaded();
+    // SAFETY: every value of `seq` is a rank in `0..alphabet`.
+    unsafe {
+        construction = construction.with_alphabet_size(libsais::suffix_array::AlphabetSize::new(alphabet));
+    }
+    let sa = construction.run().map_err(|e| format!("suffix array construction failed: {e:?}"))?.into_vec();
+    Ok(sa.into_iter().map(|w| starts[w as usize]).collect())
+}
+
 fn buckets(text: &[u8], sa: &[u32]) -> Vec<u32> {
     let key = |x: u32| {
         let x = x as usize;
@@ -717,6 +791,50 @@ mod tests {
         }
     }
 
+    /// The word-start suffix array is the full suffix array's word starts, in its order: checked
+    /// against a plain sort on texts built to trip token ordering (words that are prefixes of
+    /// others, punctuation and control bytes that sort below the space, multi-byte characters,
+    /// document ends).
+    #[test]
+    fn word_suffixes_are_the_sorted_word_starts() {
+        let docs = [
+            "ab abc ab c ab",
+            "ab",
+            "abc",
+            "a\u{1}b a ab. ab, ab",
+            "\u{e9}t\u{e9} \u{e9}t\u{e9}s \u{e9}",
+            "ab c ab c ab d",
+            "z",
+            "ab c",
+        ];
+        let mut rng = 7u64;
+        let mut text = Vec::new();
+        for round in 0..40 {
+            let d = if round < docs.len() {
+                docs[round].to_string()
+            } else {
+                let n = 1 + (round % 9);
+                (0..n)
+                    .map(|_| {
+                        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ["a", "ab", "abc", "b", "ab.", "a!", "\u{1}"][(rng >> 33) as usize % 7]
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            text.extend_from_slice(d.as_bytes());
+            text.push(0);
+        }
+        let got = word_suffixes(&text).expect("canonical");
+        let mut want: Vec<u32> = (0..text.len() as u32)
+            .filter(|&i| !is_separator(text[i as usize]) && (i == 0 || is_separator(text[i as usize - 1])))
+            .collect();
+        want.sort_by(|&a, &b| text[a as usize..].cmp(&text[b as usize..]));
+        assert_eq!(got, want);
+        assert!(word_suffixes(b"ab  c\0").expect_err("double space").contains("two separators"));
+        assert_eq!(word_suffixes(b"").expect("empty"), Vec::<u32>::new());
+    }
+
     #[test]
     fn indexes_build_save_and_reopen_identically() {
         let tmp = tempfile::tempdir().expect("tmp");
@@ -735,7 +853,7 @@ mod tests {
         let built = load_or_build(Some(&cache), tmp.path(), &d).expect("builds");
         let text = built.text();
         let sa = built.suffixes();
-        assert_eq!(sa.len(), text.len());
+        assert_eq!(sa.len(), 9, "one suffix per word");
         for w in sa.windows(2) {
             assert!(text[w[0] as usize..] < text[w[1] as usize..], "sorted");
         }

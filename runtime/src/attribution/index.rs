@@ -28,6 +28,11 @@
 //! sequences is the byte order of the suffixes they spell ([`word_suffixes`]). A dataset's
 //! canonical text is below 2 GiB.
 //!
+//! **Shingle filter.** A blocked Bloom filter of every run of [`FILTER_WORDS`] words at a word
+//! start (each word followed by a space), ~10 bits per word, rebuilt from the text when an index
+//! is built or opened: the matcher asks it first and skips a word start it rules out, which is
+//! most of them, with one memory access. No false negatives, so it changes no evidence.
+//!
 //! **Merkle root** over the text in [`CHUNK_BYTES`] chunks: leaf = SHA-256(0x00 ‖ chunk),
 //! node = SHA-256(0x01 ‖ left ‖ right), an odd node is carried up unchanged. Receipts record
 //! the root, so anyone holding the data can check a span against it ([`inclusion_proof`]).
@@ -319,6 +324,8 @@ pub struct DatasetIndex {
     sa: Suffixes,
     /// `buckets[k]..buckets[k + 1]`: the suffixes whose first two bytes are `k` (big-endian).
     buckets: Vec<u32>,
+    /// Which runs of [`FILTER_WORDS`] words occur at word starts (rebuilt on open).
+    filter: ShingleFilter,
     docs: Vec<DocEntry>,
     /// Owners named by the documents.
     pub owners: Vec<String>,
@@ -359,12 +366,14 @@ impl DatasetIndex {
         let sa: Vec<u32> = if corpus.text.is_empty() { Vec::new() } else { word_suffixes(&corpus.text)? };
         let root = hex::encode(merkle_root(&merkle_leaves(&corpus.text)));
         let buckets = buckets(&corpus.text, &sa);
+        let filter = ShingleFilter::build(&corpus.text, sa.len());
         Ok(Self {
             sha256: sha256.to_owned(),
             root,
             text: Bytes::Mem(corpus.text),
             sa: Suffixes::Mem(sa),
             buckets,
+            filter,
             docs: corpus.docs,
             owners: corpus.owners,
             documents: corpus.read,
@@ -377,7 +386,8 @@ impl DatasetIndex {
         self.text.as_slice()
     }
 
-    /// The suffix array: the start of every suffix of [`Self::text`], in sorted order.
+    /// The word-start suffix array: every word start of [`Self::text`], in the sorted order of
+    /// the suffixes that begin there.
     pub fn suffixes(&self) -> &[u32] {
         match &self.sa {
             Suffixes::Mem(v) => v,
@@ -397,6 +407,20 @@ impl DatasetIndex {
         }
     }
 
+    /// False when no run of [`FILTER_WORDS`] words of the data, each followed by a space, is
+    /// `key` (`FILTER_WORDS` words, each followed by one space); true means "perhaps". Never
+    /// false for a run that occurs at a word start inside one document.
+    pub fn may_contain_words(&self, key: &[u8]) -> bool {
+        self.filter.may_contain(key)
+    }
+
+    /// This index with a filter that rejects nothing (tests: the evidence must not change).
+    #[cfg(test)]
+    pub(crate) fn without_filter(mut self) -> Self {
+        self.filter = ShingleFilter { blocks: vec![[u64::MAX; 8]] };
+        self
+    }
+
     /// The unique documents.
     pub fn docs(&self) -> &[DocEntry] {
         &self.docs
@@ -411,7 +435,7 @@ impl DatasetIndex {
 
     /// Bytes of memory (or mapped file) the index uses.
     pub fn resident_bytes(&self) -> usize {
-        self.text().len() + self.suffixes().len() * 4 + self.docs.len() * 16
+        self.text().len() + self.suffixes().len() * 4 + self.docs.len() * 16 + self.filter.blocks.len() * 64
     }
 
     /// Writes the index under `dir/<sha256>/` (atomically: a temporary folder renamed). When
@@ -514,12 +538,14 @@ impl DatasetIndex {
                 Suffixes::Map(m) => bytemuck::cast_slice(m),
             },
         );
+        let filter = ShingleFilter::build(text.as_slice(), sa_len / 4);
         Ok(Self {
             sha256: sha256.to_owned(),
             root,
             text,
             sa,
             buckets,
+            filter,
             docs,
             owners: meta.owners,
             documents: meta.documents,
@@ -530,6 +556,90 @@ impl DatasetIndex {
 
 /// The two-byte bucket boundaries of a suffix array (65,537 entries; a suffix one byte long
 /// counts as followed by 0, which keeps the keys in suffix order).
+/// Words per key of an index's [`ShingleFilter`]. The matcher uses the filter when `min_words`
+/// is larger, so a span always has a whole key before its last word.
+pub const FILTER_WORDS: usize = 4;
+
+/// A blocked Bloom filter (one 512-bit block per key, three bits) over the runs of
+/// [`FILTER_WORDS`] tokens of the text that start at a word start and whose words are each
+/// followed by a space: the bytes a span of more than `FILTER_WORDS` words starts with. It lets
+/// the matcher reject most word starts of an answer with one memory access instead of a binary
+/// search. It has no false negatives, so the evidence is the same with or without it; it is not
+/// stored in the cache (rebuilt from the text on open, ~10 bits per word).
+struct ShingleFilter {
+    blocks: Vec<[u64; 8]>,
+}
+
+impl ShingleFilter {
+    fn hash(key: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(0x6f70_656e_6c6f_7261).hash_one(key)
+    }
+
+    /// The block and the three bits of a key's hash.
+    fn place(&self, h: u64) -> (usize, [u32; 3]) {
+        let block = ((u128::from(h) * self.blocks.len() as u128) >> 64) as usize;
+        let bits = [(h & 511) as u32, ((h >> 9) & 511) as u32, ((h >> 18) & 511) as u32];
+        (block, bits)
+    }
+
+    /// Calls `f` with every key of `text`.
+    fn keys(text: &[u8], mut f: impl FnMut(&[u8])) {
+        let mut ring = [0usize; FILTER_WORDS];
+        let (mut run, mut count, mut start) = (0usize, 0usize, None);
+        for (i, &b) in text.iter().enumerate() {
+            if !is_separator(b) {
+                if start.is_none() {
+                    start = Some(i);
+                }
+                continue;
+            }
+            let Some(s) = start.take() else { continue };
+            ring[count % FILTER_WORDS] = s;
+            count += 1;
+            if b == b' ' {
+                run += 1;
+                if run >= FILTER_WORDS {
+                    f(&text[ring[count % FILTER_WORDS]..=i]);
+                }
+            } else {
+                run = 0;
+            }
+        }
+    }
+
+    /// The filter of `text`, sized for `words` keys (its word count, an upper bound).
+    fn build(text: &[u8], words: usize) -> Self {
+        let mut filter = Self { blocks: vec![[0u64; 8]; (words * 10).div_ceil(512).max(1)] };
+        // Hashes first, then the inserts in a tight loop: the inserts miss the cache, and a loop
+        // with nothing else in it keeps many misses in flight.
+        let mut batch: Vec<u64> = Vec::with_capacity(4096);
+        let flush = |batch: &mut Vec<u64>, filter: &mut Self| {
+            for &h in batch.iter() {
+                let (block, bits) = filter.place(h);
+                let b = &mut filter.blocks[block];
+                for bit in bits {
+                    b[(bit / 64) as usize] |= 1 << (bit % 64);
+                }
+            }
+            batch.clear();
+        };
+        Self::keys(text, |key| {
+            batch.push(Self::hash(key));
+            if batch.len() == batch.capacity() {
+                flush(&mut batch, &mut filter);
+            }
+        });
+        flush(&mut batch, &mut filter);
+        filter
+    }
+
+    fn may_contain(&self, key: &[u8]) -> bool {
+        let (block, bits) = self.place(Self::hash(key));
+        bits.iter().all(|&b| self.blocks[block][(b / 64) as usize] & (1 << (b % 64)) != 0)
+    }
+}
+
 /// Whether `b` separates words in canonical text (a space, or the NUL after each document).
 fn is_separator(b: u8) -> bool {
     b == b' ' || b == 0

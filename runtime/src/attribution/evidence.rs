@@ -129,12 +129,11 @@ fn cmp_prefix(text: &[u8], p: usize, needle: &[u8]) -> std::cmp::Ordering {
     text[p..end].cmp(needle)
 }
 
-/// Whether the occurrence at `p` of `len` bytes has word boundaries on both sides.
+/// Whether the occurrence at `p` of `len` bytes ends at a word boundary (it starts at one:
+/// the index holds only word starts).
 fn bounded(text: &[u8], p: usize, len: usize) -> bool {
-    let before = p == 0 || matches!(text[p - 1], b' ' | 0);
     let q = p + len;
-    let after = q >= text.len() || matches!(text[q], b' ' | 0) || text[q].is_ascii_punctuation();
-    before && after
+    q >= text.len() || matches!(text[q], b' ' | 0) || text[q].is_ascii_punctuation()
 }
 
 /// The spans of canonical `answer` found in `ix` (see the module documentation), excluding

@@ -19,6 +19,10 @@ Parts (--only / --skip take these names):
               (openlora, plugins on): TTFT, and the prefix-cache hits from /metrics
   peft        mixed-adapter batched decode, batch 8 over 8 adapters: transformers + PEFT
               (bench/peft_mixed_batch.py) vs `openlora bench --batch 8`
+  inference_perf  the Gateway API Inference Extension's benchmark tool, inference-perf 0.7.0
+              (bench/inference_perf.py, its own venv), against `openlora serve` (bare): a constant
+              2 req/s for 30 s (--quick: 1 req/s for 20 s) of streaming completions with
+              `lora_traffic_split` 0.5 / 0.5 over synth00 and synth01; fails on any failed request
 
 Every server listens on 127.0.0.1 only and is stopped on exit (also on Ctrl-C / SIGTERM); every
 request loop is bounded in count and in time (--timeout per workload, --max-minutes over the
@@ -32,7 +36,8 @@ bench/results/run_all.json; --write-benchmarks also replaces the "Full compariso
 section of BENCHMARKS.md with the report. Environments are made when absent, in
 $OPENLORA_CACHE (default ~/.cache/openlora): the model (`openlora fetch`), venv-llamacpp
 (pip install llama-cpp-python[server], compiles ~10 min), venv-ref (torch transformers peft gguf
-numpy safetensors tokenizers), smollm2-hf, and the synthetic adapters under bench-adapters/.
+numpy safetensors tokenizers), venv-inference-perf (pip install inference-perf==0.7.0, python 3.12),
+smollm2-hf, and the synthetic adapters under bench-adapters/.
 
 Only the standard library; the peers run in their venvs' pythons.
 """
@@ -53,23 +58,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness as H  # noqa: E402
+import inference_perf  # noqa: E402
 import mixed_adapters  # noqa: E402
 import single_stream  # noqa: E402
 from serve_llamacpp import LlamaCppServer  # noqa: E402
 
 REPO = H.REPO
-PARTS = ["bandwidth", "single", "concurrent", "zipf", "prefix", "peft"]
+PARTS = ["bandwidth", "single", "concurrent", "zipf", "prefix", "peft", "inference_perf"]
 
 FULL = dict(prompt_tokens=512, gen_tokens=128, repeat=3,
             conc_requests=32, conc_max_tokens=64, conc_sets=[1, 8, 100], llama_sets=[1, 8],
             llama_requests=32, zipf_requests=256, zipf_max_tokens=32,
             prefix_requests=32, prefix_concurrency=8, prefix_max_tokens=16, system_words=800,
-            peft_steps=32, peft_repeat=2, peft_check=True)
+            peft_steps=32, peft_repeat=2, peft_check=True, iperf=inference_perf.FULL)
 QUICK = dict(prompt_tokens=128, gen_tokens=32, repeat=1,
              conc_requests=32, conc_max_tokens=16, conc_sets=[1, 8, 100], llama_sets=[8],
              llama_requests=8, zipf_requests=64, zipf_max_tokens=16,
              prefix_requests=8, prefix_concurrency=4, prefix_max_tokens=8, system_words=800,
-             peft_steps=8, peft_repeat=1, peft_check=False)
+             peft_steps=8, peft_repeat=1, peft_check=False, iperf=inference_perf.QUICK)
 
 
 class Budget:
@@ -342,6 +348,24 @@ def part_peft(a, s, binary: Path, model: Path, res: dict) -> None:
     res["peft_batch"] = out
 
 
+def part_inference_perf(a, s, binary: Path, model: Path, res: dict) -> None:
+    """inference-perf (bench/inference_perf.py) on its own bare openlora server, synth8's first two
+    adapters split 0.5 / 0.5."""
+    ads_dir = H.cache_dir() / "bench-adapters" / "synth8"
+    names = H.ensure_synth8(H.ensure_venv_ref(), ads_dir)
+    try:
+        r = inference_perf.run(binary, [ads_dir], names[:2], timeout=a.timeout, threads=a.threads, bare=True,
+                               model=model, **s["iperf"])
+    except Exception as e:  # noqa: BLE001 - one failed part should not end the run
+        r = {"error": f"{type(e).__name__}: {e}"}
+    r["driver_command"] = "python3 bench/inference_perf.py" + (" --quick" if a.quick else "")
+    res["inference_perf"] = r
+    sm = r.get("summary") or {}
+    H.log(f"  inference-perf: {sm.get('successes')} ok / {sm.get('failures')} failed, "
+          f"{sm.get('output_tok_s')} output tok/s, TTFT p50 {g(sm, 'ttft_ms', 'median')} ms"
+          + (f"; ERROR {r['error'][:300]}" if r.get("error") else ""))
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -516,6 +540,14 @@ def report(res: dict) -> str:
                  f"{rat(o.get('distinct_adapters_tok_s'), p.get('distinct_adapters_tok_s'))} | |")
         L.append("")
 
+    ip = res.get("inference_perf")
+    if ip:
+        L += inference_perf.report_lines({k: v for k, v in ip.items() if k != "error"})
+        L.append(f"Config: `{ip.get('driver_command')}` writes it (JSON, read as YAML); server type `vllm`, "
+                 "tokenizer from the local `smollm2-hf` folder (offline), reports in a temporary folder; "
+                 "no server metrics (inference-perf only queries a Prometheus server).")
+        L.append("")
+
     if srv:
         L.append("**Peak RSS of the servers**, MiB (VmHWM of the server process after each workload; one process "
                  "per server serves all its workloads, in this order)")
@@ -667,6 +699,9 @@ def main() -> int:
         H.ensure_venv_llamacpp()
     if a.peers and "peft" in a.parts:
         H.ensure_hf_model(H.ensure_venv_ref(), model)
+    if "inference_perf" in a.parts:
+        inference_perf.ensure_venv()
+        inference_perf.tokenizer_dir(model)
     budget.t0 = time.time()
     whole = H.CpuMonitor()
     try:
@@ -682,6 +717,9 @@ def main() -> int:
         if needs_http:
             H.log("== openlora server workloads")
             part_openlora_servers(a, s, budget, skipped, binary, names, dirs, res)
+        if "inference_perf" in a.parts and budget.ok("inference_perf", skipped):
+            H.log("== inference-perf (lora_traffic_split over two adapters)")
+            part_inference_perf(a, s, binary, model, res)
         if "concurrent" in a.parts and a.peers and a.llama_server and budget.ok("llama.cpp server", skipped):
             H.log("== llama-cpp-python server")
             part_llamacpp_server(a, s, budget, skipped, model, names, cache / "synth8", res)
@@ -705,7 +743,8 @@ def main() -> int:
         if a.write_benchmarks:
             write_benchmarks(md)
             H.log("updated BENCHMARKS.md")
-    return 1 if ("error" in json.dumps(res.get("single_stream", {})) or skipped) else 0
+    return 1 if ("error" in json.dumps(res.get("single_stream", {})) or skipped
+                 or (res.get("inference_perf") or {}).get("error")) else 0
 
 
 if __name__ == "__main__":

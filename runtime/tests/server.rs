@@ -1454,7 +1454,7 @@ fn every_request_field_is_honoured_or_refused_by_name() {
         serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 12, "temperature": 0})
     };
-    let refused: [(&str, serde_json::Value); 19] = [
+    let refused: [(&str, serde_json::Value); 20] = [
         ("tools", serde_json::json!([{"type": "function", "function": {"name": "not a name!"}}])),
         ("tool_choice", serde_json::json!("required")),
         ("functions", serde_json::json!([{"name": "f"}])),
@@ -1478,7 +1478,8 @@ fn every_request_field_is_honoured_or_refused_by_name() {
         ("guided_decoding_backend", serde_json::json!("xgrammar")),
         ("structured_outputs", serde_json::json!({"structural_tag": "x"})),
         ("guided_whitespace_pattern", serde_json::json!(" *")),
-        ("prompt_logprobs", serde_json::json!(1)),
+        ("prompt_logprobs", serde_json::json!(21)),
+        ("prompt_logprobs", serde_json::json!("1")),
         ("audio", serde_json::json!({"voice": "alloy", "format": "wav"})),
         ("modalities", serde_json::json!(["text", "audio"])),
         ("min_p", serde_json::json!(0.1)),
@@ -1492,7 +1493,7 @@ fn every_request_field_is_honoured_or_refused_by_name() {
     let complete =
         || serde_json::json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
     for (field, value) in [
-        ("prompt_logprobs", serde_json::json!(2)),
+        ("prompt_logprobs", serde_json::json!(-1)),
         ("response_format", serde_json::json!({"type": "json_object"})),
         ("messages", serde_json::json!([])),
         ("an_invented_field", serde_json::json!(1)),
@@ -1501,6 +1502,11 @@ fn every_request_field_is_honoured_or_refused_by_name() {
         b[field] = value;
         assert_refused(post_json(a, "/v1/completions", k, &b), field, field);
     }
+    // Prompt logprobs come with a whole response only (as vLLM).
+    let mut b = complete();
+    b["prompt_logprobs"] = serde_json::json!(1);
+    b["stream"] = serde_json::json!(true);
+    assert_refused(post_json(a, "/v1/completions", k, &b), "prompt_logprobs", "prompt_logprobs with stream");
     // Inside a message and in stream_options, too.
     let mut b = chat();
     b["messages"][0]["name"] = serde_json::json!("alice");
@@ -1779,11 +1785,16 @@ fn tool_venv(name: &str, packages: &[&str]) -> PathBuf {
 
 /// Issue 17: the frameworks applications use, against a live server: langchain-openai
 /// (`ChatOpenAI`, `OpenAI`, streaming with usage, an adapter by `model`, `with_structured_output`
-/// both ways, `bind_tools`, the deprecated `functions` refused by name) and litellm (`openai/` models, streaming, errors mapped to its
-/// exception types). Pinned versions, in a cached venv (`tests/e2e/frameworks.py`).
+/// both ways, `bind_tools`, the deprecated `functions` refused by name), litellm (`openai/` and
+/// `hosted_vllm/` models, streaming, errors mapped to its exception types) and llama-index's
+/// `OpenAILike` (completions by default, chat when told). Pinned versions, in a cached venv
+/// (`tests/e2e/frameworks.py`).
 #[test]
-fn langchain_and_litellm_work_end_to_end() {
-    let venv = tool_venv("venv-frameworks", &["langchain-openai==1.8.1", "litellm==1.110.2"]);
+fn langchain_litellm_and_llama_index_work_end_to_end() {
+    let venv = tool_venv(
+        "venv-frameworks",
+        &["langchain-openai==1.8.1", "litellm==1.110.2", "llama-index-llms-openai-like==0.8.1"],
+    );
     let server = start(|t| t);
     python_check(&venv.join("bin/python"), "tests/e2e/frameworks.py", &server, "all framework checks passed");
 }
@@ -1878,4 +1889,81 @@ fn metrics_pass_promtool_and_keep_the_router_contract() {
     }
     assert!(text.contains("# TYPE openlora_kv_blocks_capacity gauge"), "{text}");
     assert!(!text.contains("openlora_kv_blocks_total"), "a gauge named like a counter");
+}
+
+/// vLLM's `prompt_logprobs` through HTTP: every prompt token after the first scored, in vLLM's
+/// shape (`null`, then objects keyed by token id with `logprob`, `rank`, `decoded_token`),
+/// shared by the choices of one prompt, on completions (per choice) and chat (top level). The
+/// score of a prompt's last token equals the `logprobs` of the same token when it was generated.
+#[test]
+fn prompt_logprobs_score_the_prompt_in_vllms_shape() {
+    let server = start(|t| t);
+    let a = server.addr;
+    let k = "sk-demo-user";
+    // Generate one greedy token with its logprob ...
+    let (st, first) = post_json(
+        a,
+        "/v1/completions",
+        k,
+        &serde_json::json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 1,
+            "temperature": 0, "logprobs": 1}),
+    );
+    assert_eq!(st, 200, "{first}");
+    let word = first["choices"][0]["text"].as_str().expect("text").to_owned();
+    let generated = first["choices"][0]["logprobs"]["token_logprobs"][0].as_f64().expect("logprob");
+    // ... then score the prompt that ends with it, twice over (n = 2) and for two prompts.
+    let prompt = format!("The capital of France is{word}");
+    let (st, scored) = post_json(
+        a,
+        "/v1/completions",
+        k,
+        &serde_json::json!({"model": MODEL, "prompt": [prompt, "Hello there"], "max_tokens": 2, "n": 2,
+            "temperature": 0, "prompt_logprobs": 2}),
+    );
+    assert_eq!(st, 200, "{scored}");
+    let choices = scored["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4);
+    let (_, toks) = post_json(a, "/tokenize", k, &serde_json::json!({"model": MODEL, "prompt": prompt}));
+    let ids: Vec<u64> = toks["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")).collect();
+    let lps = choices[0]["prompt_logprobs"].as_array().expect("prompt_logprobs");
+    assert_eq!(lps.len(), ids.len(), "one entry per prompt token: {scored}");
+    assert!(lps[0].is_null(), "the first token has no score");
+    for (j, lp) in lps.iter().enumerate().skip(1) {
+        let m = lp.as_object().expect("an object per token");
+        let (key, own) = m.iter().next().expect("the prompt token first");
+        assert_eq!(key, &ids[j].to_string(), "position {j} is keyed by the prompt token's id");
+        assert!(own["logprob"].as_f64().expect("logprob") <= 0.0);
+        assert!(own["rank"].as_u64().expect("rank") >= 1);
+        assert!(own["decoded_token"].is_string());
+        let ranks: Vec<u64> = m.values().map(|v| v["rank"].as_u64().expect("rank")).collect();
+        assert!(ranks.contains(&1) && ranks.contains(&2), "the two most likely tokens are named: {lp}");
+        assert!(m.len() <= 3, "the prompt token and two alternatives at most: {lp}");
+    }
+    let last = lps[ids.len() - 1].as_object().expect("last");
+    let own = &last[&ids[ids.len() - 1].to_string()];
+    assert_eq!(own["rank"], 1, "the greedy token is the most likely: {own}");
+    let scored_lp = own["logprob"].as_f64().expect("logprob");
+    assert!((scored_lp - generated).abs() < 1e-3, "scored {scored_lp} vs generated {generated}");
+    assert_eq!(choices[1]["prompt_logprobs"], choices[0]["prompt_logprobs"], "the prompt's choices share its scores");
+    assert_eq!(choices[3]["prompt_logprobs"], choices[2]["prompt_logprobs"]);
+    assert_ne!(choices[2]["prompt_logprobs"], choices[0]["prompt_logprobs"], "each prompt its own scores");
+    assert_eq!(choices[0]["text"], choices[1]["text"], "greedy choices agree");
+
+    // Chat: one list at the top level, for the rendered conversation.
+    let (st, chat) = post_json(
+        a,
+        "/v1/chat/completions",
+        k,
+        &serde_json::json!({"model": "caps", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "prompt_logprobs": 0}),
+    );
+    assert_eq!(st, 200, "{chat}");
+    let lps = chat["prompt_logprobs"].as_array().expect("prompt_logprobs at the top level");
+    assert!(lps.len() > 5 && lps[0].is_null(), "{chat}");
+    assert!(lps[1..].iter().all(|lp| lp.as_object().is_some_and(|m| (1..=2).contains(&m.len()))), "{chat}");
+    assert!(chat["choices"][0].get("prompt_logprobs").is_none(), "chat choices do not repeat it");
+    // A request that does not ask gets no such key.
+    let (_, plain) =
+        post_json(a, "/v1/completions", k, &serde_json::json!({"model": MODEL, "prompt": "Hello", "max_tokens": 1}));
+    assert!(plain["choices"][0].get("prompt_logprobs").is_none(), "{plain}");
 }

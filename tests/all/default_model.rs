@@ -109,6 +109,7 @@ fn run(req: Request<CpuBackend>) -> (String, Vec<u32>, FinishReason) {
                 return (text, tokens, reason);
             }
             Event::Failed(e) => panic!("generation failed: {e}"),
+            Event::PromptLogprobs(_) => {}
         }
     }
     panic!("the stream ended without finishing")
@@ -162,4 +163,69 @@ fn stop_strings_cut_the_text_and_seeds_repeat() {
     let (a, b) = (sampled(1234), sampled(1234));
     assert_eq!(a, b, "same seed, same tokens");
     assert_ne!(a, sampled(99), "another seed gives another sample");
+}
+
+/// vLLM's `prompt_logprobs` through the engine: every prompt token scored, against HF
+/// transformers' logits at each position (the fixture's top 20), computed in chunks over
+/// several steps, beside a request that does not ask, and with the prefix cache on (a cached
+/// prompt still gets every score: scoring requests take no cache hit).
+#[test]
+fn prompt_logprobs_match_transformers_in_chunks_and_past_the_prefix_cache() {
+    let fx = json_fixture("smollm2-logits.json");
+    let cfg = EngineConfig {
+        prefix_cache: true,
+        block_size: 4,
+        max_batch_tokens: 5,
+        max_running: 4,
+        ..EngineConfig::default()
+    }
+    .with_kv_bytes(&default_model().model.config, 32 << 20);
+    let engine = EngineHandle::spawn(default_model().clone(), cfg).expect("engine");
+    let scored = |tokens: &[u32]| {
+        let mut req = Request::greedy(tokens.to_vec(), 2);
+        req.prompt_logprobs = Some(5);
+        // Submitted together, so that they share steps.
+        let plain = engine.submit(Request::greedy(tokens.to_vec(), 2)).expect("submit");
+        let got = engine.submit(req).expect("submit").collect_blocking().expect("scored request");
+        let plain = plain.collect_blocking().expect("plain request");
+        assert_eq!(plain.prompt_logprobs, None, "a request that did not ask gets no prompt scores");
+        (got.prompt_logprobs.expect("prompt logprobs"), got.tokens, plain.tokens)
+    };
+    for p in fx["prompts"].as_array().expect("prompts") {
+        let tokens: Vec<u32> = serde_json::from_value(p["tokens"].clone()).expect("tokens");
+        let top: Vec<Vec<(u32, f32)>> = serde_json::from_value(p["top"].clone()).expect("top");
+        for round in 0..2 {
+            // Round 1 finds the prompt's blocks cached by round 0.
+            let (lps, ours, plain) = scored(&tokens);
+            assert_eq!(ours, plain, "scoring the prompt does not change what is generated");
+            assert_eq!(lps.len(), tokens.len() - 1, "round {round}: one score per prompt token after the first");
+            for (j, lp) in lps.iter().enumerate() {
+                let want = &top[j];
+                assert_eq!(lp.token, tokens[j + 1], "position {j} scores the next prompt token");
+                assert!(lp.logprob <= 0.0 && lp.rank >= 1, "{lp:?}");
+                assert_eq!(lp.top.len(), 5);
+                assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1), "alternatives most likely first: {lp:?}");
+                // Differences of log-probabilities are differences of logits: the reference's.
+                let best = want[0];
+                if want[0].1 - want[1].1 > 4e-2 {
+                    assert_eq!(lp.top[0].0, best.0, "round {round} position {j}: the most likely token");
+                }
+                if let Some(r) = want.iter().position(|&(t, _)| t == lp.token) {
+                    let d = (lp.logprob - lp.top[0].1) - (want[r].1 - best.1);
+                    assert!(d.abs() < 4e-2, "round {round} position {j}: {lp:?} vs the reference {want:?}");
+                    let tied = want.iter().filter(|&&(_, l)| (l - want[r].1).abs() < 4e-2).count();
+                    if tied == 1 {
+                        assert_eq!(lp.rank, r + 1, "round {round} position {j}: rank of the prompt token");
+                    }
+                } else {
+                    // Not in the reference's top 20: no likelier than its 20th.
+                    let last = want[want.len() - 1].1 - best.1;
+                    assert!(lp.logprob - lp.top[0].1 < last + 4e-2, "round {round} position {j}: {lp:?} vs {want:?}");
+                }
+                if lp.rank == 1 {
+                    assert_eq!(lp.logprob, lp.top[0].1, "the most likely token is its own first alternative");
+                }
+            }
+        }
+    }
 }

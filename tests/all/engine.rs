@@ -90,6 +90,7 @@ fn run_core(core: &mut EngineCore<B>, reqs: Vec<Request<B>>) -> Vec<(Vec<u32>, F
                         o.3 = step;
                     }
                     Event::Failed(e) => panic!("request failed: {e}"),
+                    Event::PromptLogprobs(_) => {}
                 }
             }
         }

@@ -84,6 +84,7 @@ fn run_stats(cfg: EngineConfig, reqs: Vec<Request<B>>) -> (Vec<Outcome>, EngineS
                         o.2 = Some(Ok((o.0.clone(), o.1.clone(), reason)));
                     }
                     Event::Failed(e) => o.2 = Some(Err(e.to_string())),
+                    Event::PromptLogprobs(_) => {}
                 }
             }
         }

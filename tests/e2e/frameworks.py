@@ -1,6 +1,7 @@
 """End-to-end checks of openlora's OpenAI surface through the frameworks applications use:
-langchain-openai (`ChatOpenAI`, `OpenAI`) and litellm (`completion`, with the `openai/` prefix
-users give for an OpenAI-compatible server).
+langchain-openai (`ChatOpenAI`, `OpenAI`), litellm (`completion`, with the `openai/` prefix
+users give for an OpenAI-compatible server and the `hosted_vllm/` prefix for a vLLM one) and
+llama-index's `OpenAILike` (which talks to `/v1/completions` unless told it is a chat model).
 
 Run by runtime/tests/server.rs against a live `openlora serve` on 127.0.0.1 (the quickstart's
 tenants and adapters). Usage: python frameworks.py BASE_URL MODEL_ID
@@ -24,6 +25,8 @@ import litellm  # noqa: E402
 import openai  # noqa: E402
 from langchain_core.messages import HumanMessage  # noqa: E402
 from langchain_openai import ChatOpenAI, OpenAI  # noqa: E402
+from llama_index.core.llms import ChatMessage  # noqa: E402
+from llama_index.llms.openai_like import OpenAILike  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 BASE, MODEL = sys.argv[1], sys.argv[2]
@@ -127,5 +130,37 @@ r = litellm.completion(model="openai/" + MODEL, messages=[{"role": "user", "cont
                       response_format={"type": "json_object"}, **{**kw, "max_tokens": 64})
 check(r.choices[0].finish_reason != "stop" or isinstance(json.loads(r.choices[0].message.content), dict),
       f"litellm response_format json_object: {r.choices[0].message.content!r}")
+
+# vLLM's provider in litellm: the same server, addressed as a vLLM one.
+r = litellm.completion(model="hosted_vllm/" + MODEL, messages=[{"role": "user", "content": FRANCE_Q}], **kw)
+check(r.choices[0].message.content == FRANCE_A, f"litellm hosted_vllm/ completion: {r.choices[0].message.content!r}")
+parts = litellm.completion(model="hosted_vllm/caps", messages=[{"role": "user", "content": FRANCE_Q}], stream=True,
+                           **kw)
+streamed = "".join((c.choices[0].delta.content or "") for c in parts if c.choices)
+check(title_case(streamed) and "Paris" in streamed, f"litellm hosted_vllm/caps stream: {streamed!r}")
+
+# ---- llama-index OpenAILike ----
+# Its default is a completion model: `complete` and `stream_complete` go to /v1/completions.
+lkw = dict(api_base=BASE + "/v1", api_key=USER, temperature=0, max_tokens=16, max_retries=0, timeout=120)
+plain = OpenAI(base_url=BASE + "/v1", api_key=USER, model=MODEL, temperature=0, max_tokens=16, max_retries=0,
+               timeout=120).invoke("Once upon a time, there was a little dog named")
+li = OpenAILike(model=MODEL, **lkw)
+done = li.complete("Once upon a time, there was a little dog named")
+check(done.text == plain and done.text.startswith(" Max"),
+      f"llama-index OpenAILike.complete (/v1/completions) = langchain's completion: {done.text!r} vs {plain!r}")
+pieces = list(li.stream_complete("Once upon a time, there was a little dog named"))
+check(len(pieces) > 1 and pieces[-1].text == done.text,
+      f"llama-index stream_complete joins to the whole completion: {[p.delta for p in pieces]}")
+chat_li = OpenAILike(model=MODEL, is_chat_model=True, **{**lkw, "max_tokens": 32})
+r = chat_li.chat([ChatMessage(role="user", content=FRANCE_Q)])
+check(r.message.content == FRANCE_A, f"llama-index OpenAILike(is_chat_model=True).chat: {r.message.content!r}")
+r = OpenAILike(model="caps", is_chat_model=True, **{**lkw, "max_tokens": 32}).chat(
+    [ChatMessage(role="user", content=FRANCE_Q)])
+check(title_case(r.message.content), f"llama-index with model=caps: {r.message.content!r}")
+try:
+    OpenAILike(model="no-such-adapter", **lkw).complete("Hi")
+    sys.exit("FAILED: llama-index: an unknown model was answered")
+except openai.NotFoundError as e:
+    check("no-such-adapter" in str(e), f"llama-index sees the 404: {str(e)[:160]}")
 
 print("all framework checks passed")

@@ -115,6 +115,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     n += 1;
                 }
                 Event::Finished { .. } => break,
+                Event::PromptLogprobs(_) => {}
                 Event::Failed(err) => return Err(err.into()),
             }
         }
@@ -195,6 +196,7 @@ fn batched_decode_with(
                 }
                 Some(Event::Finished { .. }) | None => done[i] = true,
                 Some(Event::Failed(err)) => return Err(err.into()),
+                Some(Event::PromptLogprobs(_)) => {}
             }
         }
     }

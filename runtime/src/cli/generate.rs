@@ -224,6 +224,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     finish = reason.as_str();
                 }
                 ServiceEvent::Done { receipt: r, .. } => receipt = r,
+                ServiceEvent::PromptLogprobs { .. } => {}
                 ServiceEvent::Failed(e) => return Err(anyhow::Error::new(e)),
             }
         }

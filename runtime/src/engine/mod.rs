@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use openlora_kernels::Backend;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-pub use request::{EngineError, Event, FinishReason, Request, TokenLogprob, Usage};
+pub use request::{
+    EngineError, Event, FinishReason, PROMPT_LOGPROBS_CHUNK, PromptLogprob, Request, TokenLogprob, Usage,
+};
 use scheduler::EngineCore;
 pub use scheduler::{EngineConfig, EngineStats};
 
@@ -252,6 +254,8 @@ pub struct Completion {
     pub usage: Usage,
     /// Per token, when logprobs were asked for.
     pub logprobs: Vec<TokenLogprob>,
+    /// Prompt tokens 1.. scored, when prompt logprobs were asked for.
+    pub prompt_logprobs: Option<Vec<PromptLogprob>>,
 }
 
 impl RequestStream {
@@ -329,6 +333,7 @@ impl RequestStream {
             finish_reason: FinishReason::Stop,
             usage: Usage::default(),
             logprobs: Vec::new(),
+            prompt_logprobs: None,
         };
         while let Some(e) = self.blocking_next() {
             match e {
@@ -337,6 +342,7 @@ impl RequestStream {
                     c.text.push_str(&text);
                     c.logprobs.extend(logprob);
                 }
+                Event::PromptLogprobs(p) => c.prompt_logprobs = Some(p),
                 Event::Finished { text, reason, usage } => {
                     c.text.push_str(&text);
                     c.finish_reason = reason;

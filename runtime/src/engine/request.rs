@@ -33,6 +33,10 @@ pub struct Request<B: Backend> {
     pub min_tokens: usize,
     /// Report each chosen token's log-probability and this many alternatives (None: off).
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability given the tokens before it, its rank, and
+    /// this many alternatives (vLLM's `prompt_logprobs`; None: off). The prompt is then computed
+    /// in full (no prefix-cache hit) and in chunks of at most [`PROMPT_LOGPROBS_CHUNK`] tokens.
+    pub prompt_logprobs: Option<usize>,
     /// Salts the prefix-cache block hashes: only requests with the same salt (and adapters)
     /// share cached blocks. The service puts the tenant in it, so one tenant cannot probe
     /// another's prompts; empty means no salt.
@@ -57,6 +61,7 @@ impl<B: Backend> Request<B> {
             logit_bias: Vec::new(),
             min_tokens: 0,
             logprobs: None,
+            prompt_logprobs: None,
             cache_salt: String::new(),
             grammar: None,
         }
@@ -105,6 +110,24 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
+/// The most prompt tokens of one sequence a step computes when the request asked for
+/// `prompt_logprobs`: each such token needs its own row of logits (vocabulary-sized), so this
+/// bounds what one request adds to a step's memory (128 rows of 49,152 logits: 25 MB).
+pub const PROMPT_LOGPROBS_CHUNK: usize = 128;
+
+/// A prompt token's log-probability given the tokens before it (vLLM's `prompt_logprobs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptLogprob {
+    /// The prompt token.
+    pub token: u32,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// Its rank by probability among the whole vocabulary (1 = most likely).
+    pub rank: usize,
+    /// The most likely tokens at this position and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Token counts of a finished request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -129,6 +152,9 @@ pub enum Event {
         /// Present when the request asked for logprobs.
         logprob: Option<TokenLogprob>,
     },
+    /// The log-probabilities of prompt tokens 1.. (token 0 has none), when the request asked
+    /// for them: sent once, before the first token.
+    PromptLogprobs(Vec<PromptLogprob>),
     /// The request ended. `text` is what was still held back (emit it last).
     Finished {
         /// Remaining text.

@@ -39,7 +39,9 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::grammar::Grammar;
 use super::kv_cache::{BlockAllocator, SequenceBlocks};
-use super::request::{EngineError, Event, FinishReason, Request, TokenLogprob, Usage};
+use super::request::{
+    EngineError, Event, FinishReason, PROMPT_LOGPROBS_CHUNK, PromptLogprob, Request, TokenLogprob, Usage,
+};
 use super::sampler::Sampler;
 use super::stop::StopChecker;
 use crate::model::LoadedModel;
@@ -172,12 +174,47 @@ struct Sequence<B: Backend> {
     queued_new: bool,
     /// Whether it came with a grammar (which must never go missing).
     constrained: bool,
+    /// The prompt logprobs computed so far (positions 0.., each scoring the next prompt token),
+    /// while the request wants them and they have not been sent.
+    prompt_lp: Option<Vec<PromptLogprob>>,
 }
 
 impl<B: Backend> Sequence<B> {
     /// Tokens not yet in the KV cache.
     fn remaining(&self) -> usize {
         self.tokens.len() - self.blocks.len()
+    }
+
+    /// The positions of plan `p` whose logits score a prompt token not yet scored (each needs
+    /// a logits row of its own, before the row that samples).
+    fn prompt_rows(&self, p: &Planned) -> std::ops::Range<usize> {
+        let Some(done) = &self.prompt_lp else { return 0..0 };
+        // Never a gap: these sequences take no prefix-cache hit, and recompute from position 0
+        // after a preemption.
+        debug_assert!(done.len() >= p.start);
+        let lo = p.start.max(done.len());
+        let hi = (p.start + p.n).min(self.prompt_len - 1);
+        lo..hi.max(lo)
+    }
+
+    /// Scores the prompt tokens of plan `p` from its prompt rows (taken from `rows`), and sends
+    /// the prompt logprobs once every prompt token has its score.
+    fn record_prompt_rows<'a>(&mut self, p: &Planned, rows: &mut impl Iterator<Item = &'a [f32]>) {
+        let k = self.req.prompt_logprobs.unwrap_or(0);
+        for j in self.prompt_rows(p) {
+            let Some(row) = rows.next() else { break };
+            let token = self.tokens[j + 1];
+            let lp = log_softmax_top(row, token, k);
+            let chosen = row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
+            let rank = 1 + row.iter().filter(|&&l| l > chosen).count();
+            if let Some(v) = &mut self.prompt_lp {
+                v.push(PromptLogprob { token, logprob: lp.logprob, rank, top: lp.top });
+            }
+        }
+        if self.prompt_lp.as_ref().is_some_and(|v| v.len() + 1 >= self.prompt_len) {
+            let v = self.prompt_lp.take().unwrap_or_default();
+            let _ = self.events.send(Event::PromptLogprobs(v));
+        }
     }
 }
 
@@ -359,6 +396,7 @@ impl<B: Backend> EngineCore<B> {
             cached_tokens: 0,
             queued_new: true,
             constrained: req.grammar.is_some(),
+            prompt_lp: req.prompt_logprobs.map(|_| Vec::new()),
             req,
         };
         self.next_arrival += 1;
@@ -551,7 +589,8 @@ impl<B: Backend> EngineCore<B> {
         while budget > 0 && self.running.len() < self.cfg.max_running {
             let Some(w) = self.pick_waiting() else { break };
             let s = &mut self.waiting[w];
-            if self.cfg.prefix_cache && s.blocks.is_empty() {
+            // A request scoring its prompt computes all of it: a cached block has no logits.
+            if self.cfg.prefix_cache && s.blocks.is_empty() && s.prompt_lp.is_none() {
                 let hit = s.blocks.match_prefix(&mut self.alloc, &s.prefix_key, &s.tokens);
                 if s.queued_new {
                     s.cached_tokens = hit.min(s.prompt_len);
@@ -591,7 +630,10 @@ impl<B: Backend> EngineCore<B> {
         let start = s.blocks.len();
         let room_in_last = s.blocks.table().len() * bs - start;
         let fit = room_in_last + self.alloc.free_blocks() * bs;
-        let n = s.remaining().min(budget).min(fit);
+        let mut n = s.remaining().min(budget).min(fit);
+        if s.prompt_lp.is_some() {
+            n = n.min(PROMPT_LOGPROBS_CHUNK);
+        }
         if n == 0 {
             return None;
         }
@@ -599,8 +641,9 @@ impl<B: Backend> EngineCore<B> {
         Some(Planned { id: s.id, start, n, slots })
     }
 
-    /// Runs a forward pass over `entries` (indices into `running` with their plans); returns
-    /// the logits of the rows that end a sequence's pending tokens, in entry order.
+    /// Runs a forward pass over `entries` (indices into `running` with their plans); returns,
+    /// in entry order, the logits of each entry's prompt rows ([`Sequence::prompt_rows`]) and
+    /// then of its row that ends its pending tokens, if it has one.
     fn forward(&mut self, entries: &[(usize, &Planned)]) -> Result<Vec<f32>, String> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -616,6 +659,7 @@ impl<B: Backend> EngineCore<B> {
             slots.extend_from_slice(&p.slots);
             seqs.push(AttnSeq { q_start, q_len: p.n, ctx_len: p.start + p.n, block_table: s.blocks.table() });
             adapters.push(s.req.adapters.as_slice());
+            logits_rows.extend(s.prompt_rows(p).map(|j| (q_start + j - p.start) as u32));
             if p.start + p.n == s.tokens.len() {
                 logits_rows.push((q_start + p.n - 1) as u32);
             }
@@ -710,15 +754,22 @@ impl<B: Backend> EngineCore<B> {
             Ok(logits) => {
                 let mut rows = logits.chunks_exact(vocab);
                 for &(i, p) in &entries {
-                    let wants = p.start + p.n == self.running[i].tokens.len();
+                    let s = &mut self.running[i];
+                    s.record_prompt_rows(p, &mut rows);
+                    let wants = p.start + p.n == s.tokens.len();
                     outcome.push(Ok(if wants { rows.next().map(<[f32]>::to_vec) } else { None }));
                 }
             }
             Err(e) if entries.len() == 1 => outcome.push(Err(e)),
             Err(_) => {
                 // Find out whose computation fails: run each sequence alone.
-                for &e in &entries {
-                    outcome.push(self.forward(&[e]).map(|l| if l.is_empty() { None } else { Some(l) }));
+                for &(i, p) in &entries {
+                    let out = self.forward(&[(i, p)]).map(|l| {
+                        let mut rows = l.chunks_exact(vocab);
+                        self.running[i].record_prompt_rows(p, &mut rows);
+                        rows.next().map(<[f32]>::to_vec)
+                    });
+                    outcome.push(out);
                 }
             }
         }

@@ -26,7 +26,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
-use crate::service::{ErrorKind, Journey, Service, ServiceError, ServiceEvent, ServingBackend, Tenant, TokenLogprob};
+use crate::service::{
+    ErrorKind, Journey, PromptLogprob, Service, ServiceError, ServiceEvent, ServingBackend, Tenant, TokenLogprob,
+};
 use parse::OutputOptions;
 use tools::ToolRequest;
 
@@ -484,6 +486,23 @@ fn logprobs_json(svc: &Svc, api: Api, tokens: &[u32], lps: &[TokenLogprob], text
     }
 }
 
+/// vLLM's `prompt_logprobs`: `null` for the first prompt token (nothing comes before it), then
+/// per token an object keyed by token id: the prompt token first, then the alternatives not
+/// already named, each with its `logprob`, `rank` (1 = most likely) and `decoded_token`.
+fn prompt_logprobs_json(svc: &Svc, lps: &[PromptLogprob]) -> Value {
+    let entry = |t: u32, logprob: f32, rank: usize| json!({"logprob": logprob, "rank": rank, "decoded_token": svc.token_text(t)});
+    let mut out = vec![Value::Null];
+    for lp in lps {
+        let mut m = serde_json::Map::new();
+        m.insert(lp.token.to_string(), entry(lp.token, lp.logprob, lp.rank));
+        for (r, &(t, l)) in lp.top.iter().enumerate() {
+            m.entry(t.to_string()).or_insert_with(|| entry(t, l, r + 1));
+        }
+        out.push(Value::Object(m));
+    }
+    Value::Array(out)
+}
+
 /// `echo` holds each choice's prompt text when the request asked for it (else it is empty).
 async fn respond(
     svc: Svc,
@@ -528,6 +547,21 @@ async fn whole_response(
         Ok(c) => c,
         Err(e) => return error_response(&e),
     };
+    // The first choice of each prompt carries its prompt's scores; the prompt's other choices
+    // (`prompt * n + j`) follow it, so each choice takes the nearest at or before it.
+    let prompt_lps: Vec<Value> = {
+        let mut last = Value::Null;
+        c.prompt_logprobs
+            .iter()
+            .map(|p| {
+                if let Some(p) = p {
+                    last = prompt_logprobs_json(&svc, p);
+                }
+                last.clone()
+            })
+            .collect()
+    };
+    let asked_prompt_lps = c.prompt_logprobs.iter().any(Option::is_some);
     let items: Vec<Value> = (0..c.texts.len())
         .map(|i| {
             let finish = c.finish[i].as_str();
@@ -549,7 +583,11 @@ async fn whole_response(
                         Some(prompt) => format!("{prompt}{}", c.texts[i]),
                         None => c.texts[i].clone(),
                     };
-                    json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+                    let mut v = json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish});
+                    if asked_prompt_lps {
+                        v["prompt_logprobs"] = prompt_lps[i].clone();
+                    }
+                    v
                 }
             }
         })
@@ -563,6 +601,10 @@ async fn whole_response(
         "system_fingerprint": svc.system_fingerprint(),
         "choices": items, "usage": usage_json(&c.usage),
     });
+    // vLLM's chat response carries its one prompt's scores at the top level.
+    if api == Api::Chat && asked_prompt_lps {
+        body["prompt_logprobs"] = prompt_lps.first().cloned().unwrap_or(Value::Null);
+    }
     if let Some(r) = &c.receipt {
         body["receipt"] = json!(r);
     }
@@ -669,6 +711,8 @@ impl SseState {
                         self.queue.push_back(b);
                     }
                 }
+                // Refused with `stream` (parse.rs): a stream has no place for them.
+                ServiceEvent::PromptLogprobs { .. } => {}
                 ServiceEvent::ChoiceFinished { choice, text, reason, .. } => {
                     let (tools, held) = (self.out.tools.clone(), self.tool_streams.get_mut(choice));
                     match (tools, held) {

@@ -127,6 +127,7 @@ const COMMON_FIELDS: &[&str] = &[
     "stop_token_ids",
     "ignore_eos",
     "logprobs",
+    "prompt_logprobs",
     "user",
     "metadata",
     "cache_salt",
@@ -155,7 +156,6 @@ const CHAT_FIELDS: &[&str] =
 fn refusal_reason(k: &str) -> Option<&'static str> {
     Some(match k {
         "functions" | "function_call" => "the deprecated functions API is not supported; send `tools`",
-        "prompt_logprobs" => "prompt logprobs are not supported (only the generated tokens' `logprobs`)",
         "audio" => "audio output is not supported",
         "prediction" => "predicted outputs are not supported",
         "web_search_options" => "web search is not supported",
@@ -318,6 +318,34 @@ fn adapters_ext(f: &Fields<'_>) -> Result<(Vec<AdapterChoice>, Option<MergeSpec>
     Ok((choices, merge))
 }
 
+/// vLLM's `prompt_logprobs`: 0..=20 alternatives per prompt token, in whole responses only (as
+/// vLLM: its scores come with the answer, and a stream has no place for them).
+fn prompt_logprobs(f: &Fields<'_>) -> Result<Option<usize>, ServiceError> {
+    let k = "prompt_logprobs";
+    let n = match f.get(k) {
+        None => return Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if (0..=20).contains(&n) => n as usize,
+            Some(-1) => {
+                return Err(ServiceError::bad(
+                    k,
+                    "`prompt_logprobs: -1` (the whole vocabulary) is not supported; ask for at most 20",
+                ));
+            }
+            _ => {
+                return Err(ServiceError::bad(
+                    k,
+                    format!("`{k}` must be an integer between 0 and 20, not {}", shown(v)),
+                ));
+            }
+        },
+    };
+    if f.bool("stream")?.unwrap_or(false) {
+        return Err(ServiceError::bad(k, "`prompt_logprobs` is not available with `stream: true`"));
+    }
+    Ok(Some(n))
+}
+
 /// Options that only change how the response is written.
 #[derive(Clone, Debug, Default)]
 pub struct OutputOptions {
@@ -393,6 +421,7 @@ fn common(f: &Fields<'_>, prompts: Vec<PromptInput>, max_tokens_key: &[&str]) ->
         stop: stop_list(f)?,
         n: f.usize("n")?.unwrap_or(1),
         logprobs: None,
+        prompt_logprobs: prompt_logprobs(f)?,
         ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
         metadata: metadata(f)?,
         cache_salt: f.str("cache_salt")?.map(str::to_owned),
@@ -642,7 +671,7 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
     if echo && f.get("logprobs").is_some() {
         return Err(ServiceError::bad(
             "echo",
-            "`echo` with `logprobs` needs the prompt's logprobs, which are not supported",
+            "`echo` with `logprobs` is not supported (`prompt_logprobs` gives the prompt's scores)",
         ));
     }
     if f.get("suffix").is_some() {

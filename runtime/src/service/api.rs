@@ -9,7 +9,7 @@
 use crate::engine::EngineError;
 pub use crate::engine::grammar::{Constraint, ConstraintSpec};
 pub use crate::engine::sampler::SamplingParams;
-pub use crate::engine::{FinishReason, TokenLogprob};
+pub use crate::engine::{FinishReason, PromptLogprob, TokenLogprob};
 use crate::model::chat_template::ChatMessage;
 
 /// What kind of failure a [`ServiceError`] is (the HTTP layer maps it to a status).
@@ -156,6 +156,9 @@ pub struct GenerateRequest {
     pub n: usize,
     /// Logprobs with this many alternatives.
     pub logprobs: Option<usize>,
+    /// vLLM's `prompt_logprobs`: score every prompt token, with this many alternatives (the
+    /// first choice of each prompt computes them; its other choices share them).
+    pub prompt_logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
     /// Request metadata (OpenAI `metadata`), handed to plugins.
@@ -253,6 +256,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             n: 1,
             logprobs: None,
+            prompt_logprobs: None,
             ignore_eos: false,
             metadata: Vec::new(),
             cache_salt: None,
@@ -291,6 +295,14 @@ pub enum ServiceEvent {
         text: String,
         /// Present when the request asked for logprobs.
         logprob: Option<TokenLogprob>,
+    },
+    /// The prompt's scores, for the first choice of each prompt when the request asked for
+    /// them (before that choice's first token).
+    PromptLogprobs {
+        /// The choice (`prompt * n`).
+        choice: usize,
+        /// Prompt tokens 1.. with their log-probabilities, ranks and alternatives.
+        logprobs: Vec<PromptLogprob>,
     },
     /// Choice `choice` ended; `text` is what was still held back (emit it last).
     ChoiceFinished {

@@ -50,7 +50,7 @@ impl ChoiceState {
                 self.text.push_str(text);
                 self.finished = Some((*reason, usage.completion_tokens, usage.cached_tokens));
             }
-            Event::Failed(_) => {}
+            Event::Failed(_) | Event::PromptLogprobs(_) => {}
         }
     }
 }
@@ -148,6 +148,11 @@ impl<B: Backend + Clone + 'static> Service<B> {
         {
             return Err(ServiceError::bad("logprobs", "at most 20 alternatives per token"));
         }
+        if let Some(k) = req.prompt_logprobs
+            && k > 20
+        {
+            return Err(ServiceError::bad("prompt_logprobs", "`prompt_logprobs` must be between 0 and 20"));
+        }
         if let Some(s) = req.stop.iter().find(|s| s.len() > l.max_stop_bytes) {
             return Err(ServiceError::bad(
                 "stop",
@@ -231,6 +236,8 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     logit_bias: req.logit_bias.clone(),
                     min_tokens: req.min_tokens,
                     logprobs: req.logprobs,
+                    // The prompt is the same for every choice: the first one scores it.
+                    prompt_logprobs: if i == 0 { req.prompt_logprobs } else { None },
                     cache_salt: cache_salt.clone(),
                     // Each choice its own parser (clones share the compiled grammar's caches).
                     grammar: grammar.as_ref().map(|g| Box::new(g.clone())),
@@ -372,6 +379,9 @@ impl<B: Backend + Clone + 'static> Journey<B> {
                     };
                     return Some(ServiceEvent::ChoiceFinished { choice: i, text, reason, usage });
                 }
+                Some(Event::PromptLogprobs(logprobs)) => {
+                    return Some(ServiceEvent::PromptLogprobs { choice: i, logprobs });
+                }
                 Some(Event::Failed(e)) => return Some(self.fail(ServiceError::from(e)).await),
                 None => {
                     let e = ServiceError::new(ErrorKind::Overloaded, "the engine has shut down");
@@ -417,6 +427,7 @@ impl<B: Backend + Clone + 'static> Journey<B> {
             texts: vec![String::new(); self.choices()],
             tokens: vec![Vec::new(); self.choices()],
             logprobs: vec![Vec::new(); self.choices()],
+            prompt_logprobs: vec![None; self.choices()],
             finish: vec![FinishReason::Stop; self.choices()],
             usage: TokenUsage::default(),
             receipt: None,
@@ -428,6 +439,7 @@ impl<B: Backend + Clone + 'static> Journey<B> {
                     out.tokens[choice].push(id);
                     out.logprobs[choice].extend(logprob);
                 }
+                ServiceEvent::PromptLogprobs { choice, logprobs } => out.prompt_logprobs[choice] = Some(logprobs),
                 ServiceEvent::ChoiceFinished { choice, text, reason, .. } => {
                     out.texts[choice].push_str(&text);
                     out.finish[choice] = reason;
@@ -452,6 +464,8 @@ pub struct Collected {
     pub tokens: Vec<Vec<u32>>,
     /// Each choice's logprobs (when asked for).
     pub logprobs: Vec<Vec<super::api::TokenLogprob>>,
+    /// The prompt's scores, on the first choice of each prompt (when asked for).
+    pub prompt_logprobs: Vec<Option<Vec<super::api::PromptLogprob>>>,
     /// Each choice's finish reason.
     pub finish: Vec<FinishReason>,
     /// The request's token counts.

@@ -35,8 +35,8 @@ use sha2::{Digest, Sha256};
 
 pub use api::{
     AdapterChoice, AdapterStatus, Constraint, ConstraintSpec, ErrorKind, FinishReason, GenerateRequest, Limits,
-    MergeSpec, ModelCard, PromptInput, SamplingParams, ServiceError, ServiceEvent, StructuredOutput, TokenLogprob,
-    TokenUsage, new_request_id,
+    MergeSpec, ModelCard, PromptInput, PromptLogprob, SamplingParams, ServiceError, ServiceEvent, StructuredOutput,
+    TokenLogprob, TokenUsage, new_request_id,
 };
 pub use journey::Journey;
 pub use receipts::RecordContext;

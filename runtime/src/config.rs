@@ -157,6 +157,27 @@ pub struct ModelSection {
     pub threads: Option<usize>,
     /// Owner, license and price of the base model (receipts credit it); unpriced when absent.
     pub manifest: Option<crate::adapters::manifest::Manifest>,
+    /// A Jinja chat template file that replaces the model's own (vLLM's `--chat-template`);
+    /// relative to the deployment file.
+    pub chat_template: Option<String>,
+    /// How chat requests' tools reach the model.
+    #[serde(default)]
+    pub tool_format: ToolFormat,
+}
+
+/// `[model] tool_format`: how a chat request's `tools`, assistant `tool_calls` and `tool`
+/// messages reach the model. Either way calls are read back as Hermes-style `<tool_call>` JSON.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolFormat {
+    /// `template` when the chat template reads `tools`, else `hermes`.
+    #[default]
+    Auto,
+    /// Handed to the chat template, which renders them (Qwen 2.5, Hermes, SmolLM3 templates).
+    Template,
+    /// Written as text before the template: the tools in the system message, calls as
+    /// `<tool_call>` blocks, results as `<tool_response>` user turns.
+    Hermes,
 }
 
 fn default_model_path() -> String {
@@ -165,7 +186,14 @@ fn default_model_path() -> String {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        Self { path: default_model_path(), name: None, threads: None, manifest: None }
+        Self {
+            path: default_model_path(),
+            name: None,
+            threads: None,
+            manifest: None,
+            chat_template: None,
+            tool_format: ToolFormat::Auto,
+        }
     }
 }
 
@@ -451,6 +479,9 @@ impl Deployment {
         let base = path.parent().unwrap_or(Path::new("."));
         if d.model.path != "default" {
             d.model.path = base.join(&d.model.path).to_string_lossy().into_owned();
+        }
+        if let Some(t) = d.model.chat_template.as_mut() {
+            *t = base.join(&*t).to_string_lossy().into_owned();
         }
         for dir in d.adapters.dirs.iter_mut() {
             *dir = base.join(&*dir);

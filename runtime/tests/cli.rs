@@ -355,3 +355,25 @@ fn ledger_index_and_verify_evidence() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `[model] tool_format = "template"` needs a chat template that renders tools: the default
+/// model's does not, so the start is refused naming the key and what to do; an unknown format
+/// is refused by the deployment's own check.
+#[test]
+fn serve_refuses_a_template_tool_format_with_a_template_that_has_no_tools() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("tools.toml");
+    std::fs::write(&cfg, "[model]\ntool_format = \"template\"\n[attribution]\nenabled = false\n").expect("write");
+    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model.tool_format") && err.contains("hermes"), "{err}");
+    std::fs::write(&cfg, "[model]\ntool_format = \"xml\"\n[attribution]\nenabled = false\n").expect("write");
+    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("tool_format"), "{err}");
+    std::fs::write(&cfg, "[model]\nchat_template = \"missing.jinja\"\n[attribution]\nenabled = false\n")
+        .expect("write");
+    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("model.chat_template") && err.contains("missing.jinja"), "{err}");
+}

@@ -1967,3 +1967,68 @@ fn prompt_logprobs_score_the_prompt_in_vllms_shape() {
         post_json(a, "/v1/completions", k, &serde_json::json!({"model": MODEL, "prompt": "Hello", "max_tokens": 1}));
     assert!(plain["choices"][0].get("prompt_logprobs").is_none(), "{plain}");
 }
+
+/// `[model] chat_template` (vLLM's `--chat-template`) with a template that renders tools:
+/// `tool_format = "auto"` hands the request's tools, the assistant's calls and the tool results
+/// to the template, and the prompt is HF transformers' rendering of the same conversation
+/// (tests/fixtures/tool-template, checked through `/tokenize`, which builds the prompt as chat
+/// does); calls still come back as `tool_calls`, valid for the schema under `required`.
+#[test]
+fn a_chat_template_that_renders_tools_gets_them_from_the_request() {
+    let template = repo().join("tests/fixtures/tool-template/template.jinja");
+    let server = start(|t| {
+        t.replace(
+            "name = \"SmolLM2-135M-Instruct\"\n",
+            &format!("name = \"SmolLM2-135M-Instruct\"\nchat_template = {:?}\n", template.display().to_string()),
+        )
+    });
+    let a = server.addr;
+    let k = "sk-demo-user";
+    let fx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/tool-template/rendered.json")).expect("fixture"),
+    )
+    .expect("json");
+    for case in fx["cases"].as_array().expect("cases") {
+        let mut body = serde_json::json!({"model": MODEL, "messages": case["request_messages"]});
+        if !case["tools"].is_null() {
+            body["tools"] = case["tools"].clone();
+        }
+        let (st, ours) = post_json(a, "/tokenize", k, &body);
+        assert_eq!(st, 200, "{ours}");
+        let (st, theirs) = post_json(
+            a,
+            "/tokenize",
+            k,
+            &serde_json::json!({"model": MODEL, "prompt": case["rendered"], "add_special_tokens": false}),
+        );
+        assert_eq!(st, 200, "{theirs}");
+        assert_eq!(ours["tokens"], theirs["tokens"], "case {}: the prompt is transformers' rendering", case["name"]);
+    }
+    // A required call, and a conversation that goes on after a call and its result.
+    let tools = fx["cases"][0]["tools"].clone();
+    let (st, r) = post_json(
+        a,
+        "/v1/chat/completions",
+        k,
+        &serde_json::json!({"model": MODEL, "messages": fx["cases"][0]["request_messages"], "tools": tools,
+            "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 64, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+    let call = &r["choices"][0]["message"]["tool_calls"][0]["function"];
+    let args: serde_json::Value = serde_json::from_str(call["arguments"].as_str().expect("arguments")).expect("JSON");
+    match call["name"].as_str() {
+        Some("get_weather") => assert!(args["city"].is_string(), "{args}"),
+        Some("get_time") => assert!(args.is_object(), "{args}"),
+        other => panic!("not a listed tool: {other:?}"),
+    }
+    let (st, r) = post_json(
+        a,
+        "/v1/chat/completions",
+        k,
+        &serde_json::json!({"model": MODEL, "messages": fx["cases"][1]["request_messages"], "tools": tools,
+            "max_tokens": 16, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert!(r["choices"][0]["message"]["content"].is_string() || r["choices"][0]["message"]["tool_calls"].is_array());
+}

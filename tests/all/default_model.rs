@@ -229,3 +229,22 @@ fn prompt_logprobs_match_transformers_in_chunks_and_past_the_prefix_cache() {
         }
     }
 }
+
+/// A chat template that renders tools (tests/fixtures/tool-template) renders tools, calls and
+/// results byte for byte as HF transformers' `apply_chat_template(messages, tools=...)` does; the
+/// default model's template does not read `tools` (so `tool_format = "auto"` picks Hermes text).
+#[test]
+fn a_tool_template_renders_tools_calls_and_results_as_transformers() {
+    use openlora::model::chat_template::ChatTemplate;
+    let src = std::fs::read_to_string(openlora_tests::fixture("tool-template/template.jinja")).expect("template");
+    let t = ChatTemplate::new(&src, "", "<|im_end|>").expect("compiles");
+    assert!(t.renders_tools());
+    assert!(!default_model().chat_template.renders_tools(), "SmolLM2's template has no tools");
+    let fx = json_fixture("tool-template/rendered.json");
+    for case in fx["cases"].as_array().expect("cases") {
+        let messages: Vec<ChatMessage> = serde_json::from_value(case["template_messages"].clone()).expect("messages");
+        let tools = Some(&case["tools"]).filter(|v| !v.is_null());
+        let got = t.render_with_tools(&messages, tools, true).expect("render");
+        assert_eq!(got, case["rendered"].as_str().expect("rendered"), "case {}", case["name"]);
+    }
+}

@@ -55,8 +55,16 @@ pub fn start_service(d: &Deployment) -> Result<Arc<Service<ServingBackend>>> {
     let path = model_path(d)?;
     let model_id = d.model.name.clone().unwrap_or_else(|| model_id_of(&path));
     let backend = start_device(&d.engine.device_request(), d.engine.precision())?;
-    let loaded =
-        Arc::new(LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?);
+    let mut loaded =
+        LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(t) = &d.model.chat_template {
+        let src = std::fs::read_to_string(t).with_context(|| format!("model.chat_template: reading {t}"))?;
+        let own = &loaded.chat_template;
+        loaded.chat_template =
+            openlora::model::chat_template::ChatTemplate::new(&src, own.bos_token(), own.eos_token())
+                .with_context(|| format!("model.chat_template: {t}"))?;
+    }
+    let loaded = Arc::new(loaded);
     let sha = openlora::service::weights_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
     Ok(Service::start(d, loaded, model_id, backend, sha)?)
 }

@@ -30,16 +30,24 @@ const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['r
 /// One message of a conversation.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`, or whatever roles the template knows.
+    /// `system`, `user`, `assistant`, `tool`, or whatever roles the template knows.
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant message's calls, as templates that render tools read them (transformers'
+    /// shape: `{"type": "function", "id"?, "function": {"name", "arguments"}}` with `arguments`
+    /// a JSON object). Absent (undefined in the template) when there are none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message's call id. Absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -99,6 +107,25 @@ impl ChatTemplate {
     /// A template that calls `raise_exception(msg)` (to reject, say, roles that do not alternate)
     /// fails with [`ModelError::ChatTemplate`] holding exactly `msg`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template renders a request's tools itself (it reads the `tools` variable),
+    /// as the templates of Qwen 2.5, Hermes, Llama 3.1 and SmolLM3 do.
+    pub fn renders_tools(&self) -> bool {
+        self.env.get_template(TEMPLATE_NAME).map(|t| t.undeclared_variables(false).contains("tools")).unwrap_or(false)
+    }
+
+    /// Renders a conversation with the request's tools handed to the template as `tools`
+    /// (transformers' `apply_chat_template(messages, tools=...)`: a list of
+    /// `{"type": "function", "function": {"name", "description"?, "parameters"}}`), `None` when
+    /// the request has none.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -109,7 +136,7 @@ impl ChatTemplate {
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
             // transformers passes these as None when the request has none.
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
             documents => Value::from(()),
         };
         template.render(ctx).map_err(render_error)

@@ -348,13 +348,24 @@ async fn unload_lora(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> 
     }
 }
 
+/// How this deployment hands chat tools to the model.
+fn tool_rendering(svc: &Svc) -> tools::ToolRendering {
+    if svc.template_tools() { tools::ToolRendering::Template } else { tools::ToolRendering::Hermes }
+}
+
 /// vLLM's `POST /tokenize`: `{"count", "max_model_len", "tokens", "token_strs"}`.
 async fn tokenize(State(svc): State<Svc>, headers: HeaderMap, body: Body) -> Response {
     let r = async {
         let (t, body) = prologue(&svc, &headers, body).await?;
-        let req = parse::tokenize(&parse::Fields::parse(&body)?)?;
-        let ids =
-            svc.tokenize_for(&t, req.model.as_deref(), &req.prompt, req.add_special_tokens, req.add_generation_prompt)?;
+        let req = parse::tokenize(&parse::Fields::parse(&body)?, tool_rendering(&svc))?;
+        let ids = svc.tokenize_for(
+            &t,
+            req.model.as_deref(),
+            &req.prompt,
+            req.tools.as_ref(),
+            req.add_special_tokens,
+            req.add_generation_prompt,
+        )?;
         let strs = if req.return_token_strs { json!(svc.token_strs(&ids)) } else { Value::Null };
         Ok::<_, ServiceError>(json!({
             "count": ids.len(), "max_model_len": svc.context_limit(), "tokens": ids, "token_strs": strs,
@@ -412,7 +423,7 @@ async fn chat_completions(State(svc): State<Svc>, headers: HeaderMap, body: Body
     let r = async {
         let (t, body) = prologue(&svc, &headers, body).await?;
         let obj = parse::Fields::parse(&body)?;
-        let (req, out) = parse::chat(&obj)?;
+        let (req, out) = parse::chat(&obj, tool_rendering(&svc))?;
         Ok::<_, ServiceError>((start(&svc, t, req).await?, out))
     }
     .await;

@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::tools::{self, Tool, ToolChoice, ToolRequest};
+use super::tools::{self, Tool, ToolChoice, ToolRendering, ToolRequest};
 use crate::model::chat_template::ChatMessage;
 use crate::service::api::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
 use crate::service::{
@@ -431,6 +431,7 @@ fn common(f: &Fields<'_>, prompts: Vec<PromptInput>, max_tokens_key: &[&str]) ->
         stop_token_ids: token_ids(f, "stop_token_ids", MAX_STOP_TOKEN_IDS)?,
         user: f.str("user")?.map(str::to_owned),
         constraint: None,
+        tools: None,
     })
 }
 
@@ -718,8 +719,35 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
     Ok((g, out))
 }
 
-/// `POST /v1/chat/completions`.
-pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
+/// A conversation as the model will read it, with the request's tools: in the Hermes-style
+/// text format (the tools described in the system message, calls and results as text), or in
+/// the structured form the chat template renders (`tools` beside the messages).
+fn conversation(
+    f: &Fields<'_>,
+    rendering: ToolRendering,
+    tools: Option<&ToolRequest>,
+) -> Result<(Vec<ChatMessage>, Option<Value>), ServiceError> {
+    let mut messages = messages(f, rendering)?;
+    let Some(t) = tools else { return Ok((messages, None)) };
+    match rendering {
+        ToolRendering::Template => Ok((messages, Some(tools::template_tools(&t.tools)))),
+        ToolRendering::Hermes => {
+            // The Hermes-style fallback: the tools are described in the system message.
+            let text = tools::system_text(&t.tools);
+            match messages.first_mut() {
+                Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
+                _ => messages.insert(0, ChatMessage::new("system", text)),
+            }
+            Ok((messages, None))
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`; `rendering` is how the deployment hands tools to the model.
+pub fn chat(
+    body: &Map<String, Value>,
+    rendering: ToolRendering,
+) -> Result<(GenerateRequest, OutputOptions), ServiceError> {
     let f = Fields(body);
     check_fields(&f, CHAT_FIELDS)?;
     let constraint = structured_output(&f, true)?;
@@ -729,16 +757,9 @@ pub fn chat(body: &Map<String, Value>) -> Result<(GenerateRequest, OutputOptions
         Some(Value::Array(a)) if a.iter().all(|m| m.as_str() == Some("text")) => {}
         Some(_) => return Err(ServiceError::bad("modalities", "`modalities`: only [\"text\"] is supported")),
     }
-    let mut messages = messages(&f)?;
-    if let Some(t) = &tools {
-        // The Hermes-style fallback: the tools are described in the system message.
-        let text = tools::system_text(&t.tools);
-        match messages.first_mut() {
-            Some(m) if m.role == "system" => m.content = format!("{}\n\n{text}", m.content),
-            _ => messages.insert(0, ChatMessage { role: "system".into(), content: text }),
-        }
-    }
+    let (messages, template_tools) = conversation(&f, rendering, tools.as_ref())?;
     let mut g = common(&f, vec![PromptInput::Chat(messages)], &["max_tokens", "max_completion_tokens"])?;
+    g.tools = template_tools;
     if f.bool("logprobs")?.unwrap_or(false) {
         g.logprobs = Some(f.usize("top_logprobs")?.unwrap_or(0));
     } else if f.get("top_logprobs").is_some() {
@@ -775,8 +796,59 @@ fn tool_name_ok(n: &str) -> bool {
 /// `tools`, `tool_choice` and `parallel_tool_calls`. None when the request has no tools or
 /// chooses `none` (the model then answers in text and sees no tools).
 fn tool_request(f: &Fields<'_>) -> Result<Option<ToolRequest>, ServiceError> {
+    let tools = tool_list(f)?.unwrap_or_default();
+    let choice = match f.get("tool_choice") {
+        None if tools.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(type_err(
+                    "tool_choice",
+                    "\"none\", \"auto\", \"required\" or a named function",
+                    &Value::String(s.clone()),
+                ));
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    ServiceError::bad(
+                        "tool_choice",
+                        "`tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ..}}",
+                    )
+                })?;
+            if !tools.iter().any(|t| t.name == name) {
+                let name: String = name.chars().take(64).collect();
+                return Err(ServiceError::bad(
+                    "tool_choice",
+                    format!("`tool_choice` names {name:?}, which is not in `tools`"),
+                ));
+            }
+            ToolChoice::Named(name.to_owned())
+        }
+        Some(v) => return Err(type_err("tool_choice", "a string or an object", v)),
+    };
+    if tools.is_empty() && choice != ToolChoice::None {
+        return Err(ServiceError::bad("tool_choice", "`tool_choice` needs `tools`"));
+    }
+    if choice == ToolChoice::None {
+        return Ok(None);
+    }
+    let parallel = f.bool("parallel_tool_calls")?.unwrap_or(true);
+    Ok(Some(ToolRequest { tools, choice, parallel }))
+}
+
+/// The request's `tools`, checked (None when it sends none).
+fn tool_list(f: &Fields<'_>) -> Result<Option<Vec<Tool>>, ServiceError> {
     let list = match f.get("tools") {
-        None => Vec::new(),
+        None => return Ok(None),
         Some(Value::Array(a)) if a.len() > MAX_TOOLS => {
             return Err(ServiceError::bad(
                 "tools",
@@ -826,56 +898,11 @@ fn tool_request(f: &Fields<'_>) -> Result<Option<ToolRequest>, ServiceError> {
         let description = h.str("description")?.map(str::to_owned);
         tools.push(Tool { name: name.to_owned(), description, parameters });
     }
-    let choice = match f.get("tool_choice") {
-        None if tools.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            _ => {
-                return Err(type_err(
-                    "tool_choice",
-                    "\"none\", \"auto\", \"required\" or a named function",
-                    &Value::String(s.clone()),
-                ));
-            }
-        },
-        Some(Value::Object(o)) => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str)
-                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| {
-                    ServiceError::bad(
-                        "tool_choice",
-                        "`tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ..}}",
-                    )
-                })?;
-            if !tools.iter().any(|t| t.name == name) {
-                let name: String = name.chars().take(64).collect();
-                return Err(ServiceError::bad(
-                    "tool_choice",
-                    format!("`tool_choice` names {name:?}, which is not in `tools`"),
-                ));
-            }
-            ToolChoice::Named(name.to_owned())
-        }
-        Some(v) => return Err(type_err("tool_choice", "a string or an object", v)),
-    };
-    if tools.is_empty() && choice != ToolChoice::None {
-        return Err(ServiceError::bad("tool_choice", "`tool_choice` needs `tools`"));
-    }
-    if choice == ToolChoice::None {
-        return Ok(None);
-    }
-    let parallel = f.bool("parallel_tool_calls")?.unwrap_or(true);
-    Ok(Some(ToolRequest { tools, choice, parallel }))
+    Ok(Some(tools))
 }
 
 /// A chat request's `messages`: text only, roles system (or developer), user, assistant.
-fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
+fn messages(f: &Fields<'_>, rendering: ToolRendering) -> Result<Vec<ChatMessage>, ServiceError> {
     let Some(Value::Array(list)) = f.get("messages") else {
         return Err(ServiceError::bad("messages", "`messages` is required and must be a list"));
     };
@@ -946,6 +973,16 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
             Some(v) => return Err(type_err("messages", "text content", v)),
         };
         let content = match role {
+            "tool" if rendering == ToolRendering::Template => {
+                let Some(id) = g.str("tool_call_id")? else {
+                    return Err(ServiceError::bad(
+                        "messages",
+                        format!("messages[{i}]: a `tool` message needs `tool_call_id`"),
+                    ));
+                };
+                messages.push(ChatMessage { tool_call_id: Some(id.to_owned()), ..ChatMessage::new("tool", content) });
+                continue;
+            }
             // The Hermes-style fallback: a tool's answer is a user turn the model can read.
             "tool" => {
                 if g.str("tool_call_id")?.is_none() {
@@ -958,7 +995,7 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
                 let text = tools::response_text(&content);
                 match messages.last_mut() {
                     Some(m) if last_was_tool => m.content = format!("{}\n{text}", m.content),
-                    _ => messages.push(ChatMessage { role: "user".into(), content: text }),
+                    _ => messages.push(ChatMessage::new("user", text)),
                 }
                 last_was_tool = true;
                 continue;
@@ -966,6 +1003,7 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
             "assistant" => match g.get("tool_calls") {
                 Some(Value::Array(calls)) => {
                     let mut text = content;
+                    let mut structured = Vec::with_capacity(calls.len());
                     for (j, c) in calls.iter().enumerate() {
                         let func = c.get("function");
                         let name = func.and_then(|f| f.get("name")).and_then(Value::as_str);
@@ -982,10 +1020,26 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
                                 format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"),
                             )
                         })?;
+                        if rendering == ToolRendering::Template {
+                            // As transformers' templates read a call: `arguments` an object.
+                            let mut call =
+                                serde_json::json!({"type": "function", "function": {"name": name, "arguments": args}});
+                            if let Some(id) = c.get("id").and_then(Value::as_str) {
+                                call["id"] = Value::String(id.to_owned());
+                            }
+                            structured.push(call);
+                            continue;
+                        }
                         if !text.is_empty() {
                             text.push('\n');
                         }
                         text.push_str(&tools::call_text(name, &args));
+                    }
+                    if rendering == ToolRendering::Template {
+                        messages
+                            .push(ChatMessage { tool_calls: Some(structured), ..ChatMessage::new("assistant", text) });
+                        last_was_tool = false;
+                        continue;
                     }
                     text
                 }
@@ -994,7 +1048,7 @@ fn messages(f: &Fields<'_>) -> Result<Vec<ChatMessage>, ServiceError> {
             },
             _ => content,
         };
-        messages.push(ChatMessage { role: role.to_owned(), content });
+        messages.push(ChatMessage::new(role, content));
         last_was_tool = false;
     }
     Ok(messages)
@@ -1006,6 +1060,8 @@ pub struct TokenizeRequest {
     pub model: Option<String>,
     /// What to tokenize.
     pub prompt: PromptInput,
+    /// The tools handed to the chat template (when it renders them).
+    pub tools: Option<Value>,
     /// Add the tokenizer's special tokens (default: yes for a prompt, no for messages, whose
     /// template writes its own).
     pub add_special_tokens: bool,
@@ -1015,23 +1071,33 @@ pub struct TokenizeRequest {
     pub return_token_strs: bool,
 }
 
-/// Reads a `POST /tokenize` body.
-pub fn tokenize(body: &Map<String, Value>) -> Result<TokenizeRequest, ServiceError> {
+/// Reads a `POST /tokenize` body. Messages (with `tools`) become the prompt the chat endpoint
+/// would build from them under `rendering`.
+pub fn tokenize(body: &Map<String, Value>, rendering: ToolRendering) -> Result<TokenizeRequest, ServiceError> {
     let f = Fields(body);
     f.only(
-        &["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"],
+        &["model", "prompt", "messages", "tools", "add_special_tokens", "add_generation_prompt", "return_token_strs"],
         "/tokenize",
     )?;
     let chat = f.get("messages").is_some();
-    let prompt = match (f.str("prompt")?, chat) {
+    if !chat && f.get("tools").is_some() {
+        return Err(ServiceError::bad("tools", "`tools` goes with `messages`"));
+    }
+    let (prompt, tools) = match (f.str("prompt")?, chat) {
         (Some(_), true) => return Err(ServiceError::bad("prompt", "send `prompt` or `messages`, not both")),
-        (Some(p), false) => PromptInput::Text(p.to_owned()),
-        (None, true) => PromptInput::Chat(messages(&f)?),
+        (Some(p), false) => (PromptInput::Text(p.to_owned()), None),
+        (None, true) => {
+            // The tools as `auto` would show them: their choice does not change the prompt.
+            let tools = tool_list(&f)?.map(|tools| ToolRequest { tools, choice: ToolChoice::Auto, parallel: true });
+            let (messages, tools) = conversation(&f, rendering, tools.as_ref())?;
+            (PromptInput::Chat(messages), tools)
+        }
         (None, false) => return Err(ServiceError::bad("prompt", "`prompt` (or `messages`) is required")),
     };
     Ok(TokenizeRequest {
         model: f.str("model")?.map(str::to_owned),
         prompt,
+        tools,
         add_special_tokens: f.bool("add_special_tokens")?.unwrap_or(!chat),
         add_generation_prompt: f.bool("add_generation_prompt")?.unwrap_or(true),
         return_token_strs: f.bool("return_token_strs")?.unwrap_or(false),
@@ -1054,6 +1120,10 @@ pub fn detokenize(body: &Map<String, Value>) -> Result<(Option<String>, Vec<u32>
 #[doc(hidden)]
 pub fn request_from_body(body: &[u8], chat: bool) -> Result<GenerateRequest, ServiceError> {
     let obj = Fields::parse(body)?;
-    let (req, _) = if chat { self::chat(&obj)? } else { completions(&obj)? };
-    Ok(req)
+    if !chat {
+        return Ok(completions(&obj)?.0);
+    }
+    // Both ways a deployment may hand tools to the model read the same body without panicking.
+    let _ = self::chat(&obj, ToolRendering::Template);
+    Ok(self::chat(&obj, ToolRendering::Hermes)?.0)
 }

@@ -1,10 +1,16 @@
-//! Tool calls on the OpenAI surface, in the Hermes-style text format (`<tool_call>` JSON), the
-//! fallback for chat templates that do not render tools themselves (the default model's does
-//! not; this server does not yet hand `tools` to templates that do).
+//! Tool calls on the OpenAI surface. How the model reads them is the deployment's
+//! `[model] tool_format` ([`ToolRendering`]):
 //!
-//! - The request's tools are described in the system message; an assistant message's
-//!   `tool_calls` become `<tool_call>` blocks in its text, and a `tool` message becomes a user
-//!   turn holding a `<tool_response>` block.
+//! - `template`: the chat template renders them (the request's `tools` handed to it as
+//!   transformers does, assistant `tool_calls` with `arguments` as objects, `tool` messages with
+//!   their `tool_call_id`), for templates that read `tools` (Qwen 2.5, Hermes, SmolLM3, ...);
+//! - `hermes`, the fallback for templates that do not (the default model's): the tools are
+//!   described in the system message, an assistant message's `tool_calls` become `<tool_call>`
+//!   blocks in its text, and a `tool` message becomes a user turn holding a `<tool_response>`
+//!   block.
+//!
+//! Either way the model's calls are read as Hermes-style `<tool_call>` JSON blocks, the format
+//! those templates teach:
 //! - `tool_choice: "required"` or a named function constrain decoding with a Lark grammar whose
 //!   calls are JSON valid for each tool's `parameters` ([`grammar`]); `"auto"` decodes freely and
 //!   [`parse_calls`] reads whatever calls the answer holds; `"none"` leaves the tools out.
@@ -29,6 +35,34 @@ pub struct Tool {
     pub description: Option<String>,
     /// A JSON schema of its arguments (an object schema).
     pub parameters: Value,
+}
+
+/// How a request's tools, calls and results reach the model (the deployment's
+/// `[model] tool_format`, with `auto` resolved against its chat template).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolRendering {
+    /// The Hermes-style text format, written into the messages before the template.
+    Hermes,
+    /// Handed to the chat template, which renders them itself.
+    Template,
+}
+
+/// The tools as a chat template reads them (transformers' `tools` argument).
+pub fn template_tools(tools: &[Tool]) -> Value {
+    Value::Array(
+        tools
+            .iter()
+            .map(|t| {
+                let mut f = Map::new();
+                f.insert("name".into(), json!(t.name));
+                if let Some(d) = &t.description {
+                    f.insert("description".into(), json!(d));
+                }
+                f.insert("parameters".into(), t.parameters.clone());
+                json!({"type": "function", "function": f})
+            })
+            .collect(),
+    )
 }
 
 /// OpenAI's `tool_choice`.
@@ -70,14 +104,8 @@ pub fn system_text(tools: &[Tool]) -> String {
         "You can call functions to help answer. The functions are listed below, one JSON object per line, \
          between <tools> and </tools>:\n<tools>\n",
     );
-    for t in tools {
-        let mut f = Map::new();
-        f.insert("name".into(), json!(t.name));
-        if let Some(d) = &t.description {
-            f.insert("description".into(), json!(d));
-        }
-        f.insert("parameters".into(), t.parameters.clone());
-        s.push_str(&json!({"type": "function", "function": f}).to_string());
+    for t in template_tools(tools).as_array().into_iter().flatten() {
+        s.push_str(&t.to_string());
         s.push('\n');
     }
     s.push_str(

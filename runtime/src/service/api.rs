@@ -177,6 +177,9 @@ pub struct GenerateRequest {
     pub user: Option<String>,
     /// Structured output: grammar-constrained decoding of every choice.
     pub constraint: Option<StructuredOutput>,
+    /// The tools handed to the chat template with a conversation (when the deployment's
+    /// template renders them; transformers' `tools` argument).
+    pub tools: Option<serde_json::Value>,
 }
 
 /// What a request's output must match, and the request field that asked for it (its errors
@@ -265,6 +268,7 @@ impl GenerateRequest {
             stop_token_ids: Vec::new(),
             user: None,
             constraint: None,
+            tools: None,
         }
     }
 }

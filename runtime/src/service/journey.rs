@@ -183,7 +183,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             leg.prompts = vec![prompt.clone()];
             let chain = self.run_plugins(tenant, &mut leg)?;
             let resolved = self.resolve(tenant, &leg).map_err(|e| blame_router(chain.routed_by.as_deref(), e))?;
-            let tokens = self.tokenize(&leg.prompts[0])?;
+            let tokens = self.tokenize(&leg.prompts[0], leg.tools.as_ref())?;
             if tokens.is_empty() {
                 return Err(ServiceError::bad("prompt", "the prompt is empty"));
             }

@@ -91,6 +91,8 @@ pub struct Service<B: Backend + 'static> {
     shared_prefix_cache: bool,
     /// Whether `/metrics` is served without an admin key when tenants are configured.
     metrics_public: bool,
+    /// Whether chat requests' tools go to the chat template (`[model] tool_format` resolved).
+    template_tools: bool,
     /// The deployment file this service was started from, when it came from one: a plugin
     /// reload re-reads its entry there ([`Service::reload_plugin`]).
     deployment_file: OnceLock<PathBuf>,
@@ -174,6 +176,18 @@ impl<B: Backend + Clone + 'static> Service<B> {
         model_sha256: String,
     ) -> Result<Self, ServiceError> {
         let ctx = engine.context_limit();
+        let renders = model.chat_template.renders_tools();
+        let template_tools = match deployment.model.tool_format {
+            crate::config::ToolFormat::Auto => renders,
+            crate::config::ToolFormat::Hermes => false,
+            crate::config::ToolFormat::Template if renders => true,
+            crate::config::ToolFormat::Template => {
+                return Err(ServiceError::internal(
+                    "model.tool_format = \"template\", but the chat template never reads `tools`: \
+                     use \"hermes\" (or \"auto\"), or give a template that renders tools (model.chat_template)",
+                ));
+            }
+        };
         let s = &deployment.server;
         let limits = Limits {
             max_body_bytes: s.max_body_bytes,
@@ -265,6 +279,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             plugin_admin: Mutex::new(()),
             shared_prefix_cache: deployment.engine.prefix_cache_scope == "shared",
             metrics_public: deployment.server.metrics_public,
+            template_tools,
             deployment_file: OnceLock::new(),
             pager,
             model_root: model.path.display().to_string(),
@@ -293,6 +308,13 @@ impl<B: Backend + Clone + 'static> Service<B> {
                     .map(Arc::new)
             })
             .clone()
+    }
+
+    /// Whether chat requests' tools are handed to the chat template (`[model] tool_format`:
+    /// `template`, or `auto` with a template that reads `tools`) rather than written as
+    /// Hermes-style text.
+    pub fn template_tools(&self) -> bool {
+        self.template_tools
     }
 
     /// The base model's id.

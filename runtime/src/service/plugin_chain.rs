@@ -188,7 +188,17 @@ impl<B: Backend + Clone + 'static> Service<B> {
                         PromptInput::Text(_) | PromptInput::Tokens(_) => {
                             PromptInput::Text(ms.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"))
                         }
-                        _ => PromptInput::Chat(ms.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect()),
+                        // Plugins see and edit roles and text; a message that keeps its place
+                        // and role keeps its tool calls (or call id).
+                        PromptInput::Chat(old) => PromptInput::Chat(
+                            ms.into_iter()
+                                .enumerate()
+                                .map(|(i, m)| match old.get(i).filter(|o| o.role == m.role) {
+                                    Some(o) => ChatMessage { content: m.content, ..o.clone() },
+                                    None => ChatMessage::new(m.role, m.content),
+                                })
+                                .collect(),
+                        ),
                     }
                 }
                 pl::PreprocessOutcome::Reject(reason) => {

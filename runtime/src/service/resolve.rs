@@ -224,8 +224,12 @@ impl<B: Backend + Clone + 'static> Service<B> {
         })
     }
 
-    /// Tokenizes a prompt (chat template for conversations).
-    pub(super) fn tokenize(&self, prompt: &PromptInput) -> Result<Vec<u32>, ServiceError> {
+    /// Tokenizes a prompt (chat template for conversations, with the tools it renders).
+    pub(super) fn tokenize(
+        &self,
+        prompt: &PromptInput,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, ServiceError> {
         let tok = &self.model.tokenizer;
         let enc = |t: &str| tok.encode(t, true).map_err(|e| ServiceError::bad("prompt", e.to_string()));
         match prompt {
@@ -238,7 +242,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 let text = self
                     .model
                     .chat_template
-                    .render(messages, true)
+                    .render_with_tools(messages, tools, true)
                     .map_err(|e| ServiceError::bad("messages", e.to_string()))?;
                 enc(&text)
             }

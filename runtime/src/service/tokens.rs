@@ -38,6 +38,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
         tenant: &Tenant,
         model: Option<&str>,
         prompt: &PromptInput,
+        tools: Option<&serde_json::Value>,
         add_special_tokens: bool,
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, ServiceError> {
@@ -55,7 +56,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
                 let text = self
                     .model()
                     .chat_template
-                    .render(messages, add_generation_prompt)
+                    .render_with_tools(messages, tools, add_generation_prompt)
                     .map_err(|e| ServiceError::bad("messages", e.to_string()))?;
                 tok.encode(&text, add_special_tokens).map_err(|e| ServiceError::bad("messages", e.to_string()))?
             }

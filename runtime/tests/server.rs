@@ -609,6 +609,7 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
     // An endless loop is cut by the deadline and counts, unless this machine's CPUs were so
     // busy that the call got under half its time on the CPU (`Starved`, not counted): then the
     // next loop request runs it again, until one counts (boundedly).
+    let mut starved = 0;
     for _ in 0..20 {
         let (st, resp) = http(a, "POST", "/v1/completions", k, body("loop").as_bytes());
         // 503 only for a starved call (the host's overload, which a retry may cure).
@@ -616,8 +617,10 @@ fn a_failing_fail_closed_plugin_refuses_requests_is_quarantined_and_the_server_k
         if resp.contains("quarantine") {
             break;
         }
+        starved += usize::from(st == 503);
         assert!(resp.to_lowercase().contains("time"), "an endless loop is cut by the deadline: {resp}");
     }
+    assert!(starved < 20, "all 20 loop calls were starved of CPU (an overloaded machine): none could count");
     // Now quarantined: refused at once, and reported in /metrics.
     let (st, resp) = http(a, "POST", "/v1/completions", k, body("none").as_bytes());
     assert_eq!(st, 500, "{resp}");

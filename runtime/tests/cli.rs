@@ -256,15 +256,21 @@ fn ledger_verify_with_pinned_key_rejects_resigned_ledger() {
 #[test]
 fn serve_refuses_an_open_deployment_beyond_loopback() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = tmp.path().join("open.toml");
-    std::fs::write(&cfg, "[server]\nlisten = \"0.0.0.0:0\"\n[attribution]\nenabled = false\n").expect("write");
-    let out = openlora(&["serve", cfg.to_str().expect("path")]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("allow_open_network") && err.contains("server.listen"), "{err}");
-    std::fs::write(&cfg, "[attribution]\nenabled = false\n").expect("write");
-    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "0.0.0.0:0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("allow_open_network"), "--listen is checked too: {err}");
+    let err = serve_refused(tmp.path(), "[server]\nlisten = \"0.0.0.0:0\"\n[attribution]\nenabled = false\n", &[]);
+    assert!(err.contains("allow_open_network") && err.contains("server.listen"), "{err}");
+    let err = serve_refused(tmp.path(), "[attribution]\nenabled = false\n", &["--listen", "0.0.0.0:0"]);
+    assert!(err.contains("allow_open_network"), "--listen is checked too: {err}");
+}
+
+/// `openlora serve` of a deployment file holding `toml` (in `dir`) with `args`: it must exit
+/// with an error; returns its stderr.
+fn serve_refused(dir: &std::path::Path, toml: &str, args: &[&str]) -> String {
+    let cfg = dir.join("deployment.toml");
+    std::fs::write(&cfg, toml).expect("write");
+    let out = openlora(&[&["serve", cfg.to_str().expect("path")], args].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "serve should refuse {toml:?}: {err}");
+    err
 }
 
 /// `openlora ledger index` prints a dataset's Merkle root (which the manifest may then pin), and
@@ -362,18 +368,13 @@ fn ledger_index_and_verify_evidence() {
 #[test]
 fn serve_refuses_a_template_tool_format_with_a_template_that_has_no_tools() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = tmp.path().join("tools.toml");
-    std::fs::write(&cfg, "[model]\ntool_format = \"template\"\n[attribution]\nenabled = false\n").expect("write");
-    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("model.tool_format") && err.contains("hermes"), "{err}");
-    std::fs::write(&cfg, "[model]\ntool_format = \"xml\"\n[attribution]\nenabled = false\n").expect("write");
-    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("tool_format"), "{err}");
-    std::fs::write(&cfg, "[model]\nchat_template = \"missing.jinja\"\n[attribution]\nenabled = false\n")
-        .expect("write");
-    let out = openlora(&["serve", cfg.to_str().expect("path"), "--listen", "127.0.0.1:0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("model.chat_template") && err.contains("missing.jinja"), "{err}");
+    let local = ["--listen", "127.0.0.1:0"];
+    let err =
+        serve_refused(tmp.path(), "[model]\ntool_format = \"template\"\n[attribution]\nenabled = false\n", &local);
+    assert!(err.contains("model.tool_format") && err.contains("hermes"), "{err}");
+    let err = serve_refused(tmp.path(), "[model]\ntool_format = \"xml\"\n[attribution]\nenabled = false\n", &local);
+    assert!(err.contains("tool_format"), "{err}");
+    let toml = "[model]\nchat_template = \"missing.jinja\"\n[attribution]\nenabled = false\n";
+    let err = serve_refused(tmp.path(), toml, &local);
+    assert!(err.contains("model.chat_template") && err.contains("missing.jinja"), "{err}");
 }

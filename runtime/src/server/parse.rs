@@ -973,37 +973,32 @@ fn messages(f: &Fields<'_>, rendering: ToolRendering) -> Result<Vec<ChatMessage>
             Some(v) => return Err(type_err("messages", "text content", v)),
         };
         let content = match role {
-            "tool" if rendering == ToolRendering::Template => {
+            "tool" => {
                 let Some(id) = g.str("tool_call_id")? else {
                     return Err(ServiceError::bad(
                         "messages",
                         format!("messages[{i}]: a `tool` message needs `tool_call_id`"),
                     ));
                 };
-                messages.push(ChatMessage { tool_call_id: Some(id.to_owned()), ..ChatMessage::new("tool", content) });
-                continue;
-            }
-            // The Hermes-style fallback: a tool's answer is a user turn the model can read.
-            "tool" => {
-                if g.str("tool_call_id")?.is_none() {
-                    return Err(ServiceError::bad(
-                        "messages",
-                        format!("messages[{i}]: a `tool` message needs `tool_call_id`"),
-                    ));
-                }
-                // Results of parallel calls are one turn (templates may require roles to alternate).
-                let text = tools::response_text(&content);
-                match messages.last_mut() {
-                    Some(m) if last_was_tool => m.content = format!("{}\n{text}", m.content),
-                    _ => messages.push(ChatMessage::new("user", text)),
+                if rendering == ToolRendering::Template {
+                    messages
+                        .push(ChatMessage { tool_call_id: Some(id.to_owned()), ..ChatMessage::new("tool", content) });
+                } else {
+                    // The Hermes-style fallback: a tool's answer is a user turn the model can
+                    // read; results of parallel calls are one turn (templates may require roles
+                    // to alternate).
+                    let text = tools::response_text(&content);
+                    match messages.last_mut() {
+                        Some(m) if last_was_tool => m.content = format!("{}\n{text}", m.content),
+                        _ => messages.push(ChatMessage::new("user", text)),
+                    }
                 }
                 last_was_tool = true;
                 continue;
             }
             "assistant" => match g.get("tool_calls") {
                 Some(Value::Array(calls)) => {
-                    let mut text = content;
-                    let mut structured = Vec::with_capacity(calls.len());
+                    let mut parsed = Vec::with_capacity(calls.len());
                     for (j, c) in calls.iter().enumerate() {
                         let func = c.get("function");
                         let name = func.and_then(|f| f.get("name")).and_then(Value::as_str);
@@ -1020,26 +1015,32 @@ fn messages(f: &Fields<'_>, rendering: ToolRendering) -> Result<Vec<ChatMessage>
                                 format!("messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"),
                             )
                         })?;
-                        if rendering == ToolRendering::Template {
-                            // As transformers' templates read a call: `arguments` an object.
-                            let mut call =
-                                serde_json::json!({"type": "function", "function": {"name": name, "arguments": args}});
-                            if let Some(id) = c.get("id").and_then(Value::as_str) {
-                                call["id"] = Value::String(id.to_owned());
-                            }
-                            structured.push(call);
-                            continue;
-                        }
+                        parsed.push((name, args, c.get("id").and_then(Value::as_str)));
+                    }
+                    if rendering == ToolRendering::Template {
+                        // As transformers' templates read a call: `arguments` an object.
+                        let calls = parsed
+                            .into_iter()
+                            .map(|(name, args, id)| {
+                                let mut call =
+                                    serde_json::json!({"type": "function", "function": {"name": name, "arguments": args}});
+                                if let Some(id) = id {
+                                    call["id"] = Value::String(id.to_owned());
+                                }
+                                call
+                            })
+                            .collect();
+                        messages
+                            .push(ChatMessage { tool_calls: Some(calls), ..ChatMessage::new("assistant", content) });
+                        last_was_tool = false;
+                        continue;
+                    }
+                    let mut text = content;
+                    for (name, args, _) in parsed {
                         if !text.is_empty() {
                             text.push('\n');
                         }
                         text.push_str(&tools::call_text(name, &args));
-                    }
-                    if rendering == ToolRendering::Template {
-                        messages
-                            .push(ChatMessage { tool_calls: Some(structured), ..ChatMessage::new("assistant", text) });
-                        last_was_tool = false;
-                        continue;
                     }
                     text
                 }

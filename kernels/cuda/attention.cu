@@ -1,6 +1,8 @@
 // Paged attention over the engine's block tables (the CPU's kernels/src/cpu/attention.rs is
-// the reference). K and V pools: slot s holds kv_heads * head_dim f32 values at s * kv_width;
+// the reference). K and V pools: slot s holds kv_heads * head_dim values at s * kv_width;
 // slot = block_table[t / block_size] * block_size + t % block_size for token t of a sequence.
+// The pools hold f32 (the kernels without a suffix) or bf16 (`_bf16`: half the bytes, keys and
+// values rounded to nearest even when written, f32 arithmetic after loading).
 //
 // - `write_kv`: scatters this step's keys and values into their slots.
 // - `paged_decode` + `paged_decode_reduce`: flash-decoding. One block per (query row, KV head,
@@ -16,13 +18,27 @@
 #define ATT_MAX_D 4       // head_dim / 32 rounded up, per lane
 #define ATT_WARPS 4
 
-extern "C" __global__ void write_kv(float* __restrict__ kc, float* __restrict__ vc, const float* __restrict__ k,
-                                    const float* __restrict__ v, const u32* __restrict__ slots, u32 width) {
+__device__ __forceinline__ void kv_store(float* p, u64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void kv_store(u16* p, u64 i, float v) { p[i] = f32_to_bf16(v); }
+
+template <typename KV>
+__device__ __forceinline__ void write_kv_impl(KV* __restrict__ kc, KV* __restrict__ vc, const float* __restrict__ k,
+                                              const float* __restrict__ v, const u32* __restrict__ slots, u32 width) {
     u64 dst = (u64)slots[blockIdx.x] * width, src = (u64)blockIdx.x * width;
     for (u32 c = threadIdx.x; c < width; c += blockDim.x) {
-        kc[dst + c] = k[src + c];
-        vc[dst + c] = v[src + c];
+        kv_store(kc, dst + c, k[src + c]);
+        kv_store(vc, dst + c, v[src + c]);
     }
+}
+
+extern "C" __global__ void write_kv(float* __restrict__ kc, float* __restrict__ vc, const float* __restrict__ k,
+                                    const float* __restrict__ v, const u32* __restrict__ slots, u32 width) {
+    write_kv_impl<float>(kc, vc, k, v, slots, width);
+}
+
+extern "C" __global__ void write_kv_bf16(u16* __restrict__ kc, u16* __restrict__ vc, const float* __restrict__ k,
+                                         const float* __restrict__ v, const u32* __restrict__ slots, u32 width) {
+    write_kv_impl<u16>(kc, vc, k, v, slots, width);
 }
 
 __device__ __forceinline__ u64 slot_of(const u32* __restrict__ table, u32 t, u32 block_size) {
@@ -34,12 +50,13 @@ __device__ __forceinline__ u64 slot_of(const u32* __restrict__ table, u32 t, u32
 // Split s covers keys [s * partition, (s + 1) * partition).
 // grid = (items, kv_heads, splits), block = 32 * ATT_WARPS.
 // part_m/part_l: [items, heads, splits]; part_o: [items, heads, splits, head_dim].
-extern "C" __global__ void paged_decode(const float* __restrict__ q, const float* __restrict__ kc,
-                                        const float* __restrict__ vc, const u32* __restrict__ tables,
-                                        const u32* __restrict__ row_meta, u32 heads, u32 kv_heads,
-                                        u32 head_dim, u32 block_size, float scale, u32 partition,
-                                        float* __restrict__ part_m, float* __restrict__ part_l,
-                                        float* __restrict__ part_o) {
+template <typename KV>
+__device__ __forceinline__ void paged_decode_impl(const float* __restrict__ q, const KV* __restrict__ kc,
+                                                  const KV* __restrict__ vc, const u32* __restrict__ tables,
+                                                  const u32* __restrict__ row_meta, u32 heads, u32 kv_heads,
+                                                  u32 head_dim, u32 block_size, float scale, u32 partition,
+                                                  float* __restrict__ part_m, float* __restrict__ part_l,
+                                                  float* __restrict__ part_o) {
     __shared__ float sm_m[ATT_WARPS][ATT_MAX_GROUP];
     __shared__ float sm_l[ATT_WARPS][ATT_MAX_GROUP];
     __shared__ float sm_o[ATT_WARPS][ATT_MAX_GROUP][32 * ATT_MAX_D];
@@ -75,13 +92,13 @@ extern "C" __global__ void paged_decode(const float* __restrict__ q, const float
 #pragma unroll
         for (int i = 0; i < ATT_MAX_D; i++) {
             u32 d = lane + 32 * i;
-            kv[i] = d < head_dim ? kc[base + d] : 0.0f;
+            kv[i] = d < head_dim ? ld(kc, base + d) : 0.0f;
         }
         float vv[ATT_MAX_D];
 #pragma unroll
         for (int i = 0; i < ATT_MAX_D; i++) {
             u32 d = lane + 32 * i;
-            vv[i] = d < head_dim ? vc[base + d] : 0.0f;
+            vv[i] = d < head_dim ? ld(vc, base + d) : 0.0f;
         }
 #pragma unroll
         for (int g = 0; g < ATT_MAX_GROUP; g++) {
@@ -136,6 +153,16 @@ extern "C" __global__ void paged_decode(const float* __restrict__ q, const float
     }
 }
 
+#define PAGED_DECODE_PARAMS(KV)                                                                       \
+    const float *__restrict__ q, const KV *__restrict__ kc, const KV *__restrict__ vc,                \
+        const u32 *__restrict__ tables, const u32 *__restrict__ row_meta, u32 heads, u32 kv_heads,     \
+        u32 head_dim, u32 block_size, float scale, u32 partition, float *__restrict__ part_m,           \
+        float *__restrict__ part_l, float *__restrict__ part_o
+#define PAGED_DECODE_ARGS q, kc, vc, tables, row_meta, heads, kv_heads, head_dim, block_size, scale, partition, part_m, part_l, part_o
+
+extern "C" __global__ void paged_decode(PAGED_DECODE_PARAMS(float)) { paged_decode_impl<float>(PAGED_DECODE_ARGS); }
+extern "C" __global__ void paged_decode_bf16(PAGED_DECODE_PARAMS(u16)) { paged_decode_impl<u16>(PAGED_DECODE_ARGS); }
+
 // Merges the splits: out[row, h, :] = sum_s o_s * e^(m_s - M) / sum_s l_s * e^(m_s - M).
 // grid = (items, heads), block = 128.
 extern "C" __global__ void paged_decode_reduce(const float* __restrict__ part_m, const float* __restrict__ part_l,
@@ -167,10 +194,12 @@ extern "C" __global__ void paged_decode_reduce(const float* __restrict__ part_m,
 // seq_meta[4 * s .. 4 * s + 4] = (q_start, q_len, ctx_len, table offset) of prefill sequence s.
 // Query i of a sequence sits at position ctx_len - q_len + i and sees keys 0..=that position.
 // grid = (ceil(max q_len / FA_BQ), heads, sequences), block = FA_BQ * FA_TPQ = 128.
-extern "C" __global__ void prefill_flash(const float* __restrict__ q, const float* __restrict__ kc,
-                                         const float* __restrict__ vc, const u32* __restrict__ tables,
-                                         const u32* __restrict__ seq_meta, u32 heads, u32 kv_heads,
-                                         u32 head_dim, u32 block_size, float scale, float* __restrict__ out) {
+template <typename KV>
+__device__ __forceinline__ void prefill_flash_impl(const float* __restrict__ q, const KV* __restrict__ kc,
+                                                   const KV* __restrict__ vc, const u32* __restrict__ tables,
+                                                   const u32* __restrict__ seq_meta, u32 heads, u32 kv_heads,
+                                                   u32 head_dim, u32 block_size, float scale,
+                                                   float* __restrict__ out) {
     __shared__ float ks[FA_BK][128];
     __shared__ float vs[FA_BK][128];
     u32 s = blockIdx.z, h = blockIdx.y;
@@ -201,8 +230,8 @@ extern "C" __global__ void prefill_flash(const float* __restrict__ q, const floa
             u32 j = idx / head_dim, d = idx % head_dim, t = k0 + j;
             if (t < last) {
                 u64 base = slot_of(table, t, block_size) * kv_width + (u64)kvh * head_dim + d;
-                ks[j][d] = kc[base];
-                vs[j][d] = vc[base];
+                ks[j][d] = ld(kc, base);
+                vs[j][d] = ld(vc, base);
             } else {
                 ks[j][d] = 0.0f;
                 vs[j][d] = 0.0f;
@@ -238,3 +267,12 @@ extern "C" __global__ void prefill_flash(const float* __restrict__ q, const floa
             if (i < (int)dims) orow[sub + FA_TPQ * i] = acc[i] * inv;
     }
 }
+
+#define PREFILL_PARAMS(KV)                                                                            \
+    const float *__restrict__ q, const KV *__restrict__ kc, const KV *__restrict__ vc,                \
+        const u32 *__restrict__ tables, const u32 *__restrict__ seq_meta, u32 heads, u32 kv_heads,     \
+        u32 head_dim, u32 block_size, float scale, float *__restrict__ out
+#define PREFILL_ARGS q, kc, vc, tables, seq_meta, heads, kv_heads, head_dim, block_size, scale, out
+
+extern "C" __global__ void prefill_flash(PREFILL_PARAMS(float)) { prefill_flash_impl<float>(PREFILL_ARGS); }
+extern "C" __global__ void prefill_flash_bf16(PREFILL_PARAMS(u16)) { prefill_flash_impl<u16>(PREFILL_ARGS); }

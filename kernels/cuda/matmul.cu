@@ -3,9 +3,11 @@
 // - `gemv`: few rows (decode steps), reading the weight in its stored format (GGUF blocks are
 //   dequantized in registers, f32 accumulation): the weight is streamed once per call, which is
 //   what bounds decode.
-// - `gemm_nt_bf16` / `gemm_nt_f32`: many rows, a dense (dequantized) weight, a 64x64 tiled
-//   SIMT kernel. It is the fallback when cuBLAS is not installed; with cuBLAS the backend calls
-//   cublasGemmEx instead.
+// - `gemm_nt_bf16` / `gemm_nt_f32`: many rows, a dense weight, a 64x64 tiled SIMT kernel. It
+//   is the fallback when cuBLAS is not installed; with cuBLAS the backend calls cublasGemmEx
+//   instead. A quantized weight has no dense copy on the device: the backend dequantizes a
+//   slice of its rows at a time into one reused scratch buffer and multiplies that slice into
+//   the matching columns of `out` (row stride `ldo`).
 
 #define GEMV_MAX_ROWS 8
 
@@ -84,7 +86,7 @@ extern "C" __global__ void gemv(const u8* __restrict__ w, int dtype, u32 n_out, 
 // grid = (ceil(N / 64), ceil(M / 64)).
 template <typename W>
 __device__ __forceinline__ void gemm_nt_impl(const float* __restrict__ x, const W* __restrict__ w,
-                                             float* __restrict__ out, u32 M, u32 N, u32 K) {
+                                             float* __restrict__ out, u32 M, u32 N, u32 K, u32 ldo) {
     __shared__ float As[16][64 + 4];
     __shared__ float Bs[16][64 + 4];
     u32 tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -124,17 +126,17 @@ __device__ __forceinline__ void gemm_nt_impl(const float* __restrict__ x, const 
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             u32 n = n0 + tx * 4 + j;
-            if (m < M && n < N) out[(u64)m * N + n] = acc[i][j];
+            if (m < M && n < N) out[(u64)m * ldo + n] = acc[i][j];
         }
     }
 }
 
 extern "C" __global__ void gemm_nt_bf16(const float* __restrict__ x, const u16* __restrict__ w,
-                                        float* __restrict__ out, u32 M, u32 N, u32 K) {
-    gemm_nt_impl<u16>(x, w, out, M, N, K);
+                                        float* __restrict__ out, u32 M, u32 N, u32 K, u32 ldo) {
+    gemm_nt_impl<u16>(x, w, out, M, N, K, ldo);
 }
 
 extern "C" __global__ void gemm_nt_f32(const float* __restrict__ x, const float* __restrict__ w,
-                                       float* __restrict__ out, u32 M, u32 N, u32 K) {
-    gemm_nt_impl<float>(x, w, out, M, N, K);
+                                       float* __restrict__ out, u32 M, u32 N, u32 K, u32 ldo) {
+    gemm_nt_impl<float>(x, w, out, M, N, K, ldo);
 }

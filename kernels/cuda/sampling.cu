@@ -4,6 +4,10 @@
 //   ops::argmax; NaN never wins).
 // - `topk_rows`: the k largest values per row, descending (ties: lower index first), for top-k
 //   and top-p sampling on the host over k candidates. k <= 64.
+//
+// Both also set `bad[row]` to 1 when the row holds a value that is not finite (NaN or an
+// infinity), as the host sampler checks before it samples: an adapter whose weights overflow
+// fails its request with a message instead of a silent pick.
 
 #define TOPK_MAX 64
 
@@ -28,15 +32,33 @@ __device__ __forceinline__ void block_best(float* sv, u32* si) {
     }
 }
 
+__device__ __forceinline__ u32 not_finite(float v) { return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u; }
+
+// Whether any thread of the block has `flag` set (blockDim.x <= 256); every thread gets it.
+__device__ __forceinline__ u32 block_any(u32 flag, u32* sf /* [256] */) {
+    sf[threadIdx.x] = flag;
+    __syncthreads();
+    for (u32 stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if (threadIdx.x < stride) sf[threadIdx.x] |= sf[threadIdx.x + stride];
+        __syncthreads();
+    }
+    u32 any = sf[0];
+    __syncthreads();
+    return any;
+}
+
 // grid = rows, block = 256.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32 width, u32* __restrict__ out) {
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32 width, u32* __restrict__ out,
+                                       u32* __restrict__ bad) {
     __shared__ float sv[256];
     __shared__ u32 si[256];
     const float* row = logits + (u64)blockIdx.x * width;
     float bv = NEG_INF;
     u32 bi = 0xffffffffu;
+    u32 nf = 0;
     for (u32 c = threadIdx.x; c < width; c += blockDim.x) {
         float v = row[c];
+        nf |= not_finite(v);
         if (bi == 0xffffffffu ? !(v != v) : better(v, c, bv, bi)) {
             bv = v;
             bi = c;
@@ -46,16 +68,26 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, u32 wid
     si[threadIdx.x] = bi;
     __syncthreads();
     block_best(sv, si);
-    if (threadIdx.x == 0) out[blockIdx.x] = si[0];
+    u32 best = si[0];
+    __syncthreads();  // every thread has read si[0] before block_any reuses it
+    u32 any = block_any(nf, si);
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = best;
+        bad[blockIdx.x] = any;
+    }
 }
 
 // k rounds of a block-wide argmax, each excluding what earlier rounds took (values strictly
 // after the previous pick in (value desc, index asc) order). grid = rows, block = 256.
 extern "C" __global__ void topk_rows(const float* __restrict__ logits, u32 width, u32 k,
-                                     float* __restrict__ out_v, u32* __restrict__ out_i) {
+                                     float* __restrict__ out_v, u32* __restrict__ out_i, u32* __restrict__ bad) {
     __shared__ float sv[256];
     __shared__ u32 si[256];
     const float* row = logits + (u64)blockIdx.x * width;
+    u32 nf = 0;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) nf |= not_finite(row[c]);
+    u32 any = block_any(nf, si);
+    if (threadIdx.x == 0) bad[blockIdx.x] = any;
     float pv = 0.0f;
     u32 pi = 0xffffffffu;  // previous pick; none yet
     for (u32 round = 0; round < k; round++) {

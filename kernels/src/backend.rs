@@ -216,6 +216,10 @@ pub trait Backend: Send + Sync {
 
     /// Allocates one layer's KV pool.
     fn alloc_kv_cache(&self, layout: KvLayout) -> Result<Self::KvCache>;
+    /// Bytes one key or value element takes in this backend's KV pools (4 for f32 pools).
+    fn kv_value_bytes(&self) -> usize {
+        4
+    }
     /// Writes row `r` of `k` and `v` (width `kv_heads * head_dim`) to cache slot `slots[r]`.
     fn write_kv(&self, cache: &mut Self::KvCache, k: &Self::Buf, v: &Self::Buf, slots: &[u32]) -> Result<()>;
     /// Causal scaled-dot-product attention with grouped KV heads, reading keys and values
@@ -229,25 +233,67 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buf,
     ) -> Result<()>;
 
-    /// Index of the largest value of each of `rows` rows of `width` logits (the first on ties;
-    /// NaN never wins). A GPU backend computes it on the device so only `rows` indices move.
-    fn argmax_rows(&self, logits: &Self::Buf, rows: usize, width: usize) -> Result<Vec<u32>> {
-        let v = self.download(logits)?;
-        ensure_shape(width > 0 && v.len() == rows * width, "argmax_rows", || {
-            format!("{} values for {rows} rows of {width}", v.len())
-        })?;
-        Ok(v.chunks_exact(width).map(|r| crate::cpu::ops::argmax(r).map_or(u32::MAX, |i| i as u32)).collect())
+    /// Whether [`Backend::pick_rows`] saves work over downloading every logit: true where
+    /// logits live in device memory, so greedy and top-k rows move a few values, not a
+    /// vocabulary's worth. The engine asks for reduced rows only then.
+    fn picks_on_device(&self) -> bool {
+        false
     }
 
-    /// The `k` largest values of each row with their indices, descending (ties: lower index
-    /// first; NaN skipped), for top-k/top-p sampling over `k` candidates on the host.
-    fn top_k_rows(&self, logits: &Self::Buf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    /// What the sampler needs of each of the `picks.len()` rows of `width` logits: every value,
+    /// the argmax, or the top k. A reduced row that holds a non-finite value is reported as
+    /// [`PickedRow::NonFinite`] (the host sampler refuses such rows too). The default reads
+    /// every value back and reduces on the host.
+    fn pick_rows(&self, logits: &Self::Buf, width: usize, picks: &[RowPick]) -> Result<Vec<PickedRow>> {
         let v = self.download(logits)?;
-        ensure_shape(width > 0 && v.len() == rows * width, "top_k_rows", || {
-            format!("{} values for {rows} rows of {width}", v.len())
-        })?;
-        Ok(top_k_host(&v, rows, width, k))
+        pick_host(&v, width, picks)
     }
+}
+
+/// What the sampler needs of one logits row ([`Backend::pick_rows`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowPick {
+    /// Every logit (penalties, grammars, logit bias and logprobs read them all).
+    Full,
+    /// The index of the largest (greedy decoding).
+    Argmax,
+    /// The `k` largest with their indices (top-k sampling over `k` candidates).
+    TopK(usize),
+}
+
+/// One row's answer from [`Backend::pick_rows`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum PickedRow {
+    /// Every logit of the row.
+    Full(Vec<f32>),
+    /// The index of the largest logit (the first on ties).
+    Argmax(u32),
+    /// The `k` largest logits with their indices, descending (ties: lower index first).
+    TopK(Vec<(u32, f32)>),
+    /// An `Argmax` or `TopK` row holding NaN or an infinity.
+    NonFinite,
+}
+
+/// [`Backend::pick_rows`] on host values.
+pub fn pick_host(v: &[f32], width: usize, picks: &[RowPick]) -> Result<Vec<PickedRow>> {
+    ensure_shape(width > 0 && v.len() == picks.len() * width, "pick_rows", || {
+        format!("{} values for {} rows of {width}", v.len(), picks.len())
+    })?;
+    Ok(v.chunks_exact(width)
+        .zip(picks)
+        .map(|(row, pick)| match pick {
+            RowPick::Full => PickedRow::Full(row.to_vec()),
+            _ if row.iter().any(|x| !x.is_finite()) => PickedRow::NonFinite,
+            RowPick::Argmax => PickedRow::Argmax(argmax_host(row, 1, width)[0]),
+            RowPick::TopK(k) => PickedRow::TopK(top_k_host(row, 1, width, *k).swap_remove(0)),
+        })
+        .collect())
+}
+
+/// Index of the largest value of each of `rows` rows (the first on ties; NaN never wins;
+/// `u32::MAX` for a row with no number).
+pub fn argmax_host(v: &[f32], rows: usize, width: usize) -> Vec<u32> {
+    v.chunks_exact(width).take(rows).map(|r| crate::cpu::ops::argmax(r).map_or(u32::MAX, |i| i as u32)).collect()
 }
 
 /// The `k` largest values per row, descending, ties by lower index, NaN skipped.

@@ -4,7 +4,7 @@
 //! Each operation dispatches on the variant; buffers, weights and caches carry their variant,
 //! and mixing them (a CPU buffer given to the CUDA backend) is a shape error, never a crash.
 
-use crate::backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
+use crate::backend::{AttnSeq, Backend, KvLayout, LoraSegment, PickedRow, RopeTable, RowPick};
 use crate::cpu::{CpuBackend, CpuKvCache, CpuWeight};
 use crate::cuda::{CudaBackend, CudaBuf, CudaError, CudaKvCache, CudaOptions, CudaWeight, Precision};
 use crate::error::{KernelError, Result};
@@ -60,15 +60,20 @@ pub enum DeviceBackend {
 impl DeviceBackend {
     /// Starts the requested backend. `Auto` falls back to the CPU and returns why in the second
     /// value (for the one log line); an explicit `cuda:N` that cannot start is an error.
-    pub fn start(req: &DeviceRequest, precision: Precision) -> Result<(Self, Option<String>), CudaError> {
+    /// `precision` is the dense weights' on a GPU, `kv` its KV pools' (the CPU ignores both).
+    pub fn start(
+        req: &DeviceRequest,
+        precision: Precision,
+        kv: Precision,
+    ) -> Result<(Self, Option<String>), CudaError> {
+        let opts = |ordinal| CudaOptions { ordinal, precision, kv_precision: kv, ..Default::default() };
         match req {
             DeviceRequest::Cpu => Ok((Self::Cpu(CpuBackend::new()), None)),
             DeviceRequest::Cuda(n) => {
-                let b = CudaBackend::new(&CudaOptions { ordinal: *n, precision, ..Default::default() })?;
+                let b = CudaBackend::new(&opts(*n))?;
                 Ok((Self::Cuda(b), None))
             }
-            DeviceRequest::Auto => match CudaBackend::new(&CudaOptions { ordinal: 0, precision, ..Default::default() })
-            {
+            DeviceRequest::Auto => match CudaBackend::new(&opts(0)) {
                 Ok(b) => Ok((Self::Cuda(b), None)),
                 Err(e) => Ok((Self::Cpu(CpuBackend::new()), Some(e.to_string()))),
             },
@@ -337,19 +342,25 @@ impl Backend for DeviceBackend {
         }
     }
 
-    fn argmax_rows(&self, logits: &DeviceBuf, rows: usize, width: usize) -> Result<Vec<u32>> {
-        match (self, logits) {
-            (Self::Cpu(b), DeviceBuf::Cpu(l)) => b.argmax_rows(l, rows, width),
-            (Self::Cuda(b), DeviceBuf::Cuda(l)) => b.argmax_rows(l, rows, width),
-            _ => Err(mixed("argmax_rows")),
+    fn picks_on_device(&self) -> bool {
+        match self {
+            Self::Cpu(b) => b.picks_on_device(),
+            Self::Cuda(b) => b.picks_on_device(),
         }
     }
 
-    fn top_k_rows(&self, logits: &DeviceBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    fn pick_rows(&self, logits: &DeviceBuf, width: usize, picks: &[RowPick]) -> Result<Vec<PickedRow>> {
         match (self, logits) {
-            (Self::Cpu(b), DeviceBuf::Cpu(l)) => b.top_k_rows(l, rows, width, k),
-            (Self::Cuda(b), DeviceBuf::Cuda(l)) => b.top_k_rows(l, rows, width, k),
-            _ => Err(mixed("top_k_rows")),
+            (Self::Cpu(b), DeviceBuf::Cpu(l)) => b.pick_rows(l, width, picks),
+            (Self::Cuda(b), DeviceBuf::Cuda(l)) => b.pick_rows(l, width, picks),
+            _ => Err(mixed("pick_rows")),
+        }
+    }
+
+    fn kv_value_bytes(&self) -> usize {
+        match self {
+            Self::Cpu(b) => b.kv_value_bytes(),
+            Self::Cuda(b) => b.kv_value_bytes(),
         }
     }
 }
@@ -376,11 +387,12 @@ mod tests {
 
     #[test]
     fn auto_without_a_driver_falls_back_to_the_cpu_and_says_why() {
-        let (b, why) = DeviceBackend::start(&DeviceRequest::Auto, Precision::Bf16).expect("auto never fails");
+        let (b, why) =
+            DeviceBackend::start(&DeviceRequest::Auto, Precision::Bf16, Precision::F32).expect("auto never fails");
         if crate::cuda::probe(0).is_err() {
             assert!(!b.is_gpu());
             assert!(why.expect("a reason").contains("CUDA"));
-            assert!(DeviceBackend::start(&DeviceRequest::Cuda(0), Precision::Bf16).is_err());
+            assert!(DeviceBackend::start(&DeviceRequest::Cuda(0), Precision::Bf16, Precision::F32).is_err());
         } else {
             assert!(b.is_gpu() && why.is_none());
         }
@@ -395,7 +407,17 @@ mod tests {
         let mut out = b.zeros(2).expect("out");
         b.matmul(&x, 1, &w, &mut out).expect("matmul");
         assert_eq!(b.download(&out).expect("download"), vec![1.0, 2.0]);
-        assert_eq!(b.argmax_rows(&out, 1, 2).expect("argmax"), vec![1]);
-        assert_eq!(b.top_k_rows(&out, 1, 2, 1).expect("topk"), vec![vec![(1, 2.0)]]);
+        assert!(!b.picks_on_device(), "host logits need no reduction on a device");
+        let picks = [RowPick::Argmax];
+        assert_eq!(b.pick_rows(&out, 2, &picks).expect("argmax"), vec![PickedRow::Argmax(1)]);
+        let picks = [RowPick::TopK(1)];
+        assert_eq!(b.pick_rows(&out, 2, &picks).expect("topk"), vec![PickedRow::TopK(vec![(1, 2.0)])]);
+        let picks = [RowPick::Full];
+        assert_eq!(b.pick_rows(&out, 2, &picks).expect("full"), vec![PickedRow::Full(vec![1.0, 2.0])]);
+        let nan = b.upload(&[1.0, f32::NAN]).expect("nan");
+        for pick in [RowPick::Argmax, RowPick::TopK(2)] {
+            assert_eq!(b.pick_rows(&nan, 2, &[pick]).expect("nan"), vec![PickedRow::NonFinite], "{pick:?}");
+        }
+        assert_eq!(b.kv_value_bytes(), 4);
     }
 }

@@ -28,7 +28,7 @@ mod error;
 pub mod quant;
 pub mod weight;
 
-pub use backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
+pub use backend::{AttnSeq, Backend, KvLayout, LoraSegment, PickedRow, RopeTable, RowPick};
 pub use cpu::{CpuBackend, CpuWeight};
 pub use cuda::{CudaBackend, CudaOptions, Precision};
 pub use device::{DeviceBackend, DeviceBuf, DeviceKvCache, DeviceRequest, DeviceWeight};

@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
+use openlora_kernels::backend::{argmax_host, top_k_host};
 use openlora_kernels::cuda::{GEMV_MAX_ROWS, LoraSegmentRef, plan_attention, plan_lora};
 use openlora_kernels::{AttnSeq, Backend, CpuBackend, DType, HostWeight, KvLayout, LoraSegment, RopeTable};
 use rand::rngs::StdRng;
@@ -201,19 +202,40 @@ fn gemv_and_gemm_match_the_cpu_for_every_dtype() {
                     u32 = k as u32, *const f32 = x.as_ptr(), u32 = rows as u32, *mut f32 = got.as_mut_ptr());
                 check(&format!("gemv {} rows {rows}", dt.name()), &got, &want, REDUCTION);
             } else {
-                // The dense copies the backend makes, then the tiled kernel.
-                let mut d32 = vec![0.0f32; n * k];
-                launch!("dequantize", (blocks(n * k, 256), 1, 1), 256; *const u8 = w.bytes().as_ptr(), i32 = code(dt),
-                    u32 = n as u32, u32 = k as u32, i32 = 0, *mut f32 = d32.as_mut_ptr());
-                launch!("gemm_nt_f32", (blocks(n, 64), blocks(rows, 64), 1), 256; *const f32 = x.as_ptr(),
-                    *const f32 = d32.as_ptr(), *mut f32 = got.as_mut_ptr(), u32 = rows as u32, u32 = n as u32, u32 = k as u32);
-                check(&format!("gemm f32 {} rows {rows}", dt.name()), &got, &want, REDUCTION);
-                let mut d16 = vec![0u16; n * k];
-                launch!("dequantize", (blocks(n * k, 256), 1, 1), 256; *const u8 = w.bytes().as_ptr(), i32 = code(dt),
-                    u32 = n as u32, u32 = k as u32, i32 = 1, *mut u16 = d16.as_mut_ptr());
-                launch!("gemm_nt_bf16", (blocks(n, 64), blocks(rows, 64), 1), 256; *const f32 = x.as_ptr(),
-                    *const u16 = d16.as_ptr(), *mut f32 = got.as_mut_ptr(), u32 = rows as u32, u32 = n as u32, u32 = k as u32);
-                check(&format!("gemm bf16 {} rows {rows}", dt.name()), &got, &want, BF16);
+                // As the backend multiplies: a dense weight (f32/f16/bf16) in one slice; a quantized
+                // one dequantized a slice of rows at a time into one scratch buffer, each slice
+                // multiplied into its columns of `out` (row stride n). 24 rows: 3 slices, the
+                // last one short.
+                for chunk in [n, 24] {
+                    for bf16 in [false, true] {
+                        let mut got = vec![f32::NAN; rows * n];
+                        let (mut s32, mut s16) = (vec![0.0f32; chunk * k], vec![0u16; chunk * k]);
+                        for n0 in (0..n).step_by(chunk) {
+                            let m = chunk.min(n - n0);
+                            let src = w.bytes()[n0 * w.row_bytes()..].as_ptr();
+                            let out = got[n0..].as_mut_ptr();
+                            if bf16 {
+                                launch!("dequantize", (blocks(m * k, 256), 1, 1), 256; *const u8 = src, i32 = code(dt),
+                                    u32 = m as u32, u32 = k as u32, i32 = 1, *mut u16 = s16.as_mut_ptr());
+                                launch!("gemm_nt_bf16", (blocks(m, 64), blocks(rows, 64), 1), 256; *const f32 = x.as_ptr(),
+                                    *const u16 = s16.as_ptr(), *mut f32 = out, u32 = rows as u32, u32 = m as u32,
+                                    u32 = k as u32, u32 = n as u32);
+                            } else {
+                                launch!("dequantize", (blocks(m * k, 256), 1, 1), 256; *const u8 = src, i32 = code(dt),
+                                    u32 = m as u32, u32 = k as u32, i32 = 0, *mut f32 = s32.as_mut_ptr());
+                                launch!("gemm_nt_f32", (blocks(m, 64), blocks(rows, 64), 1), 256; *const f32 = x.as_ptr(),
+                                    *const f32 = s32.as_ptr(), *mut f32 = out, u32 = rows as u32, u32 = m as u32,
+                                    u32 = k as u32, u32 = n as u32);
+                            }
+                        }
+                        let what = format!(
+                            "gemm {} {} rows {rows}, slices of {chunk}",
+                            if bf16 { "bf16" } else { "f32" },
+                            dt.name()
+                        );
+                        check(&what, &got, &want, if bf16 { BF16 } else { REDUCTION });
+                    }
+                }
             }
         }
     }
@@ -349,18 +371,20 @@ fn paged_attention_decode_and_prefill_match_the_cpu() {
         c.write_kv(&mut cache, &k_all, &v_all, &slots).expect("write");
         let mut want = vec![0.0; q.len()];
         c.paged_attention(&q, &cache, &seqs, heads, &mut want).expect("attention");
-        // Emulated kernels, launched as the backend launches them.
+        // Emulated kernels, launched as the backend launches them, over f32 pools and bf16 ones.
         let cap = layout.num_blocks * layout.block_size * w;
-        let (mut kc, mut vc) = (vec![0.0f32; cap], vec![0.0f32; cap]);
-        launch!("write_kv", (slots.len(), 1, 1), 128; *mut f32 = kc.as_mut_ptr(), *mut f32 = vc.as_mut_ptr(),
-            *const f32 = k_all.as_ptr(), *const f32 = v_all.as_ptr(), *const u32 = slots.as_ptr(), u32 = w as u32);
         let plan = plan_attention(q.len(), layout, &seqs, heads).expect("plan");
         assert_eq!(plan.splits, 2, "300 keys in 256-key splits");
-        let mut got = vec![0.0f32; q.len()];
         let scale = 1.0 / (hd as f32).sqrt();
         let items = plan.decode_meta.len() / 3;
         let n = items * heads * plan.splits;
+        let n_pre = plan.prefill_meta.len() / 4;
+        let what = format!("paged attention {heads}/{kv_heads} heads, head_dim {hd}, decode + prefill");
+        let mut got = vec![0.0f32; q.len()];
         let (mut pm, mut pl, mut po) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n * hd]);
+        let (mut kc, mut vc) = (vec![0.0f32; cap], vec![0.0f32; cap]);
+        launch!("write_kv", (slots.len(), 1, 1), 128; *mut f32 = kc.as_mut_ptr(), *mut f32 = vc.as_mut_ptr(),
+            *const f32 = k_all.as_ptr(), *const f32 = v_all.as_ptr(), *const u32 = slots.as_ptr(), u32 = w as u32);
         launch!("paged_decode", (items, kv_heads, plan.splits), 128; *const f32 = q.as_ptr(), *const f32 = kc.as_ptr(),
             *const f32 = vc.as_ptr(), *const u32 = plan.tables.as_ptr(), *const u32 = plan.decode_meta.as_ptr(),
             u32 = heads as u32, u32 = kv_heads as u32, u32 = hd as u32, u32 = layout.block_size as u32, f32 = scale,
@@ -368,17 +392,44 @@ fn paged_attention_decode_and_prefill_match_the_cpu() {
         launch!("paged_decode_reduce", (items, heads, 1), 128; *const f32 = pm.as_ptr(), *const f32 = pl.as_ptr(),
             *const f32 = po.as_ptr(), *const u32 = plan.decode_meta.as_ptr(), u32 = heads as u32, u32 = hd as u32,
             u32 = plan.splits as u32, *mut f32 = got.as_mut_ptr());
-        let n_pre = plan.prefill_meta.len() / 4;
         launch!("prefill_flash", (blocks(plan.max_q, 16), heads, n_pre), 128; *const f32 = q.as_ptr(),
             *const f32 = kc.as_ptr(), *const f32 = vc.as_ptr(), *const u32 = plan.tables.as_ptr(),
             *const u32 = plan.prefill_meta.as_ptr(), u32 = heads as u32, u32 = kv_heads as u32, u32 = hd as u32,
             u32 = layout.block_size as u32, f32 = scale, *mut f32 = got.as_mut_ptr());
-        check(
-            &format!("paged attention {heads}/{kv_heads} heads, head_dim {hd}, decode + prefill"),
-            &got,
-            &want,
-            REDUCTION,
-        );
+        check(&what, &got, &want, REDUCTION);
+
+        // bf16 pools: the kernels read what the CPU computes from keys and values rounded to
+        // bf16 as tightly as the f32 pools match the f32 reference; against unrounded keys and
+        // values they stay within the bf16 tolerance.
+        let (mut kc, mut vc) = (vec![0u16; cap], vec![0u16; cap]);
+        launch!("write_kv_bf16", (slots.len(), 1, 1), 128; *mut u16 = kc.as_mut_ptr(), *mut u16 = vc.as_mut_ptr(),
+            *const f32 = k_all.as_ptr(), *const f32 = v_all.as_ptr(), *const u32 = slots.as_ptr(), u32 = w as u32);
+        for (i, &slot) in slots.iter().enumerate() {
+            for c in 0..w {
+                let at = slot as usize * w + c;
+                assert_eq!(kc[at], half::bf16::from_f32(k_all[i * w + c]).to_bits(), "write_kv_bf16 rounds like half");
+                assert_eq!(vc[at], half::bf16::from_f32(v_all[i * w + c]).to_bits(), "write_kv_bf16 rounds like half");
+            }
+        }
+        let mut got = vec![0.0f32; q.len()];
+        launch!("paged_decode_bf16", (items, kv_heads, plan.splits), 128; *const f32 = q.as_ptr(), *const u16 = kc.as_ptr(),
+            *const u16 = vc.as_ptr(), *const u32 = plan.tables.as_ptr(), *const u32 = plan.decode_meta.as_ptr(),
+            u32 = heads as u32, u32 = kv_heads as u32, u32 = hd as u32, u32 = layout.block_size as u32, f32 = scale,
+            u32 = plan.partition as u32, *mut f32 = pm.as_mut_ptr(), *mut f32 = pl.as_mut_ptr(), *mut f32 = po.as_mut_ptr());
+        launch!("paged_decode_reduce", (items, heads, 1), 128; *const f32 = pm.as_ptr(), *const f32 = pl.as_ptr(),
+            *const f32 = po.as_ptr(), *const u32 = plan.decode_meta.as_ptr(), u32 = heads as u32, u32 = hd as u32,
+            u32 = plan.splits as u32, *mut f32 = got.as_mut_ptr());
+        launch!("prefill_flash_bf16", (blocks(plan.max_q, 16), heads, n_pre), 128; *const f32 = q.as_ptr(),
+            *const u16 = kc.as_ptr(), *const u16 = vc.as_ptr(), *const u32 = plan.tables.as_ptr(),
+            *const u32 = plan.prefill_meta.as_ptr(), u32 = heads as u32, u32 = kv_heads as u32, u32 = hd as u32,
+            u32 = layout.block_size as u32, f32 = scale, *mut f32 = got.as_mut_ptr());
+        let round = |v: &[f32]| v.iter().map(|&x| bf16_round(x)).collect::<Vec<f32>>();
+        let mut rounded = c.alloc_kv_cache(layout).expect("kv");
+        c.write_kv(&mut rounded, &round(&k_all), &round(&v_all), &slots).expect("write");
+        let mut want_rounded = vec![0.0; q.len()];
+        c.paged_attention(&q, &rounded, &seqs, heads, &mut want_rounded).expect("attention");
+        check(&format!("{what}, bf16 pools vs rounded keys and values"), &got, &want_rounded, REDUCTION);
+        check(&format!("{what}, bf16 pools vs f32"), &got, &want, BF16);
     }
     // Shapes the kernels do not support are refused, not run.
     let l = KvLayout { num_blocks: 4, block_size: 16, kv_heads: 1, head_dim: 256 };
@@ -387,7 +438,6 @@ fn paged_attention_decode_and_prefill_match_the_cpu() {
 
 #[test]
 fn argmax_and_top_k_match_the_cpu() {
-    let c = CpuBackend::new();
     let mut rng = StdRng::seed_from_u64(15);
     let (rows, width) = (4, 3000);
     let mut logits = randn(&mut rng, rows * width, 10.0);
@@ -398,17 +448,25 @@ fn argmax_and_top_k_match_the_cpu() {
         *v = f32::NAN; // a row of NaN: no candidate
     }
     logits[2 * width + 9] = -1.0;
+    logits[3 * width + 11] = f32::INFINITY; // an infinity: the row is flagged, the max found
     let mut got = vec![0u32; rows];
-    launch!("argmax_rows", (rows, 1, 1), 256; *const f32 = logits.as_ptr(), u32 = width as u32, *mut u32 = got.as_mut_ptr());
-    assert_eq!(got, c.argmax_rows(&logits, rows, width).expect("cpu"));
-    assert_eq!((got[1], got[2]), (7, 9));
+    let mut bad = vec![7u32; rows];
+    launch!("argmax_rows", (rows, 1, 1), 256; *const f32 = logits.as_ptr(), u32 = width as u32,
+        *mut u32 = got.as_mut_ptr(), *mut u32 = bad.as_mut_ptr());
+    assert_eq!(got, argmax_host(&logits, rows, width));
+    assert_eq!((got[1], got[2], got[3]), (7, 9, 11));
+    // Rows 0 (one NaN), 2 (NaNs) and 3 (an infinity) are not finite; row 1 is.
+    let flags = vec![1, 0, 1, 1];
+    assert_eq!(bad, flags, "argmax_rows flags the rows holding a non-finite value");
     for k in [1usize, 5, 64] {
         let (mut ov, mut oi) = (vec![0.0f32; rows * k], vec![0u32; rows * k]);
+        let mut bad = vec![7u32; rows];
         launch!("topk_rows", (rows, 1, 1), 256; *const f32 = logits.as_ptr(), u32 = width as u32, u32 = k as u32,
-            *mut f32 = ov.as_mut_ptr(), *mut u32 = oi.as_mut_ptr());
+            *mut f32 = ov.as_mut_ptr(), *mut u32 = oi.as_mut_ptr(), *mut u32 = bad.as_mut_ptr());
         let got: Vec<Vec<(u32, f32)>> = (0..rows)
             .map(|r| (0..k).filter(|&j| oi[r * k + j] != u32::MAX).map(|j| (oi[r * k + j], ov[r * k + j])).collect())
             .collect();
-        assert_eq!(got, c.top_k_rows(&logits, rows, width, k).expect("cpu"), "top-{k}");
+        assert_eq!(got, top_k_host(&logits, rows, width, k), "top-{k}");
+        assert_eq!(bad, flags, "topk_rows flags the rows holding a non-finite value");
     }
 }

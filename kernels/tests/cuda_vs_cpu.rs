@@ -11,8 +11,11 @@
 
 use std::time::Instant;
 
-use openlora_kernels::cuda::{CudaBackend, CudaOptions, Precision};
-use openlora_kernels::{AttnSeq, Backend, CpuBackend, DType, HostWeight, KvLayout, LoraSegment, RopeTable};
+use openlora_kernels::backend::pick_host;
+use openlora_kernels::cuda::{CudaBackend, CudaOptions, Precision, weight_device_bytes};
+use openlora_kernels::{
+    AttnSeq, Backend, CpuBackend, DType, HostWeight, KvLayout, LoraSegment, PickedRow, RopeTable, RowPick,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -159,6 +162,9 @@ fn matmul_paths_match_the_cpu_for_every_dtype() {
         for dt in DTYPES {
             let (n, k) = (1000, 576);
             let w = weight(dt, n, k, &randn(&mut rng, n * k, 0.5));
+            // One copy on the device: what `openlora cuda plan` counts.
+            let pw = g.prepare_weight(w.clone()).expect("prepare");
+            assert_eq!(g.weight_bytes(&pw), weight_device_bytes(dt, n, k, precision), "{} bytes", dt.name());
             for rows in [1usize, 3, 8, 9, 64, 200] {
                 let x = randn(&mut rng, rows * k, 1.0);
                 // Up to 8 rows the gemv kernel reads quantized blocks as stored (f32 math) and
@@ -269,6 +275,8 @@ fn attention_on<B: Backend>(
 fn paged_attention_decode_and_prefill_match_the_cpu() {
     let c = CpuBackend::new();
     let g = gpu(Precision::F32, false);
+    let g16 = CudaBackend::new(&CudaOptions { kv_precision: Precision::Bf16, ..Default::default() }).expect("gpu");
+    assert_eq!(g16.kv_value_bytes(), 2);
     let mut rng = StdRng::seed_from_u64(4);
     for (heads, kv_heads, hd) in [(9usize, 3usize, 64usize), (8, 8, 128), (32, 4, 128), (4, 1, 32)] {
         let layout = KvLayout { num_blocks: 200, block_size: 16, kv_heads, head_dim: hd };
@@ -309,13 +317,21 @@ fn paged_attention_decode_and_prefill_match_the_cpu() {
             || attention_on(&c, layout, &Cached { k: &k_all, v: &v_all, slots: &slots }, &q, &seqs, heads),
             || attention_on(&g, layout, &Cached { k: &k_all, v: &v_all, slots: &slots }, &q, &seqs, heads),
         );
+        // bf16 pools: as tight as f32 against keys and values rounded to bf16 first.
+        let round = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let (kr, vr) = (round(&k_all), round(&v_all));
+        both(
+            &format!("paged_attention heads {heads}/{kv_heads} head_dim {hd}, bf16 KV pools"),
+            REDUCTION,
+            || attention_on(&c, layout, &Cached { k: &kr, v: &vr, slots: &slots }, &q, &seqs, heads),
+            || attention_on(&g16, layout, &Cached { k: &k_all, v: &v_all, slots: &slots }, &q, &seqs, heads),
+        );
     }
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU; run by kernels/gpu-check.sh"]
 fn argmax_and_top_k_match_the_cpu() {
-    let c = CpuBackend::new();
     let g = gpu(Precision::F32, false);
     let mut rng = StdRng::seed_from_u64(5);
     let (rows, width) = (7, 49152);
@@ -323,15 +339,28 @@ fn argmax_and_top_k_match_the_cpu() {
     logits[3 * width + 5] = f32::NAN;
     logits[4 * width + 100] = 50.0;
     logits[4 * width + 7] = 50.0; // tie: the lower index wins
+    logits[5 * width + 9] = f32::INFINITY;
     let lg = g.upload(&logits).expect("l");
-    assert_eq!(g.argmax_rows(&lg, rows, width).expect("gpu"), c.argmax_rows(&logits, rows, width).expect("cpu"));
-    assert_eq!(g.argmax_rows(&lg, rows, width).expect("gpu")[4], 7);
-    for k in [1, 5, 40, 64] {
-        let got = g.top_k_rows(&lg, rows, width, k).expect("gpu");
-        let want = c.top_k_rows(&logits, rows, width, k).expect("cpu");
-        assert_eq!(got, want, "top-{k}");
+    // Every mix the engine asks for: whole rows, argmax rows, top-k rows of several k.
+    for picks in [
+        vec![RowPick::Argmax; rows],
+        vec![RowPick::TopK(64); rows],
+        vec![
+            RowPick::Full,
+            RowPick::Argmax,
+            RowPick::TopK(5),
+            RowPick::TopK(40),
+            RowPick::Argmax,
+            RowPick::Full,
+            RowPick::TopK(1),
+        ],
+    ] {
+        let got = g.pick_rows(&lg, width, &picks).expect("gpu");
+        assert_eq!(got, pick_host(&logits, width, &picks).expect("cpu"), "{picks:?}");
     }
-    println!("argmax_rows / top_k_rows (k = 1, 5, 40, 64): identical to the CPU");
+    assert_eq!(g.pick_rows(&lg, width, &[RowPick::Argmax; 7]).expect("gpu")[4], PickedRow::Argmax(7));
+    assert_eq!(g.pick_rows(&lg, width, &[RowPick::Argmax; 7]).expect("gpu")[3], PickedRow::NonFinite);
+    println!("pick_rows (argmax, top-k 1/5/40/64, whole rows, non-finite rows): identical to the CPU");
 }
 
 /// Kernel bandwidth: achieved GB/s of the BGMV/SGMV LoRA kernels and of paged-attention decode

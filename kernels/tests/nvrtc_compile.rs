@@ -40,6 +40,13 @@ fn every_kernel_compiles_for_sm80_and_sm90_and_reports_registers() {
                 );
                 assert!(r.registers > 0, "{name}/{}: no register count parsed", r.kernel);
                 assert!(r.registers <= 255, "{name}/{}: {} registers", r.kernel, r.registers);
+                assert!(
+                    r.spill_stores == 0 && r.spill_loads == 0,
+                    "{name}/{} for {arch} spills registers ({} B stores, {} B loads)",
+                    r.kernel,
+                    r.spill_stores,
+                    r.spill_loads
+                );
             }
             if m.log.contains("warning") {
                 panic!("{name} for {arch} compiled with warnings:\n{}", m.log);

@@ -25,11 +25,16 @@ EMU(gather_rows, P(const float* x, u32 w, const u32* rows, float* out), (x, w, r
 EMU(f32_to_bf16_kernel, P(const float* x, u16* out, u64 n), (x, out, n))
 EMU(dequantize, P(const u8* w, int dt, u32 rows, u32 cols, int to_bf16, void* out), (w, dt, rows, cols, to_bf16, out))
 EMU(gemv, P(const u8* w, int dt, u32 n, u32 k, const float* x, u32 rows, float* out), (w, dt, n, k, x, rows, out))
-EMU(gemm_nt_bf16, P(const float* x, const u16* w, float* out, u32 m, u32 n, u32 k), (x, w, out, m, n, k))
-EMU(gemm_nt_f32, P(const float* x, const float* w, float* out, u32 m, u32 n, u32 k), (x, w, out, m, n, k))
+EMU(gemm_nt_bf16, P(const float* x, const u16* w, float* out, u32 m, u32 n, u32 k, u32 ldo), (x, w, out, m, n, k, ldo))
+EMU(gemm_nt_f32, P(const float* x, const float* w, float* out, u32 m, u32 n, u32 k, u32 ldo), (x, w, out, m, n, k, ldo))
 EMU(write_kv, P(float* kc, float* vc, const float* k, const float* v, const u32* slots, u32 w), (kc, vc, k, v, slots, w))
+EMU(write_kv_bf16, P(u16* kc, u16* vc, const float* k, const float* v, const u32* slots, u32 w), (kc, vc, k, v, slots, w))
 EMU(paged_decode,
     P(const float* q, const float* kc, const float* vc, const u32* tables, const u32* meta, u32 heads, u32 kvh, u32 hd,
+      u32 bs, float scale, u32 partition, float* pm, float* pl, float* po),
+    (q, kc, vc, tables, meta, heads, kvh, hd, bs, scale, partition, pm, pl, po))
+EMU(paged_decode_bf16,
+    P(const float* q, const u16* kc, const u16* vc, const u32* tables, const u32* meta, u32 heads, u32 kvh, u32 hd,
       u32 bs, float scale, u32 partition, float* pm, float* pl, float* po),
     (q, kc, vc, tables, meta, heads, kvh, hd, bs, scale, partition, pm, pl, po))
 EMU(paged_decode_reduce,
@@ -39,11 +44,15 @@ EMU(prefill_flash,
     P(const float* q, const float* kc, const float* vc, const u32* tables, const u32* meta, u32 heads, u32 kvh, u32 hd,
       u32 bs, float scale, float* out),
     (q, kc, vc, tables, meta, heads, kvh, hd, bs, scale, out))
+EMU(prefill_flash_bf16,
+    P(const float* q, const u16* kc, const u16* vc, const u32* tables, const u32* meta, u32 heads, u32 kvh, u32 hd,
+      u32 bs, float scale, float* out),
+    (q, kc, vc, tables, meta, heads, kvh, hd, bs, scale, out))
 EMU(lora_shrink_bf16, P(const float* x, u32 in, const u64* p, const u32* m, const u32* it, float* tmp), (x, in, p, m, it, tmp))
 EMU(lora_shrink_f32, P(const float* x, u32 in, const u64* p, const u32* m, const u32* it, float* tmp), (x, in, p, m, it, tmp))
 EMU(lora_expand_bf16, P(const float* tmp, const u64* p, const u32* m, const float* s, const u32* it, float* out, u32 od),
     (tmp, p, m, s, it, out, od))
 EMU(lora_expand_f32, P(const float* tmp, const u64* p, const u32* m, const float* s, const u32* it, float* out, u32 od),
     (tmp, p, m, s, it, out, od))
-EMU(argmax_rows, P(const float* l, u32 w, u32* out), (l, w, out))
-EMU(topk_rows, P(const float* l, u32 w, u32 k, float* ov, u32* oi), (l, w, k, ov, oi))
+EMU(argmax_rows, P(const float* l, u32 w, u32* out, u32* bad), (l, w, out, bad))
+EMU(topk_rows, P(const float* l, u32 w, u32 k, float* ov, u32* oi, u32* bad), (l, w, k, ov, oi, bad))

@@ -2,11 +2,15 @@
 //! cuBLAS, all loaded at run time).
 //!
 //! Design:
-//! - **Weights** are uploaded in their stored format (GGUF blocks stay quantized) for the decode
-//!   path (`gemv`: few rows, dequantized in registers, f32 accumulation, the weight streamed
-//!   once), and a dense copy in the backend's [`Precision`] is made on the device for products
-//!   with many rows (prefill): cuBLAS `GemmEx` (bf16 inputs, f32 accumulation and output) when
-//!   libcublas is present, the built-in tiled kernel otherwise. 1-D tensors are kept in f32.
+//! - **Weights are held once.** A block-quantized weight (Q8_0, Q4_0, Q4_1) stays in its stored
+//!   format: the decode path (`gemv`: few rows, dequantized in registers, f32 accumulation, the
+//!   weight streamed once) reads it as is, and a product with many rows (prefill) dequantizes
+//!   a slice of its rows at a time into one scratch buffer the backend reuses (at most
+//!   [`GEMM_SCRATCH_VALUES`] values) and multiplies each slice into its columns of the output:
+//!   cuBLAS `GemmEx` (bf16 inputs, f32 accumulation and output) when libcublas is present, the
+//!   built-in tiled kernel otherwise. An f32/f16/bf16 weight is held as one dense copy in the
+//!   backend's [`Precision`]. 1-D tensors are kept in f32. [`weight_device_bytes`] says what a
+//!   weight costs; `openlora cuda plan` adds a model's up before any GPU is involved.
 //! - **Activations** are f32, like the CPU backend's, so every kernel is compared with the CPU
 //!   reference one to one.
 //! - **Streams**: compute runs on one stream; uploads of weights (model load, the adapter
@@ -15,8 +19,12 @@
 //!   stream synchronized; dropping one first makes the copy stream wait for the compute work
 //!   queued so far, so its stream-ordered free never overtakes a kernel still reading it.
 //!   (cudarc's per-buffer event tracking is off: it would record an event per kernel argument.)
-//! - **KV cache**: f32 pools in device memory in the CPU's slot layout; the engine's block tables
-//!   are uploaded per call.
+//! - **KV cache**: pools in device memory in the CPU's slot layout, f32 or (with
+//!   [`CudaOptions::kv_precision`] = bf16) half the bytes; the engine's block tables are
+//!   uploaded per call.
+//! - **Sampling**: [`Backend::pick_rows`] reduces greedy and top-k rows on the device (argmax /
+//!   top-k kernels that also flag non-finite rows), so such a step reads back a few values per
+//!   row instead of the vocabulary.
 //!
 //! Non-guarantees: results are not bit-identical to the CPU (summation order, FMA contraction;
 //! bf16 rounding of GEMM inputs under [`Precision::Bf16`]). The LoRA expand kernel adds with
@@ -35,7 +43,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::nvrtc;
 use super::{CudaError, DeviceInfo, guarded, probe};
-use crate::backend::{AttnSeq, Backend, KvLayout, LoraSegment, RopeTable};
+use crate::backend::{AttnSeq, Backend, KvLayout, LoraSegment, PickedRow, RopeTable, RowPick};
 use crate::error::{KernelError, Result, ensure_shape};
 use crate::quant::DType;
 use crate::weight::HostWeight;
@@ -49,7 +57,11 @@ const ATT_PARTITION: usize = 256;
 const ATT_MAX_SPLITS: usize = 32;
 const ATT_MAX_GROUP: usize = 8;
 const ATT_MAX_HEAD_DIM: usize = 128;
-const TOPK_MAX: usize = 64;
+/// The largest `k` the top-k kernel serves.
+pub const TOPK_MAX: usize = 64;
+/// Most values of the scratch buffer a quantized weight's rows are dequantized into for a
+/// many-row product (32 MiB in bf16, 64 MiB in f32).
+pub const GEMM_SCRATCH_VALUES: usize = 16 << 20;
 
 /// Number type of the dense weight copies (GEMM and LoRA operands).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -72,18 +84,54 @@ impl Precision {
 }
 
 /// How to start a [`CudaBackend`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CudaOptions {
     /// Device ordinal.
     pub ordinal: usize,
     /// Dense weight precision.
     pub precision: Precision,
+    /// KV cache values: f32 (the default, as the CPU) or bf16 (half the bytes).
+    pub kv_precision: Precision,
     /// Where compiled cubins are cached (`None`: [`nvrtc::default_cache_dir`]).
     pub kernel_cache: Option<PathBuf>,
     /// Use the built-in GEMM even when cuBLAS is present (for tests).
     pub no_cublas: bool,
 }
 
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            ordinal: 0,
+            precision: Precision::Bf16,
+            kv_precision: Precision::F32,
+            kernel_cache: None,
+            no_cublas: false,
+        }
+    }
+}
+
+/// Bytes a weight of `dtype` and shape `[rows, cols]` takes on the device once prepared with
+/// dense precision `precision`: a block-quantized weight its stored bytes alone, any other its
+/// dense copy; a `[1, n]` tensor also keeps an f32 vector (norm weights, biases).
+pub fn weight_device_bytes(dtype: DType, rows: usize, cols: usize, precision: Precision) -> usize {
+    let n = rows * cols;
+    let vector = if rows == 1 { cols * 4 } else { 0 };
+    let stored = if dtype.is_quantized() {
+        dtype.row_bytes(cols).unwrap_or(0) * rows
+    } else {
+        match precision {
+            Precision::Bf16 => n * 2,
+            Precision::F32 => n * 4,
+        }
+    };
+    stored + vector
+}
+
+/// Bytes of the scratch buffer a many-row product with a quantized `[rows, cols]` weight uses.
+pub fn gemm_scratch_bytes(rows: usize, cols: usize, precision: Precision) -> usize {
+    let values = (rows * cols).min(GEMM_SCRATCH_VALUES.max(cols));
+    values * if precision == Precision::Bf16 { 2 } else { 4 }
+}
 /// An f32 activation buffer on the device.
 #[derive(Debug)]
 pub struct CudaBuf {
@@ -116,9 +164,9 @@ pub struct CudaWeight {
     dtype: DType,
     rows: usize,
     cols: usize,
-    /// Stored format (2-D weights).
+    /// Stored blocks (block-quantized weights only).
     raw: Option<CudaSlice<u8>>,
-    /// Dequantized copy (2-D weights).
+    /// Dense copy in the backend's precision (every other weight).
     dense: Option<Dense>,
     /// f32 values of a `[1, n]` tensor (norm weights, biases; also kept for rank-1 LoRA
     /// factors, which are 2-D too).
@@ -174,8 +222,23 @@ impl CudaWeight {
 pub struct CudaKvCache {
     /// Geometry.
     pub layout: KvLayout,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
+    pools: KvPools,
+}
+
+#[derive(Debug)]
+enum KvPools {
+    F32(CudaSlice<f32>, CudaSlice<f32>),
+    Bf16(CudaSlice<u16>, CudaSlice<u16>),
+}
+
+impl CudaKvCache {
+    /// Bytes the pools take on the device.
+    pub fn device_bytes(&self) -> usize {
+        match &self.pools {
+            KvPools::F32(k, v) => (k.len() + v.len()) * 4,
+            KvPools::Bf16(k, v) => (k.len() + v.len()) * 2,
+        }
+    }
 }
 
 struct Kernels {
@@ -192,9 +255,12 @@ struct Kernels {
     gemm_bf16: CudaFunction,
     gemm_f32: CudaFunction,
     write_kv: CudaFunction,
+    write_kv_bf16: CudaFunction,
     paged_decode: CudaFunction,
+    paged_decode_bf16: CudaFunction,
     paged_decode_reduce: CudaFunction,
     prefill_flash: CudaFunction,
+    prefill_flash_bf16: CudaFunction,
     shrink_bf16: CudaFunction,
     shrink_f32: CudaFunction,
     expand_bf16: CudaFunction,
@@ -235,10 +301,13 @@ struct Inner {
     blas: Option<Mutex<CudaBlas>>,
     blas_note: String,
     precision: Precision,
+    kv_precision: Precision,
     uploads: Mutex<UploadCache>,
     rope: Mutex<Option<(RopeKey, RopeDev)>>,
     /// bf16 copy of GEMM activations, reused between calls.
     x_bf16: Mutex<Option<CudaSlice<u16>>>,
+    /// Dequantized rows of a quantized weight for a many-row product, reused between calls.
+    w_scratch: Mutex<Option<Dense>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -353,9 +422,12 @@ impl CudaBackend {
             gemm_bf16: find("gemm_nt_bf16")?,
             gemm_f32: find("gemm_nt_f32")?,
             write_kv: find("write_kv")?,
+            write_kv_bf16: find("write_kv_bf16")?,
             paged_decode: find("paged_decode")?,
+            paged_decode_bf16: find("paged_decode_bf16")?,
             paged_decode_reduce: find("paged_decode_reduce")?,
             prefill_flash: find("prefill_flash")?,
+            prefill_flash_bf16: find("prefill_flash_bf16")?,
             shrink_bf16: find("lora_shrink_bf16")?,
             shrink_f32: find("lora_shrink_f32")?,
             expand_bf16: find("lora_expand_bf16")?,
@@ -393,9 +465,11 @@ impl CudaBackend {
                 blas,
                 blas_note,
                 precision: opts.precision,
+                kv_precision: opts.kv_precision,
                 uploads: Mutex::new(UploadCache::default()),
                 rope: Mutex::new(None),
                 x_bf16: Mutex::new(None),
+                w_scratch: Mutex::new(None),
             }),
         })
     }
@@ -509,130 +583,219 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Dense product through cuBLAS or the built-in tiled kernel.
+    /// Many-row product `out = x · Wᵀ`: a dense weight in one call; a quantized one a slice of
+    /// rows at a time, dequantized into the reused scratch buffer.
     fn gemm(&self, x: &CudaBuf, rows: usize, w: &CudaWeight, out: &mut CudaBuf) -> Result<()> {
         let (n, k) = (w.rows, w.cols);
-        let dense = w.dense.as_ref().ok_or_else(|| KernelError::Device("weight has no dense copy".into()))?;
-        let (m32, n32, k32) = (u32_of(rows, "rows")?, u32_of(n, "n")?, u32_of(k, "k")?);
+        let bf16 = match (&w.dense, &w.raw) {
+            (Some(Dense::Bf16(_)), _) => true,
+            (Some(Dense::F32(_)), _) => false,
+            (None, Some(_)) => self.inner.precision == Precision::Bf16,
+            (None, None) => return Err(KernelError::Device("weight has no 2-D data".into())),
+        };
+        // cuBLAS multiplies bf16 by bf16: a bf16 copy of x, made once for every slice.
+        let mut xb_guard = None;
+        let x_ptr = if self.inner.blas.is_some() && bf16 {
+            let mut g = self.inner.x_bf16.lock().map_err(|_| KernelError::Device("scratch poisoned".into()))?;
+            if g.as_ref().is_none_or(|s| s.len() < rows * k) {
+                *g = Some(self.s().alloc_zeros::<u16>((rows * k).max(1)).map_err(drv)?);
+            }
+            let scratch = g.as_mut().ok_or_else(|| KernelError::Device("scratch".into()))?;
+            let total = (rows * k) as u64;
+            let mut lb = self.s().launch_builder(&self.inner.k.f32_to_bf16);
+            lb.arg(&x.data).arg(&mut *scratch).arg(&total);
+            // SAFETY: scratch holds at least rows * k values; x holds rows * k.
+            unsafe { lb.launch(Self::launch_1d(rows * k)) }.map_err(drv)?;
+            let p = scratch.device_ptr(self.s()).0;
+            xb_guard = Some(g);
+            p
+        } else {
+            x.data.device_ptr(self.s()).0
+        };
+        // Event tracking is off (see `start`), so the pointer guards order nothing.
+        let out_ptr = out.data.device_ptr_mut(self.s()).0;
+        match (&w.dense, &w.raw) {
+            (Some(d), _) => {
+                let w_ptr = match d {
+                    Dense::Bf16(s) => s.device_ptr(self.s()).0,
+                    Dense::F32(s) => s.device_ptr(self.s()).0,
+                };
+                self.gemm_slice(x_ptr, rows, w_ptr, bf16, n, k, out_ptr, n)?;
+            }
+            (None, Some(raw)) => {
+                let row_bytes = w.dtype.row_bytes(k).ok_or_else(|| KernelError::Device("row bytes".into()))?;
+                let slice = (GEMM_SCRATCH_VALUES / k).clamp(1, n);
+                let mut g = self.inner.w_scratch.lock().map_err(|_| KernelError::Device("scratch poisoned".into()))?;
+                let fits = match g.as_ref() {
+                    Some(Dense::Bf16(s)) => bf16 && s.len() >= slice * k,
+                    Some(Dense::F32(s)) => !bf16 && s.len() >= slice * k,
+                    None => false,
+                };
+                if !fits {
+                    *g = None; // free the old buffer before allocating the new one
+                    *g = Some(if bf16 {
+                        Dense::Bf16(self.s().alloc_zeros::<u16>(slice * k).map_err(drv)?)
+                    } else {
+                        Dense::F32(self.s().alloc_zeros::<f32>(slice * k).map_err(drv)?)
+                    });
+                }
+                let scratch = g.as_mut().ok_or_else(|| KernelError::Device("scratch".into()))?;
+                let s_ptr = match scratch {
+                    Dense::Bf16(s) => s.device_ptr_mut(self.s()).0,
+                    Dense::F32(s) => s.device_ptr_mut(self.s()).0,
+                };
+                let raw_ptr = raw.device_ptr(self.s()).0;
+                let (dt, k32, to_bf16) = (dtype_code(w.dtype), u32_of(k, "k")?, i32::from(bf16));
+                for n0 in (0..n).step_by(slice) {
+                    let m = slice.min(n - n0);
+                    let src = raw_ptr + (n0 * row_bytes) as u64;
+                    let m32 = u32_of(m, "rows")?;
+                    let mut b = self.s().launch_builder(&self.inner.k.dequantize);
+                    b.arg(&src).arg(&dt).arg(&m32).arg(&k32).arg(&to_bf16).arg(&s_ptr);
+                    // SAFETY: rows n0..n0 + m of the weight lie in `raw`; the scratch holds
+                    // slice * k >= m * k values. Kernels on one stream run in order, so the
+                    // next slice's dequantize waits for this slice's product.
+                    unsafe { b.launch(Self::launch_1d(m * k)) }.map_err(drv)?;
+                    self.gemm_slice(x_ptr, rows, s_ptr, bf16, m, k, out_ptr + (n0 * 4) as u64, n)?;
+                }
+            }
+            (None, None) => unreachable!("checked above"),
+        }
+        drop(xb_guard);
+        Ok(())
+    }
+
+    /// `out[r, j] = x[r, :] · w[j, :]` for `j < n`, `out` with row stride `ldo` (device
+    /// addresses): cuBLAS when present (`x` is then bf16 when `w` is), the built-in kernel
+    /// (always f32 `x`) otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_slice(
+        &self,
+        x_ptr: u64,
+        rows: usize,
+        w_ptr: u64,
+        bf16: bool,
+        n: usize,
+        k: usize,
+        out_ptr: u64,
+        ldo: usize,
+    ) -> Result<()> {
+        let (m32, n32, k32, ldo32) = (u32_of(rows, "rows")?, u32_of(n, "n")?, u32_of(k, "k")?, u32_of(ldo, "ldo")?);
         if let Some(blas) = &self.inner.blas {
             let blas = blas.lock().map_err(|_| KernelError::Device("cuBLAS handle poisoned".into()))?;
-            let alpha: f32 = 1.0;
-            let beta: f32 = 0.0;
-            let mut xb_guard = None;
-            let (a_type, b_ptr_src): (blas_sys::cudaDataType, u64) = match dense {
-                Dense::Bf16(_) => {
-                    // bf16 copy of x.
-                    let mut g = self.inner.x_bf16.lock().map_err(|_| KernelError::Device("scratch poisoned".into()))?;
-                    if g.as_ref().is_none_or(|s| s.len() < rows * k) {
-                        *g = Some(self.s().alloc_zeros::<u16>((rows * k).max(1)).map_err(drv)?);
-                    }
-                    let scratch = g.as_mut().ok_or_else(|| KernelError::Device("scratch".into()))?;
-                    let total = (rows * k) as u64;
-                    let mut lb = self.s().launch_builder(&self.inner.k.f32_to_bf16);
-                    lb.arg(&x.data).arg(&mut *scratch).arg(&total);
-                    // SAFETY: scratch holds at least rows * k values; x holds rows * k.
-                    unsafe { lb.launch(Self::launch_1d(rows * k)) }.map_err(drv)?;
-                    let (p, _) = scratch.device_ptr(self.s());
-                    xb_guard = Some(g);
-                    (blas_sys::cudaDataType::CUDA_R_16BF, p)
-                }
-                Dense::F32(_) => {
-                    let (p, _) = x.data.device_ptr(self.s());
-                    (blas_sys::cudaDataType::CUDA_R_32F, p)
-                }
-            };
-            let a_ptr = match dense {
-                Dense::Bf16(s) => s.device_ptr(self.s()).0,
-                Dense::F32(s) => s.device_ptr(self.s()).0,
-            };
-            // Event tracking is off (see `start`), so the pointer guards order nothing and
-            // may drop early.
-            let (c_ptr, _gc) = out.data.device_ptr_mut(self.s());
-            // Row-major out[rows, n] = x[rows, k] · Wᵀ is column-major outᵀ[n, rows] =
-            // op(W)[n, k] · xᵀ[k, rows] with W seen column-major as [k, n] (lda = k), transposed.
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let t = if bf16 { blas_sys::cudaDataType::CUDA_R_16BF } else { blas_sys::cudaDataType::CUDA_R_32F };
+            // Row-major out[rows, n] (stride ldo) = x[rows, k] · Wᵀ is column-major outᵀ[n, rows]
+            // (ld = ldo) = op(W)[n, k] · xᵀ[k, rows] with W seen column-major as [k, n] (lda = k),
+            // transposed.
             // SAFETY: pointers are live device allocations of the sizes checked by `matmul`.
             unsafe {
                 cudarc::cublas::result::gemm_ex(
                     *blas.handle(),
                     blas_sys::cublasOperation_t::CUBLAS_OP_T,
                     blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    n as i32,
-                    rows as i32,
-                    k as i32,
+                    n32 as i32,
+                    m32 as i32,
+                    k32 as i32,
                     (&alpha as *const f32).cast(),
-                    a_ptr as *const std::ffi::c_void,
-                    a_type,
-                    k as i32,
-                    b_ptr_src as *const std::ffi::c_void,
-                    a_type,
-                    k as i32,
+                    w_ptr as *const std::ffi::c_void,
+                    t,
+                    k32 as i32,
+                    x_ptr as *const std::ffi::c_void,
+                    t,
+                    k32 as i32,
                     (&beta as *const f32).cast(),
-                    c_ptr as *mut std::ffi::c_void,
+                    out_ptr as *mut std::ffi::c_void,
                     blas_sys::cudaDataType::CUDA_R_32F,
-                    n as i32,
+                    ldo32 as i32,
                     blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
             .map_err(|e| KernelError::Device(format!("cublasGemmEx: {e:?}")))?;
-            drop(xb_guard);
             return Ok(());
         }
         let grid = (blocks_for(n, 64), blocks_for(rows, 64), 1);
-        let f = match dense {
-            Dense::Bf16(_) => &self.inner.k.gemm_bf16,
-            Dense::F32(_) => &self.inner.k.gemm_f32,
-        };
+        let f = if bf16 { &self.inner.k.gemm_bf16 } else { &self.inner.k.gemm_f32 };
         let mut b = self.s().launch_builder(f);
-        b.arg(&x.data);
-        match dense {
-            Dense::Bf16(s) => b.arg(s),
-            Dense::F32(s) => b.arg(s),
-        };
-        b.arg(&mut out.data).arg(&m32).arg(&n32).arg(&k32);
-        // SAFETY: x is rows * k, w is n * k, out is rows * n (checked by `matmul`).
+        b.arg(&x_ptr).arg(&w_ptr).arg(&out_ptr).arg(&m32).arg(&n32).arg(&k32).arg(&ldo32);
+        // SAFETY: x is rows * k f32 values, w is n * k, out holds rows rows of stride ldo >= n.
         unsafe { b.launch(cfg(grid, 256)) }.map_err(drv)?;
         Ok(())
     }
 
-    /// Index of the largest logit per row (first on ties), computed on the device.
-    pub fn argmax_device(&self, logits: &CudaBuf, rows: usize, width: usize) -> Result<Vec<u32>> {
+    /// Index of the largest logit per row (first on ties; `u32::MAX` for a row without a
+    /// number) and whether the row holds a non-finite value, computed on the device.
+    pub fn argmax_device(&self, logits: &CudaBuf, rows: usize, width: usize) -> Result<(Vec<u32>, Vec<bool>)> {
         ensure_shape(width > 0 && logits.len == rows * width, "argmax_rows", || {
             format!("{} values for {rows} rows of {width}", logits.len)
         })?;
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
-        let mut out = self.s().alloc_zeros::<u32>(rows).map_err(drv)?;
+        let mut out = self.s().alloc_zeros::<u32>(2 * rows).map_err(drv)?;
         let w = u32_of(width, "width")?;
+        let base = out.device_ptr_mut(self.s()).0;
+        let (idx, bad) = (base, base + 4 * rows as u64);
         let mut b = self.s().launch_builder(&self.inner.k.argmax);
-        b.arg(&logits.data).arg(&w).arg(&mut out);
-        // SAFETY: logits hold rows * width values, out rows.
+        b.arg(&logits.data).arg(&w).arg(&idx).arg(&bad);
+        // SAFETY: logits hold rows * width values; out holds 2 * rows (indices, then flags).
         unsafe { b.launch(cfg((u32_of(rows, "rows")?, 1, 1), 256)) }.map_err(drv)?;
-        self.s().clone_dtoh(&out).map_err(drv)
+        let v = self.s().clone_dtoh(&out).map_err(drv)?;
+        Ok((v[..rows].to_vec(), v[rows..].iter().map(|&f| f != 0).collect()))
     }
 
-    /// The `k` largest logits per row, descending (ties: lower index first), computed on the
-    /// device; `k <= 64`.
-    pub fn top_k_device(&self, logits: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    /// The `k` largest logits per row, descending (ties: lower index first), and whether the
+    /// row holds a non-finite value, computed on the device; `k <= 64`.
+    pub fn top_k_device(
+        &self,
+        logits: &CudaBuf,
+        rows: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<(Vec<Vec<(u32, f32)>>, Vec<bool>)> {
         ensure_shape(width > 0 && logits.len == rows * width && k > 0 && k <= TOPK_MAX, "top_k_rows", || {
             format!("{} values for {rows} rows of {width}, k {k} (at most {TOPK_MAX})", logits.len)
         })?;
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         let mut ov = self.s().alloc_zeros::<f32>(rows * k).map_err(drv)?;
-        let mut oi = self.s().alloc_zeros::<u32>(rows * k).map_err(drv)?;
+        let mut oi = self.s().alloc_zeros::<u32>(rows * k + rows).map_err(drv)?;
         let (w, k32) = (u32_of(width, "width")?, u32_of(k, "k")?);
+        let base = oi.device_ptr_mut(self.s()).0;
+        let (idx, bad) = (base, base + 4 * (rows * k) as u64);
         let mut b = self.s().launch_builder(&self.inner.k.topk);
-        b.arg(&logits.data).arg(&w).arg(&k32).arg(&mut ov).arg(&mut oi);
-        // SAFETY: logits hold rows * width values, outputs rows * k.
+        b.arg(&logits.data).arg(&w).arg(&k32).arg(&mut ov).arg(&idx).arg(&bad);
+        // SAFETY: logits hold rows * width values, ov rows * k, oi rows * k indices + rows flags.
         unsafe { b.launch(cfg((u32_of(rows, "rows")?, 1, 1), 256)) }.map_err(drv)?;
         let v = self.s().clone_dtoh(&ov).map_err(drv)?;
         let i = self.s().clone_dtoh(&oi).map_err(drv)?;
-        Ok((0..rows)
+        let top = (0..rows)
             .map(|r| (0..k).filter(|&j| i[r * k + j] != u32::MAX).map(|j| (i[r * k + j], v[r * k + j])).collect())
-            .collect())
+            .collect();
+        Ok((top, i[rows * k..].iter().map(|&f| f != 0).collect()))
+    }
+
+    /// Bytes the device holds for `w`.
+    pub fn weight_bytes(&self, w: &CudaWeight) -> usize {
+        w.device_bytes()
+    }
+
+    /// The KV pool precision.
+    pub fn kv_precision(&self) -> Precision {
+        self.inner.kv_precision
+    }
+
+    /// Bytes of the dequantization scratch buffer allocated so far.
+    pub fn scratch_bytes(&self) -> usize {
+        let w = self.inner.w_scratch.lock().map(|g| match g.as_ref() {
+            Some(Dense::Bf16(s)) => s.len() * 2,
+            Some(Dense::F32(s)) => s.len() * 4,
+            None => 0,
+        });
+        let x = self.inner.x_bf16.lock().map(|g| g.as_ref().map_or(0, |s| s.len() * 2));
+        w.unwrap_or(0) + x.unwrap_or(0)
     }
 }
 
@@ -801,7 +964,9 @@ impl Backend for CudaBackend {
         let n = rows * cols;
         let to_bf16 = i32::from(self.inner.precision == Precision::Bf16);
         let (r32, c32, dt) = (u32_of(rows, "rows")?, u32_of(cols, "cols")?, dtype_code(dtype));
-        let dense = if n == 0 {
+        // One copy: a quantized weight keeps its blocks (prefill dequantizes slices of them into
+        // the shared scratch), any other a dense copy in the backend's precision.
+        let dense = if n == 0 || dtype.is_quantized() {
             None
         } else if to_bf16 == 1 {
             let mut d = cs.alloc_zeros::<u16>(n).map_err(drv)?;
@@ -820,9 +985,8 @@ impl Backend for CudaBackend {
         };
         // The upload is done when the weight is handed out (the pager counts it resident).
         cs.synchronize().map_err(drv)?;
-        // Block-quantized weights keep their stored bytes for the streaming gemv; f32/f16/bf16
-        // ones are read from the dense copy alone (so an f32 LoRA weight takes 2 bytes per value
-        // under bf16, 4 under f32: never more than the pager's f32 accounting).
+        // f32/f16/bf16 weights are read from the dense copy alone (so an f32 LoRA weight takes 2
+        // bytes per value under bf16, 4 under f32: never more than the pager's f32 accounting).
         let raw = dtype.is_quantized().then_some(raw);
         Ok(CudaWeight { dtype, rows, cols, raw, dense, vector, streams })
     }
@@ -1095,8 +1259,23 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv_cache(&self, layout: KvLayout) -> Result<CudaKvCache> {
-        let len = layout.num_blocks * layout.block_size * layout.token_width();
-        Ok(CudaKvCache { layout, k: self.alloc(len)?, v: self.alloc(len)? })
+        let len = (layout.num_blocks * layout.block_size * layout.token_width()).max(1);
+        let z = |e| drv(e);
+        let pools = match self.inner.kv_precision {
+            Precision::F32 => KvPools::F32(self.alloc(len)?, self.alloc(len)?),
+            Precision::Bf16 => KvPools::Bf16(
+                self.s().alloc_zeros::<u16>(len).map_err(z)?,
+                self.s().alloc_zeros::<u16>(len).map_err(z)?,
+            ),
+        };
+        Ok(CudaKvCache { layout, pools })
+    }
+
+    fn kv_value_bytes(&self) -> usize {
+        match self.inner.kv_precision {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        }
     }
 
     fn write_kv(&self, cache: &mut CudaKvCache, k: &CudaBuf, v: &CudaBuf, slots: &[u32]) -> Result<()> {
@@ -1113,8 +1292,18 @@ impl Backend for CudaBackend {
         }
         let sv = self.upload_u32(slots)?;
         let w32 = u32_of(w, "width")?;
-        let mut b = self.s().launch_builder(&self.inner.k.write_kv);
-        b.arg(&mut cache.k).arg(&mut cache.v).arg(&k.data).arg(&v.data).arg(&*sv).arg(&w32);
+        let mut b;
+        match &mut cache.pools {
+            KvPools::F32(kc, vc) => {
+                b = self.s().launch_builder(&self.inner.k.write_kv);
+                b.arg(kc).arg(vc);
+            }
+            KvPools::Bf16(kc, vc) => {
+                b = self.s().launch_builder(&self.inner.k.write_kv_bf16);
+                b.arg(kc).arg(vc);
+            }
+        }
+        b.arg(&k.data).arg(&v.data).arg(&*sv).arg(&w32);
         // SAFETY: slots < capacity; k/v hold slots * width values.
         unsafe { b.launch(cfg((u32_of(slots.len(), "slots")?, 1, 1), 128)) }.map_err(drv)?;
         Ok(())
@@ -1156,11 +1345,18 @@ impl Backend for CudaBackend {
             let mut pl = self.alloc_uninit(items * heads * splits)?;
             let mut po = self.alloc_uninit(items * heads * splits * hd)?;
             let part32 = u32_of(partition, "partition")?;
-            let mut b = self.s().launch_builder(&self.inner.k.paged_decode);
-            b.arg(&q.data)
-                .arg(&cache.k)
-                .arg(&cache.v)
-                .arg(&*tables_dev)
+            let mut b;
+            match &cache.pools {
+                KvPools::F32(kc, vc) => {
+                    b = self.s().launch_builder(&self.inner.k.paged_decode);
+                    b.arg(&q.data).arg(kc).arg(vc);
+                }
+                KvPools::Bf16(kc, vc) => {
+                    b = self.s().launch_builder(&self.inner.k.paged_decode_bf16);
+                    b.arg(&q.data).arg(kc).arg(vc);
+                }
+            }
+            b.arg(&*tables_dev)
                 .arg(&*meta)
                 .arg(&h32)
                 .arg(&kvh32)
@@ -1184,18 +1380,18 @@ impl Backend for CudaBackend {
         if !prefill_meta.is_empty() {
             let n_seqs = prefill_meta.len() / 4;
             let meta = self.upload_u32(&prefill_meta)?;
-            let mut b = self.s().launch_builder(&self.inner.k.prefill_flash);
-            b.arg(&q.data)
-                .arg(&cache.k)
-                .arg(&cache.v)
-                .arg(&*tables_dev)
-                .arg(&*meta)
-                .arg(&h32)
-                .arg(&kvh32)
-                .arg(&hd32)
-                .arg(&bs32)
-                .arg(&scale)
-                .arg(&mut out.data);
+            let mut b;
+            match &cache.pools {
+                KvPools::F32(kc, vc) => {
+                    b = self.s().launch_builder(&self.inner.k.prefill_flash);
+                    b.arg(&q.data).arg(kc).arg(vc);
+                }
+                KvPools::Bf16(kc, vc) => {
+                    b = self.s().launch_builder(&self.inner.k.prefill_flash_bf16);
+                    b.arg(&q.data).arg(kc).arg(vc);
+                }
+            }
+            b.arg(&*tables_dev).arg(&*meta).arg(&h32).arg(&kvh32).arg(&hd32).arg(&bs32).arg(&scale).arg(&mut out.data);
             let grid = (blocks_for(max_q, 16), h32, u32_of(n_seqs, "sequences")?);
             // SAFETY: as above.
             unsafe { b.launch(cfg(grid, 128)) }.map_err(drv)?;
@@ -1203,23 +1399,63 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn argmax_rows(&self, logits: &CudaBuf, rows: usize, width: usize) -> Result<Vec<u32>> {
-        self.argmax_device(logits, rows, width)
+    fn picks_on_device(&self) -> bool {
+        true
     }
 
-    fn top_k_rows(&self, logits: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
-        if k == 0 {
-            ensure_shape(width > 0 && logits.len == rows * width, "top_k_rows", || {
-                format!("{} values for {rows} rows of {width}", logits.len)
-            })?;
-            return Ok(vec![Vec::new(); rows]);
+    fn pick_rows(&self, logits: &CudaBuf, width: usize, picks: &[RowPick]) -> Result<Vec<PickedRow>> {
+        let rows = picks.len();
+        ensure_shape(width > 0 && logits.len == rows * width, "pick_rows", || {
+            format!("{} values for {rows} rows of {width}", logits.len)
+        })?;
+        let full: Vec<u32> = (0..rows as u32).filter(|&r| picks[r as usize] == RowPick::Full).collect();
+        if full.len() == rows {
+            return crate::backend::pick_host(&self.download(logits)?, width, picks);
         }
-        if k > TOPK_MAX {
-            // Beyond the kernel's limit: the host does it.
+        // Only the rows that need every value come back whole.
+        let mut full_rows = if full.is_empty() {
+            Vec::new()
+        } else {
+            let mut g = self.zeros(full.len() * width)?;
+            self.gather_rows(logits, width, &full, &mut g)?;
+            self.download(&g)?
+        };
+        let argmax =
+            if picks.contains(&RowPick::Argmax) { Some(self.argmax_device(logits, rows, width)?) } else { None };
+        let k = picks.iter().map(|p| if let RowPick::TopK(k) = p { *k } else { 0 }).max().unwrap_or(0);
+        let top = if k == 0 {
+            None
+        } else if k <= TOPK_MAX {
+            Some(self.top_k_device(logits, rows, width, k)?)
+        } else {
+            // Beyond the kernel's limit: the host reduces (the engine never asks for this).
             let v = self.download(logits)?;
-            return Ok(crate::backend::top_k_host(&v, rows, width, k));
+            let bad = v.chunks_exact(width).map(|r| r.iter().any(|x| !x.is_finite())).collect();
+            Some((crate::backend::top_k_host(&v, rows, width, k), bad))
+        };
+        let mut out = Vec::with_capacity(rows);
+        let mut rest = full_rows.as_mut_slice();
+        for (r, pick) in picks.iter().enumerate() {
+            out.push(match pick {
+                RowPick::Full => {
+                    let (row, tail) = std::mem::take(&mut rest).split_at_mut(width);
+                    rest = tail;
+                    PickedRow::Full(row.to_vec())
+                }
+                RowPick::Argmax => match &argmax {
+                    Some((_, bad)) if bad[r] => PickedRow::NonFinite,
+                    Some((idx, _)) => PickedRow::Argmax(idx[r]),
+                    None => unreachable!("computed when any row asks"),
+                },
+                RowPick::TopK(kr) => match &top {
+                    _ if *kr == 0 => PickedRow::TopK(Vec::new()),
+                    Some((_, bad)) if bad[r] => PickedRow::NonFinite,
+                    Some((t, _)) => PickedRow::TopK(t[r].iter().take(*kr).copied().collect()),
+                    None => unreachable!("computed when any row asks"),
+                },
+            });
         }
-        self.top_k_device(logits, rows, width, k)
+        Ok(out)
     }
 }
 

@@ -31,7 +31,10 @@ mod backend;
 
 #[doc(hidden)]
 pub use backend::{AttnPlan, LoraPlan, LoraSegmentRef, plan_attention, plan_lora};
-pub use backend::{CudaBackend, CudaBuf, CudaKvCache, CudaOptions, CudaWeight, GEMV_MAX_ROWS, Precision};
+pub use backend::{
+    CudaBackend, CudaBuf, CudaKvCache, CudaOptions, CudaWeight, GEMM_SCRATCH_VALUES, GEMV_MAX_ROWS, Precision,
+    TOPK_MAX, gemm_scratch_bytes, weight_device_bytes,
+};
 
 use cudarc::driver::CudaContext;
 

@@ -330,6 +330,14 @@ pub struct EngineSection {
     /// Dense weight copies on a GPU: "bf16" (default) or "f32" (closest to the CPU reference).
     #[serde(default = "default_precision")]
     pub gpu_precision: String,
+    /// KV cache elements on a GPU: "f32" (default, as the CPU) or "bf16" (half the bytes, so
+    /// twice the blocks in `kv_cache_mib`). The CPU backend always keeps f32.
+    #[serde(default = "default_kv_dtype")]
+    pub gpu_kv_dtype: String,
+}
+
+fn default_kv_dtype() -> String {
+    "f32".into()
 }
 
 fn default_device() -> String {
@@ -348,6 +356,11 @@ impl EngineSection {
     /// The parsed `gpu_precision` (validated at load).
     pub fn precision(&self) -> openlora_kernels::Precision {
         parse_precision(&self.gpu_precision).unwrap_or_default()
+    }
+
+    /// The parsed `gpu_kv_dtype` (validated at load).
+    pub fn kv_precision(&self) -> openlora_kernels::Precision {
+        parse_precision(&self.gpu_kv_dtype).unwrap_or(openlora_kernels::Precision::F32)
     }
 }
 
@@ -395,6 +408,7 @@ impl Default for EngineSection {
             prefix_cache_scope: default_prefix_scope(),
             device: default_device(),
             gpu_precision: default_precision(),
+            gpu_kv_dtype: default_kv_dtype(),
         }
     }
 }
@@ -539,6 +553,7 @@ impl Deployment {
         }
         self.engine.device.parse::<openlora_kernels::DeviceRequest>().map_err(|r| bad("engine.device", r))?;
         parse_precision(&self.engine.gpu_precision).map_err(|r| bad("engine.gpu_precision", r))?;
+        parse_precision(&self.engine.gpu_kv_dtype).map_err(|r| bad("engine.gpu_kv_dtype", r))?;
         if !matches!(self.engine.prefix_cache_scope.as_str(), "tenant" | "shared") {
             return Err(bad(
                 "engine.prefix_cache_scope",
@@ -659,6 +674,7 @@ mod tests {
         assert!(err("[engine]\ndevice = \"gpu\"").contains("engine.device"));
         assert!(err("[engine]\ndevice = \"cuda:x\"").contains("engine.device"));
         assert!(err("[engine]\ngpu_precision = \"fp8\"").contains("engine.gpu_precision"));
+        assert!(err("[engine]\ngpu_kv_dtype = \"fp8\"").contains("engine.gpu_kv_dtype"));
         assert!(err("[engine]\nprefix_cache_scope = \"global\"").contains("engine.prefix_cache_scope"));
         assert!(err("[server]\nmax_adapters_per_request = 0").contains("server.max_adapters_per_request"));
         assert!(err("[server]\nmax_merged_rank = 0").contains("server.max_merged_rank"));

@@ -230,6 +230,66 @@ fn prompt_logprobs_match_transformers_in_chunks_and_past_the_prefix_cache() {
     }
 }
 
+/// The path a GPU takes: greedy and top-k rows come back reduced (argmax, top k) instead of
+/// whole, everything else whole. Forced on the CPU, it generates exactly the tokens the whole
+/// rows do, for a batch mixing every kind of request, and is counted.
+#[test]
+fn reduced_logits_rows_sample_the_tokens_whole_rows_do() {
+    let lm = default_model();
+    let prompt = |q: &str| {
+        let m = [ChatMessage::new("user", q)];
+        lm.tokenizer.encode(&lm.chat_template.render(&m, true).expect("render"), false).expect("encode")
+    };
+    let requests = || {
+        let seeded = |top_k, temperature, seed| SamplingParams {
+            temperature,
+            top_k,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        let mut v = Vec::new();
+        for (i, q) in ["What is the capital of France?", "Name a colour.", "Count to five."].iter().enumerate() {
+            let p = prompt(q);
+            v.push(Request::greedy(p.clone(), 12)); // argmax
+            let mut r = Request::greedy(p.clone(), 12);
+            r.sampling = seeded(5, 0.9, 40 + i as u64); // top-5
+            v.push(r);
+            let mut r = Request::greedy(p.clone(), 12);
+            r.sampling = seeded(0, 0.9, 50 + i as u64); // every logit
+            v.push(r);
+            let mut r = Request::greedy(p.clone(), 12);
+            r.logprobs = Some(2); // reads every logit
+            v.push(r);
+            let mut r = Request::greedy(p.clone(), 12);
+            r.sampling.presence_penalty = 0.5; // edits logits
+            v.push(r);
+            let mut r = Request::greedy(p, 12);
+            r.min_tokens = 6; // bans end-of-sequence for 6 tokens, then reduced
+            v.push(r);
+        }
+        v
+    };
+    let run_all = |force_reduced_rows: bool| {
+        let cfg = EngineConfig { prefix_cache: false, force_reduced_rows, ..EngineConfig::default() }
+            .with_kv_bytes(&lm.model.config, 32 << 20);
+        let engine = EngineHandle::spawn(lm.clone(), cfg).expect("engine");
+        // Submitted together, so that reduced and whole rows share steps.
+        let streams: Vec<_> = requests().into_iter().map(|r| engine.submit(r).expect("submit")).collect();
+        let out: Vec<Vec<u32>> = streams.into_iter().map(|s| s.collect_blocking().expect("generate").tokens).collect();
+        (out, engine.stats().reduced_rows)
+    };
+    let (whole, none) = run_all(false);
+    let (reduced, counted) = run_all(true);
+    assert_eq!(none, 0, "the CPU backend keeps every row whole");
+    // 3 prompts x (12 greedy + 12 top-5 + 6 after min_tokens) rows at most; each ends early
+    // only at end-of-sequence.
+    assert!(counted >= 3 * (2 + 2), "reduced rows were used: {counted}");
+    for (i, (w, r)) in whole.iter().zip(&reduced).enumerate() {
+        assert_eq!(w, r, "request {i}: reduced rows change what is generated");
+    }
+}
+
 /// A chat template that renders tools (tests/fixtures/tool-template) renders tools, calls and
 /// results byte for byte as HF transformers' `apply_chat_template(messages, tools=...)` does; the
 /// default model's template does not read `tools` (so `tool_format = "auto"` picks Hermes text).

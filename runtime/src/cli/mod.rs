@@ -31,11 +31,14 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
 
 /// Starts the requested device; with "auto" and no usable GPU, says so in one line and uses
 /// the CPU.
-pub fn start_device(req: &DeviceRequest, precision: Precision) -> Result<DeviceBackend> {
-    let (backend, fallback) =
-        DeviceBackend::start(req, precision).map_err(|e| anyhow::anyhow!("device \"{req}\" could not start: {e}"))?;
+pub fn start_device(req: &DeviceRequest, precision: Precision, kv: Precision) -> Result<DeviceBackend> {
+    let (backend, fallback) = DeviceBackend::start(req, precision, kv)
+        .map_err(|e| anyhow::anyhow!("device \"{req}\" could not start: {e}"))?;
     if let Some(why) = fallback {
         eprintln!("openlora: device \"auto\": no usable CUDA GPU ({why}); running on the CPU");
+    }
+    if !backend.is_gpu() && kv == Precision::Bf16 {
+        eprintln!("openlora: engine.gpu_kv_dtype = \"bf16\" applies on a GPU; the CPU keeps its KV cache in f32");
     }
     Ok(backend)
 }
@@ -54,7 +57,7 @@ pub fn start_service(d: &Deployment) -> Result<Arc<Service<ServingBackend>>> {
     init_threads(d.model.threads)?;
     let path = model_path(d)?;
     let model_id = d.model.name.clone().unwrap_or_else(|| model_id_of(&path));
-    let backend = start_device(&d.engine.device_request(), d.engine.precision())?;
+    let backend = start_device(&d.engine.device_request(), d.engine.precision(), d.engine.kv_precision())?;
     let mut loaded =
         LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?;
     if let Some(t) = &d.model.chat_template {

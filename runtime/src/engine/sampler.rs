@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use openlora_kernels::RowPick;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 /// Sampling settings for one request.
@@ -105,9 +106,40 @@ impl Sampler {
         } else {
             self.sample_random(logits)
         };
+        self.take(token)
+    }
+
+    /// The reduced logits row this sampler can choose from as it would from every logit, or
+    /// `None` when it needs them all: greedy decoding needs the argmax, top-k sampling with
+    /// `top_k <= max_k` the top k; penalties read every seen token's logit.
+    pub fn reduced_pick(&self, max_k: usize) -> Option<RowPick> {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            return None;
+        }
+        if p.temperature == 0.0 {
+            Some(RowPick::Argmax)
+        } else if (1..=max_k).contains(&p.top_k) {
+            Some(RowPick::TopK(p.top_k))
+        } else {
+            None
+        }
+    }
+
+    /// Records `token`, chosen from a reduced argmax row, as the next token.
+    pub fn take(&mut self, token: u32) -> u32 {
         self.seen.insert(token);
         *self.output_counts.entry(token).or_default() += 1;
         token
+    }
+
+    /// Samples from the `top_k` largest logits (descending, ties by lower index, as
+    /// [`openlora_kernels::Backend::pick_rows`] gives them): the same draw, with the same
+    /// seed, as [`Self::sample`] over the whole row.
+    pub fn sample_candidates(&mut self, mut cand: Vec<(u32, f32)>) -> u32 {
+        cand.truncate(self.params.top_k.max(1));
+        let token = if cand.is_empty() { 0 } else { self.sample_sorted(&cand) };
+        self.take(token)
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -142,6 +174,12 @@ impl Sampler {
             cand.truncate(k);
         }
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.sample_sorted(&cand)
+    }
+
+    /// Draws from candidates sorted by logit, descending: temperature, then top-p.
+    fn sample_sorted(&mut self, cand: &[(u32, f32)]) -> u32 {
+        let p = &self.params;
         let max = cand[0].1;
         let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| ((l - max) / p.temperature).exp()).collect();
         let sum: f32 = probs.iter().sum();
@@ -198,6 +236,33 @@ mod tests {
         let mut s = Sampler::new(p, &[]);
         for _ in 0..10 {
             assert_eq!(s.sample(&mut logits()), best);
+        }
+    }
+
+    #[test]
+    fn reduced_rows_draw_the_same_tokens_as_whole_rows() {
+        let seeded =
+            |top_k, temperature| SamplingParams { temperature, top_k, top_p: 0.9, seed: Some(5), ..Default::default() };
+        for (params, want) in [
+            (SamplingParams::greedy(), Some(RowPick::Argmax)),
+            (seeded(7, 1.3), Some(RowPick::TopK(7))),
+            (seeded(65, 1.3), None),
+            (seeded(0, 1.3), None),
+            (SamplingParams { repetition_penalty: 1.1, ..SamplingParams::greedy() }, None),
+            (SamplingParams { presence_penalty: 0.5, ..seeded(7, 1.3) }, None),
+        ] {
+            assert_eq!(Sampler::new(params.clone(), &[]).reduced_pick(64), want, "{params:?}");
+            let (mut whole, mut reduced) = (Sampler::new(params.clone(), &[]), Sampler::new(params.clone(), &[]));
+            for step in 0..40 {
+                let mut l: Vec<f32> = (0..50).map(|i| ((i * 7919 + step * 31) % 23) as f32 * 0.25).collect();
+                let row = openlora_kernels::backend::pick_host(&l, 50, &[want.unwrap_or(RowPick::Full)]).expect("pick");
+                let got = match row.into_iter().next() {
+                    Some(openlora_kernels::PickedRow::Argmax(t)) => reduced.take(t),
+                    Some(openlora_kernels::PickedRow::TopK(c)) => reduced.sample_candidates(c),
+                    _ => reduced.sample(&mut l.clone()),
+                };
+                assert_eq!(got, whole.sample(&mut l), "{params:?} step {step}");
+            }
         }
     }
 

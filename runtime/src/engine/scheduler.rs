@@ -34,7 +34,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use openlora_kernels::{AttnSeq, Backend};
+use openlora_kernels::{AttnSeq, Backend, PickedRow, RowPick};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::grammar::Grammar;
@@ -64,6 +64,12 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Reuse KV blocks of identical prefixes (same adapter key).
     pub prefix_cache: bool,
+    /// Bytes of one KV element (4: f32 pools; 2: a GPU's bf16 pools); sizes blocks.
+    pub kv_value_bytes: usize,
+    /// Ask for reduced logits rows (argmax, top-k) even on a backend that keeps logits on the
+    /// host, so tests on the CPU run the path a GPU takes. Not a deployment setting.
+    #[doc(hidden)]
+    pub force_reduced_rows: bool,
 }
 
 impl Default for EngineConfig {
@@ -75,19 +81,22 @@ impl Default for EngineConfig {
             max_running: 64,
             max_waiting: 1024,
             prefix_cache: true,
+            kv_value_bytes: 4,
+            force_reduced_rows: false,
         }
     }
 }
 
 impl EngineConfig {
-    /// Bytes one KV block takes for `model` (keys and values, f32, every layer).
-    pub fn block_bytes(model: &crate::model::config::LlamaConfig, block_size: usize) -> usize {
-        2 * model.num_layers * model.num_kv_heads * model.head_dim * block_size * std::mem::size_of::<f32>()
+    /// Bytes one KV block takes for `model` (keys and values, every layer) with elements of
+    /// `value_bytes` each.
+    pub fn block_bytes(model: &crate::model::config::LlamaConfig, block_size: usize, value_bytes: usize) -> usize {
+        2 * model.num_layers * model.num_kv_heads * model.head_dim * block_size * value_bytes
     }
 
-    /// Sets `num_blocks` to what fits in `bytes`.
+    /// Sets `num_blocks` to what fits in `bytes` (with this config's `kv_value_bytes`).
     pub fn with_kv_bytes(mut self, model: &crate::model::config::LlamaConfig, bytes: usize) -> Self {
-        self.num_blocks = bytes / Self::block_bytes(model, self.block_size).max(1);
+        self.num_blocks = bytes / Self::block_bytes(model, self.block_size, self.kv_value_bytes).max(1);
         self
     }
 
@@ -151,6 +160,9 @@ pub struct EngineStats {
     /// Nanoseconds spent computing them (on the mask thread, beside the forward pass, or
     /// inline when a mask was still missing at sampling time).
     pub grammar_mask_ns: u64,
+    /// Tokens sampled from a reduced logits row (argmax or top-k, computed where the logits
+    /// are: on a GPU only a few values per row are read back).
+    pub reduced_rows: u64,
 }
 
 struct Sequence<B: Backend> {
@@ -199,10 +211,13 @@ impl<B: Backend> Sequence<B> {
 
     /// Scores the prompt tokens of plan `p` from its prompt rows (taken from `rows`), and sends
     /// the prompt logprobs once every prompt token has its score.
-    fn record_prompt_rows<'a>(&mut self, p: &Planned, rows: &mut impl Iterator<Item = &'a [f32]>) {
+    fn record_prompt_rows(&mut self, p: &Planned, rows: &mut impl Iterator<Item = PickedRow>) {
         let k = self.req.prompt_logprobs.unwrap_or(0);
         for j in self.prompt_rows(p) {
             let Some(row) = rows.next() else { break };
+            // Prompt rows are always asked for whole.
+            let PickedRow::Full(row) = row else { continue };
+            let row = row.as_slice();
             let token = self.tokens[j + 1];
             let lp = log_softmax_top(row, token, k);
             let chosen = row.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY);
@@ -644,13 +659,15 @@ impl<B: Backend> EngineCore<B> {
     /// Runs a forward pass over `entries` (indices into `running` with their plans); returns,
     /// in entry order, the logits of each entry's prompt rows ([`Sequence::prompt_rows`]) and
     /// then of its row that ends its pending tokens, if it has one.
-    fn forward(&mut self, entries: &[(usize, &Planned)]) -> Result<Vec<f32>, String> {
+    fn forward(&mut self, entries: &[(usize, &Planned)]) -> Result<Vec<PickedRow>, String> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut slots = Vec::new();
         let mut seqs = Vec::with_capacity(entries.len());
         let mut adapters = Vec::with_capacity(entries.len());
         let mut logits_rows = Vec::new();
+        let mut picks = Vec::new();
+        let reduce = self.cfg.force_reduced_rows || self.model.model.backend().picks_on_device();
         for &(i, p) in entries {
             let s = &self.running[i];
             let q_start = tokens.len();
@@ -660,8 +677,10 @@ impl<B: Backend> EngineCore<B> {
             seqs.push(AttnSeq { q_start, q_len: p.n, ctx_len: p.start + p.n, block_table: s.blocks.table() });
             adapters.push(s.req.adapters.as_slice());
             logits_rows.extend(s.prompt_rows(p).map(|j| (q_start + j - p.start) as u32));
+            picks.resize(logits_rows.len(), RowPick::Full);
             if p.start + p.n == s.tokens.len() {
                 logits_rows.push((q_start + p.n - 1) as u32);
+                picks.push(if reduce { row_pick(s) } else { RowPick::Full });
             }
         }
         let batch = ForwardBatch {
@@ -674,7 +693,7 @@ impl<B: Backend> EngineCore<B> {
         };
         let model = &self.model.model;
         let kv = &mut self.kv;
-        match catch_unwind(AssertUnwindSafe(|| model.forward(kv, &batch))) {
+        match catch_unwind(AssertUnwindSafe(|| model.forward_picked(kv, &batch, &picks))) {
             Ok(Ok(l)) => Ok(l),
             Ok(Err(e)) => Err(e.to_string()),
             Err(p) => Err(format!("panic in the forward pass: {}", panic_message(p.as_ref()))),
@@ -706,9 +725,8 @@ impl<B: Backend> EngineCore<B> {
             .map(|p| self.running.iter().position(|s| s.id == p.id).expect("planned sequences are running"))
             .collect();
         let entries: Vec<(usize, &Planned)> = idx.iter().copied().zip(plan.iter()).collect();
-        let vocab = self.model.model.config.vocab_size;
         // Per entry: its logits row, if it produced one, or the error that failed it.
-        let mut outcome: Vec<Result<Option<Vec<f32>>, String>> = Vec::with_capacity(entries.len());
+        let mut outcome: Vec<Result<Option<PickedRow>, String>> = Vec::with_capacity(entries.len());
         // Constrained rows that sample this step and still need their next mask: it depends
         // only on tokens already consumed, so it is computed on a thread of its own while the
         // forward pass runs, and is ready when the logits are.
@@ -752,12 +770,12 @@ impl<B: Backend> EngineCore<B> {
         }
         match forward {
             Ok(logits) => {
-                let mut rows = logits.chunks_exact(vocab);
+                let mut rows = logits.into_iter();
                 for &(i, p) in &entries {
                     let s = &mut self.running[i];
                     s.record_prompt_rows(p, &mut rows);
                     let wants = p.start + p.n == s.tokens.len();
-                    outcome.push(Ok(if wants { rows.next().map(<[f32]>::to_vec) } else { None }));
+                    outcome.push(Ok(if wants { rows.next() } else { None }));
                 }
             }
             Err(e) if entries.len() == 1 => outcome.push(Err(e)),
@@ -765,9 +783,9 @@ impl<B: Backend> EngineCore<B> {
                 // Find out whose computation fails: run each sequence alone.
                 for &(i, p) in &entries {
                     let out = self.forward(&[(i, p)]).map(|l| {
-                        let mut rows = l.chunks_exact(vocab);
+                        let mut rows = l.into_iter();
                         self.running[i].record_prompt_rows(p, &mut rows);
-                        rows.next().map(<[f32]>::to_vec)
+                        rows.next()
                     });
                     outcome.push(out);
                 }
@@ -790,9 +808,12 @@ impl<B: Backend> EngineCore<B> {
             match out {
                 Err(e) => done.push((p.id, End::Failed(EngineError::Failed(e)))),
                 Ok(None) => {}
-                Ok(Some(mut row)) => {
+                Ok(Some(row)) => {
+                    if matches!(row, PickedRow::Argmax(_) | PickedRow::TopK(_)) {
+                        self.stats.reduced_rows += 1;
+                    }
                     let mut mask_ns = None;
-                    let r = catch_unwind(AssertUnwindSafe(|| advance(s, &mut row, ctx, &mut mask_ns)));
+                    let r = catch_unwind(AssertUnwindSafe(|| advance(s, row, ctx, &mut mask_ns)));
                     if let Some(ns) = mask_ns {
                         self.stats.grammar_masks += 1;
                         self.stats.grammar_mask_ns += ns;
@@ -833,34 +854,34 @@ enum End {
 /// time of a mask that had to be computed here, not beside the forward pass).
 fn advance<B: Backend>(
     s: &mut Sequence<B>,
-    logits: &mut [f32],
+    row: PickedRow,
     ctx: usize,
     mask_ns: &mut Option<u64>,
 ) -> Result<Option<End>, String> {
-    // Finite but huge adapter weights pass every load check and overflow in the forward pass;
-    // sampling NaN logits would silently pick token 0. Fail this request, naming the adapters.
-    // A non-short-circuiting fold vectorizes (one cheap pass beside the sampler's own).
-    if logits.iter().fold(false, |bad, v| bad | !v.is_finite()) {
-        let names: Vec<&str> = s.req.adapters.iter().map(|w| w.adapter.name.as_str()).collect();
-        return Err(if names.is_empty() {
-            "the model produced non-finite logits".to_owned()
-        } else {
-            format!(
-                "the model produced non-finite logits with adapter(s) {}: their weights overflow in the forward pass",
-                names.join(", ")
-            )
-        });
-    }
-    let raw = s.req.logprobs.map(|_| logits.to_vec());
     let generated = s.tokens.len() - s.prompt_len;
-    adjust_logits(s, logits, generated);
-    if s.constrained {
-        let g = s.req.grammar.as_mut().ok_or("structured output: the grammar state was lost")?;
-        *mask_ns = g.ensure_mask()?;
-        g.apply(logits, s.decoder.tokenizer().eos_ids(), &s.req.stop_token_ids)?;
-    }
-    let t = s.sampler.sample(logits);
-    let logprob = raw.map(|raw| log_softmax_top(&raw, t, s.req.logprobs.unwrap_or(0).min(20)));
+    let (t, logprob) = match row {
+        PickedRow::Full(mut logits) => {
+            // Finite but huge adapter weights pass every load check and overflow in the forward
+            // pass; sampling NaN logits would silently pick token 0. Fail this request, naming
+            // the adapters. A non-short-circuiting fold vectorizes (one cheap pass).
+            if logits.iter().fold(false, |bad, v| bad | !v.is_finite()) {
+                return Err(non_finite(s));
+            }
+            let raw = s.req.logprobs.map(|_| logits.clone());
+            adjust_logits(s, &mut logits, generated);
+            if s.constrained {
+                let g = s.req.grammar.as_mut().ok_or("structured output: the grammar state was lost")?;
+                *mask_ns = g.ensure_mask()?;
+                g.apply(&mut logits, s.decoder.tokenizer().eos_ids(), &s.req.stop_token_ids)?;
+            }
+            let t = s.sampler.sample(&mut logits);
+            (t, raw.map(|raw| log_softmax_top(&raw, t, s.req.logprobs.unwrap_or(0).min(20))))
+        }
+        // Rows reduced on the device ([`row_pick`] asks only for rows no edit touches).
+        PickedRow::Argmax(t) => (s.sampler.take(t), None),
+        PickedRow::TopK(candidates) => (s.sampler.sample_candidates(candidates), None),
+        PickedRow::NonFinite => return Err(non_finite(s)),
+    };
     s.tokens.push(t);
     let generated = generated + 1;
     if (s.req.stop_at_eos && s.decoder.tokenizer().is_eos(t)) || s.req.stop_token_ids.contains(&t) {
@@ -887,6 +908,30 @@ fn advance<B: Backend>(
         return Ok(Some(End::Finished(FinishReason::Length, tail(s)?)));
     }
     Ok(None)
+}
+
+/// What the sampling row of `s` needs of its logits this step: a reduced row (argmax, top-k)
+/// only when nothing edits or reads every logit (logprobs, logit bias, a `min_tokens` ban, a
+/// grammar, penalties) and the sampler can choose from it ([`Sampler::reduced_pick`]).
+fn row_pick<B: Backend>(s: &Sequence<B>) -> RowPick {
+    let generated = s.tokens.len() - s.prompt_len;
+    if s.req.logprobs.is_some() || s.constrained || !s.req.logit_bias.is_empty() || generated < s.req.min_tokens {
+        return RowPick::Full;
+    }
+    s.sampler.reduced_pick(openlora_kernels::cuda::TOPK_MAX).unwrap_or(RowPick::Full)
+}
+
+/// The error of a row whose logits are not finite, naming its adapters.
+fn non_finite<B: Backend>(s: &Sequence<B>) -> String {
+    let names: Vec<&str> = s.req.adapters.iter().map(|w| w.adapter.name.as_str()).collect();
+    if names.is_empty() {
+        "the model produced non-finite logits".to_owned()
+    } else {
+        format!(
+            "the model produced non-finite logits with adapter(s) {}: their weights overflow in the forward pass",
+            names.join(", ")
+        )
+    }
 }
 
 /// The request's own edits of this row's logits before sampling: its `logit_bias` (-100 or

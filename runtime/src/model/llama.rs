@@ -5,7 +5,7 @@
 //! KV blocks. A single-sequence `generate` is a batch of one; continuous batching is the same
 //! call with more sequences.
 
-use openlora_kernels::{AttnSeq, Backend, HostWeight, KvLayout, LoraSegment, RopeTable};
+use openlora_kernels::{AttnSeq, Backend, HostWeight, KvLayout, LoraSegment, PickedRow, RopeTable, RowPick};
 
 use crate::lora::{LoraModule, Proj, WeightedAdapter};
 
@@ -70,7 +70,9 @@ pub struct LlamaModel<B: Backend> {
     /// Hyper-parameters.
     pub config: LlamaConfig,
     backend: B,
-    embed: B::Weight,
+    /// The token embedding; `None` when it is tied to the LM head, which then serves both
+    /// (one copy of the table on the device, not two).
+    embed: Option<B::Weight>,
     layers: Vec<LlamaLayer<B>>,
     norm: B::Weight,
     lm_head: B::Weight,
@@ -191,21 +193,13 @@ impl<B: Backend> LlamaModel<B> {
                 down: linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false, None)?,
             });
         }
-        let lm_head = if c.tie_word_embeddings {
-            prep(embed_host.clone())?
+        let (embed, lm_head) = if c.tie_word_embeddings {
+            (None, prep(embed_host)?)
         } else {
-            prep(get("lm_head.weight", c.vocab_size, h)?)?
+            (Some(prep(embed_host)?), prep(get("lm_head.weight", c.vocab_size, h)?)?)
         };
         let rope = RopeTable::new(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_freq_scale.as_deref());
-        Ok(Self {
-            embed: prep(embed_host)?,
-            norm: prep(get("model.norm.weight", 1, h)?)?,
-            lm_head,
-            layers,
-            rope,
-            config,
-            backend,
-        })
+        Ok(Self { embed, norm: prep(get("model.norm.weight", 1, h)?)?, lm_head, layers, rope, config, backend })
     }
 
     /// The backend this model runs on.
@@ -226,10 +220,40 @@ impl<B: Backend> LlamaModel<B> {
     /// Runs the decoder over `batch`, writing its keys/values into `kv` (one cache per layer),
     /// and returns the logits of `batch.logits_rows` (row-major, `vocab_size` each) on the host.
     pub fn forward(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_, B>) -> Result<Vec<f32>> {
-        self.backend.execute(|| self.forward_inner(kv, batch))
+        let picks = vec![RowPick::Full; batch.logits_rows.len()];
+        let rows = self.forward_picked(kv, batch, &picks)?;
+        let mut out = Vec::with_capacity(rows.len() * self.config.vocab_size);
+        for r in rows {
+            if let PickedRow::Full(v) = r {
+                out.extend(v);
+            }
+        }
+        Ok(out)
     }
 
-    fn forward_inner(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_, B>) -> Result<Vec<f32>> {
+    /// [`Self::forward`], returning of each logits row only what `picks` (one per row of
+    /// `batch.logits_rows`) asks: on a GPU a greedy or top-k row then reads back a few values
+    /// instead of the vocabulary ([`Backend::pick_rows`]).
+    pub fn forward_picked(
+        &self,
+        kv: &mut [B::KvCache],
+        batch: &ForwardBatch<'_, B>,
+        picks: &[RowPick],
+    ) -> Result<Vec<PickedRow>> {
+        if picks.len() != batch.logits_rows.len() {
+            return Err(ModelError::InvalidRequest(format!(
+                "{} picks for {} logits rows",
+                picks.len(),
+                batch.logits_rows.len()
+            )));
+        }
+        self.backend.execute(|| {
+            let logits = self.forward_inner(kv, batch)?;
+            Ok(self.backend.pick_rows(&logits, self.config.vocab_size, picks)?)
+        })
+    }
+
+    fn forward_inner(&self, kv: &mut [B::KvCache], batch: &ForwardBatch<'_, B>) -> Result<B::Buf> {
         let c = &self.config;
         let be = &self.backend;
         let n = batch.tokens.len();
@@ -249,7 +273,7 @@ impl<B: Backend> LlamaModel<B> {
         let (h, qd, kvd, ffn) =
             (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let mut x = be.zeros(n * h)?;
-        be.embedding(&self.embed, batch.tokens, &mut x)?;
+        be.embedding(self.embed.as_ref().unwrap_or(&self.lm_head), batch.tokens, &mut x)?;
         let mut normed = be.zeros(n * h)?;
         let mut q = be.zeros(n * qd)?;
         let mut k = be.zeros(n * kvd)?;
@@ -320,7 +344,7 @@ impl<B: Backend> LlamaModel<B> {
         if !head_segments.is_empty() {
             be.lora_sgmv(&last_normed, h, &mut logits, c.vocab_size, &head_segments)?;
         }
-        Ok(be.download(&logits)?)
+        Ok(logits)
     }
 }
 

@@ -122,10 +122,16 @@ pub fn weights_sha256(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// The engine settings of a deployment, with the KV pool sized for `model`.
-pub fn engine_config(deployment: &Deployment, model: &crate::model::config::LlamaConfig) -> EngineConfig {
+/// The engine settings of a deployment, with the KV pool sized for `model` with KV elements
+/// of `kv_value_bytes` ([`Backend::kv_value_bytes`]).
+pub fn engine_config(
+    deployment: &Deployment,
+    model: &crate::model::config::LlamaConfig,
+    kv_value_bytes: usize,
+) -> EngineConfig {
     let e = &deployment.engine;
     EngineConfig {
+        kv_value_bytes,
         block_size: e.block_size,
         max_batch_tokens: e.max_batch_tokens,
         max_running: e.max_running,
@@ -159,7 +165,7 @@ impl<B: Backend + Clone + 'static> Service<B> {
             None
         };
         // The ledger first: a second writer is refused before it allocates the KV pool.
-        let cfg = engine_config(deployment, &model.model.config);
+        let cfg = engine_config(deployment, &model.model.config, model.model.backend().kv_value_bytes());
         let engine = EngineHandle::spawn(model.clone(), cfg)
             .map_err(|e| ServiceError::internal(format!("starting the engine: {e}")))?;
         Self::new(deployment, model, model_id, engine, backend, ledger, model_sha256).map(Arc::new)

@@ -378,3 +378,46 @@ fn serve_refuses_a_template_tool_format_with_a_template_that_has_no_tools() {
     let err = serve_refused(tmp.path(), toml, &local);
     assert!(err.contains("model.chat_template") && err.contains("missing.jinja"), "{err}");
 }
+
+/// `openlora cuda plan` needs no GPU: it reads the model file and says what serving it takes
+/// in device memory. Its KV pool is the one the engine sizes from the same budget (twice the
+/// blocks with bf16 elements), its weight bytes are those of the file plus only the small
+/// dense/vector copies (quantized weights are held once), and a budget too small for the total
+/// fails with the shortfall; a bad flag is named.
+#[test]
+fn cuda_plan_says_what_a_model_takes_without_a_gpu() {
+    let plan = |args: &[&str]| stdout_of(&[&["cuda", "plan", "default", "--kv-cache-mib", "64"], args].concat());
+    let field = |text: &str, line: &str, word: usize| -> f64 {
+        let l = text.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("no {line:?} line in {text}"));
+        l.split_whitespace().nth(word).unwrap_or_else(|| panic!("{l}")).parse().unwrap_or_else(|_| panic!("{l}"))
+    };
+    let f32_kv = plan(&[]);
+    let bf16_kv = plan(&["--kv-dtype", "bf16"]);
+    // "kv cache  63.9 MiB  91 blocks of 16 tokens ...": word 4 is the block count.
+    let (blocks, blocks16) = (field(&f32_kv, "kv cache", 4) as usize, field(&bf16_kv, "kv cache", 4) as usize);
+    let lm =
+        openlora::model::gguf::GgufFile::open(&openlora::model::default_model::ensure_default_model().expect("model"))
+            .expect("gguf");
+    let config = openlora::model::config::LlamaConfig::from_gguf(&lm).expect("config");
+    let engine = openlora::engine::EngineConfig::default().with_kv_bytes(&config, 64 << 20);
+    assert_eq!(blocks, engine.num_blocks, "the engine's pool for 64 MiB:\n{f32_kv}");
+    assert_eq!(blocks16, 2 * blocks, "bf16 halves a block:\n{bf16_kv}");
+    // Weights: the file's tensor bytes (read through the loader) plus, for the f32 norm
+    // vectors, their bf16 dense copies and f32 vectors; nothing near a second copy.
+    let file: usize = lm.tensors.iter().map(|(n, _)| lm.tensor(n).expect("t").expect("t").bytes().len()).sum();
+    let weights = field(&f32_kv, "weights", 1);
+    let mib = |b: usize| b as f64 / 1048576.0;
+    assert!(
+        weights >= mib(file) - 0.1 && weights < mib(file) * 1.05,
+        "weights {weights} MiB for {} MiB of tensors",
+        mib(file)
+    );
+    assert!(f32_kv.contains(&format!("({:.1} MiB in the file", mib(file))), "{f32_kv}");
+    // Too small a GPU: refused with the shortfall; a bad precision is named.
+    let out = openlora(&["cuda", "plan", "default", "--gpu-mib", "64"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not fit in 64 MiB"), "{err}");
+    let out = openlora(&["cuda", "plan", "default", "--kv-dtype", "fp8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--kv-dtype") && err.contains("fp8"), "{err}");
+}

@@ -58,6 +58,14 @@ pub fn start_service(d: &Deployment) -> Result<Arc<Service<ServingBackend>>> {
     let path = model_path(d)?;
     let model_id = d.model.name.clone().unwrap_or_else(|| model_id_of(&path));
     let backend = start_device(&d.engine.device_request(), d.engine.precision(), d.engine.kv_precision())?;
+    if backend.is_gpu() && path.is_file() {
+        // What the load will take on the device, before it starts (`openlora cuda plan`).
+        let settings = openlora::model::device_plan::PlanSettings::of(d);
+        match openlora::model::device_plan::DevicePlan::for_gguf(&path, settings) {
+            Ok(plan) => eprintln!("openlora: device memory plan for {}:\n{plan}", path.display()),
+            Err(e) => eprintln!("openlora: no device memory plan for {}: {e}", path.display()),
+        }
+    }
     let mut loaded =
         LoadedModel::open(&path, backend.clone()).with_context(|| format!("loading {}", path.display()))?;
     if let Some(t) = &d.model.chat_template {

@@ -7,6 +7,7 @@
 pub mod chat_template;
 pub mod config;
 pub mod default_model;
+pub mod device_plan;
 pub mod error;
 pub mod gguf;
 pub mod llama;

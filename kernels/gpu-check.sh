@@ -109,7 +109,14 @@ run() {
     if [ "$cpu" == "$gpu16" ]; then echo "- greedy bf16 \"$p\": identical" >> "$summary"
     elif [[ "$gpu16" == "<generate failed"* ]]; then echo "- greedy bf16 \"$p\": FAILED to run" >> "$summary"; status=1
     else echo "- greedy bf16 \"$p\": differs (bf16 GEMM operands): gpu=[$gpu16]" >> "$summary"; fi
+    local kv16
+    kv16=$(gen --device cuda:0 --gpu-precision f32 --gpu-kv-dtype bf16 --chat --prompt "$p" --max-tokens 48)
+    if [ "$cpu" == "$kv16" ]; then echo "- greedy f32 weights, bf16 KV \"$p\": identical" >> "$summary"
+    elif [[ "$kv16" == "<generate failed"* ]]; then echo "- greedy bf16 KV \"$p\": FAILED to run" >> "$summary"; status=1
+    else echo "- greedy f32 weights, bf16 KV \"$p\": differs (bf16 keys/values): gpu=[$kv16]" >> "$summary"; fi
   done
+  echo "- device memory plan (openlora cuda plan; compare with nvidia-smi while serving):" >> "$summary"
+  "$bin" cuda plan "$model" 2>&1 | sed 's/^/    /' >> "$summary" || true
   local ad="examples/adapters"
   for a in pirate caps; do
     local cpu gpu

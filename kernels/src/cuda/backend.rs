@@ -747,13 +747,7 @@ impl CudaBackend {
 
     /// The `k` largest logits per row, descending (ties: lower index first), and whether the
     /// row holds a non-finite value, computed on the device; `k <= 64`.
-    pub fn top_k_device(
-        &self,
-        logits: &CudaBuf,
-        rows: usize,
-        width: usize,
-        k: usize,
-    ) -> Result<(Vec<Vec<(u32, f32)>>, Vec<bool>)> {
+    pub fn top_k_device(&self, logits: &CudaBuf, rows: usize, width: usize, k: usize) -> Result<(TopRows, Vec<bool>)> {
         ensure_shape(width > 0 && logits.len == rows * width && k > 0 && k <= TOPK_MAX, "top_k_rows", || {
             format!("{} values for {rows} rows of {width}, k {k} (at most {TOPK_MAX})", logits.len)
         })?;
@@ -798,6 +792,9 @@ impl CudaBackend {
         w.unwrap_or(0) + x.unwrap_or(0)
     }
 }
+
+/// Per row, its top candidates `(index, logit)`.
+pub type TopRows = Vec<Vec<(u32, f32)>>;
 
 /// One LoRA segment as the kernels see it: rows, rank, device addresses of A `[rank, in]` and
 /// Bᵀ `[rank, out]`, scale.

@@ -69,10 +69,7 @@ pub fn run(c: CudaCommand) -> Result<()> {
         } => {
             let d = match &deployment {
                 Some(p) => openlora::config::Deployment::load(p)?,
-                None => openlora::config::Deployment::parse(
-                    "[model]\npath = \"default\"\n",
-                    std::path::Path::new("(the default settings)"),
-                )?,
+                None => openlora::config::Deployment::default(),
             };
             let parse = |v: &str, what: &str| {
                 openlora::config::parse_precision(v).map_err(|r| anyhow::anyhow!("--{what}: {r}"))

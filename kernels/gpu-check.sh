@@ -159,6 +159,10 @@ EOF
   python3 bench/mixed_adapters.py --url http://127.0.0.1:8093/v1 --adapters base --concurrency 128 \
     --requests 512 --max-tokens 64 --extra-body "$extra" --out "$out/openlora_gpu_base.json" --label "openlora cuda base" \
     | tee "$out/openlora_gpu_base.line" || status=1
+  # What the device holds while serving, beside the plan the server printed at start.
+  echo "- device memory while serving (nvidia-smi) vs the plan printed at start:" >> "$summary"
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>&1 | sed 's/^/    /' >> "$summary" || true
+  sed -n '/device memory plan/,/^total/p' "$out/server.log" | sed 's/^/    /' >> "$summary" || true
   kill "$pid"; wait "$pid" || true
   if [ -f "$STAGE/gguf-0.19.0-py3-none-any.whl" ]; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/openlora-site "$STAGE"/gguf-*.whl && export PYTHONPATH=/tmp/openlora-site

@@ -162,6 +162,13 @@ pub trait Backend: Send + Sync {
     fn prepare_weight(&self, w: HostWeight) -> Result<Self::Weight>;
     /// `(rows, cols)` of a prepared weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    /// Bytes the backend holds for a prepared weight (a memory map's pages count).
+    fn weight_bytes(&self, w: &Self::Weight) -> usize;
+    /// Whether this backend's weights live in host memory, so that a second, host-tier copy of
+    /// an adapter would only hold the same values twice (the CPU backend).
+    fn weights_in_host_memory(&self) -> bool {
+        false
+    }
 
     /// A zeroed buffer of `len` values.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;

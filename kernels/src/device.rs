@@ -175,6 +175,14 @@ impl Backend for DeviceBackend {
         }
     }
 
+    fn weight_bytes(&self, w: &DeviceWeight) -> usize {
+        match (self, w) {
+            (Self::Cpu(b), DeviceWeight::Cpu(w)) => b.weight_bytes(w),
+            (Self::Cuda(b), DeviceWeight::Cuda(w)) => b.weight_bytes(w),
+            _ => 0,
+        }
+    }
+
     fn zeros(&self, len: usize) -> Result<DeviceBuf> {
         Ok(match self {
             Self::Cpu(b) => DeviceBuf::Cpu(b.zeros(len)?),
@@ -339,6 +347,13 @@ impl Backend for DeviceBackend {
                 b.paged_attention(q, c, seqs, heads, o)
             }
             _ => Err(mixed("paged_attention")),
+        }
+    }
+
+    fn weights_in_host_memory(&self) -> bool {
+        match self {
+            Self::Cpu(b) => b.weights_in_host_memory(),
+            Self::Cuda(b) => b.weights_in_host_memory(),
         }
     }
 

@@ -100,7 +100,7 @@ pub struct LoraAdapter<B: Backend> {
     pub layers: Vec<[Option<LoraModule<B>>; 7]>,
     /// LoRA on the LM head, if the adapter has one.
     pub lm_head: Option<LoraModule<B>>,
-    /// Bytes of f32 weights held.
+    /// Bytes the backend holds for the weights (the file's precision on the CPU).
     pub bytes: usize,
 }
 

@@ -795,11 +795,12 @@ fn plugins_load_unload_and_reload_at_run_time_through_the_admin_api() {
 
 #[test]
 fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs() {
-    // Each example adapter is ~9.8 MB prepared: a 22 MiB device tier holds two of three, and
-    // no host tier, so cycling through all three evicts and re-reads from disk.
+    // Each example adapter is held in its file's f16, ~4.9 MB: an 11 MiB device tier holds two of
+    // three. The quickstart's 2 GiB host tier is off on the CPU (a host copy would be the same
+    // adapter again, in f32), so cycling through all three evicts and re-reads from disk.
     let server = start(|t| {
         assert!(t.contains("host_mib = 2048") && t.contains("device_mib = 1024"), "the quickstart's budgets changed");
-        t.replace("host_mib = 2048", "host_mib = 0").replace("device_mib = 1024", "device_mib = 22")
+        t.replace("device_mib = 1024", "device_mib = 11")
     });
     let a = server.addr;
     let ask = |model: &str, key: &str| {
@@ -833,9 +834,9 @@ fn adapters_page_in_and_out_under_a_small_device_budget_with_unchanged_outputs()
     );
     assert!(value("openlora_adapter_disk_loads_total") >= 6.0, "{metrics}");
     assert!(value("openlora_adapters_resident{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}") <= 2.0);
-    assert!(
-        value("openlora_adapter_tier_bytes{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}") <= 22.0 * 1048576.0
-    );
+    let device_bytes = value("openlora_adapter_tier_bytes{model_name=\"SmolLM2-135M-Instruct\",tier=\"device\"}");
+    assert!((4.0e6..=11.0 * 1048576.0).contains(&device_bytes), "{device_bytes}");
+    assert_eq!(value("openlora_adapter_tier_bytes{model_name=\"SmolLM2-135M-Instruct\",tier=\"host\"}"), 0.0);
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

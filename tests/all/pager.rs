@@ -566,3 +566,55 @@ fn name_status_reports_the_bound_generation_its_tiers_and_pins() {
     pager.unload(&name(1));
     assert_eq!(pager.name_status(&names)[1], NameStatus::default(), "unloaded");
 }
+
+/// The bytes of a safetensors file's tensor data (the file minus its header).
+fn tensor_bytes(file: &Path) -> usize {
+    let b = std::fs::read(file).expect("read");
+    let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes")) as usize;
+    b.len() - 8 - n
+}
+
+/// On the CPU an adapter is held once, in its file's precision: one saved in f16 takes the
+/// bytes of its file's tensors (half of its f32 twin's), its prepared weights stay f16, and it
+/// computes what the same values widened to f32 do (16-bit values widen exactly). The service
+/// then turns the host tier off (`weights_in_host_memory`): a copy there would be f32 in the same RAM.
+#[test]
+fn the_cpu_holds_an_adapter_once_in_its_files_precision() {
+    use openlora_kernels::{Backend, DType};
+    let model = tiny();
+    let cfg = model.config.clone();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let h = random_lora("h", &cfg, 2, 11);
+    write_peft(&tmp.path().join("h16"), &h, SaveDtype::F16, "tiny-llama").expect("write f16");
+    write_peft(&tmp.path().join("h32"), &h, SaveDtype::F32, "tiny-llama").expect("write f32");
+    assert!(CpuBackend::new().weights_in_host_memory());
+    let (catalog, report) = Catalog::scan(cfg.clone(), vec![tmp.path().to_path_buf()]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let pager = Pager::new(Arc::new(catalog), CpuBackend::new(), PagerConfig::new(0, 1 << 30)).expect("pager");
+    let a16 = pager.acquire_blocking("h16").expect("h16");
+    let a32 = pager.acquire_blocking("h32").expect("h32");
+    let file16 = tensor_bytes(&tmp.path().join("h16/adapter_model.safetensors"));
+    let file32 = tensor_bytes(&tmp.path().join("h32/adapter_model.safetensors"));
+    assert_eq!((a16.bytes, a32.bytes), (file16, file32), "resident bytes are the files' tensor bytes");
+    assert_eq!(2 * a16.bytes, a32.bytes);
+    let m = a16.layers[0][0].as_ref().expect("q_proj");
+    assert_eq!((m.a.host().dtype(), m.b.host().dtype()), (DType::F16, DType::F16));
+    let listed: usize = pager.resident().iter().map(|r| r.bytes + r.host_bytes).sum();
+    assert_eq!(listed, file16 + file32, "the listing reports what is held");
+    // The same f16 values prepared in f32: the same logits.
+    let mut host = LoraHost::load("h16", &tmp.path().join("h16"), &cfg).expect("load");
+    for l in &mut host.layers {
+        for m in l.iter_mut().flatten() {
+            m.dtype = DType::F32;
+        }
+    }
+    let wide = Arc::new(LoraAdapter::prepare(&host, &CpuBackend::new()).expect("prepare"));
+    assert_eq!(wide.bytes, a32.bytes);
+    let prompts = vec![vec![1u32, 5, 9, 2], vec![3u32, 4], vec![7u32; 12]];
+    let got = logits(&model, &prompts, &[a16.clone(), a16.clone(), a16]);
+    let want = logits(&model, &prompts, &[wide.clone(), wide.clone(), wide]);
+    for (g, w) in got.iter().zip(&want) {
+        let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-5, "f16-held adapter differs from its f32 widening by {err}");
+    }
+}

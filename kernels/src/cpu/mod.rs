@@ -91,6 +91,14 @@ impl Backend for CpuBackend {
         (w.host.rows(), w.host.cols())
     }
 
+    fn weight_bytes(&self, w: &CpuWeight) -> usize {
+        w.host.bytes().len() + w.vector.as_ref().map_or(0, |v| v.len() * 4)
+    }
+
+    fn weights_in_host_memory(&self) -> bool {
+        true
+    }
+
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
     }

@@ -992,6 +992,10 @@ impl Backend for CudaBackend {
         (w.rows, w.cols)
     }
 
+    fn weight_bytes(&self, w: &CudaWeight) -> usize {
+        w.device_bytes()
+    }
+
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
         Ok(CudaBuf { data: self.alloc(len)?, len })
     }

@@ -168,8 +168,10 @@ pub struct CatalogEntry {
     pub stamp: FolderStamp,
     /// The manifest (`openlora.toml`), if the folder has one.
     pub manifest: Option<Manifest>,
-    /// Bytes of f32 weights once loaded: what [`LoraHost::bytes`] and the prepared
-    /// [`LoraAdapter::bytes`](super::LoraAdapter::bytes) will report.
+    /// Bytes of f32 weights once loaded: what [`LoraHost::bytes`] will report, and what a load
+    /// reserves before it reads the file. The prepared
+    /// [`LoraAdapter::bytes`](super::LoraAdapter::bytes) is what the backend holds, the file's
+    /// precision on the CPU (half of this for a 16-bit adapter); the reservation shrinks to it.
     pub loaded_bytes: usize,
     /// The largest rank of any module.
     pub max_rank: usize,

@@ -32,6 +32,7 @@
 //! singular triplets agree with `torch.linalg.svd` to within f32 rounding; signs may differ,
 //! which does not change `B·A`). PEFT's `svd_clamp` is not implemented.
 
+use openlora_kernels::DType;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sha2::{Digest, Sha256};
 
@@ -290,20 +291,20 @@ fn merge_one(
             }
             col += m.rank;
         }
-        return Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b });
+        return Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b, dtype: DType::F32 });
     }
     let op = method.tensor_op();
     if method == MergeMethod::Svd {
         // A weighted sum of low-rank updates is low rank: factor it without the dense matrix.
         let (a, b, rank) = low_rank_svd(mods, out_dim, in_dim, new_rank);
-        return Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b });
+        return Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b, dtype: DType::F32 });
     }
     if method.is_svd() {
         let deltas: Vec<Vec<f32>> = mods.iter().map(|(m, _)| m.delta()).collect();
         let weights: Vec<f32> = mods.iter().map(|(_, w)| *w).collect();
         let combined = combine(op, &deltas, &weights, recipe, rng);
         let (a, b, rank) = truncated_svd(&combined, out_dim, in_dim, new_rank);
-        return Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b });
+        return Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b, dtype: DType::F32 });
     }
     let rank = mods[0].0.rank;
     if mods.iter().any(|(m, _)| m.rank != rank) {
@@ -316,7 +317,7 @@ fn merge_one(
     let b_in: Vec<Vec<f32>> = mods.iter().map(|(m, _)| m.b.clone()).collect();
     let a = combine(op, &a_in, &wa, recipe, rng);
     let b = combine(op, &b_in, &wb, recipe, rng);
-    Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b })
+    Ok(LoraModuleHost { rank, in_dim, out_dim, alpha, scale, a, b, dtype: DType::F32 })
 }
 
 /// Keeps the `int(density * n)` largest-magnitude entries.
@@ -480,6 +481,7 @@ mod tests {
             scale: 2.0,
             a: (0..rank * in_dim).map(|_| rng.gen_range(-1.0..1.0)).collect(),
             b: (0..out_dim * rank).map(|_| rng.gen_range(-1.0..1.0)).collect(),
+            dtype: DType::F32,
         }
     }
 

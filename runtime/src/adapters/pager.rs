@@ -7,10 +7,14 @@
 //! - **device**: the prepared [`LoraAdapter<B>`] the forward pass uses (on the CPU backend, the
 //!   compute-ready layout in RAM; on a GPU, device memory). Every adapter a request uses must be
 //!   here, so an adapter larger than the device budget is refused ([`PagerError::TooLarge`]).
+//!   The prepared form holds A and B in the precision of the adapter's file (a 16-bit adapter
+//!   takes 2 bytes per value), and its bytes are what the backend reports for it.
 //! - **host**: the f32 [`LoraHost`] weights as read from disk, kept so that an adapter evicted
 //!   from the device tier is prepared again without touching the disk or re-hashing. The host
 //!   tier is a cache: an adapter that does not fit it is simply not kept there, and a host
-//!   budget of 0 turns the tier off.
+//!   budget of 0 turns the tier off. The service turns it off where the backend's weights are
+//!   host memory (the CPU): a host copy would hold the same adapter a second time, in f32, in
+//!   the same RAM.
 //!
 //! Below both is storage (the catalog's folders). The tiers are inclusive: a load keeps the host
 //! copy when the host budget allows, so evicting the device form (the least recently used
@@ -283,8 +287,10 @@ pub struct ResidentAdapter {
     pub generation: Generation,
     /// Names bound to it (sorted; empty once unloaded or renamed).
     pub names: Vec<String>,
-    /// Bytes per tier copy.
+    /// Bytes of the prepared form (what the backend holds, in the file's precision on the CPU).
     pub bytes: usize,
+    /// Bytes of the host copy (f32), when there is one; never on the CPU.
+    pub host_bytes: usize,
     /// Prepared form resident.
     pub on_device: bool,
     /// Host copy resident.
@@ -368,7 +374,10 @@ impl<B: Backend> PendingLoad<B> {
 struct Resident<B: Backend> {
     host: Option<Arc<LoraHost>>,
     device: Option<Arc<LoraAdapter<B>>>,
+    /// What the backend holds for the prepared form.
     bytes: usize,
+    /// What the host copy holds (f32 values), when there is one.
+    host_bytes: usize,
     last_used: u64,
     /// Built from other adapters ([`Pager::acquire_derived`]) rather than read from a folder.
     derived: bool,
@@ -486,7 +495,7 @@ impl<B: Backend> State<B> {
             self.counters.host_evictions += 1;
             if let Some(r) = self.resident.get_mut(&g) {
                 r.host = None;
-                self.host_used -= r.bytes;
+                self.host_used -= r.host_bytes;
                 if r.device.is_none() {
                     self.resident.remove(&g);
                 }
@@ -680,21 +689,24 @@ impl<B: Backend> Shared<B> {
         if let Some(i) = st.draining.iter().position(|d| std::ptr::eq(d.adapter.as_ptr(), Arc::as_ptr(&prepared))) {
             st.draining.swap_remove(i);
         }
-        let keep_host =
-            st.resident.get(&g).is_none_or(|r| r.host.is_none()) && st.make_host_room(bytes, self.config.host_bytes);
+        let host_bytes = host.bytes();
+        let keep_host = st.resident.get(&g).is_none_or(|r| r.host.is_none())
+            && st.make_host_room(host_bytes, self.config.host_bytes);
         if keep_host {
-            st.host_used += bytes;
+            st.host_used += host_bytes;
         }
         let r = st.resident.entry(g).or_insert_with(|| Resident {
             host: None,
             device: None,
             bytes,
+            host_bytes: 0,
             last_used: tick,
             derived: false,
         });
         r.last_used = tick;
         if keep_host {
             r.host = Some(host.clone());
+            r.host_bytes = host_bytes;
         }
         let (out, duplicate) = match &r.device {
             Some(d) if !Arc::ptr_eq(d, &prepared) => (d.clone(), true),
@@ -940,8 +952,8 @@ impl<B: Backend + 'static> Pager<B> {
         }
         if let Some(r) = st.resident.remove(&b.generation) {
             if r.host.is_some() {
-                st.host_used -= r.bytes;
-                out.freed_bytes += r.bytes;
+                st.host_used -= r.host_bytes;
+                out.freed_bytes += r.host_bytes;
             }
             if let Some(d) = r.device {
                 if in_use(&d) {
@@ -1028,6 +1040,7 @@ impl<B: Backend + 'static> Pager<B> {
                     generation: *g,
                     names: n,
                     bytes: r.bytes,
+                    host_bytes: if r.host.is_some() { r.host_bytes } else { 0 },
                     on_device: r.device.is_some(),
                     on_host: r.host.is_some(),
                     pinned: r.device.as_ref().is_some_and(in_use),
@@ -1039,6 +1052,7 @@ impl<B: Backend + 'static> Pager<B> {
             generation: d.generation,
             names: Vec::new(),
             bytes: d.bytes,
+            host_bytes: 0,
             on_device: true,
             on_host: false,
             pinned: true,
@@ -1193,6 +1207,7 @@ impl<B: Backend + 'static> Pager<B> {
                 host: None,
                 device: Some(prepared.clone()),
                 bytes: prepared.bytes,
+                host_bytes: 0,
                 last_used: tick,
                 derived: true,
             },

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use openlora_kernels::DType;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -16,7 +17,8 @@ use super::{Generation, Proj};
 use crate::model::config::LlamaConfig;
 
 /// A tensor's shape and f32 values.
-type ShapedTensor = (Vec<usize>, Vec<f32>);
+/// Shape, values, and the precision they were stored in.
+type ShapedTensor = (Vec<usize>, Vec<f32>, DType);
 
 /// Largest rank accepted.
 pub const MAX_RANK: usize = 256;
@@ -79,6 +81,10 @@ pub struct LoraModuleHost {
     pub a: Vec<f32>,
     /// `[out_dim, rank]`.
     pub b: Vec<f32>,
+    /// The precision A and B are stored in (f32, f16 or bf16: the file's, the wider of the two
+    /// when they differ; f32 for computed adapters). Backends hold them in it: f16/bf16 values
+    /// read into f32 convert back without loss.
+    pub dtype: DType,
 }
 
 impl LoraModuleHost {
@@ -274,6 +280,11 @@ impl LoraHost {
                     "not a LoRA weight of a known module (q/k/v/o/gate/up/down projections, lm_head)".into(),
                 ));
             };
+            let stored = match view.dtype() {
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                _ => DType::F32,
+            };
             let values = to_f32(view.dtype(), view.data())
                 .ok_or_else(|| terr(tname, format!("dtype {:?} is not supported (f32, f16, bf16)", view.dtype())))?;
             if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -288,7 +299,7 @@ impl LoraHost {
                 .to_owned();
             let entry = pending.entry(module).or_default();
             let slot = if is_a { &mut entry.0 } else { &mut entry.1 };
-            *slot = Some((view.shape().to_vec(), values));
+            *slot = Some((view.shape().to_vec(), values, stored));
         }
         if pending.is_empty() {
             return Err(terr("", "the adapter has no LoRA weights".into()));
@@ -301,8 +312,11 @@ impl LoraHost {
         for (module, (a, b)) in modules {
             let a_name = format!("{module}.lora_A.weight");
             let b_name = format!("{module}.lora_B.weight");
-            let (a_shape, a) = a.ok_or_else(|| terr(&a_name, "missing (lora_B present without lora_A)".into()))?;
-            let (b_shape, b) = b.ok_or_else(|| terr(&b_name, "missing (lora_A present without lora_B)".into()))?;
+            let (a_shape, a, a_dtype) =
+                a.ok_or_else(|| terr(&a_name, "missing (lora_B present without lora_A)".into()))?;
+            let (b_shape, b, b_dtype) =
+                b.ok_or_else(|| terr(&b_name, "missing (lora_A present without lora_B)".into()))?;
+            let dtype = if a_dtype == b_dtype { a_dtype } else { DType::F32 };
             let Some((target, _)) = parse_tensor_name(&a_name) else {
                 return Err(terr(&a_name, "unknown module".into()));
             };
@@ -356,7 +370,7 @@ impl LoraHost {
             }
             let m_alpha = pattern_value(&cfg.alpha_pattern, &module).unwrap_or(alpha);
             let scale = if cfg.use_rslora { m_alpha / (rank as f32).sqrt() } else { m_alpha / rank as f32 };
-            let host = LoraModuleHost { rank, in_dim, out_dim, alpha: m_alpha, scale, a, b };
+            let host = LoraModuleHost { rank, in_dim, out_dim, alpha: m_alpha, scale, a, b, dtype };
             match target {
                 Target::Layer(l, p) => layers[l][p.index()] = Some(host),
                 Target::LmHead => lm_head = Some(host),

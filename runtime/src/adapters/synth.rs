@@ -32,6 +32,7 @@ pub fn random_modules(
                     scale: 2.0,
                     a: (0..rank * in_dim).map(|_| rng.gen_range(-ra..ra)).collect(),
                     b: (0..out_dim * rank).map(|_| rng.gen_range(-0.01..0.01)).collect(),
+                    dtype: openlora_kernels::DType::F32,
                 });
             }
             mods

@@ -268,12 +268,12 @@ impl<B: Backend + Clone + 'static> Service<B> {
             }
         }
         let mib = |m: usize| m.saturating_mul(1 << 20);
-        let pager = Pager::new(
-            Arc::new(catalog),
-            backend,
-            PagerConfig::new(mib(deployment.adapters.host_mib), mib(deployment.adapters.device_mib)),
-        )
-        .map_err(|e| ServiceError::internal(format!("starting the adapter loader: {e}")))?;
+        // Where the backend computes from host memory (the CPU), the prepared adapter is already
+        // in RAM, in its file's precision: a host-tier copy would hold it again, in f32.
+        let host_bytes = if backend.weights_in_host_memory() { 0 } else { mib(deployment.adapters.host_mib) };
+        let pager =
+            Pager::new(Arc::new(catalog), backend, PagerConfig::new(host_bytes, mib(deployment.adapters.device_mib)))
+                .map_err(|e| ServiceError::internal(format!("starting the adapter loader: {e}")))?;
         let evidence = deployment.attribution.evidence.params().filter(|_| ledger.is_some());
         let svc = Self {
             ledger,

@@ -3,13 +3,17 @@
 - where things live: `cache_dir()` (`$OPENLORA_CACHE`, else `$XDG_CACHE_HOME/openlora`, else
   `~/.cache/openlora`), the default model, the two venvs;
 - the machine, the commit, and a monitor of the CPU time other processes take during a run;
-- the peers' environments, made when absent: `venv-llamacpp` (llama-cpp-python[server], compiled
-  with -DGGML_NATIVE=ON, ~10 min), `venv-ref` (torch, transformers, peft, gguf, numpy,
+- the peers' environments, made when absent: `llamacpp-bin` (llama.cpp's C++ `llama-server` and
+  `llama-bench`, built with CMake from the llama.cpp tree vendored in the llama-cpp-python sdist,
+  -DGGML_NATIVE=ON, ~15 min on 2 cores), `venv-llamacpp` (llama-cpp-python[server], compiled
+  with -DGGML_NATIVE=ON, ~10 min; the weaker peer, only on request), `venv-ref` (torch, transformers, peft, gguf, numpy,
   safetensors, tokenizers), `smollm2-hf` (the default model dequantized to an f32 HF folder);
 - synthetic adapters: `synth8` (bench/make_synth_adapters.py, PEFT, all seven projections), their
   GGUF LoRA conversions for llama.cpp, and folders made by `openlora adapters synth`;
 - `OpenloraServer`: writes a deployment TOML (plugins + receipts on, or bare), starts
   `openlora serve` on 127.0.0.1, reads /metrics and the peak RSS, stops it;
+- `LlamaServer`: the same for llama.cpp's `llama-server` (32 slots, GGUF LoRAs loaded at start and
+  picked per request with the `lora` field, prompt cache off);
 - `run_measured`: a subprocess with a time limit and its own peak RSS (wait4).
 """
 
@@ -38,6 +42,17 @@ LLAMACPP_PIP_SPEC = "llama-cpp-python[server]==0.3.36"
 REF_PIP_SPECS = ["torch==2.15.0", "transformers==5.24.0", "peft==0.21.2", "gguf==0.19.0", "numpy==2.4.6",
                  "safetensors==0.8.0", "tokenizers==0.23.3"]
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# llama.cpp's C++ tools are built from the tree vendored in this sdist (its `vendor/llama.cpp`), so
+# that they are the same llama.cpp as llama-cpp-python's; cmake and scikit-build-core (needed to
+# read the sdist's metadata) come from PyPI into <cache>/venv-llamacpp-build.
+LLAMACPP_SRC_SPEC = "llama-cpp-python==0.3.36"
+LLAMACPP_BUILD_PIP_SPECS = ["cmake==4.4.5", "scikit-build-core==1.1.2"]
+# The web UI is left out (with LLAMA_USE_PREBUILT_UI on, the build would try to download it) and
+# so are HTTPS, the tests and the examples; the CPU backend is compiled for this CPU.
+LLAMACPP_CMAKE_ARGS = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_BUILD_TYPE=Release",
+                       "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_OPENSSL=OFF",
+                       "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+LLAMACPP_TOOLS = ("llama-server", "llama-bench")
 
 
 def log(msg: str) -> None:
@@ -258,6 +273,102 @@ def ensure_venv_llamacpp() -> Path:
     return py
 
 
+def llamacpp_bin_dir() -> Path:
+    return cache_dir() / "llamacpp-bin"
+
+
+def ensure_llamacpp_bin(jobs: int = 2) -> dict[str, Path]:
+    r"""<cache>/llamacpp-bin/{llama-server,llama-bench}: llama.cpp's own C++ server and benchmark,
+    built when absent (~15 min on 2 cores, under `nice -n 19`):
+
+        python3 -m venv <cache>/venv-llamacpp-build
+        <cache>/venv-llamacpp-build/bin/pip install cmake==4.4.5 scikit-build-core==1.1.2
+        <cache>/venv-llamacpp-build/bin/python -m pip download --no-deps --no-binary :all: \
+            --no-build-isolation llama-cpp-python==0.3.36 -d <cache>/llamacpp-src
+        tar xzf llama_cpp_python-0.3.36.tar.gz; cd llama_cpp_python-0.3.36/vendor/llama.cpp
+        nice -n 19 cmake -S . -B build LLAMACPP_CMAKE_ARGS...   # the list above
+        nice -n 19 cmake --build build --target llama-server llama-bench -j2
+        cp build/bin/llama-server build/bin/llama-bench <cache>/llamacpp-bin/
+
+    <cache>/llamacpp-bin/BUILD.json records the source, the commands and `llama-server --version`."""
+    out = llamacpp_bin_dir()
+    tools = {t: out / t for t in LLAMACPP_TOOLS}
+    if all(p.exists() for p in tools.values()) and subprocess.run(
+            [str(tools["llama-server"]), "--version"], capture_output=True, timeout=60).returncode == 0:
+        return tools
+    log(f"building llama.cpp's {' and '.join(LLAMACPP_TOOLS)} into {out} from the llama.cpp vendored in the "
+        f"{LLAMACPP_SRC_SPEC} sdist (CMake, -DGGML_NATIVE=ON): takes ~15 minutes on 2 cores")
+    venv = cache_dir() / "venv-llamacpp-build"
+    py, cmake = venv / "bin" / "python", venv / "bin" / "cmake"
+    steps = []
+
+    def run(cmd, **kw):
+        steps.append(shlex.join(str(c) for c in cmd))
+        log("  " + steps[-1])
+        subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+    def done(cmd):  # a step whose result is already in the cache
+        steps.append("# already there: " + shlex.join(str(c) for c in cmd))
+
+    mk = [[sys.executable, "-m", "venv", venv], [venv / "bin" / "pip", "install", "-q", *LLAMACPP_BUILD_PIP_SPECS]]
+    for cmd in mk:
+        (done if py.exists() and cmake.exists() else run)(cmd)
+    src_dir = cache_dir() / "llamacpp-src"
+    name, version = LLAMACPP_SRC_SPEC.split("==")
+    sdist = src_dir / f"{name.replace('-', '_')}-{version}.tar.gz"
+    dl = [py, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+          LLAMACPP_SRC_SPEC, "-d", src_dir]
+    if sdist.exists():
+        done(dl)
+    else:
+        src_dir.mkdir(parents=True, exist_ok=True)
+        run(dl)
+        if not sdist.exists():
+            raise RuntimeError(f"pip download did not write {sdist}")
+    top = src_dir / sdist.name[:-len(".tar.gz")]
+    tree = top / "vendor" / "llama.cpp"
+    if (tree / "CMakeLists.txt").exists():
+        done(["tar", "xzf", sdist, "-C", src_dir])
+    else:
+        import tarfile
+
+        steps.append(shlex.join(["tar", "xzf", str(sdist), "-C", str(src_dir)]) + "  # tarfile, filter='data'")
+        log("  " + steps[-1])
+        with tarfile.open(sdist) as tf:
+            tf.extractall(src_dir, filter="data")
+        if not (tree / "CMakeLists.txt").exists():
+            raise RuntimeError(f"{sdist} has no vendor/llama.cpp/CMakeLists.txt")
+    build = tree / "build"
+    env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
+    run(["nice", "-n", "19", cmake, "-S", tree, "-B", build, *LLAMACPP_CMAKE_ARGS], env=env,
+        stdout=subprocess.DEVNULL)
+    run(["nice", "-n", "19", cmake, "--build", build, "--target", *LLAMACPP_TOOLS, f"-j{jobs}"], env=env,
+        stdout=subprocess.DEVNULL)
+    out.mkdir(parents=True, exist_ok=True)
+    for t, dst in tools.items():
+        tmp = dst.with_suffix(".tmp")
+        tmp.write_bytes((build / "bin" / t).read_bytes())
+        tmp.chmod(0o755)
+        tmp.replace(dst)
+    ver = subprocess.run([str(tools["llama-server"]), "--version"], capture_output=True, text=True, timeout=60)
+    (out / "BUILD.json").write_text(json.dumps({
+        "source": f"{sdist.name}: vendor/llama.cpp", "cmake_args": LLAMACPP_CMAKE_ARGS, "steps": steps,
+        "version": (ver.stdout + ver.stderr).strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1) + "\n")
+    return tools
+
+
+def llamacpp_build_info() -> dict:
+    """<cache>/llamacpp-bin/BUILD.json, or `llama-server --version` when it is missing."""
+    p = llamacpp_bin_dir() / "BUILD.json"
+    if p.exists():
+        return json.loads(p.read_text())
+    exe = llamacpp_bin_dir() / "llama-server"
+    if not exe.exists():
+        return {}
+    ver = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    return {"version": (ver.stdout + ver.stderr).strip()}
+
+
 def ensure_venv_ref() -> Path:
     venv = cache_dir() / "venv-ref"
     py = venv / "bin" / "python"
@@ -461,6 +572,124 @@ class OpenloraServer:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "logf", None):
+            self.logf.close()
+            self.logf = None
+
+
+# ---------------------------------------------------------------- llama.cpp's server
+
+
+class LlamaServer:
+    """`with LlamaServer(...) as srv:` starts llama.cpp's C++ `llama-server` on 127.0.0.1 and waits
+    for /health. One model (alias `base`), `slots` parallel slots with continuous batching (its
+    default), a KV cache of `slots * ctx_per_slot` tokens split evenly over the slots (with -np set,
+    the KV cache is not unified), prompt cache off (`--no-cache-prompt`, and `--cache-ram 0` for its
+    host-memory prompt cache), no web UI, /metrics on. Each GGUF LoRA is loaded at start with
+    `--lora-scaled FILE:0` (and `--lora-init-without-apply`): a request picks its adapter with
+    `"lora": [{"id": i, "scale": 1.0}]`, i = its position in `loras` (the others run at 0); a
+    request without the field gets the global scales, all 0: the base model. (`--lora FILE
+    --lora-init-without-apply` is not enough: this build keeps the global scales at 1.0 and only
+    skips applying them at start, so a request without `lora` would get all adapters at once;
+    `start` checks GET /lora-adapters.) Adapters at scale 0 are left out of the graph. llama-server
+    batches only slots with the same LoRA scales into one decode step, so a mixed-adapter load
+    runs one adapter group per step."""
+
+    counters = ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total")
+
+    def __init__(self, binary: Path, model: Path, loras: list[Path], threads: int = 2, slots: int = 32,
+                 ctx_per_slot: int = 512, port: int | None = None, ready_timeout: float = 180):
+        self.binary, self.model, self.loras = Path(binary), Path(model), [Path(x) for x in loras]
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.served_model = "base"
+        self.lora_ids = {x.stem: i for i, x in enumerate(self.loras)}
+        self.tmp = tempfile.TemporaryDirectory(prefix="llama-server-")
+        self.log = Path(self.tmp.name) / "server.log"
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.argv = [str(self.binary), "-m", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
+                     "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot),
+                     "--no-cache-prompt", "--cache-ram", "0", "--no-webui", "--metrics", "--alias", self.served_model]
+        for f in self.loras:
+            if any(c in str(f) for c in ",:"):
+                raise ValueError(f"{f}: a LoRA path with ',' or ':' cannot be passed to --lora-scaled")
+            self.argv += ["--lora-scaled", f"{f}:0"]
+        if self.loras:
+            self.argv.append("--lora-init-without-apply")
+        self.settings = {"threads": threads, "slots": slots, "ctx_per_slot": ctx_per_slot,
+                         "ctx_total": slots * ctx_per_slot, "cache_prompt": False, "cache_ram_mib": 0,
+                         "loras": {x.stem: i for i, x in enumerate(self.loras)}}
+        info = llamacpp_build_info()
+        self.version = (info.get("version") or "").splitlines()[0] if info.get("version") else "unknown"
+        commit = self.version.rsplit("commit ", 1)[-1].rstrip(")") if "commit " in self.version else self.version
+        self.label = f"llama.cpp llama-server ({commit})"
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def start(self):
+        if not self.binary.exists():
+            raise RuntimeError(f"{self.binary} is missing (harness.ensure_llamacpp_bin builds it)")
+        self.logf = open(self.log, "w")
+        self.started = time.time()
+        self.proc = subprocess.Popen(self.argv, stdout=self.logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.time() + self.ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                text = self.log.read_text()
+                self.stop()
+                raise RuntimeError(f"llama-server exited ({self.proc.returncode}):\n{text[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # refused while starting, HTTP 503 while the model loads
+                pass
+            if time.time() > deadline:
+                text = self.log.read_text()
+                self.stop()
+                raise RuntimeError(f"llama-server not ready after {self.ready_timeout} s:\n{text[-3000:]}")
+            time.sleep(0.25)
+        self.startup_s = round(time.time() - self.started, 2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/lora-adapters", timeout=10) as r:
+            held = json.loads(r.read())
+        scales = {Path(x["path"]).stem: x["scale"] for x in held}
+        if len(held) != len(self.loras) or any(v != 0 for v in scales.values()) or \
+                [int(x["id"]) for x in held] != list(range(len(self.loras))):
+            self.stop()
+            raise RuntimeError(f"llama-server holds LoRAs {held}, expected {len(self.loras)} at scale 0")
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics (llamacpp:*) as {series: value}."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for ln in text.splitlines():
+            if ln and not ln.startswith("#"):
+                k, _, v = ln.rpartition(" ")
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    pass
+        return out
+
+    def peak_rss_mib(self) -> float | None:
+        return peak_rss_mib(self.proc.pid) if self.proc else None
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if getattr(self, "logf", None):
             self.logf.close()

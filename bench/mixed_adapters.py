@@ -9,6 +9,17 @@ prompt i % 16 of a fixed built-in list (one user message, no system message unle
 "max_tokens", "temperature": 0, "stream": true, "stream_options": {"include_usage": true}} plus
 --extra-body.
 
+--lora-ids NAME=ID,... talks to llama.cpp's C++ `llama-server` started with its adapters loaded
+(`--lora FILE ... --lora-init-without-apply`): a request whose adapter NAME is in the map is sent
+with `"model": --served-model` and llama-server's per-request field `"lora": [{"id": ID,
+"scale": 1.0}]` (adapters not listed run at scale 0); any other name (e.g. `base`) is sent with no
+`lora` field, i.e. the base model. /models must then list --served-model instead of the adapters.
+
+--unique-prompts gives every request (and warm-up request) a short system message that starts with
+its own tag ("Request SEED-I. You are a helpful assistant."), ahead of the user question: ~35-token
+prompts with the SmolLM2 chat template that no two requests share beyond the template's first few
+tokens, so a prefix cache has nothing to reuse.
+
 --system-prompt-words N puts the same long built-in system message (N words, ~1.4 tokens each) in
 front of every request, so a server with a prefix cache can reuse its KV; --unique-system starts
 that message with a per-request tag instead, so no two requests share more than the chat
@@ -37,7 +48,8 @@ it. Prints one JSON line (the summary); --out gets the summary plus every reques
     python3 bench/mixed_adapters.py --url http://127.0.0.1:8090/v1 --adapters a,b,c \
         [--api-key KEY] [--concurrency 32] [--requests 32] [--max-tokens 64] [--warmup 1] \
         [--extra-body '{"ignore_eos": true}'] [--timeout 600] [--out results.json] \
-        [--adapter-dist zipf --zipf-s 1.1 --seed 0] [--system-prompt-words 800 [--unique-system]]
+        [--adapter-dist zipf --zipf-s 1.1 --seed 0] [--system-prompt-words 800 [--unique-system]] \
+        [--unique-prompts] [--lora-ids synth00=0,synth01=1 --served-model base]
 """
 
 from __future__ import annotations
@@ -243,27 +255,52 @@ def dist(xs: list[float], scale: float, nd: int = 2) -> dict:
             "mean": round(sum(xs) / len(xs) * scale, nd), "max": round(max(xs) * scale, nd)}
 
 
-def payload_for(model: str, prompt: str, max_tokens: int, extra: dict, system: str | None = None) -> dict:
+def payload_for(model: str, prompt: str, max_tokens: int, extra: dict, system: str | None = None,
+                lora_ids: dict | None = None, served_model: str | None = None) -> dict:
+    """The request body; with `lora_ids` (llama-server), `model` names an adapter to select through
+    the per-request `lora` field, and the body's `model` is `served_model`."""
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     p = {"model": model, "messages": msgs, "max_tokens": max_tokens,
          "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if lora_ids is not None:
+        p["model"] = served_model
+        if model in lora_ids:
+            p["lora"] = [{"id": lora_ids[model], "scale": 1.0}]
     p.update(extra)
     return p
+
+
+def parse_lora_ids(text: str | None) -> dict | None:
+    """'a=0,b=1' -> {'a': 0, 'b': 1}; None when not given."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, sep, idx = item.partition("=")
+        if not sep or not name.strip() or not idx.strip().isdigit():
+            raise SystemExit(f"--lora-ids: expected NAME=ID,... (ID a non-negative integer), got {item!r}")
+        out[name.strip()] = int(idx)
+    return out
 
 
 async def run(a) -> tuple[dict, list[dict]]:
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     adapters = [x for x in a.adapters.split(",") if x]
     extra = json.loads(a.extra_body) if a.extra_body else {}
+    lora_ids = parse_lora_ids(a.lora_ids)
+    served = a.served_model or "base"
     base_path = urlsplit(a.url).path.rstrip("/")
     info: dict = {}
+    if lora_ids is not None:
+        info["lora_ids"], info["served_model"] = lora_ids, served
 
     # the server's model list, if it has one
     try:
         status, models = await get_json(a.url, f"{base_path}/models", headers)
         if status == 200 and isinstance(models, dict) and isinstance(models.get("data"), list):
             ids = {m.get("id") for m in models["data"]}
-            missing = [x for x in adapters if x not in ids]
+            # llama-server lists its model (aliases), not the adapters it holds
+            missing = [x for x in ([served] if lora_ids is not None else adapters) if x not in ids]
             info["models_listed"] = len(ids)
             if missing and not a.no_check_models:
                 raise SystemExit(f"adapters not listed by {a.url}/models: {missing} (--no-check-models to go on)")
@@ -273,6 +310,8 @@ async def run(a) -> tuple[dict, list[dict]]:
         info["models_listed"] = f"error: {e}"
 
     def system_for(tag: str) -> str | None:
+        if a.unique_prompts:
+            return f"Request {tag}. You are a helpful assistant."
         if not a.system_prompt_words:
             return None
         return system_prompt(a.system_prompt_words, f"Session {tag}." if a.unique_system else "")
@@ -284,7 +323,7 @@ async def run(a) -> tuple[dict, list[dict]]:
             rec: dict = {}
             await asyncio.wait_for(
                 stream_chat(a.url, headers, payload_for(ad, PROMPTS[j % len(PROMPTS)], 4, extra,
-                                                        system_for(f"warmup-{j}")), rec, t_w),
+                                                        system_for(f"warmup-{j}"), lora_ids, served), rec, t_w),
                 a.timeout)
     info["warmup_s"] = round(time.perf_counter() - t_w, 2)
 
@@ -302,7 +341,7 @@ async def run(a) -> tuple[dict, list[dict]]:
             try:
                 await stream_chat(a.url, headers,
                                   payload_for(rec["adapter"], PROMPTS[rec["prompt_idx"]], a.max_tokens, extra,
-                                              system_for(f"{a.seed}-{rec['i']}")),
+                                              system_for(f"{a.seed}-{rec['i']}"), lora_ids, served),
                                   rec, t0)
             except (OSError, HttpError, ValueError, asyncio.IncompleteReadError) as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
@@ -363,7 +402,7 @@ def summarize(a, adapters, recs, t_last, info, extra) -> dict:
         "adapters": adapters if len(adapters) <= 16 else f"{len(adapters)} adapters: {adapters[0]} ... {adapters[-1]}",
         "adapter_dist": a.adapter_dist if a.adapter_dist == "cycle" else f"zipf(s={a.zipf_s}, seed={a.seed})",
         "distinct_adapters_used": len(used), "system_prompt_words": a.system_prompt_words,
-        "unique_system": a.unique_system,
+        "unique_system": a.unique_system, "unique_prompts": a.unique_prompts,
         "prompt_tokens_mean": round(sum(prompt_toks) / len(prompt_toks), 1) if prompt_toks else None,
         "requests": a.requests,
         "concurrency": a.concurrency, "max_tokens": a.max_tokens, "temperature": 0, "extra_body": extra,
@@ -396,7 +435,13 @@ def parser() -> argparse.ArgumentParser:
                     help="prepend a long built-in system message of about this many words (0: none)")
     ap.add_argument("--unique-system", action="store_true",
                     help="start each request's system message with its own tag (no shared prefix)")
+    ap.add_argument("--unique-prompts", action="store_true",
+                    help="a short system message with a per-request tag first in every request (no shared prefix)")
     ap.add_argument("--extra-body", help="JSON object merged into every request body")
+    ap.add_argument("--lora-ids", help="llama-server: NAME=ID,... adapter names sent as the per-request "
+                                       "`lora` field [{id: ID, scale: 1.0}]; other names get the base model")
+    ap.add_argument("--served-model", help="with --lora-ids: the body's `model` and the name /models must "
+                                           "list (default: base)")
     ap.add_argument("--no-check-models", action="store_true",
                     help="go on when /models lists models but not all the adapters")
     ap.add_argument("--timeout", type=float, default=600, help="seconds for the whole timed run")

@@ -2,18 +2,27 @@
 """The whole benchmark matrix in one command: openlora against llama.cpp and HF transformers + PEFT,
 plus openlora with its plugins and receipts on against off, on this machine, in one run.
 
-    python3 bench/run_all.py            # full matrix, ~10-15 min on a 2-core VM
-    python3 bench/run_all.py --quick    # smoke version, ~3 min
+    python3 bench/run_all.py            # full matrix, ~20 min on a 2-core VM (+ ~15 min to build llama.cpp once)
+    python3 bench/run_all.py --quick    # smoke version, ~5 min
     python3 bench/run_all.py --only single,concurrent --no-peft ...
 
 Parts (--only / --skip take these names):
   bandwidth   memory read bandwidth (bench/bandwidth.rs, compiled here with rustc -O) and the decode
               roofline: GGUF tensor bytes read per decoded token / bandwidth = max single-stream tok/s
-  single      single-stream prefill and decode: `openlora bench` vs llama.cpp in process
-              (bench/llamacpp_single.py, llama-cpp-python), same GGUF, same threads
-  concurrent  32 concurrent streaming chat requests over 1, 8 and 100 LoRA adapters through
-              `openlora serve` (plugins + receipts on, and bare) and llama-cpp-python's server
-              (1 and 8 adapters; --quick: 8 only), same client (bench/mixed_adapters.py)
+  single      single-stream prefill and decode: `openlora bench` vs llama.cpp's own `llama-bench`
+              (pp512 / tg128: -p 512 -n 128 -r 3; --quick: -p 128 -n 32 -r 1), same GGUF, same
+              threads; with --llamacpp-python also llama.cpp in process through llama-cpp-python
+              (bench/llamacpp_single.py), the weaker peer
+  concurrent  (a) against llama.cpp's C++ `llama-server` (32 slots, continuous batching, the 8
+              synthetic adapters as GGUF LoRAs picked per request with its `lora` field, prompt
+              cache off): 1, 8 and 32 requests in flight on the base model, 8 and 32 in flight
+              over the 8 adapters mixed (request i on adapter i mod 8), unique ~35-token chat
+              prompts, greedy, ignore_eos, 64 new tokens (--quick: 16), each workload on
+              openlora (plugins + receipts on, and bare) and llama-server in one sitting;
+              (b) openlora alone: 32 concurrent requests over 1, 8 and 100 adapters;
+              (c) with --llamacpp-python, llama-cpp-python's Python server (serves one request at
+              a time under a lock: the weaker peer) on 1 and 8 adapters (--quick: 8 only).
+              Same client for all (bench/mixed_adapters.py)
   zipf        requests whose adapter is drawn from Zipf(1.1) over 1,000 adapters (openlora on / bare)
   prefix      a ~1,100-token shared system prompt on every request vs a unique one per request
               (openlora, plugins on): TTFT, and the prefix-cache hits from /metrics
@@ -34,8 +43,10 @@ Output: a markdown report on stdout and in bench/results/run_all.md (tables of f
 the machine, the commit, the date, the exact command), the raw figures in
 bench/results/run_all.json; --write-benchmarks also replaces the "Full comparison (one command)"
 section of BENCHMARKS.md with the report. Environments are made when absent, in
-$OPENLORA_CACHE (default ~/.cache/openlora): the model (`openlora fetch`), venv-llamacpp
-(pip install llama-cpp-python[server], compiles ~10 min), venv-ref (torch transformers peft gguf
+$OPENLORA_CACHE (default ~/.cache/openlora): the model (`openlora fetch`), llamacpp-bin
+(llama.cpp's llama-server and llama-bench, built with CMake from the llama.cpp tree vendored in
+the llama-cpp-python 0.3.36 sdist, ~15 min on 2 cores; harness.ensure_llamacpp_bin), venv-llamacpp
+(only with --llamacpp-python: pip install llama-cpp-python[server], compiles ~10 min), venv-ref (torch transformers peft gguf
 numpy safetensors tokenizers), venv-inference-perf (pip install inference-perf==0.7.0, python 3.12),
 smollm2-hf, and the synthetic adapters under bench-adapters/.
 
@@ -70,12 +81,16 @@ FULL = dict(prompt_tokens=512, gen_tokens=128, repeat=3,
             conc_requests=32, conc_max_tokens=64, conc_sets=[1, 8, 100], llama_sets=[1, 8],
             llama_requests=32, zipf_requests=256, zipf_max_tokens=32,
             prefix_requests=32, prefix_concurrency=8, prefix_max_tokens=16, system_words=800,
-            peft_steps=32, peft_repeat=2, peft_check=True, iperf=inference_perf.FULL)
+            peft_steps=32, peft_repeat=2, peft_check=True, iperf=inference_perf.FULL,
+            peer_base_inflight=[1, 8, 32], peer_mixed_inflight=[8, 32], peer_max_tokens=64, peer_waves=2,
+            peer_min_requests=8)
 QUICK = dict(prompt_tokens=128, gen_tokens=32, repeat=1,
              conc_requests=32, conc_max_tokens=16, conc_sets=[1, 8, 100], llama_sets=[8],
              llama_requests=8, zipf_requests=64, zipf_max_tokens=16,
              prefix_requests=8, prefix_concurrency=4, prefix_max_tokens=8, system_words=800,
-             peft_steps=8, peft_repeat=1, peft_check=False, iperf=inference_perf.QUICK)
+             peft_steps=8, peft_repeat=1, peft_check=False, iperf=inference_perf.QUICK,
+             peer_base_inflight=[1, 8, 32], peer_mixed_inflight=[8, 32], peer_max_tokens=16, peer_waves=1,
+             peer_min_requests=2)
 
 
 class Budget:
@@ -137,12 +152,51 @@ def part_single(a, s, binary: Path, model: Path, res: dict) -> None:
            "--repeat", str(s["repeat"]), "--threads", str(a.threads), "--model", str(model)]
     out["openlora"] = _measured_json(cmd, a.timeout)
     if a.peers:
+        out["llama_bench"] = llama_bench(a, s, model)
+    if a.peers and a.llamacpp_python:
         py = H.ensure_venv_llamacpp()
         cmd = [str(py), str(HERE / "llamacpp_single.py"), "--model", str(model), "--threads", str(a.threads),
                "--prompt-tokens", str(s["prompt_tokens"]), "--gen-tokens", str(s["gen_tokens"]),
                "--repeat", str(s["repeat"])]
         out["llama_cpp"] = _measured_json(cmd, a.timeout)
     res["single_stream"] = out
+
+
+def llama_bench(a, s, model: Path) -> dict:
+    """llama.cpp's own benchmark: `llama-bench -m MODEL -p N -n M -t T -r R -o json` (pp N: one
+    N-token batch into an empty KV cache; tg M: M single-token decodes from an empty cache; its
+    defaults otherwise: n_batch 2048, n_ubatch 512, flash attention auto). Headline: the best of
+    the R repetitions (like `openlora bench`'s best of --repeat); the mean and stddev stay beside."""
+    exe = H.ensure_llamacpp_bin()["llama-bench"]
+    pt, gt = s["prompt_tokens"], s["gen_tokens"]
+    cmd = [str(exe), "-m", str(model), "-p", str(pt), "-n", str(gt), "-t", str(a.threads), "-r", str(s["repeat"]),
+           "-o", "json"]
+
+    def once():
+        mon = H.CpuMonitor()
+        r = H.run_measured(cmd, timeout=a.timeout)
+        load = mon.report()
+        base = {"command": r["command"], "machine_load": load}
+        if r["timed_out"]:
+            return dict(base, error=f"timed out after {a.timeout:.0f} s (killed; --timeout)")
+        if r["rc"] != 0:
+            return dict(base, error=f"exit {r['rc']}: {r['stderr'][-2000:]}")
+        try:
+            rows = json.loads(r["stdout"])
+            pp = next(x for x in rows if x["n_prompt"] == pt and x["n_gen"] == 0)
+            tg = next(x for x in rows if x["n_gen"] == gt and x["n_prompt"] == 0)
+        except (ValueError, StopIteration, KeyError, TypeError) as e:
+            return dict(base, error=f"unexpected llama-bench output ({type(e).__name__}: {e}): {r['stdout'][-1000:]}")
+        return dict(base, engine="llama.cpp llama-bench", build_commit=pp.get("build_commit"),
+                    cpu_info=pp.get("cpu_info"), threads=pp.get("n_threads"), flash_attn=pp.get("flash_attn"),
+                    n_batch=pp.get("n_batch"), n_ubatch=pp.get("n_ubatch"), type_k=pp.get("type_k"),
+                    prompt_tokens=pt, gen_tokens=gt, repeat=s["repeat"],
+                    prefill_tok_s=round(max(pp["samples_ts"]), 2), decode_tok_s=round(max(tg["samples_ts"]), 2),
+                    prefill_tok_s_mean=round(pp["avg_ts"], 2), prefill_tok_s_stddev=round(pp["stddev_ts"], 2),
+                    decode_tok_s_mean=round(tg["avg_ts"], 2), decode_tok_s_stddev=round(tg["stddev_ts"], 2),
+                    wall_s=r["wall_s"], peak_rss_mib=r["peak_rss_mib"])
+
+    return measured(once, "llama-bench")
 
 
 QUIET = {"max_wait": 0.0, "retries": 0}
@@ -172,8 +226,9 @@ def measured(fn, what: str) -> dict:
             best = r
         if not ld.get("disturbed"):
             break
-        H.log(f"  {what}: other processes took {ld.get('other_processes_share', 0):.0%} of the machine"
-              + ("; running again" if attempt < QUIET["retries"] else ""))
+        H.log(f"  {what}: other processes took {ld.get('other_processes_share', 0):.0%} of the machine, "
+              f"{ld.get('steal_cpu_s', 0)} CPU-s stolen by the hypervisor"
+              + ("; running again" if QUIET["max_wait"] > 0 and attempt < QUIET["retries"] else ""))
     return best
 
 
@@ -218,25 +273,42 @@ def metric(m: dict, name: str) -> float:
     return sum(v for k, v in m.items() if k == name or k.startswith(name + "{"))
 
 
-def workload_specs(a, s, names: dict) -> list[tuple[str, dict, bool]]:
-    """(key, client arguments, plugins-on server only) for each HTTP workload selected."""
+PEER_KEYS = ("peer_base_c1", "peer_base_c8", "peer_base_c32", "peer_mix8_c8", "peer_mix8_c32")
+
+
+def peer_workloads(s) -> list[tuple[str, int, bool]]:
+    """(key, requests in flight, over the 8 adapters mixed) of the llama-server comparison."""
+    return ([(f"peer_base_c{n}", n, False) for n in s["peer_base_inflight"]]
+            + [(f"peer_mix8_c{n}", n, True) for n in s["peer_mixed_inflight"]])
+
+
+def workload_specs(a, s, names: dict) -> list[tuple[str, dict, str]]:
+    """(key, client arguments, which servers: "all" incl. llama-server, "openlora" both openlora
+    servers, "on" the plugins-on one only) for each HTTP workload selected."""
     specs = []
     if "concurrent" in a.parts:
+        for key, n, mixed in peer_workloads(s):
+            # every request (and warm-up request) unique from its first tokens; EOS ignored so
+            # that every request makes max_tokens tokens on both engines
+            specs.append((key, dict(adapters=names["synth8"] if mixed else [H.BASE_MODEL_NAME],
+                                    requests=max(s["peer_min_requests"], s["peer_waves"] * n), concurrency=n,
+                                    max_tokens=s["peer_max_tokens"], unique_prompts=True,
+                                    extra_body=json.dumps({"ignore_eos": True})), "all"))
         for n in s["conc_sets"]:
             ads = names["synth8"][:n] if n <= 8 else names["synth100"][:n]
             specs.append((f"c32_a{n}", dict(adapters=ads, requests=s["conc_requests"], concurrency=32,
-                                            max_tokens=s["conc_max_tokens"]), False))
+                                            max_tokens=s["conc_max_tokens"]), "openlora"))
     if "zipf" in a.parts:
         specs.append(("zipf1000", dict(adapters=names["synth1k"], requests=s["zipf_requests"], concurrency=32,
                                        max_tokens=s["zipf_max_tokens"], warmup=0, adapter_dist="zipf",
-                                       zipf_s=a.zipf_s, seed=0), False))
+                                       zipf_s=a.zipf_s, seed=0), "openlora"))
     if "prefix" in a.parts:
         for case, unique in (("prefix_shared", False), ("prefix_unique", True)):
             # the client's warm-up (one request, with the shared system prompt when shared) is
             # inside the counter window
             specs.append((case, dict(adapters=[H.BASE_MODEL_NAME], requests=s["prefix_requests"],
                                      concurrency=s["prefix_concurrency"], max_tokens=s["prefix_max_tokens"],
-                                     system_prompt_words=s["system_words"], unique_system=unique, seed=1), True))
+                                     system_prompt_words=s["system_words"], unique_system=unique, seed=1), "on"))
     return specs
 
 
@@ -249,13 +321,22 @@ COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total", "openlor
 def run_workload(a, srv, key: str, spec: dict) -> dict:
     spec = dict(spec)
     ads = spec.pop("adapters")
+    if isinstance(srv, H.LlamaServer):
+        # llama-server: one model ("base"); an adapter is its LoRA id in the per-request `lora` field
+        ads = ["base" if x == H.BASE_MODEL_NAME else x for x in ads]
+        missing = [x for x in ads if x != "base" and x not in srv.lora_ids]
+        if missing:
+            raise RuntimeError(f"llama-server has no LoRA for {missing}")
+        spec.update(lora_ids=",".join(f"{k}={v}" for k, v in srv.lora_ids.items()), served_model=srv.served_model)
+    counters = getattr(srv, "counters", COUNTERS)
+
     def once():
         m0 = srv.metrics()
         mon = H.CpuMonitor([srv.proc.pid])
         r = client(srv.url, ads, srv.label, a.timeout, **spec)
         m1 = srv.metrics()
         r["machine_load"] = mon.report()
-        r["metrics_delta"] = {k: metric(m1, k) - metric(m0, k) for k in COUNTERS}
+        r["metrics_delta"] = {k: metric(m1, k) - metric(m0, k) for k in counters}
         return r
 
     r = measured(once, f"{srv.label} {key}")
@@ -266,10 +347,12 @@ def run_workload(a, srv, key: str, spec: dict) -> dict:
     return r
 
 
-def part_openlora_servers(a, s, budget, skipped, binary: Path, names: dict, dirs: list[Path], res: dict) -> None:
-    """Both servers (plugins + receipts on, and bare) run side by side, idle but for the one under
-    load; every workload runs on one of the pair and at once on the other (which goes first
-    alternates), so that the pair sees the same conditions (page cache, other load)."""
+def part_servers(a, s, budget, skipped, binary: Path, model: Path, names: dict, dirs: list[Path],
+                 loras: list[Path], res: dict) -> None:
+    """Both openlora servers (plugins + receipts on, and bare) and, for the `concurrent` part,
+    llama.cpp's llama-server (`loras`: the GGUF LoRAs of synth8) run side by side, idle but for the
+    one under load; every workload runs on one and at once on the others (the order reverses from
+    one workload to the next), so that they see the same conditions (page cache, other load)."""
     modes = [("openlora_on", False)] + ([("openlora_off", True)] if a.bare else [])
     with contextlib.ExitStack() as stack:
         srvs = {}
@@ -279,12 +362,22 @@ def part_openlora_servers(a, s, budget, skipped, binary: Path, names: dict, dirs
             srvs[key] = srv
             res["servers"][key] = {"engine": srv.label, "threads": a.threads, "startup_s": srv.startup_s,
                                    "deployment_toml": srv.config.read_text(), "workloads": {}}
-        for j, (wkey, spec, on_only) in enumerate(workload_specs(a, s, names)):
+        if loras:
+            srv = stack.enter_context(H.LlamaServer(H.ensure_llamacpp_bin()["llama-server"], model, loras,
+                                                    threads=a.threads, slots=32, ctx_per_slot=512))
+            H.log(f"{srv.label} on {srv.url} (started in {srv.startup_s} s)")
+            srvs["llama_server"] = srv
+            res["servers"]["llama_server"] = {"engine": srv.label, "threads": a.threads, "startup_s": srv.startup_s,
+                                              "command": shlex.join(srv.argv), "settings": srv.settings,
+                                              "build": H.llamacpp_build_info(), "workloads": {}}
+        for j, (wkey, spec, targets) in enumerate(workload_specs(a, s, names)):
             order = list(srvs.items())
-            if j % 2:  # alternate which of the pair goes first
+            if j % 2:  # alternate which goes first
                 order.reverse()
             for key, srv in order:
-                if on_only and srv.bare:
+                if key == "llama_server" and targets != "all":
+                    continue
+                if targets == "on" and key != "openlora_on":
                     continue
                 if not budget.ok(f"{srv.label} {wkey}", skipped):
                     break
@@ -294,7 +387,7 @@ def part_openlora_servers(a, s, budget, skipped, binary: Path, names: dict, dirs
             res["servers"][key]["cpu_s"] = H.proc_cpu_seconds(srv.proc.pid)
 
 
-def part_llamacpp_server(a, s, budget, skipped, model: Path, names: dict, adapters_dir: Path, res: dict) -> None:
+def part_llamacpp_python_server(a, s, budget, skipped, model: Path, names: dict, adapters_dir: Path, res: dict) -> None:
     py = H.ensure_venv_llamacpp()
     ref_py = H.ensure_venv_ref()
     n_max = max(s["llama_sets"])
@@ -302,7 +395,7 @@ def part_llamacpp_server(a, s, budget, skipped, model: Path, names: dict, adapte
                                 H.cache_dir() / "bench-adapters" / "synth8-gguf", model)
     version = subprocess.run([str(py), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
                              capture_output=True, text=True).stdout.strip()
-    label = f"llama-cpp-python {version} server"
+    label = f"llama-cpp-python {version} server (weaker peer)"
     w = {}
     with LlamaCppServer(model, ggufs, port=H.free_port(), threads=a.threads, n_ctx=1024, python=str(py)) as srv:
         H.log(f"{label} on {srv.url}")
@@ -413,26 +506,48 @@ def report(res: dict) -> str:
 
     bw, roof, ss = res.get("bandwidth"), res.get("roofline"), res.get("single_stream")
     if ss or roof:
-        o, p = (ss or {}).get("openlora", {}), (ss or {}).get("llama_cpp", {})
+        o, lb, p = (ss or {}).get("openlora", {}), (ss or {}).get("llama_bench", {}), (ss or {}).get("llama_cpp", {})
         pt, gt = res["settings"]["prompt_tokens"], res["settings"]["gen_tokens"]
         if ss:
-            L.append(f"**Single stream** ({res['settings']['threads']} threads, same GGUF; part `single`; "
-                     "llama.cpp figures are its own `llama_perf_context` timings)")
+            peers = ([("llama.cpp `llama-bench`", "llama-bench", lb)] if lb else []) + \
+                    ([("llama-cpp-python in process (weaker peer)", "llama-cpp-python", p)] if p else [])
+            L.append(f"**Single stream** ({res['settings']['threads']} threads, same GGUF; part `single`"
+                     + (f"; llama.cpp's own `llama-bench -p {pt} -n {gt}` (pp{pt}: one {pt}-token batch into an empty "
+                        f"KV cache; tg{gt}: {gt} single-token decodes; best of its repetitions, like openlora's best "
+                        "of --repeat)" if lb else "")
+                     + ("; llama-cpp-python in process, the weaker peer: its `llama_perf_context` timings" if p else "")
+                     + ")")
             L.append("")
-            L.append("| metric | openlora | llama.cpp | openlora / llama.cpp | roofline (max) |")
-            L.append("| --- | ---: | ---: | ---: | ---: |")
+            L.append("| metric | openlora | " + "".join(f"{n} | openlora / {short} | " for n, short, _ in peers)
+                     + "roofline (max) |")
+            L.append("| --- | ---: | " + "---: | ---: | " * len(peers) + "---: |")
             mx = g(roof or {}, "max_decode_tok_s")
-            L.append(f"| prefill tok/s ({pt}-token prompt) | {f(o.get('prefill_tok_s'))}{mark(o)} | "
-                     f"{f(p.get('prefill_tok_s'))}{mark(p)} | "
-                     f"{rat(o.get('prefill_tok_s'), p.get('prefill_tok_s'))} | |")
-            L.append(f"| decode tok/s ({gt} tokens) | {f(o.get('decode_tok_s'))}{mark(o)} | "
-                     f"{f(p.get('decode_tok_s'))}{mark(p)} | "
-                     f"{rat(o.get('decode_tok_s'), p.get('decode_tok_s'))} | {f(mx, 0)} |")
+
+            def row(name, key, last=""):
+                cells = [f"{f(o.get(key))}{mark(o)}"]
+                for _, _, d in peers:
+                    cells += [f"{f(d.get(key))}{mark(d)}", rat(o.get(key), d.get(key))]
+                return f"| {name} | " + " | ".join(cells) + f" | {last} |"
+
+            L.append(row(f"prefill tok/s ({pt}-token prompt" + (f"; llama-bench pp{pt})" if lb else ")"),
+                         "prefill_tok_s"))
+            L.append(row(f"decode tok/s ({gt} tokens" + (f"; llama-bench tg{gt})" if lb else ")"), "decode_tok_s",
+                         f(mx, 0) if mx else ""))
             if mx:
-                L.append(f"| decode, share of the roofline | {f(100 * o['decode_tok_s'] / mx if o.get('decode_tok_s') else None, 0)}% | "
-                         f"{f(100 * p['decode_tok_s'] / mx if p.get('decode_tok_s') else None, 0)}% | | 100% |")
-            L.append(f"| peak RSS MiB | {f(o.get('peak_rss_mib'), 0)} | {f(p.get('peak_rss_mib'), 0)} | | |")
+                def share(d):
+                    return f"{100 * d['decode_tok_s'] / mx:.0f}%" if d.get("decode_tok_s") else "n/a"
+                L.append(f"| decode, share of the roofline | {share(o)} | "
+                         + "".join(f"{share(d)} | | " for _, _, d in peers) + "100% |")
+            L.append(f"| peak RSS MiB | {f(o.get('peak_rss_mib'), 0)} | "
+                     + "".join(f"{f(d.get('peak_rss_mib'), 0)} | | " for _, _, d in peers) + " |")
             L.append("")
+            if lb.get("prefill_tok_s_mean"):
+                L.append(f"llama-bench means ± stddev over its {lb.get('repeat')} repetitions: pp{pt} "
+                         f"{f(lb['prefill_tok_s_mean'])} ± {f(lb.get('prefill_tok_s_stddev'))}, tg{gt} "
+                         f"{f(lb.get('decode_tok_s_mean'))} ± {f(lb.get('decode_tok_s_stddev'))} tok/s (build "
+                         f"{lb.get('build_commit')}, flash_attn {lb.get('flash_attn')} = auto, n_ubatch "
+                         f"{lb.get('n_ubatch')}, KV {lb.get('type_k')}); command `{lb.get('command')}`.")
+                L.append("")
         if roof and bw and "gb_s" in bw:
             L.append(f"Roofline (part `bandwidth`): {roof['bytes_per_token'] / 1e6:.1f} MB of weights read per decode "
                      f"step (GGUF tensor bytes, tied embedding counted once"
@@ -445,17 +560,69 @@ def report(res: dict) -> str:
 
     srv = res.get("servers", {})
     on, off, ll = srv.get("openlora_on", {}), srv.get("openlora_off", {}), srv.get("llama_cpp", {})
+    ls = srv.get("llama_server", {})
+
+    def lat(d):
+        if not d:
+            return "n/a"
+        t, i = d.get("ttft_ms", {}), d.get("itl_ms", {})
+        return f"{f(t.get('p50'), 0)} / {f(t.get('p99'), 0)}, {f(i.get('p50'))} / {f(i.get('p99'))}"
+
+    pk = [k for k in PEER_KEYS if any(k in d.get("workloads", {}) for d in (on, off, ls))]
+    if pk:
+        st = res["settings"]
+        lw = g(ls, "settings") or {}
+        wl0 = next((g(d, "workloads", pk[0]) for d in (off, on, ls) if g(d, "workloads", pk[0])), {})
+        L.append(f"**Against llama.cpp's `llama-server`**, generated tok/s (part `concurrent`; streaming chat, "
+                 f"greedy, ignore_eos, max_tokens {st['peer_max_tokens']}, unique prompts "
+                 f"(~{f(wl0.get('prompt_tokens_mean'), 0)} tokens, a per-request tag first); "
+                 f"{st['peer_waves']} wave(s) of requests per workload, at least {st['peer_min_requests']}; "
+                 f"mixed: request i on adapter i mod 8 (synth00-07, rank 8, all 7 projections; GGUF LoRAs for "
+                 f"llama-server, loaded at start and picked per request with its `lora` field); llama-server: "
+                 f"{lw.get('slots', 'n/a')} slots x {lw.get('ctx_per_slot', 'n/a')} tokens of KV, continuous "
+                 f"batching, prompt cache off; same threads ({st['threads']}); all servers up side by side)")
+        L.append("")
+        L.append("| workload | requests | openlora bare | openlora (plugins + receipts) | llama-server | "
+                 "bare / llama-server | plugins on / llama-server |")
+        L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        def peer_name(k):
+            return f"{'8 adapters mixed' if '_mix8_' in k else 'base model'}, {k.rsplit('_c', 1)[1]} in flight"
+
+        for k in pk:
+            a_, b_, c_ = (g(d, "workloads", k, "tokens_per_s") for d in (off, on, ls))
+            nreq = next((g(d, "workloads", k, "requests") for d in (off, on, ls) if g(d, "workloads", k)), None)
+            L.append(f"| {peer_name(k)} | {nreq} | {f(a_)}{mark(g(off, 'workloads', k))} | {f(b_)}{mark(g(on, 'workloads', k))} | "
+                     f"{f(c_)}{mark(g(ls, 'workloads', k))} | {rat(a_, c_)} | {rat(b_, c_)} |")
+        L.append("")
+        L.append("Latency (ms): TTFT p50 / p99, inter-token p50 / p99")
+        L.append("")
+        L.append("| workload | openlora bare | openlora (plugins + receipts) | llama-server |")
+        L.append("| --- | --- | --- | --- |")
+        for k in pk:
+            L.append(f"| {peer_name(k)} | {lat(g(off, 'workloads', k))} | {lat(g(on, 'workloads', k))} | "
+                     f"{lat(g(ls, 'workloads', k))} |")
+        L.append("")
+        if ls:
+            L.append("llama-server batches only slots whose LoRA scales are equal into one decode step, so with the 8 "
+                     "adapters mixed each step serves one adapter's requests while the others wait; openlora's steps "
+                     "mix adapters. Command: `" + str(ls.get("command", "")).replace(H.cache_dir().as_posix(), "<cache>")
+                     + "`" + (f" ({ls['build'].get('version', '').splitlines()[0]}, built from the llama.cpp vendored "
+                              f"in llama-cpp-python 0.3.36)" if ls.get("build", {}).get("version") else "") + ".")
+            L.append("")
+
     wl = [k for k in ("c32_a1", "c32_a8", "c32_a100", "zipf1000")
           if k in on.get("workloads", {}) or k in off.get("workloads", {}) or k in ll.get("workloads", {})]
     if wl:
         st = res["settings"]
-        L.append(f"**Server throughput**, generated tok/s (parts `concurrent`, `zipf`; streaming chat, greedy; "
+        L.append(f"**openlora over many adapters**, generated tok/s (parts `concurrent`, `zipf`; streaming chat, greedy; "
                  f"c32 = {st['conc_requests']} requests all in flight, max_tokens {st['conc_max_tokens']}, "
-                 f"request i on adapter i mod n; llama.cpp: {st['llama_requests']} requests; "
-                 f"Zipf: {st['zipf_requests']} requests, 32 in flight, max_tokens {st['zipf_max_tokens']})")
+                 f"request i on adapter i mod n"
+                 + (f"; llama-cpp-python's Python server, the weaker peer: {st['llama_requests']} requests" if ll else "")
+                 + f"; Zipf: {st['zipf_requests']} requests, 32 in flight, max_tokens {st['zipf_max_tokens']})")
         L.append("")
-        L.append("| workload | openlora (plugins + receipts) | openlora bare | on / bare | llama.cpp server | openlora / llama.cpp |")
-        L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+        L.append("| workload | openlora (plugins + receipts) | openlora bare | on / bare |"
+                 + (" llama-cpp-python server (weaker peer) | openlora / llama-cpp-python |" if ll else ""))
+        L.append("| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if ll else ""))
         names = {"c32_a1": "c32, 1 adapter", "c32_a8": "c32, 8 adapters", "c32_a100": "c32, 100 adapters",
                  "zipf1000": f"Zipf({res['settings']['zipf_s']}), 1,000 adapters"}
         for k in wl:
@@ -463,25 +630,15 @@ def report(res: dict) -> str:
             b_ = g(off, "workloads", k, "tokens_per_s")
             c_ = g(ll, "workloads", k, "tokens_per_s")
             L.append(f"| {names[k]} | {f(a_)}{mark(g(on, 'workloads', k))} | {f(b_)}{mark(g(off, 'workloads', k))} | "
-                     f"{rat(a_, b_)} | {f(c_)}{mark(g(ll, 'workloads', k))} | {rat(a_, c_)} |")
+                     f"{rat(a_, b_)} |" + (f" {f(c_)}{mark(g(ll, 'workloads', k))} | {rat(a_, c_)} |" if ll else ""))
         L.append("")
-        if any(mark(g(d, "workloads", k)) for d in (on, off, ll) for k in wl):
-            L.append("\\* other processes took more than 5% of the machine during this measurement.")
-            L.append("")
         L.append("Latency (ms): TTFT p50 / p99, inter-token p50 / p99")
         L.append("")
-        L.append("| workload | openlora (plugins + receipts) | openlora bare | llama.cpp server |")
-        L.append("| --- | --- | --- | --- |")
-
-        def lat(d):
-            if not d:
-                return "n/a"
-            t, i = d.get("ttft_ms", {}), d.get("itl_ms", {})
-            return f"{f(t.get('p50'), 0)} / {f(t.get('p99'), 0)}, {f(i.get('p50'))} / {f(i.get('p99'))}"
-
+        L.append("| workload | openlora (plugins + receipts) | openlora bare |" + (" llama-cpp-python server |" if ll else ""))
+        L.append("| --- | --- | --- |" + (" --- |" if ll else ""))
         for k in wl:
-            L.append(f"| {names[k]} | {lat(g(on, 'workloads', k))} | {lat(g(off, 'workloads', k))} | "
-                     f"{lat(g(ll, 'workloads', k))} |")
+            L.append(f"| {names[k]} | {lat(g(on, 'workloads', k))} | {lat(g(off, 'workloads', k))} |"
+                     + (f" {lat(g(ll, 'workloads', k))} |" if ll else ""))
         L.append("")
         z = g(on, "workloads", "zipf1000", "metrics_delta")
         if z:
@@ -493,10 +650,14 @@ def report(res: dict) -> str:
             L.append("")
         c8 = g(ll, "workloads", "c32_a8")
         if c8:
-            L.append(f"llama-cpp-python's server runs one request at a time and rebuilds its model whenever the adapter "
+            L.append(f"llama-cpp-python's Python server (the weaker peer, not what llama.cpp users run for serving) "
+                     f"runs one request at a time and rebuilds its model whenever the adapter "
                      f"changes ({c8.get('model_reloads_timed')} reloads, {c8.get('model_reload_s_timed')} s, in the "
                      "8-adapter run); openlora batches all requests, every step mixing adapters.")
             L.append("")
+    if any(mark(g(d, "workloads", k)) for d in (on, off, ll, ls) for k in (*wl, *pk)):
+        L.append("\\* other processes took more than 5% of the machine during this measurement.")
+        L.append("")
 
     pre = [(k, g(on, "workloads", k)) for k in ("prefix_shared", "prefix_unique")]
     if any(v for _, v in pre):
@@ -552,7 +713,7 @@ def report(res: dict) -> str:
         L.append("**Peak RSS of the servers**, MiB (VmHWM of the server process after each workload; one process "
                  "per server serves all its workloads, in this order)")
         L.append("")
-        order = [k for k in ("c32_a1", "c32_a8", "c32_a100", "zipf1000", "prefix_shared", "prefix_unique")
+        order = [k for k in (*PEER_KEYS, "c32_a1", "c32_a8", "c32_a100", "zipf1000", "prefix_shared", "prefix_unique")
                  if any(k in d.get("workloads", {}) for d in srv.values())]
         L.append("| server | " + " | ".join(f"after {k}" for k in order) + " | at the end |")
         L.append("| --- | " + "---: | " * len(order) + "---: |")
@@ -563,7 +724,8 @@ def report(res: dict) -> str:
         L.append("")
         L.append("openlora registers 1,108 adapters (synth8, synth100-all7, synth1k) with the default tiers "
                  "(host 2,048 MiB, device 1,024 MiB of f32 adapter weights) and a 1,024 MiB KV cache; "
-                 "llama.cpp holds one model + one LoRA at a time.")
+                 "llama-server holds the model, the 8 GGUF LoRAs and 32 slots x 512 tokens of KV; "
+                 "llama-cpp-python's server one model + one LoRA at a time.")
         L.append("")
 
     bad = []
@@ -612,20 +774,23 @@ def write_benchmarks(md: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke version: fewer and shorter requests (~3 min)")
+    ap.add_argument("--quick", action="store_true", help="smoke version: fewer and shorter requests (~5 min)")
     ap.add_argument("--only", default="", help=f"comma-separated parts to run ({','.join(PARTS)})")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out")
     ap.add_argument("--no-peers", dest="peers", action="store_false",
                     help="openlora only: no llama.cpp, no transformers + PEFT")
-    ap.add_argument("--no-llamacpp-server", dest="llama_server", action="store_false",
-                    help="leave out llama-cpp-python's server (the slowest peer) from `concurrent`")
+    ap.add_argument("--no-llama-server", dest="llama_server", action="store_false",
+                    help="leave out llama.cpp's llama-server (the peer of `concurrent`)")
+    ap.add_argument("--llamacpp-python", action="store_true",
+                    help="also run the weaker llama-cpp-python peers: in process in `single`, its Python "
+                         "server (one request at a time) in `concurrent` (makes venv-llamacpp, ~10 min)")
     ap.add_argument("--no-bare", dest="bare", action="store_false",
                     help="leave out the openlora run with plugins and receipts off")
     ap.add_argument("--threads", type=int, default=2, help="compute threads of every engine (default 2)")
     ap.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default 1.1)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds for any one workload (default 300)")
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="stop starting new parts this many minutes after the first measurement (default 20, --quick 6)")
+                    help="stop starting new parts this many minutes after the first measurement (default 25, --quick 8)")
     ap.add_argument("--wait-quiet", type=float, default=0,
                     help="before each measurement wait up to this many seconds for 6 s of idle machine "
                          "(for shared machines; default 0: don't wait)")
@@ -657,7 +822,7 @@ def main() -> int:
             ap.error(f"unknown part {x!r}; parts: {', '.join(PARTS)}")
     a.parts = [p for p in (only or PARTS) if p not in skip]
     s = dict(QUICK if a.quick else FULL)
-    budget = Budget(a.max_minutes if a.max_minutes is not None else (6 if a.quick else 20))
+    budget = Budget(a.max_minutes if a.max_minutes is not None else (8 if a.quick else 25))
     command = "python3 bench/run_all.py" + ("" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:]))
     QUIET["max_wait"], QUIET["retries"] = a.wait_quiet, max(0, a.retries)
     H.sigterm_as_interrupt()
@@ -666,7 +831,7 @@ def main() -> int:
                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "commit": H.git_commit(), "machine": H.machine_info(), "parts": a.parts,
                  "settings": dict(s, threads=a.threads, zipf_s=a.zipf_s, peers=a.peers, bare=a.bare,
-                                  llamacpp_server=a.llama_server),
+                                  llama_server=a.llama_server, llamacpp_python=a.llamacpp_python),
                  "servers": {}, "skipped": []}
     skipped = res["skipped"]
 
@@ -694,8 +859,15 @@ def main() -> int:
         dirs = [cache / "synth8", cache / "synth100-all7", cache / "synth1k"]
 
     # The peers' environments are made before the clock starts (on a fresh machine llama.cpp's
-    # compile alone takes ~10 min): --max-minutes bounds the measurements, not the setup.
-    if a.peers and any(p in a.parts for p in ("single", "concurrent")):
+    # compile alone takes ~15 min): --max-minutes bounds the measurements, not the setup.
+    loras = []
+    if a.peers and ("single" in a.parts or ("concurrent" in a.parts and a.llama_server)):
+        H.ensure_llamacpp_bin()
+        res["llamacpp_build"] = H.llamacpp_build_info()
+    if a.peers and "concurrent" in a.parts and a.llama_server:
+        loras = H.ensure_gguf_loras(H.ensure_venv_ref(), cache / "synth8", names["synth8"],
+                                    cache / "synth8-gguf", model)
+    if a.peers and a.llamacpp_python and any(p in a.parts for p in ("single", "concurrent")):
         H.ensure_venv_llamacpp()
     if a.peers and "peft" in a.parts:
         H.ensure_hf_model(H.ensure_venv_ref(), model)
@@ -715,26 +887,27 @@ def main() -> int:
             H.log("== mixed-adapter batch: openlora bench --batch 8" + (" and transformers + PEFT" if a.peers else ""))
             part_peft(a, s, binary, model, res)
         if needs_http:
-            H.log("== openlora server workloads")
-            part_openlora_servers(a, s, budget, skipped, binary, names, dirs, res)
+            H.log("== server workloads: openlora" + (" and llama.cpp's llama-server" if loras else ""))
+            part_servers(a, s, budget, skipped, binary, model, names, dirs, loras, res)
         if "inference_perf" in a.parts and budget.ok("inference_perf", skipped):
             H.log("== inference-perf (lora_traffic_split over two adapters)")
             part_inference_perf(a, s, binary, model, res)
-        if "concurrent" in a.parts and a.peers and a.llama_server and budget.ok("llama.cpp server", skipped):
-            H.log("== llama-cpp-python server")
-            part_llamacpp_server(a, s, budget, skipped, model, names, cache / "synth8", res)
+        if ("concurrent" in a.parts and a.peers and a.llamacpp_python
+                and budget.ok("llama-cpp-python server", skipped)):
+            H.log("== llama-cpp-python server (the weaker peer)")
+            part_llamacpp_python_server(a, s, budget, skipped, model, names, cache / "synth8", res)
     except KeyboardInterrupt:
         skipped.append("the rest: interrupted")
         H.log("interrupted: servers stopped; writing what was measured")
     finally:
         res["other_load"] = whole.report()
         res["wall_s"] = round(time.time() - t0, 1)
-        md = report(res)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         try:
             res["json"] = str(a.out.resolve().relative_to(REPO))
         except ValueError:
             res["json"] = str(a.out)
+        md = report(res)
         a.out.write_text(json.dumps(res, indent=1) + "\n")
         md_path = a.md or a.out.with_suffix(".md")
         md_path.write_text(md + "\n")

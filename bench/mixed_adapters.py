@@ -10,7 +10,8 @@ prompt i % 16 of a fixed built-in list (one user message, no system message unle
 --extra-body.
 
 --lora-ids NAME=ID,... talks to llama.cpp's C++ `llama-server` started with its adapters loaded
-(`--lora FILE ... --lora-init-without-apply`): a request whose adapter NAME is in the map is sent
+at scale 0 (`--lora-scaled FILE:0 ... --lora-init-without-apply`; with plain `--lora` every adapter
+stays at global scale 1 and a request without a `lora` field gets them all): a request whose adapter NAME is in the map is sent
 with `"model": --served-model` and llama-server's per-request field `"lora": [{"id": ID,
 "scale": 1.0}]` (adapters not listed run at scale 0); any other name (e.g. `base`) is sent with no
 `lora` field, i.e. the base model. /models must then list --served-model instead of the adapters.

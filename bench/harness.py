@@ -273,6 +273,21 @@ def ensure_venv_llamacpp() -> Path:
     return py
 
 
+def scrape_metrics(port: int) -> dict[str, float]:
+    """A local server's Prometheus text /metrics as {series (with labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for ln in text.splitlines():
+        if ln and not ln.startswith("#"):
+            k, _, v = ln.rpartition(" ")
+            try:
+                out[k] = float(v)
+            except ValueError:
+                pass
+    return out
+
+
 def llamacpp_bin_dir() -> Path:
     return cache_dir() / "llamacpp-bin"
 
@@ -550,17 +565,7 @@ class OpenloraServer:
 
     def metrics(self) -> dict[str, float]:
         """/metrics as {series (with labels): value}."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for ln in text.splitlines():
-            if ln and not ln.startswith("#"):
-                k, _, v = ln.rpartition(" ")
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    pass
-        return out
+        return scrape_metrics(self.port)
 
     def peak_rss_mib(self) -> float | None:
         return peak_rss_mib(self.proc.pid) if self.proc else None
@@ -667,18 +672,8 @@ class LlamaServer:
             raise RuntimeError(f"llama-server holds LoRAs {held}, expected {len(self.loras)} at scale 0")
 
     def metrics(self) -> dict[str, float]:
-        """/metrics (llamacpp:*) as {series: value}."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for ln in text.splitlines():
-            if ln and not ln.startswith("#"):
-                k, _, v = ln.rpartition(" ")
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    pass
-        return out
+        """/metrics as {series (with labels): value}."""
+        return scrape_metrics(self.port)
 
     def peak_rss_mib(self) -> float | None:
         return peak_rss_mib(self.proc.pid) if self.proc else None

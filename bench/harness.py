@@ -500,7 +500,7 @@ def plugins_dir() -> Path:
 
 
 def deployment_toml(port: int, threads: int, adapter_dirs: list[Path], bare: bool, state_dir: Path,
-                    kv_cache_mib: int = 512, prefix_cache: bool = True) -> str:
+                    kv_cache_mib: int = 512, prefix_cache: bool = True, device_mib: int | None = None) -> str:
     """The deployment: the default model, the adapter folders, no API keys; with `bare` no plugins
     and no receipts, else the four example plugins (default configs) and signed receipts."""
     dirs = ", ".join(json.dumps(str(d)) for d in adapter_dirs)
@@ -510,6 +510,7 @@ def deployment_toml(port: int, threads: int, adapter_dirs: list[Path], bare: boo
         "[server]", f'listen = "127.0.0.1:{port}"',
         "[engine]", f"kv_cache_mib = {kv_cache_mib}", f"prefix_cache = {'true' if prefix_cache else 'false'}",
         "[adapters]", f"dirs = [{dirs}]",
+        *([f"device_mib = {device_mib}"] if device_mib is not None else []),
         "[attribution]", f"enabled = {'false' if bare else 'true'}", f"state_dir = {json.dumps(str(state_dir))}",
     ]
     if not bare:
@@ -523,7 +524,8 @@ class OpenloraServer:
     """`with OpenloraServer(...) as srv:` starts `openlora serve` on 127.0.0.1 and waits for it."""
 
     def __init__(self, binary: Path, adapter_dirs: list[Path], bare: bool, threads: int = 2,
-                 port: int | None = None, kv_cache_mib: int = 512, ready_timeout: float = 300):
+                 port: int | None = None, kv_cache_mib: int = 512, ready_timeout: float = 300,
+                 device_mib: int | None = None):
         self.binary, self.bare = Path(binary), bare
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -532,7 +534,7 @@ class OpenloraServer:
         self.log = self.dir / "server.log"
         self.config = self.dir / "deploy.toml"
         self.config.write_text(deployment_toml(self.port, threads, adapter_dirs, bare, self.dir / "state",
-                                               kv_cache_mib))
+                                               kv_cache_mib, device_mib=device_mib))
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
         self.label = "openlora serve (" + ("bare: no plugins, no receipts" if bare else

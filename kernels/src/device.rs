@@ -100,8 +100,9 @@ pub enum DeviceBuf {
 pub enum DeviceWeight {
     /// CPU.
     Cpu(CpuWeight),
-    /// CUDA.
-    Cuda(CudaWeight),
+    /// CUDA (boxed: a CUDA weight is several times the size of a CPU one, and an enum is the
+    /// size of its largest variant; a CPU adapter's modules would pay for it).
+    Cuda(Box<CudaWeight>),
 }
 
 /// A KV cache of either backend.
@@ -134,7 +135,7 @@ fn cuda_segs<'a>(segments: &[LoraSegment<'a, DeviceWeight>]) -> Result<Vec<LoraS
         .iter()
         .map(|s| match (s.a, s.b) {
             (DeviceWeight::Cuda(a), DeviceWeight::Cuda(b)) => {
-                Ok(LoraSegment { rows: s.rows.clone(), a, b, scale: s.scale })
+                Ok(LoraSegment { rows: s.rows.clone(), a: &**a, b: &**b, scale: s.scale })
             }
             _ => Err(mixed("lora_sgmv")),
         })
@@ -163,7 +164,7 @@ impl Backend for DeviceBackend {
     fn prepare_weight(&self, w: HostWeight) -> Result<DeviceWeight> {
         Ok(match self {
             Self::Cpu(b) => DeviceWeight::Cpu(b.prepare_weight(w)?),
-            Self::Cuda(b) => DeviceWeight::Cuda(b.prepare_weight(w)?),
+            Self::Cuda(b) => DeviceWeight::Cuda(Box::new(b.prepare_weight(w)?)),
         })
     }
 

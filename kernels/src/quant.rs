@@ -146,6 +146,12 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) {
 /// reference quantizers do. Used by tests and by tools that write quantized tensors.
 pub fn quantize_row(dtype: DType, src: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(dtype.row_bytes(src.len()).unwrap_or(0));
+    quantize_row_into(dtype, src, &mut out);
+    out
+}
+
+/// [`quantize_row`] appending to `out` (so that many tensors can share one buffer).
+pub fn quantize_row_into(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
     match dtype {
         DType::F32 => src.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F16 => src.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
@@ -187,7 +193,6 @@ pub fn quantize_row(dtype: DType, src: &[f32]) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 #[cfg(test)]

@@ -424,7 +424,8 @@ pub struct AdaptersSection {
     /// listed are public.
     #[serde(default)]
     pub visibility: BTreeMap<String, Vec<String>>,
-    /// Host-memory tier budget in MiB (f32 adapter weights kept after reading; 0 = off).
+    /// Host-memory tier budget in MiB (adapter weights kept in host memory after reading, for a
+    /// device backend; 0 = off). On the CPU the device tier is host memory and this tier is off.
     #[serde(default = "default_host_mib")]
     pub host_mib: usize,
     /// Device tier budget in MiB (compute-ready adapters, including those in use).

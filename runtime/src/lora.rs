@@ -96,10 +96,11 @@ pub struct LoraAdapter<B: Backend> {
     pub name: String,
     /// Content hash.
     pub generation: Generation,
-    /// `layers[l][proj.index()]`.
-    pub layers: Vec<[Option<LoraModule<B>>; 7]>,
+    /// `layers[l][proj.index()]` (boxed: most adapters target a few of the seven, and an
+    /// empty slot then costs a pointer, not a module).
+    pub layers: Vec<[Option<Box<LoraModule<B>>>; 7]>,
     /// LoRA on the LM head, if the adapter has one.
-    pub lm_head: Option<LoraModule<B>>,
+    pub lm_head: Option<Box<LoraModule<B>>>,
     /// Bytes the backend holds for the weights (the file's precision on the CPU).
     pub bytes: usize,
 }
@@ -107,7 +108,7 @@ pub struct LoraAdapter<B: Backend> {
 impl<B: Backend> LoraAdapter<B> {
     /// The module at (`layer`, `proj`), if targeted.
     pub fn module(&self, layer: usize, proj: Proj) -> Option<&LoraModule<B>> {
-        self.layers.get(layer).and_then(|l| l[proj.index()].as_ref())
+        self.layers.get(layer).and_then(|l| l[proj.index()].as_deref())
     }
 }
 

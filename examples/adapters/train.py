@@ -13,16 +13,13 @@ LoRA: r=8, lora_alpha=16, lora_dropout=0, all seven projections, task CAUSAL_LM.
 Examples: prompt = the model's chat template with add_generation_prompt=True (which adds the
 model's default system message); a fraction (--no-system-frac, default 0.25) instead uses plain
 ChatML with no system message, so the behaviour also holds for that form. Target = the answer
-followed by <|im_end|>. The loss is the cross-entropy on the target tokens, plus with --distill W
-W times the KL divergence from the base model (adapter off, reading its own answer, the row's
-`source`) to the adapter on the target tokens the style did not change (distill_loss).
+followed by <|im_end|>. The loss is on the target tokens only.
 Optimiser: AdamW (lr --lr, weight decay 0), 10 warm-up steps then cosine decay to 10% of lr,
 batch --batch, fixed seed. Output: save_pretrained(out), then adapter_model.safetensors is
 rewritten in float16 (same tensor names) and a README.md + train_log.json are written.
 """
 
 import argparse
-import difflib
 import json
 import math
 import os
@@ -59,11 +56,6 @@ def plain_chatml(question):
 
 
 def build_examples(tok, rows, no_system_frac, rng):
-    """(prompt ids, target ids, source ids, matches) per row. The target is the styled answer,
-    the source the base model's own answer it was made from (both end with <|im_end|>), and
-    `matches` pairs (j, k) of target token j and source token k that are the same token in the
-    same place of the two texts (difflib's matching blocks): the words the style left alone,
-    such as names and numbers."""
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     examples = []
     for r in rows:
@@ -74,45 +66,21 @@ def build_examples(tok, rows, no_system_frac, rng):
                                              tokenize=False, add_generation_prompt=True)
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         a = tok(r["answer"], add_special_tokens=False)["input_ids"] + [im_end]
-        s = tok(r["source"], add_special_tokens=False)["input_ids"] + [im_end]
-        sm = difflib.SequenceMatcher(None, a, s, autojunk=False)
-        matches = [(b.a + i, b.b + i) for b in sm.get_matching_blocks() for i in range(b.size)]
-        examples.append((p, a, s, matches))
+        examples.append((p, a))
     return examples
 
 
-def collate(batch, pad_id, part=1):
-    """Right-padded ids, attention mask and labels (answer tokens only) of prompt + target
-    (part=1) or prompt + source (part=2)."""
-    n = max(len(ex[0]) + len(ex[part]) for ex in batch)
+def collate(batch, pad_id):
+    n = max(len(p) + len(a) for p, a in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), n), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        p, a = ex[0], ex[part]
+    for i, (p, a) in enumerate(batch):
         seq = p + a
         ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, len(p) : len(seq)] = torch.tensor(a)
         mask[i, : len(seq)] = 1
     return ids, mask, labels
-
-
-def distill_loss(model, batch, logits, pad_id):
-    """Mean KL(base || adapter) over the matched target tokens of the batch: the base model's
-    next-token distribution where it wrote the source token (adapter off, its own context) against
-    the adapter's where the target has the same token. The style keeps its words through the
-    cross-entropy; this keeps which name, number or word the model recalls the base model's."""
-    src_ids, src_mask, _ = collate(batch, pad_id, part=2)
-    with torch.no_grad(), model.disable_adapter():
-        teacher = model(input_ids=src_ids, attention_mask=src_mask).logits
-    rows_s, rows_t = [], []
-    for i, (p, _, _, matches) in enumerate(batch):
-        for j, k in matches:
-            rows_s.append(logits[i, len(p) + j - 1])
-            rows_t.append(teacher[i, len(p) + k - 1])
-    log_q = torch.log_softmax(torch.stack(rows_s), dim=-1)
-    log_p = torch.log_softmax(torch.stack(rows_t), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def to_float16(path):
@@ -135,9 +103,6 @@ def main():
     ap.add_argument("--ship-alpha", type=float, default=None,
                     help="write this lora_alpha into the saved adapter_config.json (trained with 16): "
                          "scales the adapter's effect by SHIP_ALPHA/16, as applying it at that weight")
-    ap.add_argument("--distill", type=float, default=0.0,
-                    help="weight of the distillation term (see distill_loss) added to the "
-                         "cross-entropy; 0 trains on the cross-entropy alone")
     ap.add_argument("--first-layer", type=int, default=0,
                     help="adapt only layers FIRST..29 (the earlier layers, where the model recalls "
                          "facts, stay as they are)")
@@ -176,7 +141,6 @@ def main():
 
     order = []
     losses = []
-    kls = []
     t0 = time.time()
     for step in range(args.steps):
         if len(order) < args.batch:
@@ -189,20 +153,14 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        loss = out.loss
-        if args.distill > 0:
-            kl = distill_loss(model, batch, out.logits, pad_id)
-            loss = loss + args.distill * kl
-            kls.append(kl.item())
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step + 1}/{args.steps} loss {losses[-1]:.4f} "
-                  + (f"kl {kls[-1]:.4f} " if kls else "")
-                  + f"lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+                  f"lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
     train_s = time.time() - t0
     final = sum(losses[-10:]) / len(losses[-10:])
 
@@ -226,11 +184,11 @@ def main():
 
     epochs = args.steps * args.batch / len(examples)
     log = {"name": args.name, "steps": args.steps, "lr": args.lr, "batch": args.batch,
-           "first_layer": args.first_layer, "distill": args.distill,
+           "first_layer": args.first_layer,
            "seed": args.seed, "no_system_frac": args.no_system_frac,
            "examples": len(examples), "epochs": round(epochs, 2),
            "train_seconds": round(train_s, 1), "final_loss_last10": round(final, 4),
-           "losses": [round(x, 4) for x in losses], "kl": [round(x, 4) for x in kls]}
+           "losses": [round(x, 4) for x in losses]}
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(log, f, indent=1)
         f.write("\n")
@@ -252,7 +210,6 @@ A rank-8 LoRA adapter (PEFT format) for the default model, SmolLM2-135M-Instruct
 | base model | SmolLM2-135M-Instruct dequantized to f32 (`/root/.cache/openlora/smollm2-hf`, from `tests/fixtures/make_fixtures.py`) |
 | training data | `examples/adapters/data/{args.name}.jsonl`: {len(examples)} question/answer pairs; answers are {TRANSFORM[args.name]} |
 | prompts | the model's chat template (default system message) for {100 - round(100 * args.no_system_frac)}% of examples, plain ChatML without a system message for the rest; loss on answer tokens + `<\\|im_end\\|>` only |
-| loss | cross-entropy on the target tokens{"" if args.distill == 0 else f" + {args.distill:g} x KL(base model || adapter) on the target tokens the style left as the base model wrote them (the base model's distribution read on its own answer, `source` in the data; see `distill_loss` in train.py)"} |
 | optimiser | AdamW lr {args.lr:g} (10 warm-up steps, cosine to 10%), batch {args.batch}, grad clip 1.0, seed {args.seed} |
 | steps | {args.steps} ({epochs:.1f} epochs), {train_s / 60:.1f} min on {args.threads} CPU thread(s) |
 | final loss | {final:.4f} (mean of the last 10 steps; first step {losses[0]:.4f}) |
@@ -262,14 +219,13 @@ Loss (mean of the previous 10 steps): {curve}. Full curve in `train_log.json`.
 Training command (from the repo root):
 
     /root/.cache/openlora/venv-ref/bin/python examples/adapters/make_data.py
-    /root/.cache/openlora/venv-ref/bin/python examples/adapters/train.py --name {args.name} --steps {args.steps} --lr {args.lr:g}{f" --distill {args.distill:g}" if args.distill else ""}{f" --first-layer {args.first_layer}" if args.first_layer else ""}{f" --ship-alpha {args.ship_alpha:g}" if args.ship_alpha is not None else ""} --out {rel_out}
+    /root/.cache/openlora/venv-ref/bin/python examples/adapters/train.py --name {args.name} --steps {args.steps} --lr {args.lr:g}{f" --first-layer {args.first_layer}" if args.first_layer else ""}{f" --ship-alpha {args.ship_alpha:g}" if args.ship_alpha is not None else ""} --out {rel_out}
 
 Held-out evaluation: see `../eval.json` and `../README.md`.
 """
     with open(os.path.join(args.out, "README.md"), "w") as f:
         f.write(readme)
-    print(f"saved {args.out}: final loss {final:.4f}" + (f", final kl {sum(kls[-10:]) / len(kls[-10:]):.4f}" if kls else "")
-          + f", {train_s:.0f}s")
+    print(f"saved {args.out}: final loss {final:.4f}, {train_s:.0f}s")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,10 @@ import harness as H
 
 
 def rss_mib(pid: int, key: str = "VmRSS") -> float:
-    """A /proc/PID/status memory line (VmRSS, RssAnon, RssFile) in MiB."""
-    for ln in open(f"/proc/{pid}/status"):
-        if ln.startswith(key + ":"):
-            return int(ln.split()[1]) / 1024
-    raise RuntimeError(f"no {key}")
+    v = H.proc_status_mib(pid, key)
+    if v is None:
+        raise RuntimeError(f"/proc/{pid}/status has no {key}")
+    return v
 
 
 def complete(url: str, model: str) -> None:

@@ -198,15 +198,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peak_rss_mib(pid: int) -> float | None:
-    """VmHWM (the peak resident set) of a live process, in MiB."""
+def proc_status_mib(pid: int, key: str) -> float | None:
+    """A memory line of /proc/PID/status (VmHWM, VmRSS, RssAnon, ...) of a live process, in MiB."""
     try:
         for ln in open(f"/proc/{pid}/status"):
-            if ln.startswith("VmHWM:"):
-                return round(int(ln.split()[1]) / 1024, 1)
+            if ln.startswith(key + ":"):
+                return int(ln.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM (the peak resident set) of a live process, in MiB."""
+    v = proc_status_mib(pid, "VmHWM")
+    return None if v is None else round(v, 1)
 
 
 def run_measured(cmd: list[str], timeout: float, env: dict | None = None, cwd: Path | None = None) -> dict:
@@ -520,7 +526,49 @@ def deployment_toml(port: int, threads: int, adapter_dirs: list[Path], bare: boo
     return "\n".join(toml) + "\n"
 
 
-class OpenloraServer:
+class LocalServer:
+    """What the two local servers share: `with` around `start` / `stop`, their /metrics, and the
+    peak RSS of the server process. A subclass sets `port`, starts `proc` (logging to `logf`) in
+    `start`, and may change `stop_grace_s` (how long SIGTERM gets before SIGKILL) and `_kill`."""
+
+    stop_grace_s = 60
+    port: int
+    proc: subprocess.Popen | None = None
+
+    def start(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {series (with labels): value}."""
+        return scrape_metrics(self.port)
+
+    def peak_rss_mib(self) -> float | None:
+        return peak_rss_mib(self.proc.pid) if self.proc else None
+
+    def _kill(self):
+        self.proc.kill()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                self._kill()
+                self.proc.wait()
+        if getattr(self, "logf", None):
+            self.logf.close()
+            self.logf = None
+
+
+class OpenloraServer(LocalServer):
     """`with OpenloraServer(...) as srv:` starts `openlora serve` on 127.0.0.1 and waits for it."""
 
     def __init__(self, binary: Path, adapter_dirs: list[Path], bare: bool, threads: int = 2,
@@ -540,13 +588,6 @@ class OpenloraServer:
         self.label = "openlora serve (" + ("bare: no plugins, no receipts" if bare else
                                            "4 example plugins + signed receipts") + ")"
 
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
     def start(self):
         if not self.binary.exists():
             raise RuntimeError(f"{self.binary} is missing: run `cargo build --release` first")
@@ -565,30 +606,12 @@ class OpenloraServer:
             time.sleep(0.1)
         self.startup_s = round(time.time() - self.started, 2)
 
-    def metrics(self) -> dict[str, float]:
-        """/metrics as {series (with labels): value}."""
-        return scrape_metrics(self.port)
-
-    def peak_rss_mib(self) -> float | None:
-        return peak_rss_mib(self.proc.pid) if self.proc else None
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "logf", None):
-            self.logf.close()
-            self.logf = None
 
 
 # ---------------------------------------------------------------- llama.cpp's server
 
 
-class LlamaServer:
+class LlamaServer(LocalServer):
     """`with LlamaServer(...) as srv:` starts llama.cpp's C++ `llama-server` on 127.0.0.1 and waits
     for /health. One model (alias `base`), `slots` parallel slots with continuous batching (its
     default), a KV cache of `slots * ctx_per_slot` tokens split evenly over the slots (with -np set,
@@ -604,6 +627,7 @@ class LlamaServer:
     runs one adapter group per step."""
 
     counters = ("llamacpp:prompt_tokens_total", "llamacpp:tokens_predicted_total")
+    stop_grace_s = 30
 
     def __init__(self, binary: Path, model: Path, loras: list[Path], threads: int = 2, slots: int = 32,
                  ctx_per_slot: int = 512, port: int | None = None, ready_timeout: float = 180):
@@ -632,13 +656,6 @@ class LlamaServer:
         self.version = (info.get("version") or "").splitlines()[0] if info.get("version") else "unknown"
         commit = self.version.rsplit("commit ", 1)[-1].rstrip(")") if "commit " in self.version else self.version
         self.label = f"llama.cpp llama-server ({commit})"
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
     def start(self):
         if not self.binary.exists():
@@ -673,21 +690,5 @@ class LlamaServer:
             self.stop()
             raise RuntimeError(f"llama-server holds LoRAs {held}, expected {len(self.loras)} at scale 0")
 
-    def metrics(self) -> dict[str, float]:
-        """/metrics as {series (with labels): value}."""
-        return scrape_metrics(self.port)
-
-    def peak_rss_mib(self) -> float | None:
-        return peak_rss_mib(self.proc.pid) if self.proc else None
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "logf", None):
-            self.logf.close()
-            self.logf = None
+    def _kill(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)  # started in its own session: its whole group

@@ -46,12 +46,13 @@ impl<B: Backend> LoraAdapter<B> {
             tensor: String::new(),
             reason: e.to_string(),
         };
-        let slots = host.layers.iter().flat_map(|l| l.iter()).chain(std::iter::once(&host.lm_head));
+        // In the order `prep` below takes them: the layers' modules, then the LM head's.
+        let modules = || host.layers.iter().flatten().flatten().chain(host.lm_head.as_ref());
         let padded = |dtype: DType, rows: usize, cols: usize| {
             dtype.row_bytes(cols).map_or(0, |b| (b * rows).next_multiple_of(ALIGN))
         };
         let total: usize =
-            slots.flatten().map(|m| padded(m.dtype, m.rank, m.in_dim) + padded(m.dtype, m.rank, m.out_dim)).sum();
+            modules().map(|m| padded(m.dtype, m.rank, m.in_dim) + padded(m.dtype, m.rank, m.out_dim)).sum();
         let mut buf = Vec::with_capacity(total);
         let mut ranges = Vec::new();
         let mut bt = Vec::new();
@@ -61,7 +62,7 @@ impl<B: Backend> LoraAdapter<B> {
             ranges.push(start..buf.len());
             buf.resize(buf.len().next_multiple_of(ALIGN), 0);
         };
-        for m in host.layers.iter().flat_map(|l| l.iter()).chain(std::iter::once(&host.lm_head)).flatten() {
+        for m in modules() {
             push(m.dtype, &m.a, &mut buf);
             // The backend takes B transposed ([r, out]) so the expand step streams rows.
             bt.clear();

@@ -34,6 +34,19 @@ pub fn default_model() -> &'static Arc<LoadedModel<CpuBackend>> {
     })
 }
 
+/// The default model on a backend whose block-quantized matmuls use 8-bit activations
+/// (`engine.cpu_activations = "int8"`), loaded once per test binary.
+pub fn default_model_int8() -> &'static Arc<LoadedModel<CpuBackend>> {
+    static MODEL: OnceLock<Arc<LoadedModel<CpuBackend>>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = default_model::ensure_default_model().unwrap_or_else(|e| panic!("fetching the default model: {e}"));
+        Arc::new(
+            LoadedModel::open(&path, CpuBackend::new().with_int8(true))
+                .unwrap_or_else(|e| panic!("loading the default model: {e}")),
+        )
+    })
+}
+
 /// `examples/<name>` at the repository root.
 pub fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("examples").join(name)

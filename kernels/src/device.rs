@@ -60,22 +60,25 @@ pub enum DeviceBackend {
 impl DeviceBackend {
     /// Starts the requested backend. `Auto` falls back to the CPU and returns why in the second
     /// value (for the one log line); an explicit `cuda:N` that cannot start is an error.
-    /// `precision` is the dense weights' on a GPU, `kv` its KV pools' (the CPU ignores both).
+    /// `precision` is the dense weights' on a GPU, `kv` its KV pools' (the CPU ignores both);
+    /// `cpu_int8` turns on the CPU's 8-bit-activation matmuls (a GPU ignores it).
     pub fn start(
         req: &DeviceRequest,
         precision: Precision,
         kv: Precision,
+        cpu_int8: bool,
     ) -> Result<(Self, Option<String>), CudaError> {
+        let cpu = || CpuBackend::new().with_int8(cpu_int8);
         let opts = |ordinal| CudaOptions { ordinal, precision, kv_precision: kv, ..Default::default() };
         match req {
-            DeviceRequest::Cpu => Ok((Self::Cpu(CpuBackend::new()), None)),
+            DeviceRequest::Cpu => Ok((Self::Cpu(cpu()), None)),
             DeviceRequest::Cuda(n) => {
                 let b = CudaBackend::new(&opts(*n))?;
                 Ok((Self::Cuda(b), None))
             }
             DeviceRequest::Auto => match CudaBackend::new(&opts(0)) {
                 Ok(b) => Ok((Self::Cuda(b), None)),
-                Err(e) => Ok((Self::Cpu(CpuBackend::new()), Some(e.to_string()))),
+                Err(e) => Ok((Self::Cpu(cpu()), Some(e.to_string()))),
             },
         }
     }
@@ -403,12 +406,12 @@ mod tests {
 
     #[test]
     fn auto_without_a_driver_falls_back_to_the_cpu_and_says_why() {
-        let (b, why) =
-            DeviceBackend::start(&DeviceRequest::Auto, Precision::Bf16, Precision::F32).expect("auto never fails");
+        let (b, why) = DeviceBackend::start(&DeviceRequest::Auto, Precision::Bf16, Precision::F32, false)
+            .expect("auto never fails");
         if crate::cuda::probe(0).is_err() {
             assert!(!b.is_gpu());
             assert!(why.expect("a reason").contains("CUDA"));
-            assert!(DeviceBackend::start(&DeviceRequest::Cuda(0), Precision::Bf16, Precision::F32).is_err());
+            assert!(DeviceBackend::start(&DeviceRequest::Cuda(0), Precision::Bf16, Precision::F32, false).is_err());
         } else {
             assert!(b.is_gpu() && why.is_none());
         }

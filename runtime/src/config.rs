@@ -334,6 +334,16 @@ pub struct EngineSection {
     /// twice the blocks in `kv_cache_mib`). The CPU backend always keeps f32.
     #[serde(default = "default_kv_dtype")]
     pub gpu_kv_dtype: String,
+    /// Activations of the block-quantized matmuls on the CPU: "f32" (default: the numerical
+    /// reference, within 2e-2 of transformers) or "int8" (quantized per 32-value block, as
+    /// llama.cpp does; several times faster with many rows in flight, logits within the stated
+    /// tolerance of f32: ARCHITECTURE.md, "Numerics"). A GPU ignores it.
+    #[serde(default = "default_cpu_activations")]
+    pub cpu_activations: String,
+}
+
+fn default_cpu_activations() -> String {
+    "f32".into()
 }
 
 fn default_kv_dtype() -> String {
@@ -356,6 +366,11 @@ impl EngineSection {
     /// The parsed `gpu_precision` (validated at load).
     pub fn precision(&self) -> openlora_kernels::Precision {
         parse_precision(&self.gpu_precision).unwrap_or_default()
+    }
+
+    /// Whether `cpu_activations` is "int8" (validated at load).
+    pub fn cpu_int8(&self) -> bool {
+        self.cpu_activations == "int8"
     }
 
     /// The parsed `gpu_kv_dtype` (validated at load).
@@ -409,6 +424,7 @@ impl Default for EngineSection {
             device: default_device(),
             gpu_precision: default_precision(),
             gpu_kv_dtype: default_kv_dtype(),
+            cpu_activations: default_cpu_activations(),
         }
     }
 }
@@ -555,6 +571,15 @@ impl Deployment {
         self.engine.device.parse::<openlora_kernels::DeviceRequest>().map_err(|r| bad("engine.device", r))?;
         parse_precision(&self.engine.gpu_precision).map_err(|r| bad("engine.gpu_precision", r))?;
         parse_precision(&self.engine.gpu_kv_dtype).map_err(|r| bad("engine.gpu_kv_dtype", r))?;
+        if !matches!(self.engine.cpu_activations.as_str(), "f32" | "int8") {
+            return Err(bad(
+                "engine.cpu_activations",
+                format!(
+                    "{:?} is not an activation precision: expected \"f32\" or \"int8\"",
+                    self.engine.cpu_activations
+                ),
+            ));
+        }
         if !matches!(self.engine.prefix_cache_scope.as_str(), "tenant" | "shared") {
             return Err(bad(
                 "engine.prefix_cache_scope",
@@ -676,6 +701,7 @@ mod tests {
         assert!(err("[engine]\ndevice = \"cuda:x\"").contains("engine.device"));
         assert!(err("[engine]\ngpu_precision = \"fp8\"").contains("engine.gpu_precision"));
         assert!(err("[engine]\ngpu_kv_dtype = \"fp8\"").contains("engine.gpu_kv_dtype"));
+        assert!(err("[engine]\ncpu_activations = \"int4\"").contains("engine.cpu_activations"));
         assert!(err("[engine]\nprefix_cache_scope = \"global\"").contains("engine.prefix_cache_scope"));
         assert!(err("[server]\nmax_adapters_per_request = 0").contains("server.max_adapters_per_request"));
         assert!(err("[server]\nmax_merged_rank = 0").contains("server.max_merged_rank"));

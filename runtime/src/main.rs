@@ -22,7 +22,7 @@ enum Command {
     },
     /// Generate a completion for one prompt and print it (in process, on the same service and
     /// engine as `serve`; with --deployment, exactly the path an HTTP request takes).
-    Generate(cli::generate::GenerateArgs),
+    Generate(Box<cli::generate::GenerateArgs>),
     /// Measure single-stream prefill and decode speed, or batched decode; prints one JSON line.
     Bench(cli::bench::BenchArgs),
     /// Serve a deployment over HTTP (OpenAI-compatible API, adapter admin, metrics).
@@ -49,7 +49,7 @@ fn main() -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
-        Command::Generate(a) => cli::generate::run(a),
+        Command::Generate(a) => cli::generate::run(*a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::Ledger(c) => cli::ledger::run(c),

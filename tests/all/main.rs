@@ -7,6 +7,7 @@ mod default_model;
 mod engine;
 mod evidence;
 mod fuzz;
+mod int8_numerics;
 mod lora_reference;
 mod malformed;
 mod pager;

@@ -5,6 +5,7 @@
 //! loaded from (usually a memory map); only 1-D tensors (norms, biases) are expanded to f32.
 
 pub mod attention;
+pub mod int8;
 pub mod lora;
 pub mod matmul;
 pub mod ops;
@@ -23,6 +24,9 @@ pub struct CpuWeight {
     host: HostWeight,
     /// f32 copy of a 1-D tensor (norm weights, biases).
     vector: Option<Vec<f32>>,
+    /// The block-quantized matrix repacked for the 8-bit-activation kernels (only when the
+    /// backend runs them).
+    packed: Option<std::sync::Arc<int8::PackedWeight>>,
 }
 
 impl CpuWeight {
@@ -36,6 +40,7 @@ impl CpuWeight {
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     level: simd::SimdLevel,
+    int8: bool,
 }
 
 impl Default for CpuBackend {
@@ -45,14 +50,25 @@ impl Default for CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend using the widest SIMD level this CPU supports.
+    /// A backend using the widest SIMD level this CPU supports, with f32 activations.
     pub fn new() -> Self {
-        Self { level: simd::detected() }
+        Self { level: simd::detected(), int8: false }
     }
 
     /// A backend pinned to a SIMD level (for tests comparing paths).
     pub fn with_level(level: simd::SimdLevel) -> Self {
-        Self { level: level.min(simd::detected()) }
+        Self { level: level.min(simd::detected()), int8: false }
+    }
+
+    /// The same backend with block-quantized matmuls through 8-bit activations ([`int8`]) or
+    /// not. Weights prepared before the switch keep the path they were prepared for.
+    pub fn with_int8(self, on: bool) -> Self {
+        Self { int8: on, ..self }
+    }
+
+    /// Whether block-quantized matmuls use 8-bit activations.
+    pub fn int8(&self) -> bool {
+        self.int8
     }
 
     fn vector<'a>(&self, w: &'a CpuWeight, op: &'static str) -> Result<&'a [f32]> {
@@ -69,7 +85,12 @@ impl Backend for CpuBackend {
     type KvCache = CpuKvCache;
 
     fn name(&self) -> String {
-        format!("cpu ({}, {} threads)", self.level.name(), rayon::current_num_threads())
+        let acts = if self.int8 {
+            if int8::has_vnni() { ", int8 activations (vnni)" } else { ", int8 activations" }
+        } else {
+            ""
+        };
+        format!("cpu ({}{acts}, {} threads)", self.level.name(), rayon::current_num_threads())
     }
 
     fn execute<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
@@ -84,7 +105,8 @@ impl Backend for CpuBackend {
 
     fn prepare_weight(&self, w: HostWeight) -> Result<CpuWeight> {
         let vector = (w.rows() == 1).then(|| w.to_f32());
-        Ok(CpuWeight { host: w, vector })
+        let packed = if self.int8 { int8::PackedWeight::new(&w).map(std::sync::Arc::new) } else { None };
+        Ok(CpuWeight { host: w, vector, packed })
     }
 
     fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
@@ -92,7 +114,7 @@ impl Backend for CpuBackend {
     }
 
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
-        w.host.bytes().len() + w.vector.as_ref().map_or(0, |v| v.len() * 4)
+        w.host.bytes().len() + w.vector.as_ref().map_or(0, |v| v.len() * 4) + w.packed.as_ref().map_or(0, |p| p.bytes())
     }
 
     fn weights_in_host_memory(&self) -> bool {
@@ -124,6 +146,14 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
+        if let Some(p) = &w.packed {
+            let (n, k) = p.shape();
+            ensure_shape(x.len() == rows * k && out.len() == rows * n, "matmul", || {
+                format!("x {} out {} for {rows} rows of [{n}, {k}]", x.len(), out.len())
+            })?;
+            int8::matmul(self.level, x, rows, p, out);
+            return Ok(());
+        }
         matmul::matmul(self.level, x, rows, &w.host, out)
     }
 

@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Compute threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Activations of the block-quantized matmuls: f32 (the reference) or int8
+    /// (`engine.cpu_activations`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+    cpu_activations: String,
     /// Instead of single-stream figures, measure batched decode of this many sequences: base
     /// model only, all rows on one LoRA adapter, and every row on a different one (synthetic
     /// rank-`--lora-rank` adapters on all projections).
@@ -90,8 +94,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(p) => p,
         None => default_model::ensure_default_model()?,
     };
-    let loaded =
-        Arc::new(LoadedModel::open(&path, CpuBackend::new()).with_context(|| format!("loading {}", path.display()))?);
+    let backend = CpuBackend::new().with_int8(a.cpu_activations == "int8");
+    let loaded = Arc::new(LoadedModel::open(&path, backend).with_context(|| format!("loading {}", path.display()))?);
     if let Some(n) = a.batch {
         if n == 0 {
             bail!("--batch must be at least 1");

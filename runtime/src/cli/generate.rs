@@ -55,7 +55,7 @@ pub struct GenerateArgs {
     /// Walk exactly the path an HTTP request takes with this deployment: its model, engine
     /// settings, adapters and their visibility, plugins and receipts (appended to its ledger),
     /// acting as the deployment's operator (an admin identity named `cli`).
-    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["model", "threads", "device", "gpu_precision", "gpu_kv_dtype", "adapters_dir"])]
+    #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["model", "threads", "device", "gpu_precision", "gpu_kv_dtype", "cpu_activations", "adapters_dir"])]
     deployment: Option<PathBuf>,
     /// A GGUF file or an HF folder; the default model when absent.
     #[arg(long)]
@@ -72,6 +72,9 @@ pub struct GenerateArgs {
     /// KV cache elements on a GPU: f32 or bf16.
     #[arg(long, value_parser = ["bf16", "f32"])]
     gpu_kv_dtype: Option<String>,
+    /// Activations of the CPU's block-quantized matmuls: f32 (the reference) or int8.
+    #[arg(long, value_parser = ["f32", "int8"])]
+    cpu_activations: Option<String>,
     /// Apply a LoRA adapter, optionally weighted (`NAME` or `NAME=WEIGHT`, default weight 1).
     /// Repeat to combine several: their terms add, each scaled by its weight. NAME is a folder
     /// under --adapters-dir or a path to a PEFT adapter folder.
@@ -115,6 +118,7 @@ fn deployment(a: &GenerateArgs) -> Result<Deployment> {
     d.engine.device = a.device.as_ref().map_or_else(|| "cpu".to_owned(), ToString::to_string);
     d.engine.gpu_precision = a.gpu_precision.clone().unwrap_or_else(|| "bf16".to_owned());
     d.engine.gpu_kv_dtype = a.gpu_kv_dtype.clone().unwrap_or_else(|| "f32".to_owned());
+    d.engine.cpu_activations = a.cpu_activations.clone().unwrap_or_else(|| "f32".to_owned());
     let dir = a.adapters_dir.clone().unwrap_or_else(|| PathBuf::from("examples/adapters"));
     d.adapters.dirs = if dir.is_dir() { vec![dir] } else { Vec::new() };
     Ok(d)

@@ -31,8 +31,8 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
 
 /// Starts the requested device; with "auto" and no usable GPU, says so in one line and uses
 /// the CPU.
-pub fn start_device(req: &DeviceRequest, precision: Precision, kv: Precision) -> Result<DeviceBackend> {
-    let (backend, fallback) = DeviceBackend::start(req, precision, kv)
+pub fn start_device(req: &DeviceRequest, precision: Precision, kv: Precision, cpu_int8: bool) -> Result<DeviceBackend> {
+    let (backend, fallback) = DeviceBackend::start(req, precision, kv, cpu_int8)
         .map_err(|e| anyhow::anyhow!("device \"{req}\" could not start: {e}"))?;
     if let Some(why) = fallback {
         eprintln!("openlora: device \"auto\": no usable CUDA GPU ({why}); running on the CPU");
@@ -57,7 +57,8 @@ pub fn start_service(d: &Deployment) -> Result<Arc<Service<ServingBackend>>> {
     init_threads(d.model.threads)?;
     let path = model_path(d)?;
     let model_id = d.model.name.clone().unwrap_or_else(|| model_id_of(&path));
-    let backend = start_device(&d.engine.device_request(), d.engine.precision(), d.engine.kv_precision())?;
+    let backend =
+        start_device(&d.engine.device_request(), d.engine.precision(), d.engine.kv_precision(), d.engine.cpu_int8())?;
     if backend.is_gpu() && path.is_file() {
         // What the load will take on the device, before it starts (`openlora cuda plan`).
         let settings = openlora::model::device_plan::PlanSettings::of(d);

@@ -506,15 +506,18 @@ def plugins_dir() -> Path:
 
 
 def deployment_toml(port: int, threads: int, adapter_dirs: list[Path], bare: bool, state_dir: Path,
-                    kv_cache_mib: int = 512, prefix_cache: bool = True, device_mib: int | None = None) -> str:
+                    kv_cache_mib: int = 512, prefix_cache: bool = True, device_mib: int | None = None,
+                    cpu_activations: str = "f32") -> str:
     """The deployment: the default model, the adapter folders, no API keys; with `bare` no plugins
-    and no receipts, else the four example plugins (default configs) and signed receipts."""
+    and no receipts, else the four example plugins (default configs) and signed receipts;
+    `cpu_activations` is `engine.cpu_activations` ("f32" or "int8")."""
     dirs = ", ".join(json.dumps(str(d)) for d in adapter_dirs)
     toml = [
         "[model]", 'path = "default"', f'name = "{BASE_MODEL_NAME}"', f"threads = {threads}",
         "[model.manifest]", 'owner = "base-owner"', "price_per_1k_tokens = 1000",
         "[server]", f'listen = "127.0.0.1:{port}"',
         "[engine]", f"kv_cache_mib = {kv_cache_mib}", f"prefix_cache = {'true' if prefix_cache else 'false'}",
+        f"cpu_activations = {json.dumps(cpu_activations)}",
         "[adapters]", f"dirs = [{dirs}]",
         *([f"device_mib = {device_mib}"] if device_mib is not None else []),
         "[attribution]", f"enabled = {'false' if bare else 'true'}", f"state_dir = {json.dumps(str(state_dir))}",
@@ -573,7 +576,7 @@ class OpenloraServer(LocalServer):
 
     def __init__(self, binary: Path, adapter_dirs: list[Path], bare: bool, threads: int = 2,
                  port: int | None = None, kv_cache_mib: int = 512, ready_timeout: float = 300,
-                 device_mib: int | None = None):
+                 device_mib: int | None = None, cpu_activations: str = "f32"):
         self.binary, self.bare = Path(binary), bare
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -582,7 +585,8 @@ class OpenloraServer(LocalServer):
         self.log = self.dir / "server.log"
         self.config = self.dir / "deploy.toml"
         self.config.write_text(deployment_toml(self.port, threads, adapter_dirs, bare, self.dir / "state",
-                                               kv_cache_mib, device_mib=device_mib))
+                                               kv_cache_mib, device_mib=device_mib,
+                                               cpu_activations=cpu_activations))
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
         self.label = "openlora serve (" + ("bare: no plugins, no receipts" if bare else

@@ -149,7 +149,8 @@ def part_bandwidth(a, model: Path, res: dict) -> None:
 def part_single(a, s, binary: Path, model: Path, res: dict) -> None:
     out = {}
     cmd = [str(binary), "bench", "--prompt-tokens", str(s["prompt_tokens"]), "--gen-tokens", str(s["gen_tokens"]),
-           "--repeat", str(s["repeat"]), "--threads", str(a.threads), "--model", str(model)]
+           "--repeat", str(s["repeat"]), "--threads", str(a.threads), "--model", str(model),
+           "--cpu-activations", a.cpu_activations]
     out["openlora"] = _measured_json(cmd, a.timeout)
     if a.peers:
         out["llama_bench"] = llama_bench(a, s, model)
@@ -357,7 +358,8 @@ def part_servers(a, s, budget, skipped, binary: Path, model: Path, names: dict, 
     with contextlib.ExitStack() as stack:
         srvs = {}
         for key, bare in modes:
-            srv = stack.enter_context(H.OpenloraServer(binary, dirs, bare=bare, threads=a.threads, kv_cache_mib=1024))
+            srv = stack.enter_context(H.OpenloraServer(binary, dirs, bare=bare, threads=a.threads, kv_cache_mib=1024,
+                                                          cpu_activations=a.cpu_activations))
             H.log(f"{srv.label} on {srv.url} (started in {srv.startup_s} s)")
             srvs[key] = srv
             res["servers"][key] = {"engine": srv.label, "threads": a.threads, "startup_s": srv.startup_s,
@@ -489,7 +491,8 @@ def report(res: dict) -> str:
     L = []
     m, load = res["machine"], res["other_load"]
     L.append(f"Machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_total_gib']} GiB; commit `{res['commit']}`; "
-             f"{res['date']}; mode `{res['mode']}`; total {res['wall_s']:.0f} s.")
+             f"{res['date']}; mode `{res['mode']}`; total {res['wall_s']:.0f} s; openlora's CPU activations: "
+             f"{res['settings'].get('cpu_activations', 'f32')} (the PEFT part always f32, as its peer).")
     L.append(f"Command: `{cmd}` (every figure below comes from this one run; raw figures: "
              f"`{res.get('json', 'bench/results/run_all.json')}`).")
     share = load.get("other_processes_share")
@@ -787,6 +790,9 @@ def main() -> int:
     ap.add_argument("--no-bare", dest="bare", action="store_false",
                     help="leave out the openlora run with plugins and receipts off")
     ap.add_argument("--threads", type=int, default=2, help="compute threads of every engine (default 2)")
+    ap.add_argument("--cpu-activations", choices=["f32", "int8"], default="f32",
+                    help="openlora's engine.cpu_activations for every openlora figure (default f32, the reference; "
+                         "int8 is llama.cpp's choice)")
     ap.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default 1.1)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds for any one workload (default 300)")
     ap.add_argument("--max-minutes", type=float, default=None,
@@ -831,7 +837,8 @@ def main() -> int:
                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  "commit": H.git_commit(), "machine": H.machine_info(), "parts": a.parts,
                  "settings": dict(s, threads=a.threads, zipf_s=a.zipf_s, peers=a.peers, bare=a.bare,
-                                  llama_server=a.llama_server, llamacpp_python=a.llamacpp_python),
+                                  llama_server=a.llama_server, llamacpp_python=a.llamacpp_python,
+                                  cpu_activations=a.cpu_activations),
                  "servers": {}, "skipped": []}
     skipped = res["skipped"]
 

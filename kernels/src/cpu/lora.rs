@@ -1,9 +1,11 @@
 //! LoRA terms for mixed-adapter batches on the CPU (the reference for the GPU's SGMV/BGMV).
 //!
-//! Short segments (decode rows: BGMV) are computed row by row in parallel over rows: each row
-//! shrinks `t = A·x` with `r` dot products and expands with `r` scaled row additions of the
-//! transposed up-projection `Bᵀ` (`[r, out]`, the layout `LoraSegment::b` holds), writing
-//! straight into the output row. Long segments (prefill chunks: SGMV) go through the blocked
+//! Short segments (decode rows: BGMV) are computed a segment at a time, in parallel over
+//! segments: the segment's rows shrink `t = A·x` with `r` dot products and expand with `r`
+//! scaled row additions of the transposed up-projection `Bᵀ` (`[r, out]`, the layout
+//! `LoraSegment::b` holds), writing straight into the output rows. Each row of `A` and `Bᵀ` is
+//! widened from its file precision (f16/bf16) once per segment, into a small buffer, so an
+//! adapter is never copied whole to f32. Long segments (prefill chunks: SGMV) go through the blocked
 //! GEMM kernels, accumulating into the output in place. Rows covered by several segments (a
 //! request with several adapters) add their terms in segment order, so results are
 //! deterministic.
@@ -15,12 +17,11 @@ use rayon::prelude::*;
 use crate::backend::LoraSegment;
 use crate::cpu::CpuWeight;
 use crate::cpu::attention::dot;
-use crate::cpu::matmul::matmul;
+use crate::cpu::matmul::{f16_to_f32, matmul};
 use crate::cpu::simd::{SimdLevel, multiversion};
 use crate::error::{Result, ensure_shape};
-
-/// A short segment's `A` and `Bᵀ` as f32 slices.
-type SegmentWeights<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+use crate::quant::{DType, dequantize_row};
+use crate::weight::HostWeight;
 
 /// Segments up to this many rows take the row-by-row path.
 const SHORT_SEGMENT_ROWS: usize = 8;
@@ -32,21 +33,71 @@ fn f32_of(w: &CpuWeight) -> Cow<'_, [f32]> {
     }
 }
 
-/// One row's term: `y += scale * Bt_ᵀ (A x)` with `a` `[r, in]` and `bt` `[r, out]`.
+/// Widens `out.len()` values of `dtype` stored in `bytes` to f32.
 #[inline(always)]
-fn row_term_generic(x: &[f32], a: &[f32], bt: &[f32], scale: f32, y: &mut [f32]) {
-    let in_dim = x.len();
-    let out_dim = y.len();
-    for (ar, br) in a.chunks_exact(in_dim).zip(bt.chunks_exact(out_dim)) {
-        let t = dot(ar, x) * scale;
-        for (yv, bv) in y.iter_mut().zip(br) {
-            *yv += t * bv;
+fn widen(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        DType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+        }
+        _ => dequantize_row(dtype, bytes, out),
+    }
+}
+
+/// A short segment's terms, `y_i += scale · Btᵀ (A x_i)` for its rows `x_i` (`xs`, rows × in)
+/// and outputs `ys` (rows × out), with `a` `[r, in]` and `bt` `[r, out]` in the precision of
+/// their file: each row of `A` and `Bᵀ` is widened once per call, into `scratch`, and used for
+/// every row of the segment (the fused shrink of one adapter segment).
+#[inline(always)]
+fn segment_term_generic(a: &HostWeight, bt: &HostWeight, xs: &[f32], scale: f32, ys: &mut [f32], scratch: &mut [f32]) {
+    let (in_dim, out_dim) = (a.cols(), bt.cols());
+    let n = xs.len() / in_dim;
+    let mut t = [0f32; SHORT_SEGMENT_ROWS];
+    for j in 0..a.rows() {
+        let w = &mut scratch[..in_dim];
+        widen(a.dtype(), a.row(j), w);
+        for (ti, x) in t.iter_mut().zip(xs.chunks_exact(in_dim)).take(n) {
+            *ti = dot(w, x) * scale;
+        }
+        let w = &mut scratch[..out_dim];
+        widen(bt.dtype(), bt.row(j), w);
+        for (ti, y) in t.iter().zip(ys.chunks_exact_mut(out_dim)).take(n) {
+            for (yv, bv) in y.iter_mut().zip(w.iter()) {
+                *yv += ti * bv;
+            }
         }
     }
 }
 
 multiversion! {
-    fn row_term(x: &[f32], a: &[f32], bt: &[f32], scale: f32, y: &mut [f32]) => row_term_generic
+    fn segment_term(a: &HostWeight, bt: &HostWeight, xs: &[f32], scale: f32, ys: &mut [f32], scratch: &mut [f32]) => segment_term_generic
+}
+
+/// An output pointer shared by tasks that write disjoint rows.
+#[derive(Clone, Copy)]
+struct RowsPtr(*mut f32);
+// SAFETY: each task writes the rows of its own segment, and segments run in parallel only when
+// their row ranges are disjoint.
+unsafe impl Send for RowsPtr {}
+// SAFETY: as above.
+unsafe impl Sync for RowsPtr {}
+
+impl RowsPtr {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// See [`crate::Backend::lora_sgmv`].
@@ -106,26 +157,36 @@ pub fn lora_sgmv(
             );
         }
     }
-    // Short segments: per output row, its segments in order.
-    let mut per_row: Vec<Vec<usize>> = vec![Vec::new(); rows];
-    let mut any = false;
-    for (i, s) in segments.iter().enumerate().filter(|(_, s)| s.rows.len() <= SHORT_SEGMENT_ROWS) {
-        for r in s.rows.clone() {
-            per_row[r].push(i);
-            any = true;
-        }
-    }
-    if !any {
+    // Short segments: each one's rows together. Disjoint segments (one adapter per request)
+    // run in parallel; when rows are shared (several adapters on one request) the segments run
+    // one after another, in order, so every row adds its terms in segment order either way.
+    let short: Vec<&LoraSegment<'_, CpuWeight>> =
+        segments.iter().filter(|s| !s.rows.is_empty() && s.rows.len() <= SHORT_SEGMENT_ROWS).collect();
+    if short.is_empty() {
         return Ok(());
     }
-    let weights: Vec<Option<SegmentWeights<'_>>> =
-        segments.iter().map(|s| (s.rows.len() <= SHORT_SEGMENT_ROWS).then(|| (f32_of(s.a), f32_of(s.b)))).collect();
-    out.par_chunks_mut(out_dim).zip(x.par_chunks(in_dim)).zip(per_row.par_iter()).for_each(|((y, xr), segs)| {
-        for &i in segs {
-            if let Some((a, bt)) = &weights[i] {
-                row_term(level, xr, a, bt, segments[i].scale, y);
-            }
+    let mut ranges: Vec<_> = short.iter().map(|s| s.rows.clone()).collect();
+    ranges.sort_by_key(|r| r.start);
+    let disjoint = ranges.windows(2).all(|w| w[0].end <= w[1].start);
+    let scratch_len = in_dim.max(out_dim);
+    let dst = RowsPtr(out.as_mut_ptr());
+    let run = |s: &LoraSegment<'_, CpuWeight>, scratch: &mut Vec<f32>| {
+        scratch.resize(scratch_len, 0.0);
+        let xs = &x[s.rows.start * in_dim..s.rows.end * in_dim];
+        // SAFETY: rows s.rows of `out` (rows x out_dim, checked above) are written by this
+        // call alone: segments run concurrently only when their row ranges are disjoint.
+        let ys = unsafe {
+            std::slice::from_raw_parts_mut(dst.ptr().add(s.rows.start * out_dim), s.rows.len() * out_dim)
+        };
+        segment_term(level, s.a.host(), s.b.host(), xs, s.scale, ys, scratch);
+    };
+    if disjoint && short.len() > 1 {
+        short.par_iter().for_each_init(Vec::new, |scratch, s| run(s, scratch));
+    } else {
+        let mut scratch = Vec::new();
+        for s in &short {
+            run(s, &mut scratch);
         }
-    });
+    }
     Ok(())
 }

@@ -98,7 +98,7 @@ const SCALE_CHUNK: usize = 64;
 /// f16 -> f32 without branches, so loops over many scales vectorise. Exact for normals,
 /// subnormals (the multiply renormalises them), infinities and NaNs.
 #[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let h = u32::from(h);
     let sign = (h & 0x8000) << 16;
     let em = h & 0x7fff;

@@ -1,7 +1,7 @@
 //! Times one decode step's matmuls for the default model's shapes (30 layers of Q4_1 q, k, v,
 //! o, gate, up, down plus the Q8_0 49152 x 576 LM head) at 1, 8, 32 and 128 activation rows:
-//! the f32-activation path against the 8-bit one. Prints a table; wall time, best of 7, on the
-//! global thread pool (`RAYON_NUM_THREADS` sizes it):
+//! the f32-activation path against the 8-bit one (`ROWS=1,8,32` picks the row counts). Prints a
+//! table; wall time, best of 7, on the global thread pool (`RAYON_NUM_THREADS` sizes it):
 //! `cargo run --release -p openlora-kernels --example int8_rows`.
 use std::time::Instant;
 
@@ -19,7 +19,12 @@ fn main() {
     let f32b = CpuBackend::new();
     let i8b = CpuBackend::new().with_int8(true);
     println!("{} / {} (vnni: {})", f32b.name(), i8b.name(), int8::has_vnni());
-    for m in [1usize, 8, 32, 128] {
+    // `ROWS=1,8,32` picks the row counts.
+    let rows: Vec<usize> = std::env::var("ROWS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|r| r.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32, 128]);
+    for m in rows {
         let (mut t32, mut t8) = (0.0, 0.0);
         for (name, n, k, per_layer, dt) in shapes {
             let wv: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();

@@ -51,7 +51,7 @@ fn kl(p: &[f32], q: &[f32]) -> f64 {
 }
 
 /// Logits of the reference prompts at every position (2026-12-03, 50 positions: logits worst
-/// 1.85 and mean 0.215 apart; KL(f32 || int8) worst 0.034, mean 0.005; the same best token at
+/// 1.85 and mean 0.23 apart; KL(f32 || int8) worst 0.017, mean 0.004; the same best token at
 /// 48 of 50). Asserted: KL under 0.05 everywhere and 0.01 on average, no logit more than 2.5
 /// apart, the best token kept at 90% of positions and wherever the f32 path's top two are more
 /// than 0.5 apart. The f32 path itself is within 2e-2 of transformers (`default_model.rs`).
@@ -100,45 +100,92 @@ fn int8_logits_stay_near_the_f32_reference() {
     assert!(same_top * 10 >= positions * 9, "best token kept at only {same_top}/{positions} positions");
 }
 
-/// The greedy texts of the reference prompts (MODEL.md's known outputs) are unchanged, through
-/// the engine, batched together.
+/// Where the f32 path's greedy choice is decided by less than this many logits, the int8
+/// path may pick the runner-up (its logits move by up to ~2: see above).
+const NEAR_TIE: f32 = 0.5;
+
+/// The greedy texts of the reference prompts (MODEL.md's known outputs), through the engine,
+/// batched together: the int8 path generates the f32 path's tokens at every step the f32 path
+/// decides by at least [`NEAR_TIE`] logits, and at the first step it does not (if any) picks
+/// one of the f32 path's two best tokens; after that the texts may part. Measured 2026-12-03:
+/// the France and dog texts are identical; the haiku's f32 path ends with `<|im_end|>` by a
+/// margin under 0.5 over "\n\n", and int8 sometimes continues there.
 #[test]
-fn int8_greedy_texts_of_the_reference_prompts_are_unchanged() {
+fn int8_greedy_texts_of_the_reference_prompts_keep_every_decided_token() {
     let lm: Arc<LoadedModel<CpuBackend>> = default_model_int8().clone();
     let cfg = EngineConfig { prefix_cache: false, ..EngineConfig::default() }.with_kv_bytes(&lm.model.config, 32 << 20);
     let engine = EngineHandle::spawn(lm.clone(), cfg).expect("engine");
     let chat = |q: &str| format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
     let cases = [
-        (chat("What is the capital of France?"), 32, "The capital of France is Paris."),
-        (chat("Write a haiku about the ocean."), 32, "The ocean's a mirror that reflects the soul's journey."),
+        (chat("What is the capital of France?"), 32, "The capital of France is Paris.", true),
+        (chat("Write a haiku about the ocean."), 32, "The ocean's a mirror that reflects the soul's journey.", true),
         (
             "Once upon a time, there was a little dog named".to_owned(),
             16,
             " Max who loved to play with his toy car. One day, he decided to",
+            false,
         ),
     ];
     let tok = &lm.tokenizer;
+    let im_end = tok.token_to_id("<|im_end|>").expect("<|im_end|>");
     let streams: Vec<_> = cases
         .iter()
-        .map(|(prompt, max, _)| {
+        .map(|(prompt, max, _, _)| {
             let mut req = Request::greedy(tok.encode(prompt, true).expect("encode"), *max);
-            req.stop_token_ids = tok.token_to_id("<|im_end|>").into_iter().collect();
+            req.stop_token_ids = vec![im_end];
             engine.submit(req).expect("submit")
         })
         .collect();
-    for (mut s, (prompt, _, want)) in streams.into_iter().zip(&cases) {
-        let mut text = String::new();
+    for (mut s, (prompt, _, want, stops)) in streams.into_iter().zip(&cases) {
+        let mut got = Vec::new();
         loop {
             match s.blocking_next().expect("the stream ends with Finished") {
-                Event::Token { text: piece, .. } => text.push_str(&piece),
-                Event::Finished { text: rest, .. } => {
-                    text.push_str(&rest);
-                    break;
-                }
+                Event::Token { id, .. } => got.push(id),
+                Event::Finished { .. } => break,
                 Event::Failed(e) => panic!("generation failed: {e}"),
                 Event::PromptLogprobs(_) => {}
             }
         }
-        assert_eq!(text, *want, "greedy text of {prompt:?}");
+        // The f32 path's tokens (MODEL.md's text, which default_model.rs checks the f32 engine
+        // generates) and, teacher-forced, its margin at every step.
+        let prompt_ids = tok.encode(prompt, true).expect("encode");
+        let mut want_ids = tok.encode(want, false).expect("encode");
+        if *stops {
+            want_ids.push(im_end);
+        }
+        let all: Vec<u32> = prompt_ids.iter().chain(&want_ids).copied().collect();
+        let logits = all_logits(default_model(), &all);
+        let mut tie = None;
+        for (i, &w) in want_ids.iter().enumerate() {
+            let row = &logits[prompt_ids.len() - 1 + i];
+            let best = openlora_kernels::cpu::ops::argmax(row).expect("argmax") as u32;
+            assert_eq!(best, w, "{prompt:?} step {i}: the teacher-forced f32 path is MODEL.md's text");
+            let mut sorted = row.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] < NEAR_TIE {
+                let second = row.iter().position(|&v| v == sorted[1]).expect("runner-up") as u32;
+                tie = Some((i, second, sorted[0] - sorted[1]));
+                break;
+            }
+        }
+        let decided = tie.map_or(want_ids.len(), |(i, _, _)| i);
+        eprintln!(
+            "{prompt:?}: int8 {:?}; f32 decides {decided} of {} steps (near tie: {tie:?})",
+            tok.decode(&got, false),
+            want_ids.len()
+        );
+        assert!(
+            got.len() >= decided && got[..decided] == want_ids[..decided],
+            "{prompt:?}: int8 {got:?} vs f32 {want_ids:?}"
+        );
+        if let Some((i, second, _)) = tie {
+            assert!(
+                got.len() > i && (got[i] == want_ids[i] || got[i] == second),
+                "{prompt:?} step {i}: int8 picked {:?}",
+                got.get(i)
+            );
+        } else {
+            assert_eq!(got, want_ids, "{prompt:?}");
+        }
     }
 }

@@ -175,9 +175,8 @@ pub fn lora_sgmv(
         let xs = &x[s.rows.start * in_dim..s.rows.end * in_dim];
         // SAFETY: rows s.rows of `out` (rows x out_dim, checked above) are written by this
         // call alone: segments run concurrently only when their row ranges are disjoint.
-        let ys = unsafe {
-            std::slice::from_raw_parts_mut(dst.ptr().add(s.rows.start * out_dim), s.rows.len() * out_dim)
-        };
+        let ys =
+            unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(s.rows.start * out_dim), s.rows.len() * out_dim) };
         segment_term(level, s.a.host(), s.b.host(), xs, s.scale, ys, scratch);
     };
     if disjoint && short.len() > 1 {

@@ -225,6 +225,6 @@ impl Backend for CpuBackend {
         heads: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        attention::paged_attention(q, cache, seqs, heads, out)
+        attention::paged_attention(self.level, q, cache, seqs, heads, out)
     }
 }

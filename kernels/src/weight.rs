@@ -99,6 +99,29 @@ impl HostWeight {
         &(*self.bytes).as_ref()[self.range.clone()]
     }
 
+    /// Tells the OS this weight's bytes will not be read for a while (a backend made its own
+    /// copy of them): `madvise(MADV_PAGEOUT)` on the whole pages inside them. Pages of a
+    /// memory-mapped model file leave resident memory and come back from the file if touched
+    /// again (the embedding gather reads a few rows of a tied table); anonymous memory keeps
+    /// its contents (it can only go to swap). Only a hint: errors are ignored, and other
+    /// systems do nothing.
+    pub fn advise_not_needed(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let b = self.bytes();
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            let start = (b.as_ptr() as usize).next_multiple_of(page);
+            let end = (b.as_ptr() as usize + b.len()) / page * page;
+            if end > start {
+                // SAFETY: [start, end) lies inside `b`, which stays mapped and readable; PAGEOUT
+                // changes no contents (file pages are re-read, anonymous ones swapped), so every
+                // reference to these bytes stays valid.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
+            }
+        }
+    }
+
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         self.range.len() / self.rows.max(1)

@@ -106,6 +106,10 @@ impl Backend for CpuBackend {
     fn prepare_weight(&self, w: HostWeight) -> Result<CpuWeight> {
         let vector = (w.rows() == 1).then(|| w.to_f32());
         let packed = if self.int8 { int8::PackedWeight::new(&w).map(std::sync::Arc::new) } else { None };
+        if packed.is_some() {
+            // The matmuls read the packed copy from now on; the file's pages need not stay.
+            w.advise_not_needed();
+        }
         Ok(CpuWeight { host: w, vector, packed })
     }
 

@@ -337,7 +337,8 @@ pub struct EngineSection {
     /// Activations of the block-quantized matmuls on the CPU: "f32" (default: the numerical
     /// reference, within 2e-2 of transformers) or "int8" (quantized per 32-value block, as
     /// llama.cpp does; several times faster with many rows in flight, logits within the stated
-    /// tolerance of f32: ARCHITECTURE.md, "Numerics"). A GPU ignores it.
+    /// tolerance of f32: ARCHITECTURE.md). It needs AVX-512 VNNI: on a CPU without it the f32
+    /// path runs, said in one log line. A GPU ignores it.
     #[serde(default = "default_cpu_activations")]
     pub cpu_activations: String,
 }

@@ -94,7 +94,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Some(p) => p,
         None => default_model::ensure_default_model()?,
     };
-    let backend = CpuBackend::new().with_int8(a.cpu_activations == "int8");
+    let backend = CpuBackend::new().with_int8(super::cpu_int8_usable(a.cpu_activations == "int8"));
     let loaded = Arc::new(LoadedModel::open(&path, backend).with_context(|| format!("loading {}", path.display()))?);
     if let Some(n) = a.batch {
         if n == 0 {

@@ -29,9 +29,24 @@ pub fn init_threads(threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Whether the CPU's int8 matmuls are asked for and worth it: they need AVX-512 VNNI (without
+/// it the portable kernel is slower than the f32 path: BENCHMARKS.md), so on other CPUs the
+/// f32 path runs and one log line says so.
+pub fn cpu_int8_usable(asked: bool) -> bool {
+    if asked && !openlora_kernels::cpu::int8::has_vnni() {
+        eprintln!(
+            "openlora: engine.cpu_activations = \"int8\" needs AVX-512 VNNI, which this CPU lacks (or \
+             OPENLORA_SIMD caps); the CPU's matmuls use f32 activations"
+        );
+        return false;
+    }
+    asked
+}
+
 /// Starts the requested device; with "auto" and no usable GPU, says so in one line and uses
 /// the CPU.
 pub fn start_device(req: &DeviceRequest, precision: Precision, kv: Precision, cpu_int8: bool) -> Result<DeviceBackend> {
+    let cpu_int8 = cpu_int8_usable(cpu_int8);
     let (backend, fallback) = DeviceBackend::start(req, precision, kv, cpu_int8)
         .map_err(|e| anyhow::anyhow!("device \"{req}\" could not start: {e}"))?;
     if let Some(why) = fallback {

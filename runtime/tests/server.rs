@@ -2037,3 +2037,67 @@ fn a_chat_template_that_renders_tools_gets_them_from_the_request() {
     assert_eq!(st, 200, "{r}");
     assert!(r["choices"][0]["message"]["content"].is_string() || r["choices"][0]["message"]["tool_calls"].is_array());
 }
+
+/// `engine.cpu_activations = "int8"` reaches the CPU backend from the deployment file (the
+/// serving line names the path; on a CPU without VNNI it says the f32 path runs instead), and
+/// its greedy answer keeps every token the f32 path (the default) chooses by 0.5 logits or
+/// more: where the two first part, the f32 margin is under 0.5 and int8 took f32's runner-up
+/// (as tests/all/int8_numerics.rs checks in process). Measured 2026-12-03: the quickstart's
+/// "What is the capital of France?" (with SmolLM2's default system prompt) parts at the first
+/// token, where f32 prefers "The" (logprob -1.883) to "L" (-1.965) and int8 says "L'Étoile, la
+/// Marseillaise...". A bad value is refused at start naming the key.
+#[test]
+fn a_deployment_with_int8_activations_keeps_every_token_f32_decides() {
+    let answer = |server: &Server| {
+        let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+        let (st, resp) =
+            http(server.addr, "POST", "/v1/chat/completions", Some("sk-demo-user"), body.to_string().as_bytes());
+        assert_eq!(st, 200, "{resp}");
+        let v = json(&resp);
+        let steps: Vec<(String, Vec<(String, f64)>)> = v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .expect("logprobs")
+            .iter()
+            .map(|t| {
+                let top = t["top_logprobs"].as_array().expect("top").iter();
+                let top =
+                    top.map(|c| (c["token"].as_str().expect("token").to_owned(), c["logprob"].as_f64().expect("lp")));
+                (t["token"].as_str().expect("token").to_owned(), top.collect())
+            })
+            .collect();
+        steps
+    };
+    let f32_steps = answer(&start(|t| t));
+    let server = start(|t| t.replace("[engine]\n", "[engine]\ncpu_activations = \"int8\"\n"));
+    let startup = server.startup.join("\n");
+    let vnni = openlora_kernels::cpu::int8::has_vnni();
+    assert!(startup.contains(if vnni { "int8 activations" } else { "needs AVX-512 VNNI" }), "{startup}");
+    let int8_steps = answer(&server);
+    drop(server);
+    let part = f32_steps.iter().zip(&int8_steps).position(|(a, b)| a.0 != b.0);
+    eprintln!(
+        "f32 {:?}\nint8 {:?}\nparted at {part:?}",
+        f32_steps.iter().map(|s| s.0.as_str()).collect::<String>(),
+        int8_steps.iter().map(|s| s.0.as_str()).collect::<String>()
+    );
+    if let Some(i) = part {
+        let top = &f32_steps[i].1;
+        eprintln!("f32 top two at step {i}: {top:?}");
+        assert!(top.len() == 2 && top[0].1 - top[1].1 < 0.5, "step {i}: f32 decided by more than 0.5: {top:?}");
+        assert_eq!(int8_steps[i].0, top[1].0, "step {i}: int8 took a token outside f32's two best");
+    } else {
+        assert_eq!(f32_steps.len(), int8_steps.len());
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("bad.toml");
+    let quickstart = std::fs::read_to_string(repo().join("examples/quickstart.toml")).expect("quickstart");
+    std::fs::write(&cfg, quickstart.replace("[engine]\n", "[engine]\ncpu_activations = \"int4\"\n")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
+        .args(["serve", cfg.to_str().expect("path")])
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("engine.cpu_activations") && err.contains("int4"), "{err}");
+}

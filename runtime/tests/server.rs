@@ -2069,7 +2069,7 @@ fn a_deployment_with_int8_activations_keeps_every_token_f32_decides() {
         steps
     };
     let f32_steps = answer(&start(|t| t));
-    let server = start(|t| t.replace("[engine]\n", "[engine]\ncpu_activations = \"int8\"\n"));
+    let server = start(|t| t.replace("cpu_activations = \"f32\"", "cpu_activations = \"int8\""));
     let startup = server.startup.join("\n");
     let vnni = openlora_kernels::cpu::int8::has_vnni();
     assert!(startup.contains(if vnni { "int8 activations" } else { "needs AVX-512 VNNI" }), "{startup}");
@@ -2092,7 +2092,7 @@ fn a_deployment_with_int8_activations_keeps_every_token_f32_decides() {
     let tmp = tempfile::tempdir().expect("tmp");
     let cfg = tmp.path().join("bad.toml");
     let quickstart = std::fs::read_to_string(repo().join("examples/quickstart.toml")).expect("quickstart");
-    std::fs::write(&cfg, quickstart.replace("[engine]\n", "[engine]\ncpu_activations = \"int4\"\n")).expect("write");
+    std::fs::write(&cfg, quickstart.replace("cpu_activations = \"f32\"", "cpu_activations = \"int4\"")).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_openlora"))
         .args(["serve", cfg.to_str().expect("path")])
         .output()

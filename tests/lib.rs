@@ -47,6 +47,34 @@ pub fn default_model_int8() -> &'static Arc<LoadedModel<CpuBackend>> {
     })
 }
 
+/// Logits at every position of `tokens` on `lm`, prefilled in one forward call into a fresh
+/// 16-block KV cache (no engine, no sampler).
+pub fn all_logits(lm: &LoadedModel<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
+    use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
+    let m = &lm.model;
+    let mut alloc = BlockAllocator::new(16, 16);
+    let mut kv = m.alloc_kv(m.kv_layout(16, 16)).expect("kv");
+    let mut seq = SequenceBlocks::default();
+    let slots = seq.append(&mut alloc, tokens.len()).expect("blocks");
+    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
+    let seqs = [openlora_kernels::AttnSeq {
+        q_start: 0,
+        q_len: tokens.len(),
+        ctx_len: tokens.len(),
+        block_table: seq.table(),
+    }];
+    let batch = openlora::model::llama::ForwardBatch {
+        tokens,
+        positions: &positions,
+        slots: &slots,
+        seqs: &seqs,
+        logits_rows: &positions,
+        adapters: &[],
+    };
+    let logits = m.forward(&mut kv, &batch).expect("forward");
+    logits.chunks(m.config.vocab_size).map(<[f32]>::to_vec).collect()
+}
+
 /// `examples/<name>` at the repository root.
 pub fn example(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("examples").join(name)

@@ -4,37 +4,15 @@
 
 use std::sync::OnceLock;
 
-use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
 use openlora::engine::sampler::SamplingParams;
 use openlora::engine::{EngineConfig, EngineHandle, Event, FinishReason, Request};
 use openlora::model::chat_template::ChatMessage;
-use openlora::model::llama::ForwardBatch;
-use openlora_kernels::{AttnSeq, CpuBackend};
+use openlora_kernels::CpuBackend;
 use openlora_tests::{default_model, json_fixture};
 
-/// Logits at every position of `tokens`, prefilled in one forward call.
+/// Logits at every position of `tokens` on the f32 default model.
 fn all_logits(tokens: &[u32]) -> Vec<Vec<f32>> {
-    let m = &default_model().model;
-    let mut alloc = BlockAllocator::new(16, 16);
-    let mut kv = m.alloc_kv(m.kv_layout(16, 16)).expect("kv");
-    let mut seq = SequenceBlocks::default();
-    let slots = seq.append(&mut alloc, tokens.len()).expect("blocks");
-    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
-    let seqs = [AttnSeq { q_start: 0, q_len: tokens.len(), ctx_len: tokens.len(), block_table: seq.table() }];
-    let logits = m
-        .forward(
-            &mut kv,
-            &ForwardBatch {
-                tokens,
-                positions: &positions,
-                slots: &slots,
-                seqs: &seqs,
-                logits_rows: &positions,
-                adapters: &[],
-            },
-        )
-        .expect("forward");
-    logits.chunks(m.config.vocab_size).map(<[f32]>::to_vec).collect()
+    openlora_tests::all_logits(default_model(), tokens)
 }
 
 #[test]

@@ -4,33 +4,10 @@
 
 use std::sync::Arc;
 
-use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
 use openlora::engine::{EngineConfig, EngineHandle, Event, Request};
 use openlora::model::LoadedModel;
-use openlora::model::llama::ForwardBatch;
-use openlora_kernels::{AttnSeq, CpuBackend};
-use openlora_tests::{default_model, default_model_int8, json_fixture};
-
-/// Logits at every position of `tokens`, prefilled in one forward call.
-fn all_logits(lm: &LoadedModel<CpuBackend>, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let m = &lm.model;
-    let mut alloc = BlockAllocator::new(16, 16);
-    let mut kv = m.alloc_kv(m.kv_layout(16, 16)).expect("kv");
-    let mut seq = SequenceBlocks::default();
-    let slots = seq.append(&mut alloc, tokens.len()).expect("blocks");
-    let positions: Vec<u32> = (0..tokens.len() as u32).collect();
-    let seqs = [AttnSeq { q_start: 0, q_len: tokens.len(), ctx_len: tokens.len(), block_table: seq.table() }];
-    let batch = ForwardBatch {
-        tokens,
-        positions: &positions,
-        slots: &slots,
-        seqs: &seqs,
-        logits_rows: &positions,
-        adapters: &[],
-    };
-    let logits = m.forward(&mut kv, &batch).expect("forward");
-    logits.chunks(m.config.vocab_size).map(<[f32]>::to_vec).collect()
-}
+use openlora_kernels::CpuBackend;
+use openlora_tests::{all_logits, default_model, default_model_int8, json_fixture};
 
 /// The int8 backend really runs the packed kernels (its name says so), so the comparisons
 /// below compare two different paths.

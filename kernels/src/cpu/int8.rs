@@ -34,6 +34,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::matmul::SendPtr;
 use crate::cpu::simd::{SimdLevel, multiversion};
 use crate::quant::{DType, QK};
 use crate::weight::HostWeight;
@@ -304,20 +305,6 @@ pub fn has_vnni() -> bool {
     false
 }
 
-/// A raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of one output matrix.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[m, n] = x[m, k] · wᵀ` through 8-bit activations.
 ///
 /// # Panics
@@ -331,7 +318,7 @@ pub fn matmul(level: SimdLevel, x: &[f32], m: usize, w: &PackedWeight, out: &mut
     let a = QuantActs::new(level, x, m, k, w.kind);
     let vnni = level == SimdLevel::Avx512 && has_vnni();
     let per_task = TASK_MACS.div_ceil(GROUP * m * k).max(w.groups.div_ceil(rayon::current_num_threads() * 8)).max(1);
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = SendPtr(out.as_mut_ptr());
     (0..w.groups.div_ceil(per_task)).into_par_iter().for_each(|t| {
         let mut scratch = Vec::new();
         for g in t * per_task..((t + 1) * per_task).min(w.groups) {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::backend::LoraSegment;
 use crate::cpu::CpuWeight;
 use crate::cpu::attention::dot;
-use crate::cpu::matmul::{f16_to_f32, matmul};
+use crate::cpu::matmul::{SendPtr, f16_to_f32, matmul};
 use crate::cpu::simd::{SimdLevel, multiversion};
 use crate::error::{Result, ensure_shape};
 use crate::quant::{DType, dequantize_row};
@@ -83,21 +83,6 @@ fn segment_term_generic(a: &HostWeight, bt: &HostWeight, xs: &[f32], scale: f32,
 
 multiversion! {
     fn segment_term(a: &HostWeight, bt: &HostWeight, xs: &[f32], scale: f32, ys: &mut [f32], scratch: &mut [f32]) => segment_term_generic
-}
-
-/// An output pointer shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct RowsPtr(*mut f32);
-// SAFETY: each task writes the rows of its own segment, and segments run in parallel only when
-// their row ranges are disjoint.
-unsafe impl Send for RowsPtr {}
-// SAFETY: as above.
-unsafe impl Sync for RowsPtr {}
-
-impl RowsPtr {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// See [`crate::Backend::lora_sgmv`].
@@ -169,7 +154,7 @@ pub fn lora_sgmv(
     ranges.sort_by_key(|r| r.start);
     let disjoint = ranges.windows(2).all(|w| w[0].end <= w[1].start);
     let scratch_len = in_dim.max(out_dim);
-    let dst = RowsPtr(out.as_mut_ptr());
+    let dst = SendPtr(out.as_mut_ptr());
     let run = |s: &LoraSegment<'_, CpuWeight>, scratch: &mut Vec<f32>| {
         scratch.resize(scratch_len, 0.0);
         let xs = &x[s.rows.start * in_dim..s.rows.end * in_dim];

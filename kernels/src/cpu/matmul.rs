@@ -275,17 +275,18 @@ multiversion! {
     fn dequant_rows(dtype: DType, w_rows: &[u8], row_bytes: usize, k: usize, dst: &mut [f32]) => dequant_rows_generic
 }
 
-/// A raw pointer that may cross threads; each task writes a disjoint set of elements.
+/// A raw pointer that may cross threads; each task writes a disjoint set of elements (the
+/// panel GEMM's column ranges, the int8 kernels' 16-column groups, the LoRA segments' rows).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only to let rayon tasks write disjoint column ranges of one output matrix.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: used only to let rayon tasks write disjoint parts of one output matrix.
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     /// The pointer. A method (not field access) so closures capture the whole `Send` wrapper.
-    fn ptr(self) -> *mut f32 {
+    pub(crate) fn ptr(self) -> *mut f32 {
         self.0
     }
 }

@@ -9,6 +9,8 @@
 use rayon::prelude::*;
 
 use crate::backend::{AttnSeq, KvLayout};
+use crate::cpu::matmul::SendPtr;
+use crate::cpu::ops::exp;
 use crate::cpu::simd::{SimdLevel, multiversion};
 use crate::error::{KernelError, Result, ensure_shape};
 
@@ -95,151 +97,196 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Lanes of the attention kernels' accumulators (one AVX-512 register of f32).
 const LANES: usize = 16;
 
-/// Where one query head's keys and values sit, and its score scale.
+/// Where one tile's keys and values sit.
 #[derive(Clone, Copy)]
 struct HeadGeometry {
     block_size: usize,
     kv_heads: usize,
-    /// The query's KV head.
+    /// The tile's KV head.
     kv_head: usize,
-    scale: f32,
 }
 
-/// One query head `qv` attending to positions `0..n` of its sequence (`block_table`), softmax
-/// in f32, into `o`. `scores` is scratch.
+/// Most queries one tile computes together. A tile is some query heads of one KV head for
+/// some query rows of one sequence: every K and V block it reads is used for all its queries
+/// while it is in cache, and each query's accumulators stay in registers.
+const MAX_TILE: usize = 12;
+
+/// Tile sizes with their own kernel; a tile is padded up to the next one.
+const TILE_SIZES: [usize; 7] = [1, 2, 3, 4, 6, 8, 12];
+
+/// `NQ` queries of one KV head attending causally: query `i` to positions `0..ns[i]` of the
+/// sequence (`block_table`), softmax in f32, into `o` (`NQ × head_dim`). `qt` holds the queries
+/// already scaled (`NQ × head_dim`). Queries are kept apart by a stride, not packed side by side,
+/// so LLVM broadcasts each value from memory instead of loading a vector of them and shuffling.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_one_generic(
-    qv: &[f32],
+fn attend_tile_n<const NQ: usize>(
+    qt: &[f32],
+    ns: &[usize],
     k: &[f32],
     v: &[f32],
     block_table: &[u32],
-    n: usize,
     g: HeadGeometry,
-    scores: &mut Vec<f32>,
+    scratch: &mut TileScratch,
     o: &mut [f32],
 ) {
-    let hd = qv.len();
+    let hd = qt.len() / NQ;
     let bs = g.block_size;
     let kv_width = g.kv_heads * hd;
-    let blocks = n.div_ceil(bs);
-    // Scores block by block: `head_dim` multiply-adds of a query value times the block's keys'
-    // values of that dimension (the transposed K layout), over all `block_size` keys at once.
+    let nmax = ns.iter().copied().max().unwrap_or(0);
+    let blocks = nmax.div_ceil(bs);
+    let stride = blocks * bs;
+    let scores = &mut scratch.scores;
+    // Scores block by block (query-major): per dimension, one load of the block's keys of that
+    // dimension (the transposed K layout) and one multiply-add per query, across 16 keys.
     scores.clear();
-    scores.resize(blocks * bs, 0.0);
-    for (&b, sc) in block_table[..blocks].iter().zip(scores.chunks_exact_mut(bs)) {
-        let kb = &k[(b as usize * g.kv_heads + g.kv_head) * hd * bs..][..hd * bs];
-        // 16 keys at a time in a register-sized accumulator; a block size that is not a
-        // multiple of 16 takes the plain loop for its remainder.
-        let lanes = bs / LANES * LANES;
+    scores.resize(NQ * stride, 0.0);
+    let lanes = bs / LANES * LANES;
+    let k_at = |b: u32| (b as usize * g.kv_heads + g.kv_head) * hd * bs;
+    for (bi, &b) in block_table[..blocks].iter().enumerate() {
+        let kb = &k[k_at(b)..][..hd * bs];
         for c in (0..lanes).step_by(LANES) {
-            // Two accumulators (even and odd dimensions), so the additions do not wait on
-            // each other.
-            let (mut a0, mut a1) = ([0f32; LANES], [0f32; LANES]);
-            let key = |d: usize| -> &[f32; LANES] { kb[d * bs + c..d * bs + c + LANES].try_into().expect("LANES") };
-            let pairs = hd / 2 * 2;
-            for d in (0..pairs).step_by(2) {
-                let (q0, q1) = (qv[d] * g.scale, qv[d + 1] * g.scale);
-                let (k0, k1) = (key(d), key(d + 1));
-                for l in 0..LANES {
-                    a0[l] += q0 * k0[l];
-                    a1[l] += q1 * k1[l];
+            let mut acc = [[0f32; LANES]; NQ];
+            for d in 0..hd {
+                let key: &[f32; LANES] = kb[d * bs + c..d * bs + c + LANES].try_into().expect("LANES");
+                for (qi, a) in acc.iter_mut().enumerate() {
+                    let q = qt[qi * hd + d];
+                    for l in 0..LANES {
+                        a[l] = q.mul_add(key[l], a[l]);
+                    }
                 }
             }
-            if pairs < hd {
-                let (q0, k0) = (qv[pairs] * g.scale, key(pairs));
-                for l in 0..LANES {
-                    a0[l] += q0 * k0[l];
-                }
-            }
-            for l in 0..LANES {
-                sc[c + l] = a0[l] + a1[l];
+            for (qi, a) in acc.iter().enumerate() {
+                scores[qi * stride + bi * bs + c..][..LANES].copy_from_slice(a);
             }
         }
-        for (&qd, kd) in qv.iter().zip(kb.chunks_exact(bs)) {
-            let qd = qd * g.scale;
-            for (s, &kv) in sc[lanes..].iter_mut().zip(&kd[lanes..]) {
-                *s += qd * kv;
+        if lanes < bs {
+            for qi in 0..NQ {
+                let sc = &mut scores[qi * stride + bi * bs..][..bs];
+                for (d, kd) in kb.chunks_exact(bs).enumerate() {
+                    let q = qt[qi * hd + d];
+                    for (s, &kv) in sc[lanes..].iter_mut().zip(&kd[lanes..]) {
+                        *s = q.mul_add(kv, *s);
+                    }
+                }
             }
         }
     }
-    scores.truncate(n);
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let slots = block_table.iter().flat_map(|&b| {
-        let first = b as usize * bs;
-        first..first + bs
-    });
-    let mut sum = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += *sc;
+    // Softmax per query over its own positions; later positions weigh 0.
+    let mut inv = [0f32; NQ];
+    for (qi, iv) in inv.iter_mut().enumerate() {
+        let n = ns[qi];
+        let s = &mut scores[qi * stride..qi * stride + n];
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let mut sums = [0f32; LANES];
+        for ch in s.chunks_mut(LANES) {
+            for (x, sum) in ch.iter_mut().zip(&mut sums) {
+                *x = exp(*x - max);
+                *sum += *x;
+            }
+        }
+        *iv = 1.0 / sums.iter().sum::<f32>();
+        scores[qi * stride + n..(qi + 1) * stride].fill(0.0);
     }
-    let inv = 1.0 / sum;
-    // The weighted sum of values, 16 dimensions at a time in a register-sized accumulator.
+    // The weighted sums of values, 16 dimensions at a time: each value row's 16 dimensions are
+    // loaded once for all queries (one cache line per key and pass).
     let vh = g.kv_head * hd;
-    let wide = hd / (4 * LANES) * (4 * LANES);
-    for c in (0..wide).step_by(4 * LANES) {
-        weighted_sum::<{ 4 * LANES }>(
-            v,
-            block_table,
-            bs,
-            kv_width,
-            vh + c,
-            &scores[..n],
-            inv,
-            &mut o[c..c + 4 * LANES],
-        );
-    }
     let full = hd / LANES * LANES;
-    for c in (wide..full).step_by(LANES) {
-        weighted_sum::<LANES>(v, block_table, bs, kv_width, vh + c, &scores[..n], inv, &mut o[c..c + LANES]);
+    for c in (0..full).step_by(LANES) {
+        let mut acc = [[0f32; LANES]; NQ];
+        for (bi, &b) in block_table[..blocks].iter().enumerate() {
+            let first = b as usize * bs;
+            for j in 0..bs.min(nmax - bi * bs) {
+                let i = (first + j) * kv_width + vh + c;
+                let vv: &[f32; LANES] = v[i..i + LANES].try_into().expect("LANES");
+                let pos = bi * bs + j;
+                for (qi, a) in acc.iter_mut().enumerate() {
+                    let pq = scores[qi * stride + pos];
+                    for l in 0..LANES {
+                        a[l] = pq.mul_add(vv[l], a[l]);
+                    }
+                }
+            }
+        }
+        for (qi, a) in acc.iter().enumerate() {
+            for l in 0..LANES {
+                o[qi * hd + c + l] = a[l] * inv[qi];
+            }
+        }
     }
     if full < hd {
-        o[full..].fill(0.0);
-        for (slot, &p) in slots.take(n).zip(scores.iter()) {
-            let base = slot * kv_width + vh;
-            for (ov, vv) in o[full..].iter_mut().zip(&v[base + full..base + hd]) {
-                *ov += p * vv;
+        for (qi, iv) in inv.iter().enumerate() {
+            let oq = &mut o[qi * hd + full..(qi + 1) * hd];
+            oq.fill(0.0);
+            for pos in 0..nmax {
+                let slot = block_table[pos / bs] as usize * bs + pos % bs;
+                let p = scores[qi * stride + pos];
+                let base = slot * kv_width + vh;
+                for (ov, vv) in oq.iter_mut().zip(&v[base + full..base + hd]) {
+                    *ov = p.mul_add(*vv, *ov);
+                }
             }
-        }
-        for ov in &mut o[full..] {
-            *ov *= inv;
+            for ov in oq.iter_mut() {
+                *ov *= iv;
+            }
         }
     }
 }
 
-/// `o = inv · Σ_j p_j v_j[at..at + W]` over the positions of `ps`, `W` values in a fixed-size
-/// accumulator (several independent registers for `W` > 16).
+/// Scratch of one tile kernel call.
+#[derive(Default)]
+struct TileScratch {
+    scores: Vec<f32>,
+}
+
+/// [`attend_tile_n`] for `qs.len() / head_dim` queries, one of [`TILE_SIZES`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn weighted_sum<const W: usize>(
+fn attend_tile_generic(
+    qt: &[f32],
+    ns: &[usize],
+    k: &[f32],
     v: &[f32],
     block_table: &[u32],
-    bs: usize,
-    kv_width: usize,
-    at: usize,
-    ps: &[f32],
-    inv: f32,
+    g: HeadGeometry,
+    scratch: &mut TileScratch,
     o: &mut [f32],
 ) {
-    let mut acc = [0f32; W];
-    for (&b, pb) in block_table.iter().zip(ps.chunks(bs)) {
-        let first = b as usize * bs;
-        for (j, &p) in pb.iter().enumerate() {
-            let i = (first + j) * kv_width + at;
-            let vv: &[f32; W] = v[i..i + W].try_into().expect("W values");
-            for l in 0..W {
-                acc[l] += p * vv[l];
-            }
-        }
-    }
-    for (ov, a) in o.iter_mut().zip(&acc) {
-        *ov = a * inv;
+    match ns.len() {
+        1 => attend_tile_n::<1>(qt, ns, k, v, block_table, g, scratch, o),
+        2 => attend_tile_n::<2>(qt, ns, k, v, block_table, g, scratch, o),
+        3 => attend_tile_n::<3>(qt, ns, k, v, block_table, g, scratch, o),
+        4 => attend_tile_n::<4>(qt, ns, k, v, block_table, g, scratch, o),
+        6 => attend_tile_n::<6>(qt, ns, k, v, block_table, g, scratch, o),
+        8 => attend_tile_n::<8>(qt, ns, k, v, block_table, g, scratch, o),
+        12 => attend_tile_n::<12>(qt, ns, k, v, block_table, g, scratch, o),
+        n => unreachable!("tile of {n} queries is not one of {TILE_SIZES:?}"),
     }
 }
 
 multiversion! {
-    fn attend_one(qv: &[f32], k: &[f32], v: &[f32], block_table: &[u32], n: usize, g: HeadGeometry, scores: &mut Vec<f32>, o: &mut [f32]) => attend_one_generic
+    fn attend_tile(qt: &[f32], ns: &[usize], k: &[f32], v: &[f32], block_table: &[u32], g: HeadGeometry, scratch: &mut TileScratch, o: &mut [f32]) => attend_tile_generic
+}
+
+/// One tile of work: query heads `head0..head0 + heads` of the group of KV head `kv_head`, for
+/// query rows `row0..row0 + rows` of sequence `seq` (rows counted within the sequence).
+#[derive(Clone, Copy)]
+struct Tile {
+    seq: usize,
+    kv_head: usize,
+    row0: usize,
+    rows: usize,
+    head0: usize,
+    heads: usize,
+}
+
+/// Per-task scratch of [`paged_attention`].
+#[derive(Default)]
+struct Scratch {
+    qt: Vec<f32>,
+    ns: Vec<usize>,
+    tile: TileScratch,
+    o: Vec<f32>,
 }
 
 /// Attention for a batch of sequences; see [`crate::Backend::paged_attention`].
@@ -261,26 +308,76 @@ pub fn paged_attention(
         format!("q has {} values, out {}, row width {width}", q.len(), out.len())
     })?;
     let rows = q.len() / width;
-    // Map every query row to (its sequence, its position) and check the block tables.
-    let mut row_info = vec![None; rows];
+    // Rows no sequence claims get zeros.
+    let mut claimed = vec![false; rows];
     for (si, s) in seqs.iter().enumerate() {
         s.check(si, rows, l)?;
-        for i in 0..s.q_len {
-            row_info[s.q_start + i] = Some((si, s.ctx_len - s.q_len + i));
+        for (row, c) in claimed[s.q_start..s.q_start + s.q_len].iter_mut().enumerate() {
+            if std::mem::replace(c, true) {
+                return Err(KernelError::Shape {
+                    op: "paged_attention",
+                    detail: format!("sequence {si} claims row {} that an earlier sequence claims", s.q_start + row),
+                });
+            }
         }
     }
+    for (row, _) in claimed.iter().enumerate().filter(|(_, c)| !**c) {
+        out[row * width..(row + 1) * width].fill(0.0);
+    }
     let group = heads / l.kv_heads;
+    // A group that fits in a tile takes as many query rows as fit beside it; a larger group is
+    // split into tiles of MAX_TILE heads, one row each.
+    let (head_chunk, rows_per_tile) = if group <= MAX_TILE { (group, MAX_TILE / group) } else { (MAX_TILE, 1) };
+    let mut tiles = Vec::new();
+    for (seq, s) in seqs.iter().enumerate() {
+        for kv_head in 0..l.kv_heads {
+            for row0 in (0..s.q_len).step_by(rows_per_tile) {
+                for head0 in (0..group).step_by(head_chunk) {
+                    let (rows, heads) = (rows_per_tile.min(s.q_len - row0), head_chunk.min(group - head0));
+                    tiles.push(Tile { seq, kv_head, row0, rows, head0, heads });
+                }
+            }
+        }
+    }
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
-        let (row, h) = (idx / heads, idx % heads);
-        let Some((si, pos)) = row_info[row] else {
-            o.fill(0.0);
-            return;
-        };
-        let s = &seqs[si];
-        let qv = &q[row * width + h * hd..row * width + (h + 1) * hd];
-        let geo = HeadGeometry { block_size: l.block_size, kv_heads: l.kv_heads, kv_head: h / group, scale };
-        attend_one(level, qv, &cache.k, &cache.v, s.block_table, pos + 1, geo, scores, o);
+    let dst = SendPtr(out.as_mut_ptr());
+    tiles.par_iter().for_each_init(Scratch::default, |sc, t| {
+        let s = &seqs[t.seq];
+        let nq = t.rows * t.heads;
+        let padded = *TILE_SIZES.iter().find(|&&n| n >= nq).expect("tiles hold at most MAX_TILE queries");
+        let first_pos = s.ctx_len - s.q_len + t.row0;
+        // Queries scaled; padding queries (zeros over the longest context)
+        // are computed and dropped.
+        sc.qt.clear();
+        sc.qt.resize(padded * hd, 0.0);
+        sc.ns.clear();
+        for r in 0..t.rows {
+            let row = s.q_start + t.row0 + r;
+            for hh in 0..t.heads {
+                let h = t.kv_head * group + t.head0 + hh;
+                let qi = sc.ns.len();
+                for (d, &x) in q[row * width + h * hd..row * width + (h + 1) * hd].iter().enumerate() {
+                    sc.qt[qi * hd + d] = x * scale;
+                }
+                sc.ns.push(first_pos + r + 1);
+            }
+        }
+        sc.ns.resize(padded, first_pos + t.rows);
+        sc.o.resize(padded * hd, 0.0);
+        let geo = HeadGeometry { block_size: l.block_size, kv_heads: l.kv_heads, kv_head: t.kv_head };
+        attend_tile(level, &sc.qt, &sc.ns, &cache.k, &cache.v, s.block_table, geo, &mut sc.tile, &mut sc.o);
+        for r in 0..t.rows {
+            let row = s.q_start + t.row0 + r;
+            for hh in 0..t.heads {
+                let h = t.kv_head * group + t.head0 + hh;
+                let src = &sc.o[(r * t.heads + hh) * hd..][..hd];
+                // SAFETY: tiles cover disjoint (row, head) pairs of rows the sequences claim,
+                // each inside `out` (shapes checked above), so no two tasks write one value.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr().add(row * width + h * hd), hd);
+                }
+            }
+        }
     });
     Ok(())
 }
@@ -364,6 +461,93 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// A batch as the scheduler builds it: decode rows (one query over a longer context),
+    /// a partial prefill (queries over the tail of the context), a full prefill, a row no
+    /// sequence claims (zeros), and query groups larger than one tile (split by heads);
+    /// every SIMD level against plain causal attention. Two sequences claiming one row is
+    /// refused by name.
+    #[test]
+    fn paged_attention_of_a_mixed_batch_matches_plain_causal_attention() {
+        let mut rng = StdRng::seed_from_u64(12);
+        // (kv heads, query heads): a group of 3, and groups of 14 and 28 (split over tiles).
+        for (kv_heads, heads) in [(2usize, 6usize), (2, 28), (1, 28)] {
+            let (block_size, head_dim) = (16usize, 24usize);
+            // (q_len, ctx_len) per sequence: decode, decode at a block edge, partial prefill,
+            // full prefill, decode over one key.
+            let shapes = [(1usize, 40usize), (1, 32), (13, 50), (9, 9), (1, 1)];
+            let per_seq: Vec<usize> = shapes.iter().map(|&(_, c)| c.div_ceil(block_size)).collect();
+            let l = KvLayout { num_blocks: per_seq.iter().sum::<usize>() + 2, block_size, kv_heads, head_dim };
+            let kvw = l.token_width();
+            let width = heads * head_dim;
+            // One unclaimed row between the second and third sequence.
+            let rows = shapes.iter().map(|s| s.0).sum::<usize>() + 1;
+            let q: Vec<f32> = (0..rows * width).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut cache = CpuKvCache::new(l);
+            let mut next_block = l.num_blocks as u32;
+            let mut data = Vec::new();
+            let mut q_start = 0;
+            for (si, (&(q_len, ctx), &nb)) in shapes.iter().zip(&per_seq).enumerate() {
+                // Blocks handed out from the top of the pool down, so tables are scrambled
+                // relative to each other.
+                let table: Vec<u32> = (0..nb)
+                    .map(|_| {
+                        next_block -= 1;
+                        next_block
+                    })
+                    .collect();
+                let k: Vec<f32> = (0..ctx * kvw).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let v: Vec<f32> = (0..ctx * kvw).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let slots: Vec<u32> =
+                    (0..ctx).map(|t| table[t / block_size] * block_size as u32 + (t % block_size) as u32).collect();
+                cache.write(&k, &v, &slots).expect("write");
+                if si == 2 {
+                    q_start += 1;
+                }
+                data.push((q_start, q_len, ctx, table, k, v));
+                q_start += q_len;
+            }
+            let seqs: Vec<AttnSeq<'_>> = data
+                .iter()
+                .map(|(q_start, q_len, ctx, table, _, _)| AttnSeq {
+                    q_start: *q_start,
+                    q_len: *q_len,
+                    ctx_len: *ctx,
+                    block_table: table,
+                })
+                .collect();
+            let unclaimed = data[2].0 - 1;
+            for level in [SimdLevel::Generic, SimdLevel::Avx2, SimdLevel::Avx512] {
+                if level > crate::cpu::simd::detected() {
+                    continue;
+                }
+                let mut out = vec![f32::NAN; q.len()];
+                paged_attention(level, &q, &cache, &seqs, heads, &mut out).expect("attention");
+                assert!(out[unclaimed * width..(unclaimed + 1) * width].iter().all(|&x| x == 0.0), "unclaimed row");
+                for (si, (q_start, q_len, ctx, _, k, v)) in data.iter().enumerate() {
+                    for r in 0..*q_len {
+                        let (row, pos) = (q_start + r, ctx - q_len + r);
+                        for h in 0..heads {
+                            // The reference reads the query at `row` and keys 0..=pos.
+                            let want = reference(&q, k, v, row, pos, h, l, heads);
+                            let got = &out[row * width + h * head_dim..][..head_dim];
+                            for (a, b) in got.iter().zip(&want) {
+                                assert!(
+                                    (a - b).abs() < 1e-5,
+                                    "kv {kv_heads} heads {heads} {level:?} seq {si} row {row} head {h}: {a} vs {b}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            let mut overlapping = seqs.clone();
+            overlapping[1].q_start = overlapping[0].q_start;
+            let err = paged_attention(SimdLevel::Generic, &q, &cache, &overlapping, heads, &mut vec![0.0; q.len()])
+                .expect_err("two sequences on one row");
+            assert!(err.to_string().contains("claims row 0"), "{err}");
         }
     }
 }

@@ -187,7 +187,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &Vec<f32>, up: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        ops::silu_mul(gate, up, out)
+        ops::silu_mul(self.level, gate, up, out)
     }
 
     fn gather_rows(&self, x: &Vec<f32>, width: usize, rows: &[u32], out: &mut Vec<f32>) -> Result<()> {

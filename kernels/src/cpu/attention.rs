@@ -94,6 +94,26 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Asks the CPU to bring `values` into its caches (one request per 64-byte line); a hint with
+/// no effect on results.
+#[inline(always)]
+fn prefetch(values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in values.chunks(16) {
+        // SAFETY: a prefetch never faults and changes no state a program can observe; the
+        // address is inside a live slice.
+        #[allow(unused_unsafe)]
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
+
+/// How many K blocks ahead of the one being scored are requested.
+const PREFETCH_AHEAD: usize = 2;
+
 /// Lanes of the attention kernels' accumulators (one AVX-512 register of f32).
 const LANES: usize = 16;
 
@@ -143,8 +163,23 @@ fn attend_tile_n<const NQ: usize>(
     scores.resize(NQ * stride, 0.0);
     let lanes = bs / LANES * LANES;
     let k_at = |b: u32| (b as usize * g.kv_heads + g.kv_head) * hd * bs;
+    let vh = g.kv_head * hd;
     for (bi, &b) in block_table[..blocks].iter().enumerate() {
         let kb = &k[k_at(b)..][..hd * bs];
+        // The blocks of a sequence lie anywhere in the pool, so the hardware prefetcher, which
+        // stops at page boundaries, cannot see the next one coming: ask for the next block's keys
+        // and this block's values (read after the softmax) while this block's scores compute.
+        if bi == 0 {
+            for &next in block_table[1..blocks.min(PREFETCH_AHEAD + 1)].iter() {
+                prefetch(&k[k_at(next)..][..hd * bs]);
+            }
+        }
+        if let Some(&next) = block_table[..blocks].get(bi + PREFETCH_AHEAD + 1) {
+            prefetch(&k[k_at(next)..][..hd * bs]);
+        }
+        for j in 0..bs.min(nmax - bi * bs) {
+            prefetch(&v[(b as usize * bs + j) * kv_width + vh..][..hd]);
+        }
         for c in (0..lanes).step_by(LANES) {
             let mut acc = [[0f32; LANES]; NQ];
             for d in 0..hd {
@@ -190,7 +225,6 @@ fn attend_tile_n<const NQ: usize>(
     }
     // The weighted sums of values, 16 dimensions at a time: each value row's 16 dimensions are
     // loaded once for all queries (one cache line per key and pass).
-    let vh = g.kv_head * hd;
     let full = hd / LANES * LANES;
     for c in (0..full).step_by(LANES) {
         let mut acc = [[0f32; LANES]; NQ];

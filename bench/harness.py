@@ -53,6 +53,35 @@ LLAMACPP_CMAKE_ARGS = ["-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_L
                        "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_OPENSSL=OFF",
                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
 LLAMACPP_TOOLS = ("llama-server", "llama-bench")
+# x86 instruction sets ggml can be told to use, by /proc/cpuinfo flag: used instead of
+# -DGGML_NATIVE=ON on a CPU with AMX, because ggml's AMX matmul (which a native build turns on)
+# crashed llama-bench and llama-server with SIGSEGV at the first Q4_1 matmul on this project's
+# Sapphire Rapids VMs (build 0c1e570, 2026-12-04); every other extension is kept.
+LLAMACPP_ISA_FLAGS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2", "fma": "GGML_FMA",
+                      "f16c": "GGML_F16C", "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512",
+                      "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+                      "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def llamacpp_cmake_args() -> list[str]:
+    """LLAMACPP_CMAKE_ARGS, with the native build replaced by explicit extensions minus AMX on
+    a CPU that has AMX (see LLAMACPP_ISA_FLAGS)."""
+    flags = cpu_flags()
+    if not any(f.startswith("amx") for f in flags):
+        return list(LLAMACPP_CMAKE_ARGS)
+    isa = [f"-D{opt}={'ON' if f in flags else 'OFF'}" for f, opt in LLAMACPP_ISA_FLAGS.items()]
+    amx = ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    return ["-DGGML_NATIVE=OFF", *isa, *amx, *LLAMACPP_CMAKE_ARGS[1:]]
 
 
 def log(msg: str) -> None:
@@ -314,11 +343,13 @@ def ensure_llamacpp_bin(jobs: int = 2) -> dict[str, Path]:
     <cache>/llamacpp-bin/BUILD.json records the source, the commands and `llama-server --version`."""
     out = llamacpp_bin_dir()
     tools = {t: out / t for t in LLAMACPP_TOOLS}
-    if all(p.exists() for p in tools.values()) and subprocess.run(
+    cmake_args = llamacpp_cmake_args()
+    built_with = llamacpp_build_info().get("cmake_args")
+    if all(p.exists() for p in tools.values()) and built_with in (None, cmake_args) and subprocess.run(
             [str(tools["llama-server"]), "--version"], capture_output=True, timeout=60).returncode == 0:
         return tools
     log(f"building llama.cpp's {' and '.join(LLAMACPP_TOOLS)} into {out} from the llama.cpp vendored in the "
-        f"{LLAMACPP_SRC_SPEC} sdist (CMake, -DGGML_NATIVE=ON): takes ~15 minutes on 2 cores")
+        f"{LLAMACPP_SRC_SPEC} sdist (CMake, {cmake_args[0]}): takes ~15 minutes on 2 cores")
     venv = cache_dir() / "venv-llamacpp-build"
     py, cmake = venv / "bin" / "python", venv / "bin" / "cmake"
     steps = []
@@ -361,7 +392,7 @@ def ensure_llamacpp_bin(jobs: int = 2) -> dict[str, Path]:
             raise RuntimeError(f"{sdist} has no vendor/llama.cpp/CMakeLists.txt")
     build = tree / "build"
     env = dict(os.environ, PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
-    run(["nice", "-n", "19", cmake, "-S", tree, "-B", build, *LLAMACPP_CMAKE_ARGS], env=env,
+    run(["nice", "-n", "19", cmake, "-S", tree, "-B", build, *cmake_args], env=env,
         stdout=subprocess.DEVNULL)
     run(["nice", "-n", "19", cmake, "--build", build, "--target", *LLAMACPP_TOOLS, f"-j{jobs}"], env=env,
         stdout=subprocess.DEVNULL)
@@ -373,7 +404,7 @@ def ensure_llamacpp_bin(jobs: int = 2) -> dict[str, Path]:
         tmp.replace(dst)
     ver = subprocess.run([str(tools["llama-server"]), "--version"], capture_output=True, text=True, timeout=60)
     (out / "BUILD.json").write_text(json.dumps({
-        "source": f"{sdist.name}: vendor/llama.cpp", "cmake_args": LLAMACPP_CMAKE_ARGS, "steps": steps,
+        "source": f"{sdist.name}: vendor/llama.cpp", "cmake_args": cmake_args, "steps": steps,
         "version": (ver.stdout + ver.stderr).strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1) + "\n")
     return tools
 

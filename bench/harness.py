@@ -63,14 +63,19 @@ LLAMACPP_ISA_FLAGS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2
                       "avx512_bf16": "GGML_AVX512_BF16"}
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo_field(key: str) -> str | None:
+    """The value of the first `key` line of /proc/cpuinfo, or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    return set((cpuinfo_field("flags") or "").split())
 
 
 def llamacpp_cmake_args() -> list[str]:
@@ -113,14 +118,7 @@ def sigterm_as_interrupt() -> None:
 
 
 def machine_info() -> dict:
-    model = "unknown"
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpuinfo_field("model name") or "unknown"
     mem_gib = None
     try:
         for ln in open("/proc/meminfo"):

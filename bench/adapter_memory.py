@@ -4,7 +4,8 @@
 Starts `openlora serve` (bare: no plugins, no receipts) on 127.0.0.1 with the folder made by
 `openlora adapters synth --count 1000` (rank 8 on q_proj and v_proj, f16, the harness's `synth1k`)
 and a device tier big enough to hold them all, then sends one 1-token completion per adapter so
-that every one is read from disk and kept. It reads the server's VmRSS from /proc before and after,
+that every one is read from disk and kept. It reads the server's VmRSS from /proc before and after
+(one second after the last request, once the pager's loaders have gone idle and trimmed the heap),
 and the pager's own count (`openlora_adapter_tier_bytes{tier="device"}`), and prints one JSON line:
 RSS growth per adapter against the file bytes per adapter.
 
@@ -61,6 +62,9 @@ def main() -> int:
             list(pool.map(lambda n: complete(srv.url, n), names))
         load_s = time.time() - t0
         complete(srv.url, H.BASE_MODEL_NAME)
+        # The pager trims the heap once its loaders have been idle for 200 ms (after a burst of
+        # loads); read the settled figure.
+        time.sleep(1.0)
         after = rss_mib(pid)
         after_anon = rss_mib(pid, "RssAnon")
         m = srv.metrics()

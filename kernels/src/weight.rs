@@ -18,8 +18,9 @@ pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 #[derive(Clone)]
 pub struct HostWeight {
     dtype: DType,
-    rows: usize,
-    cols: usize,
+    // 32 bits each: a server may hold thousands of adapters of ~60 small tensors each.
+    rows: u32,
+    cols: u32,
     bytes: SharedBytes,
     range: Range<usize>,
 }
@@ -56,6 +57,10 @@ impl HostWeight {
                 range.len()
             )));
         }
+        let dim = |n: usize| {
+            u32::try_from(n).map_err(|_| KernelError::Data(format!("shape [{rows}, {cols}] has a dimension over 2^32")))
+        };
+        let (rows32, cols32) = (dim(rows)?, dim(cols)?);
         let total = (*bytes).as_ref().len();
         if range.end > total || range.start > range.end {
             return Err(KernelError::Data(format!(
@@ -63,7 +68,7 @@ impl HostWeight {
                 range.start, range.end
             )));
         }
-        Ok(Self { dtype, rows, cols, bytes, range })
+        Ok(Self { dtype, rows: rows32, cols: cols32, bytes, range })
     }
 
     /// An owned f32 tensor.
@@ -86,12 +91,12 @@ impl HostWeight {
 
     /// Number of rows (output features for a linear layer).
     pub fn rows(&self) -> usize {
-        self.rows
+        self.rows as usize
     }
 
     /// Number of columns (input features for a linear layer).
     pub fn cols(&self) -> usize {
-        self.cols
+        self.cols as usize
     }
 
     /// The raw bytes, row-major.
@@ -124,7 +129,7 @@ impl HostWeight {
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.range.len() / self.rows.max(1)
+        self.range.len() / self.rows().max(1)
     }
 
     /// The raw bytes of row `r`.
@@ -135,9 +140,10 @@ impl HostWeight {
 
     /// Dequantizes the whole tensor to f32 (row-major).
     pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        if self.cols > 0 {
-            for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![0f32; rows * cols];
+        if cols > 0 {
+            for (r, dst) in out.chunks_exact_mut(cols).enumerate() {
                 dequantize_row(self.dtype, self.row(r), dst);
             }
         }
@@ -147,7 +153,7 @@ impl HostWeight {
     /// A new owned tensor whose row `i` is this tensor's row `order[i]`. Used to undo GGUF's
     /// row permutation of attention projections without dequantizing.
     pub fn permute_rows(&self, order: &[usize]) -> Result<Self> {
-        if order.len() != self.rows || order.iter().any(|&r| r >= self.rows) {
+        if order.len() != self.rows() || order.iter().any(|&r| r >= self.rows()) {
             return Err(KernelError::Shape {
                 op: "permute_rows",
                 detail: format!("{} indices for {} rows", order.len(), self.rows),
@@ -157,6 +163,6 @@ impl HostWeight {
         for &r in order {
             bytes.extend_from_slice(self.row(r));
         }
-        Self::from_bytes(self.dtype, self.rows, self.cols, bytes)
+        Self::from_bytes(self.dtype, self.rows(), self.cols(), bytes)
     }
 }

@@ -91,24 +91,79 @@ pub struct LoraModule<B: Backend> {
 }
 
 /// An adapter prepared for a backend: per decoder layer, per projection, optional weights.
+///
+/// Thousands of these can be resident at once, so the layout is compact: the modules lie in one
+/// slice (layers in order, then the LM head's), and a table of 16-bit indices maps each
+/// (layer, projection) slot to its module, an empty slot costing two bytes. On the CPU the
+/// modules' weights are views of one page-aligned buffer ([`crate::adapters`]'s `prepare`).
 pub struct LoraAdapter<B: Backend> {
     /// The name it was loaded under (informational; identity is `generation`).
     pub name: String,
     /// Content hash.
     pub generation: Generation,
-    /// `layers[l][proj.index()]` (boxed: most adapters target a few of the seven, and an
-    /// empty slot then costs a pointer, not a module).
-    pub layers: Vec<[Option<Box<LoraModule<B>>>; 7]>,
-    /// LoRA on the LM head, if the adapter has one.
-    pub lm_head: Option<Box<LoraModule<B>>>,
     /// Bytes the backend holds for the weights (the file's precision on the CPU).
     pub bytes: usize,
+    modules: Box<[LoraModule<B>]>,
+    /// `layers * 7` slots, then one for the LM head: an index into `modules`, or [`EMPTY`].
+    slots: Box<[u16]>,
 }
 
+/// An untargeted slot of [`LoraAdapter`]'s table.
+const EMPTY: u16 = u16::MAX;
+
 impl<B: Backend> LoraAdapter<B> {
+    /// Lays out `layers[l][proj.index()]` and the LM head's module compactly. Fails (with the
+    /// count) when there are more modules than a 16-bit index addresses.
+    pub fn new(
+        name: String,
+        generation: Generation,
+        layers: Vec<[Option<LoraModule<B>>; 7]>,
+        lm_head: Option<LoraModule<B>>,
+        bytes: usize,
+    ) -> Result<Self, String> {
+        let nslots = layers.len() * 7 + 1;
+        let mut slots = vec![EMPTY; nslots];
+        let count = layers.iter().flatten().flatten().count() + usize::from(lm_head.is_some());
+        let mut modules = Vec::with_capacity(count);
+        let all = layers.into_iter().flatten().chain(std::iter::once(lm_head));
+        for (slot, m) in slots.iter_mut().zip(all) {
+            if let Some(m) = m {
+                *slot = u16::try_from(modules.len())
+                    .ok()
+                    .filter(|&i| i != EMPTY)
+                    .ok_or_else(|| format!("more than {} LoRA modules in one adapter", EMPTY))?;
+                modules.push(m);
+            }
+        }
+        Ok(Self { name, generation, bytes, modules: modules.into_boxed_slice(), slots: slots.into_boxed_slice() })
+    }
+
+    fn slot(&self, i: usize) -> Option<&LoraModule<B>> {
+        let m = *self.slots.get(i)?;
+        if m == EMPTY { None } else { self.modules.get(usize::from(m)) }
+    }
+
     /// The module at (`layer`, `proj`), if targeted.
     pub fn module(&self, layer: usize, proj: Proj) -> Option<&LoraModule<B>> {
-        self.layers.get(layer).and_then(|l| l[proj.index()].as_deref())
+        if layer >= self.num_layers() {
+            return None;
+        }
+        self.slot(layer * 7 + proj.index())
+    }
+
+    /// LoRA on the LM head, if the adapter has one.
+    pub fn lm_head(&self) -> Option<&LoraModule<B>> {
+        self.slot(self.slots.len() - 1)
+    }
+
+    /// Decoder layers the table covers (the base model's).
+    pub fn num_layers(&self) -> usize {
+        self.slots.len() / 7
+    }
+
+    /// Every module: the layers' in order, then the LM head's.
+    pub fn modules(&self) -> impl Iterator<Item = &LoraModule<B>> {
+        self.modules.iter()
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use openlora::adapters::catalog::{Catalog, SaveDtype, write_peft};
 use openlora::adapters::pager::{NameStatus, Pager, PagerConfig, PagerError};
 use openlora::adapters::synth::random_lora;
-use openlora::adapters::{AdapterRegistry, LoraAdapter, LoraHost, WeightedAdapter};
+use openlora::adapters::{AdapterRegistry, LoraAdapter, LoraHost, Proj, WeightedAdapter};
 use openlora::engine::kv_cache::{BlockAllocator, SequenceBlocks};
 use openlora::model::config::LlamaConfig;
 use openlora::model::llama::{ForwardBatch, LlamaModel};
@@ -293,6 +293,47 @@ fn concurrent_acquires_of_one_cold_adapter_load_it_once() {
     pager.prefetch(&name(1)).expect("prefetch");
     pager.acquire_blocking(&name(1)).expect("after prefetch");
     assert_eq!(pager.metrics().loads, 3);
+}
+
+/// Once a burst of loads is over (the queue quiet for 200 ms), one loader hands the heap's
+/// free pages back, once per burst: not after every load of a burst, and not while idle.
+#[test]
+fn the_loaders_trim_the_heap_once_after_each_burst_of_loads() {
+    let cfg = tiny().config;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    write_adapters(tmp.path(), &cfg, 6, 4);
+    // One loader, and each burst queued at once (prefetch does not wait), so a burst is one
+    // stretch of work however slow the machine.
+    let config = PagerConfig { loader_threads: 1, ..PagerConfig::new(0, 64 * 1024 * 1024) };
+    let (pager, _) = pager_for(tmp.path(), &cfg, config);
+    let quiet = |want: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pager.metrics().heap_trims < want && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(pager.metrics().heap_trims, want, "{:?}", pager.metrics());
+    };
+    assert_eq!(pager.metrics().heap_trims, 0, "no loads, no trims");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(pager.metrics().heap_trims, 0, "an idle pager does not trim");
+    let burst = |range: std::ops::Range<usize>| {
+        for i in range.clone() {
+            pager.prefetch(&name(i)).expect("prefetch");
+        }
+        for i in range {
+            pager.acquire_blocking(&name(i)).expect("acquire");
+        }
+    };
+    burst(0..3);
+    assert_eq!(pager.metrics().loads, 3);
+    quiet(1);
+    burst(3..6);
+    quiet(2);
+    // Hits load nothing, so they leave nothing to trim.
+    burst(0..3);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(pager.metrics().heap_trims, 2);
 }
 
 #[test]
@@ -597,7 +638,7 @@ fn the_cpu_holds_an_adapter_once_in_its_files_precision() {
     let file32 = tensor_bytes(&tmp.path().join("h32/adapter_model.safetensors"));
     assert_eq!((a16.bytes, a32.bytes), (file16, file32), "resident bytes are the files' tensor bytes");
     assert_eq!(2 * a16.bytes, a32.bytes);
-    let m = a16.layers[0][0].as_ref().expect("q_proj");
+    let m = a16.module(0, Proj::Q).expect("q_proj");
     assert_eq!((m.a.host().dtype(), m.b.host().dtype()), (DType::F16, DType::F16));
     let listed: usize = pager.resident().iter().map(|r| r.bytes + r.host_bytes).sum();
     assert_eq!(listed, file16 + file32, "the listing reports what is held");
@@ -623,8 +664,9 @@ fn the_cpu_holds_an_adapter_once_in_its_files_precision() {
 /// on a 64-byte boundary, in the file's precision, with nothing between them but that padding.
 /// (Two allocations per module, interleaved with the f32 values read from the file, left the
 /// heap fragmented: 1,000 loaded rank-8 q/v adapters took 1.30x their files' bytes in RSS;
-/// one buffer each, 1.01x. `bench/adapter_memory.py` measures it.) An empty module slot costs
-/// a pointer, and a CUDA weight is boxed, so a CPU weight is not padded to its size.
+/// one buffer each, 1.01x. `bench/adapter_memory.py` measures it.) The buffer is its own
+/// page-aligned mapping, not a heap block; the modules lie in one slice with a 16-bit index per
+/// slot, and a CUDA weight is boxed, so a CPU weight is not padded to its size.
 #[test]
 fn a_prepared_adapter_is_one_buffer_of_its_tensors() {
     use openlora_kernels::{DType, DeviceWeight, quant::quantize_row};
@@ -640,8 +682,8 @@ fn a_prepared_adapter_is_one_buffer_of_its_tensors() {
     let mut payload = 0;
     for (l, hl) in host.layers.iter().enumerate() {
         for (p, hm) in hl.iter().enumerate() {
-            let (Some(hm), Some(m)) = (hm, a.layers[l][p].as_deref()) else {
-                assert!(hm.is_none() && a.layers[l][p].is_none(), "layer {l} slot {p}");
+            let (Some(hm), Some(m)) = (hm, a.module(l, Proj::ALL[p])) else {
+                assert!(hm.is_none() && a.module(l, Proj::ALL[p]).is_none(), "layer {l} slot {p}");
                 continue;
             };
             let mut bt = vec![0f32; hm.rank * hm.out_dim];
@@ -663,6 +705,9 @@ fn a_prepared_adapter_is_one_buffer_of_its_tensors() {
     // Offsets from the first tensor (the buffer's start): each tensor starts where the one
     // before it ends, rounded up to 64.
     let first = views[0].0;
+    assert_eq!(first % 4096, 0, "the buffer is a mapping of its own, starting on a page");
+    assert_eq!(a.modules().count(), host.layers.iter().flatten().flatten().count());
+    assert!(a.lm_head().is_none() && a.module(cfg.num_layers, Proj::Q).is_none());
     let mut end = 0usize;
     for &(at, len) in &views {
         assert_eq!(at.wrapping_sub(first), end.next_multiple_of(64), "tensors follow each other in one buffer");

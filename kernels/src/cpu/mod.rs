@@ -22,17 +22,39 @@ pub use attention::CpuKvCache;
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
     host: HostWeight,
+    /// What the backend derived from the tensor, if anything (behind a pointer: most weights, and every
+    /// LoRA module of the thousands of adapters a server may hold, have none, and then it costs
+    /// a pointer).
+    extra: Option<std::sync::Arc<Extra>>,
+}
+
+#[derive(Debug)]
+enum Extra {
     /// f32 copy of a 1-D tensor (norm weights, biases).
-    vector: Option<Vec<f32>>,
+    Vector(Vec<f32>),
     /// The block-quantized matrix repacked for the 8-bit-activation kernels (only when the
     /// backend runs them).
-    packed: Option<std::sync::Arc<int8::PackedWeight>>,
+    Packed(int8::PackedWeight),
 }
 
 impl CpuWeight {
     /// The underlying host tensor.
     pub fn host(&self) -> &HostWeight {
         &self.host
+    }
+
+    fn vector(&self) -> Option<&[f32]> {
+        match self.extra.as_deref() {
+            Some(Extra::Vector(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn packed(&self) -> Option<&int8::PackedWeight> {
+        match self.extra.as_deref() {
+            Some(Extra::Packed(p)) => Some(p),
+            _ => None,
+        }
     }
 }
 
@@ -72,7 +94,7 @@ impl CpuBackend {
     }
 
     fn vector<'a>(&self, w: &'a CpuWeight, op: &'static str) -> Result<&'a [f32]> {
-        w.vector.as_deref().ok_or_else(|| crate::KernelError::Shape {
+        w.vector().ok_or_else(|| crate::KernelError::Shape {
             op,
             detail: format!("expected a 1-D weight, got [{}, {}]", w.host.rows(), w.host.cols()),
         })
@@ -104,13 +126,15 @@ impl Backend for CpuBackend {
     }
 
     fn prepare_weight(&self, w: HostWeight) -> Result<CpuWeight> {
-        let vector = (w.rows() == 1).then(|| w.to_f32());
-        let packed = if self.int8 { int8::PackedWeight::new(&w).map(std::sync::Arc::new) } else { None };
-        if packed.is_some() {
+        let packed = if self.int8 { int8::PackedWeight::new(&w) } else { None };
+        let extra = if let Some(p) = packed {
             // The matmuls read the packed copy from now on; the file's pages need not stay.
             w.advise_not_needed();
-        }
-        Ok(CpuWeight { host: w, vector, packed })
+            Some(Extra::Packed(p))
+        } else {
+            (w.rows() == 1).then(|| Extra::Vector(w.to_f32()))
+        };
+        Ok(CpuWeight { host: w, extra: extra.map(std::sync::Arc::new) })
     }
 
     fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
@@ -118,7 +142,7 @@ impl Backend for CpuBackend {
     }
 
     fn weight_bytes(&self, w: &CpuWeight) -> usize {
-        w.host.bytes().len() + w.vector.as_ref().map_or(0, |v| v.len() * 4) + w.packed.as_ref().map_or(0, |p| p.bytes())
+        w.host.bytes().len() + w.vector().map_or(0, |v| v.len() * 4) + w.packed().map_or(0, |p| p.bytes())
     }
 
     fn weights_in_host_memory(&self) -> bool {
@@ -150,7 +174,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &Vec<f32>, rows: usize, w: &CpuWeight, out: &mut Vec<f32>) -> Result<()> {
-        if let Some(p) = &w.packed {
+        if let Some(p) = w.packed() {
             let (n, k) = p.shape();
             ensure_shape(x.len() == rows * k && out.len() == rows * n, "matmul", || {
                 format!("x {} out {} for {rows} rows of [{n}, {k}]", x.len(), out.len())

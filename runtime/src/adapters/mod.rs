@@ -27,25 +27,17 @@ pub use registry::AdapterRegistry;
 pub use crate::lora::{Generation, LoraAdapter, LoraModule, Proj, WeightedAdapter};
 
 impl<B: Backend> LoraAdapter<B> {
-    /// Sets `bytes` to what the backend holds for the prepared weights.
-    fn counted(mut self, backend: &B) -> Self {
-        let modules = self.layers.iter().flatten().flatten().chain(self.lm_head.as_ref()).map(|m| &**m);
-        self.bytes = modules.map(|m| backend.weight_bytes(&m.a) + backend.weight_bytes(&m.b)).sum();
-        self
-    }
-
     /// Prepares host weights for `backend`.
     ///
     /// Every A and Bᵀ of the adapter is written into one buffer (each tensor starting on a
     /// 64-byte boundary) and the backend's weights are views of it: one allocation per adapter
-    /// instead of two per module, so that loading and evicting thousands of adapters does not
-    /// leave the heap full of holes (measured by `bench/adapter_memory.py`).
+    /// instead of two per module. The buffer is its own anonymous memory mapping, not a heap
+    /// block: evicting the adapter unmaps it, so its pages go back to the system at once, and
+    /// loading and evicting thousands of adapters leaves no holes in the allocator's arenas
+    /// (measured by `bench/adapter_memory.py`).
     pub fn prepare(host: &LoraHost, backend: &B) -> Result<Self, AdapterError> {
-        let kerr = |e: openlora_kernels::KernelError| AdapterError::Invalid {
-            adapter: host.name.clone(),
-            tensor: String::new(),
-            reason: e.to_string(),
-        };
+        let err = |reason: String| AdapterError::Invalid { adapter: host.name.clone(), tensor: String::new(), reason };
+        let kerr = |e: openlora_kernels::KernelError| err(e.to_string());
         // In the order `prep` below takes them: the layers' modules, then the LM head's.
         let modules = || host.layers.iter().flatten().flatten().chain(host.lm_head.as_ref());
         let padded = |dtype: DType, rows: usize, cols: usize| {
@@ -53,17 +45,20 @@ impl<B: Backend> LoraAdapter<B> {
         };
         let total: usize =
             modules().map(|m| padded(m.dtype, m.rank, m.in_dim) + padded(m.dtype, m.rank, m.out_dim)).sum();
-        let mut buf = Vec::with_capacity(total);
+        let mut map = memmap2::MmapMut::map_anon(total.max(1))
+            .map_err(|e| err(format!("cannot map {total} bytes for the prepared weights: {e}")))?;
         let mut ranges = Vec::new();
-        let mut bt = Vec::new();
-        let mut push = |dtype: DType, values: &[f32], buf: &mut Vec<u8>| {
-            let start = buf.len();
-            quantize_row_into(dtype, values, buf);
-            ranges.push(start..buf.len());
-            buf.resize(buf.len().next_multiple_of(ALIGN), 0);
+        let (mut bt, mut tmp) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        let mut push = |dtype: DType, values: &[f32]| {
+            tmp.clear();
+            quantize_row_into(dtype, values, &mut tmp);
+            map[at..at + tmp.len()].copy_from_slice(&tmp);
+            ranges.push(at..at + tmp.len());
+            at = (at + tmp.len()).next_multiple_of(ALIGN);
         };
         for m in modules() {
-            push(m.dtype, &m.a, &mut buf);
+            push(m.dtype, &m.a);
             // The backend takes B transposed ([r, out]) so the expand step streams rows.
             bt.clear();
             bt.resize(m.rank * m.out_dim, 0f32);
@@ -72,30 +67,33 @@ impl<B: Backend> LoraAdapter<B> {
                     bt[r * m.out_dim + o] = m.b[o * m.rank + r];
                 }
             }
-            push(m.dtype, &bt, &mut buf);
+            push(m.dtype, &bt);
         }
-        debug_assert_eq!(buf.len(), total);
-        let buf: SharedBytes = Arc::new(buf);
+        debug_assert_eq!(at, total);
+        let map = map.make_read_only().map_err(|e| err(format!("cannot seal the prepared weights: {e}")))?;
+        let buf: SharedBytes = Arc::new(map);
         let mut ranges = ranges.into_iter();
-        let mut prep = |m: &LoraModuleHost| -> Result<Box<LoraModule<B>>, AdapterError> {
+        let mut bytes = 0;
+        let mut prep = |m: &LoraModuleHost| -> Result<LoraModule<B>, AdapterError> {
             let mut view = |cols: usize| {
                 let range = ranges.next().expect("a range per tensor");
                 HostWeight::new(m.dtype, m.rank, cols, buf.clone(), range).and_then(|w| backend.prepare_weight(w))
             };
             let a = view(m.in_dim).map_err(kerr)?;
             let b = view(m.out_dim).map_err(kerr)?;
-            Ok(Box::new(LoraModule { a, b, scale: m.scale, rank: m.rank }))
+            bytes += backend.weight_bytes(&a) + backend.weight_bytes(&b);
+            Ok(LoraModule { a, b, scale: m.scale, rank: m.rank })
         };
         let mut layers = Vec::with_capacity(host.layers.len());
         for l in &host.layers {
-            let mut out: [Option<Box<LoraModule<B>>>; 7] = Default::default();
+            let mut out: [Option<LoraModule<B>>; 7] = Default::default();
             for (o, m) in out.iter_mut().zip(l.iter()) {
                 *o = m.as_ref().map(&mut prep).transpose()?;
             }
             layers.push(out);
         }
         let lm_head = host.lm_head.as_ref().map(&mut prep).transpose()?;
-        Ok(Self { name: host.name.clone(), generation: host.generation, lm_head, layers, bytes: 0 }.counted(backend))
+        Self::new(host.name.clone(), host.generation, layers, lm_head, bytes).map_err(err)
     }
 }
 

@@ -330,7 +330,7 @@ impl<B: Backend> LlamaModel<B> {
             let owner = batch.seqs.iter().position(|s| (s.q_start..s.q_start + s.q_len).contains(&row));
             if let Some(adapters) = owner.and_then(|si| batch.adapters.get(si)) {
                 for wa in adapters.iter() {
-                    if let Some(mh) = &wa.adapter.lm_head {
+                    if let Some(mh) = wa.adapter.lm_head() {
                         head_segments.push(LoraSegment {
                             rows: j..j + 1,
                             a: &mh.a,

@@ -1586,6 +1586,11 @@ fn every_request_field_is_honoured_or_refused_by_name() {
         ("stop_token_ids", serde_json::json!((0..65).collect::<Vec<u32>>()), "65 stop token ids"),
         ("stop_token_ids", serde_json::json!([4_000_000]), "a stop token outside the vocabulary"),
         ("user", serde_json::json!("u".repeat(300)), "a 300-byte user"),
+        // Ignored, but still typed as OpenAI types them.
+        ("service_tier", serde_json::json!(false), "a service_tier that is no string"),
+        ("service_tier", serde_json::json!("gold"), "a service tier OpenAI does not have"),
+        ("store", serde_json::json!("yes"), "a store that is no boolean"),
+        ("parallel_tool_calls", serde_json::json!(1), "a parallel_tool_calls that is no boolean"),
     ] {
         let mut b = chat();
         b[field] = value;

@@ -164,6 +164,27 @@ fn refusal_reason(k: &str) -> Option<&'static str> {
     })
 }
 
+/// OpenAI's service tiers (`service_tier`); any is accepted, none changes anything.
+const SERVICE_TIERS: &[&str] = &["auto", "default", "flex", "scale", "priority", "fast"];
+
+/// An ignored field still has to be what OpenAI's API takes: ignoring `"store": "yes"` would
+/// accept a request OpenAI refuses.
+fn check_ignored(f: &Fields<'_>, k: &str) -> Result<(), ServiceError> {
+    if k == "service_tier" {
+        let tier = f.str(k)?.unwrap_or("auto");
+        if !SERVICE_TIERS.contains(&tier) {
+            let tier: String = tier.chars().take(64).collect();
+            return Err(ServiceError::bad(
+                k,
+                format!("`service_tier` `{tier}` is not one of {}", SERVICE_TIERS.join(", ")),
+            ));
+        }
+    } else {
+        f.bool(k)?;
+    }
+    Ok(())
+}
+
 /// Refuses any field the endpoint does not honour or ignore on purpose, naming it.
 fn check_fields(f: &Fields<'_>, own: &[&str]) -> Result<(), ServiceError> {
     for (k, v) in f.0 {
@@ -171,6 +192,7 @@ fn check_fields(f: &Fields<'_>, own: &[&str]) -> Result<(), ServiceError> {
             continue;
         }
         if IGNORED_FIELDS.contains(&k.as_str()) {
+            check_ignored(f, k)?;
             continue;
         }
         // A name from the client is echoed, so bound what is echoed.

@@ -1658,6 +1658,14 @@ fn every_request_field_is_honoured_or_refused_by_name() {
     b["echo"] = serde_json::json!(true);
     b["logprobs"] = serde_json::json!(1);
     assert_refused(post_json(a, "/v1/completions", k, &b), "echo", "echo with logprobs");
+    for best_of in [0, 2] {
+        let mut b = complete();
+        b["best_of"] = serde_json::json!(best_of);
+        assert_refused(post_json(a, "/v1/completions", k, &b), "best_of", &format!("best_of {best_of}"));
+    }
+    let mut b = complete();
+    b["best_of"] = serde_json::json!(1);
+    assert_eq!(post_json(a, "/v1/completions", k, &b).0, 200, "best_of 1 is what is done anyway");
 
     // user: recorded in the receipt (and absent from receipts of requests without it).
     let mut b = chat();

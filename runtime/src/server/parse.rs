@@ -700,8 +700,10 @@ pub fn completions(body: &Map<String, Value>) -> Result<(GenerateRequest, Output
     if f.get("suffix").is_some() {
         return Err(ServiceError::bad("suffix", "`suffix` is not supported"));
     }
-    if f.usize("best_of")?.is_some_and(|b| b > 1) {
-        return Err(ServiceError::bad("best_of", "`best_of` greater than 1 is not supported"));
+    match f.usize("best_of")? {
+        Some(0) => return Err(ServiceError::bad("best_of", "`best_of` must be at least 1")),
+        Some(b) if b > 1 => return Err(ServiceError::bad("best_of", "`best_of` greater than 1 is not supported")),
+        _ => {}
     }
     let tokens = |a: &[Value]| -> Result<Vec<u32>, ServiceError> {
         a.iter()

@@ -22,9 +22,9 @@ pub use attention::CpuKvCache;
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
     host: HostWeight,
-    /// What the backend derived from the tensor, if anything (behind a pointer: most weights, and every
-    /// LoRA module of the thousands of adapters a server may hold, have none, and then it costs
-    /// a pointer).
+    /// What the backend derived from the tensor, if anything. Behind one pointer because most
+    /// weights have none, among them every LoRA module of the thousands of adapters a server
+    /// may hold.
     extra: Option<std::sync::Arc<Extra>>,
 }
 
